@@ -1,0 +1,34 @@
+"""hkpipe: pipeline-parallel training of Haiku models in JAX.
+
+Public API (everything else is private):
+
+- Model layer: :class:`Layer`, :class:`SequentialModel`, :class:`Tie`, :func:`count_params`,
+  :func:`with_compute_dtype`; models in :mod:`hkpipe.models`.
+- Training: :class:`Pipeline`, :class:`PipelineOptions`, :class:`TrainState`,
+  :func:`available_backends`.
+- Schedules in :mod:`hkpipe.schedules`, data in :mod:`hkpipe.data`.
+"""
+
+from hkpipe._src.layers import Layer
+from hkpipe._src.layers import SequentialModel
+from hkpipe._src.layers import Tie
+from hkpipe._src.layers import count_params
+from hkpipe._src.layers import with_compute_dtype
+from hkpipe._src.pipeline import Pipeline
+from hkpipe._src.pipeline import PipelineOptions
+from hkpipe._src.pipeline import TrainState
+from hkpipe._src.pipeline import available_backends
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Layer",
+    "Pipeline",
+    "PipelineOptions",
+    "SequentialModel",
+    "Tie",
+    "TrainState",
+    "available_backends",
+    "count_params",
+    "with_compute_dtype",
+)

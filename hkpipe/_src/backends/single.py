@@ -1,0 +1,105 @@
+"""The single-device backend: the reference every pipelined backend must equal.
+
+The batch is split into ``num_microbatches`` microbatches and gradients are accumulated with a
+``lax.scan`` (gradient accumulation), so a pipelined run with ``m`` microbatches and a single-device
+run with ``m`` microbatches compute the same function, including dropout keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hkpipe._src import layers as layers_lib
+from hkpipe._src import pipeline as pl
+
+
+class SingleBackend(pl.Backend):
+  """Whole model on one device (``options.devices[0]`` or the default device)."""
+
+  def __init__(self, model, optimizer, options):
+    super().__init__(model, optimizer, options)
+    self._device = options.devices[0] if options.devices else None
+    donate = (0, 1) if options.donate else ()
+    self._train = jax.jit(self._train_impl, donate_argnums=donate)
+    self._grads = jax.jit(self._grads_impl)
+    self._eval = jax.jit(self._eval_impl)
+
+  # -- pure, jitted pieces ---------------------------------------------------------------------
+
+  def _grads_impl(self, params, rng, step, batch):
+    m = self.options.num_microbatches
+    inputs, targets = pl.split_microbatches(batch, m)
+
+    def body(carry, xs):
+      i, x, y = xs
+      key = layers_lib.microbatch_rng(rng, step, i)
+      loss, grads = jax.value_and_grad(self._loss)(params, x, y, key)
+      acc_loss, acc_grads = carry
+      return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                    (jnp.arange(m), inputs, targets))
+    grads = jax.tree.map(lambda g: g / m, grads)
+    return loss / m, layers_lib.tie_grads(grads, self.model.ties)
+
+  def _loss(self, params, x, y, key):
+    def fn(p, x, y, k):
+      return self.model.loss(p, x, y, rng=k, is_training=True).astype(jnp.float32)
+    if self.options.remat:
+      fn = jax.checkpoint(fn)
+    return fn(params, x, y, key)
+
+  def _train_impl(self, params, opt_state, rng, step, batch):
+    loss, grads = self._grads_impl(params, rng, step, batch)
+    norm = jnp.sqrt(pl.sq_norm(grads))
+    scale = pl.clip_scale(norm, self.options.max_grad_norm)
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    updates, opt_state = self.optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "grad_norm": norm}
+
+  def _eval_impl(self, params, batch):
+    m = self.options.num_microbatches
+    inputs, targets = pl.split_microbatches(batch, m)
+    losses = jax.lax.map(lambda xy: self.model.loss(params, xy[0], xy[1]).astype(jnp.float32),
+                         (inputs, targets))
+    return jnp.mean(losses)
+
+  # -- Backend API -----------------------------------------------------------------------------
+
+  def _put(self, tree: Any) -> Any:
+    return jax.device_put(tree, self._device) if self._device is not None else tree
+
+  def init(self, rng, batch):
+    inputs, _ = batch
+    one = jax.tree.map(lambda x: x[: x.shape[0] // self.options.num_microbatches], inputs)
+    params_rng, state_rng = jax.random.split(rng)
+    params = self._put(jax.jit(self.model.init)(params_rng, one))
+    opt_state = self._put(jax.jit(self.optimizer.init)(params))
+    return pl.TrainState(step=0, params=params, opt_state=opt_state, rng=self._put(state_rng))
+
+  def loss_and_grads(self, state, batch):
+    return self._grads(state.params, state.rng, jnp.int32(state.step), self._put(batch))
+
+  def train_step(self, state, batch):
+    params, opt_state, metrics = self._train(state.params, state.opt_state, state.rng,
+                                             jnp.int32(state.step), self._put(batch))
+    return pl.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                         rng=state.rng), metrics
+
+  def eval_loss(self, state, batch):
+    return self._eval(state.params, self._put(batch))
+
+  def to_canonical(self, state):
+    return {"params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+
+  def from_canonical(self, canonical: Mapping[str, Any], step: int):
+    return pl.TrainState(step=int(step), params=self._put(canonical["params"]),
+                         opt_state=self._put(canonical["opt_state"]),
+                         rng=self._put(canonical["rng"]))
+

@@ -1,0 +1,24 @@
+"""hkpipe: pipeline-parallel training of Haiku models in JAX."""
+import setuptools
+
+setuptools.setup(
+    name="hkpipe",
+    version="0.1.0",
+    description="Pipeline-parallel training of Haiku models in JAX (MPMD, SPMD, pmap).",
+    packages=setuptools.find_packages(include=["hkpipe", "hkpipe.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "dm-haiku==0.0.17",
+        "optax>=0.2.8,<0.3",
+        "chex>=0.1.92",
+        "orbax-checkpoint>=0.12,<0.13",
+        "absl-py",
+        "ml-collections",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis"],
+    },
+    entry_points={},
+)
