@@ -1,0 +1,98 @@
+"""Shared test models and the backend-equivalence assertions used by every backend's suite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import hkpipe
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def token_ce(logits, targets):
+  """Mean token cross-entropy; logits [B, T, V], targets [B, T] int."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def hetero_model(vocab: int = 11, n_mid: int = 3) -> hkpipe.SequentialModel:
+  """A heterogeneous chain: activations change shape and dtype at every kind of boundary.
+
+  tokens [B, T] int32 -> embed [B, T, 8] f32 -> widen [B, T, 12] f32 -> mids [B, T, 12]
+  -> pooled+tiled [B, T, 6] bf16->f32 -> head logits [B, T, vocab].
+  """
+
+  def embed(x, is_training):
+    del is_training
+    return hk.Embed(vocab, 8)(x)                                   # [B, T, 8]
+
+  def widen(x, is_training):
+    del is_training
+    return jnp.tanh(hk.Linear(12)(x))                              # [B, T, 12]
+
+  def mid(x, is_training):
+    del is_training
+    return x + jax.nn.gelu(hk.Linear(12)(hk.LayerNorm(-1, True, True)(x)))  # [B, T, 12]
+
+  def narrow(x, is_training):
+    del is_training
+    return hk.Linear(6)(x).astype(jnp.bfloat16)                    # [B, T, 6] bf16
+
+  def head(x, is_training):
+    del is_training
+    return hk.Linear(vocab)(x.astype(jnp.float32) * 2.0)           # [B, T, vocab]
+
+  layers = [hkpipe.Layer.from_fn("embed", embed), hkpipe.Layer.from_fn("widen", widen)]
+  layers += [hkpipe.Layer.from_fn(f"mid_{i}", mid) for i in range(n_mid)]
+  layers += [hkpipe.Layer.from_fn("narrow", narrow), hkpipe.Layer.from_fn("head", head)]
+  return hkpipe.SequentialModel(layers, token_ce)
+
+
+def token_batch(batch: int = 8, seq: int = 5, vocab: int = 11, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, vocab, (batch, seq), dtype=np.int32)
+  y = rng.integers(0, vocab, (batch, seq), dtype=np.int32)
+  return x, y
+
+
+def assert_trees_close(actual: Any, expected: Any, rtol: float = RTOL, atol: float = ATOL):
+  """Same structure, every leaf close (fp32 tolerance of the equivalence suite)."""
+  chex.assert_trees_all_equal_structs(actual, expected)
+  chex.assert_trees_all_close(jax.device_get(actual), jax.device_get(expected),
+                              rtol=rtol, atol=atol)
+
+
+def assert_matches_reference(model: hkpipe.SequentialModel, batch, *, num_microbatches: int,
+                             steps: int = 3, lr: float = 0.5, **pipeline_kwargs):
+  """Loss, canonical grads and ``steps`` SGD updates of a backend equal the single device's.
+
+  Plain SGD with a large learning rate (AdamW would normalise away scaling bugs).
+  """
+  opt = optax.sgd(lr)
+  ref = hkpipe.Pipeline(model, opt, backend="single", num_microbatches=num_microbatches,
+                        donate=False)
+  pipe = hkpipe.Pipeline(model, opt, num_microbatches=num_microbatches, donate=False,
+                         **pipeline_kwargs)
+  rng = jax.random.key(42)
+  ref_state = ref.init(rng, batch)
+  state = pipe.init(rng, batch)
+  assert_trees_close(pipe.params(state), ref.params(ref_state))
+
+  loss, grads = pipe.loss_and_grads(state, batch)
+  ref_loss, ref_grads = ref.loss_and_grads(ref_state, batch)
+  assert_trees_close(loss, ref_loss)
+  assert_trees_close(grads, ref_grads)
+
+  for _ in range(steps):
+    state, metrics = pipe.train_step(state, batch)
+    ref_state, ref_metrics = ref.train_step(ref_state, batch)
+    assert_trees_close(metrics["loss"], ref_metrics["loss"])
+  assert_trees_close(pipe.params(state), ref.params(ref_state), rtol=1e-4, atol=1e-5)
+  return pipe, state
