@@ -4,6 +4,7 @@ Public API (everything else is private):
 
 - Model layer: :class:`Layer`, :class:`SequentialModel`, :class:`Tie`, :func:`count_params`,
   :func:`with_compute_dtype`; models in :mod:`hkpipe.models`.
+- Partitioning: :func:`partition`, :class:`StageSpec`.
 - Training: :class:`Pipeline`, :class:`PipelineOptions`, :class:`TrainState`,
   :func:`available_backends`.
 - Schedules in :mod:`hkpipe.schedules`, data in :mod:`hkpipe.data`.
@@ -14,6 +15,8 @@ from hkpipe._src.layers import SequentialModel
 from hkpipe._src.layers import Tie
 from hkpipe._src.layers import count_params
 from hkpipe._src.layers import with_compute_dtype
+from hkpipe._src.partition import StageSpec
+from hkpipe._src.partition import partition
 from hkpipe._src.pipeline import Pipeline
 from hkpipe._src.pipeline import PipelineOptions
 from hkpipe._src.pipeline import TrainState
@@ -26,9 +29,11 @@ __all__ = (
     "Pipeline",
     "PipelineOptions",
     "SequentialModel",
+    "StageSpec",
     "Tie",
     "TrainState",
     "available_backends",
     "count_params",
+    "partition",
     "with_compute_dtype",
 )

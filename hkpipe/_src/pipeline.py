@@ -26,6 +26,9 @@ Metrics = dict[str, jax.Array]
 # name -> "module:Class"; imported lazily so a backend's dependencies load only when used.
 _BACKENDS: Mapping[str, str] = {
     "single": "hkpipe._src.backends.single:SingleBackend",
+    "mpmd": "hkpipe._src.backends.mpmd:MpmdBackend",
+    "spmd": "hkpipe._src.backends.spmd:SpmdBackend",
+    "pmap": "hkpipe._src.backends.pmap:PmapBackend",
 }
 
 
