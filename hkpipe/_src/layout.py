@@ -1,0 +1,120 @@
+"""Resolves a pipeline layout (schedule, stages, device grid) from ``PipelineOptions``.
+
+Shared by the pipelined backends (MPMD, SPMD) so they agree on what ``devices``, ``mesh``,
+``schedule``, ``virtual_stages``, ``num_stages`` and ``partition`` mean:
+
+- ranks ``p``: the ``pp`` axis of ``mesh``, else ``len(devices)``, else every device;
+- data-parallel width ``dp``: the mesh's ``dp`` axis (1 without a mesh);
+- ``v``: ``virtual_stages``, else the schedule's default (2 for V schedules, 1 otherwise);
+- the model is cut into ``p * v`` stages (``num_stages``, if given, must equal that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from hkpipe._src import layers as layers_lib
+from hkpipe._src import partition as partition_lib
+from hkpipe._src import pipeline as pl
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where every stage runs and in which order.
+
+  Attributes:
+    schedule: the (unlowered) schedule; ``schedule.stage_to_rank[s]`` is stage ``s``'s rank.
+    stages: the model stages in model order (``len == schedule.num_stages``).
+    device_grid: numpy object array ``[p, dp]``: row ``r`` holds rank ``r``'s devices.
+  """
+
+  schedule: Any
+  stages: tuple[partition_lib.StageSpec, ...]
+  device_grid: np.ndarray
+
+  @property
+  def num_ranks(self) -> int:
+    return int(self.device_grid.shape[0])
+
+  @property
+  def dp(self) -> int:
+    return int(self.device_grid.shape[1])
+
+  def rank_devices(self, rank: int) -> tuple[Any, ...]:
+    return tuple(self.device_grid[rank])
+
+  def stage_devices(self, stage: int) -> tuple[Any, ...]:
+    return self.rank_devices(self.schedule.stage_to_rank[stage])
+
+
+def device_grid(options: pl.PipelineOptions) -> np.ndarray:
+  """The ``[p, dp]`` device grid of the options (see module docstring)."""
+  if options.mesh is not None and options.devices is not None:
+    raise ValueError("Pass either devices=... or mesh=..., not both.")
+  if options.mesh is not None:
+    mesh = options.mesh
+    names = tuple(mesh.axis_names)
+    if names not in (("pp",), ("pp", "dp")):
+      raise ValueError(f"Pipeline meshes need axes ('pp',) or ('pp', 'dp'); got {names}. "
+                       "Build one with jax.make_mesh((pp, dp), ('pp', 'dp')).")
+    grid = np.asarray(mesh.devices, dtype=object)
+    return grid.reshape(grid.shape[0], -1)
+  devices = list(options.devices) if options.devices is not None else jax.devices()
+  if not devices:
+    raise ValueError("devices=... is empty; pass at least one device.")
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"devices=... lists a device twice: {devices}.")
+  return np.asarray(devices, dtype=object).reshape(len(devices), 1)
+
+
+def _default_virtual(name: str) -> int:
+  return 2 if name in ("zbv", "dualpipev") else 1
+
+
+def resolve(model: layers_lib.SequentialModel, options: pl.PipelineOptions,
+            example_microbatch: Any) -> Layout:
+  """Builds the schedule, the stages and the device grid, validating them against each other.
+
+  Args:
+    model: the model.
+    options: the pipeline options.
+    example_microbatch: one microbatch of inputs (for cost-balanced partitioning).
+
+  Raises:
+    ValueError: naming the inconsistent option and the fix, before anything is compiled.
+  """
+  from hkpipe import schedules  # pylint: disable=g-import-not-at-top
+
+  grid = device_grid(options)
+  p = int(grid.shape[0])
+  m = options.num_microbatches
+  if isinstance(options.schedule, str):
+    v = options.virtual_stages or _default_virtual(options.schedule)
+    schedule = schedules.get(options.schedule, num_stages=p, num_microbatches=m, virtual_stages=v)
+  else:
+    schedule = options.schedule
+    if schedule.num_ranks != p:
+      raise ValueError(f"The schedule has {schedule.num_ranks} ranks but the pipeline has {p} "
+                       "(devices or mesh 'pp' axis); make them equal.")
+    if schedule.num_microbatches != m:
+      raise ValueError(f"The schedule has {schedule.num_microbatches} microbatches but "
+                       f"num_microbatches={m}; make them equal.")
+  num_stages = schedule.num_stages
+  if options.num_stages is not None and options.num_stages != num_stages:
+    raise ValueError(f"num_stages={options.num_stages} but {p} ranks x {schedule.stages_per_rank} "
+                     f"stages per rank = {num_stages}; drop num_stages or use {num_stages}.")
+  if num_stages > len(model.layers):
+    raise ValueError(f"The schedule needs {num_stages} stages ({p} ranks x "
+                     f"{schedule.stages_per_rank} per rank) but the model has only "
+                     f"{len(model.layers)} layers; use fewer devices/virtual stages or a deeper model.")
+  part = options.partition
+  if isinstance(part, Sequence) and not isinstance(part, str):
+    stages = partition_lib.partition(model, num_stages, boundaries=part)
+  else:
+    stages = partition_lib.partition(model, num_stages, cost=part,
+                                     example_inputs=example_microbatch)
+  return Layout(schedule=schedule, stages=stages, device_grid=grid)
