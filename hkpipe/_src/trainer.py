@@ -1,0 +1,296 @@
+"""The training loop: data, model, optimizer, pipeline, metrics, evaluation, checkpoints, samples.
+
+``train(config, workdir)`` drives one ``hkpipe.Pipeline`` whatever its backend. Everything that
+defines the run comes from ``config`` (an ``ml_collections.ConfigDict`` built by an experiment's
+``get_config``; the fields are documented in ``docs/training.md``). A workdir that already holds a
+checkpoint is resumed: parameters, optimizer state, step and data position (batches are a pure
+function of (seed, step)), so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Mapping, TextIO
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hkpipe import models
+from hkpipe._src import checkpoint as ckpt_lib
+from hkpipe._src import data as data_lib
+from hkpipe._src import optim
+from hkpipe._src import pipeline as pl
+
+_MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig"}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field ``train`` reads, with defaults; experiments override what they need.
+
+  Fields (see docs/training.md): ``seed``; ``model`` (``name`` + the model config's fields);
+  ``data`` (``dir``, ``source``, ``val_fraction``); ``batch_size``; ``num_steps``; ``optim``
+  (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``stages``, ``dp``,
+  ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
+  ``remat``); ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
+  ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported).
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict({"name": "gpt"})
+  c.data = ml_collections.ConfigDict({
+      "dir": "", "source": "", "val_fraction": 0.1})
+  c.batch_size = 32
+  c.num_steps = 1000
+  c.optim = ml_collections.ConfigDict({
+      "learning_rate": 1e-3, "warmup_steps": 100, "min_lr_ratio": 0.1, "weight_decay": 0.1,
+      "b1": 0.9, "b2": 0.95, "eps": 1e-8, "max_grad_norm": 1.0})
+  c.backend = "single"
+  c.pipeline = ml_collections.ConfigDict({
+      "stages": 1, "dp": 1, "num_microbatches": 1, "schedule": "1f1b",
+      "virtual_stages": ml_collections.config_dict.placeholder(int),
+      "boundaries": ml_collections.config_dict.placeholder(tuple),
+      "partition_cost": "params", "remat": False})
+  c.log_every = 10
+  c.eval_every = 100
+  c.eval_batches = 4
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3
+  c.sample_tokens = 200
+  c.sample_prompt = "ROMEO:"
+  c.sample_temperature = 0.8
+  c.sample_top_k = ml_collections.config_dict.placeholder(int)
+  c.peak_tflops = ml_collections.config_dict.placeholder(float)
+  return c
+
+
+def model_config(config: Any) -> Any:
+  """The frozen model config (``GPTConfig`` or ``LlamaConfig``) described by ``config.model``."""
+  fields = dict(config.model)
+  name = fields.pop("name")
+  if name not in _MODEL_CONFIGS:
+    raise ValueError(f"config.model.name={name!r} is unknown; use one of {list(_MODEL_CONFIGS)}.")
+  return getattr(models, _MODEL_CONFIGS[name])(**fields)
+
+
+def optimizer_config(config: Any) -> optim.OptimizerConfig:
+  """The optimizer config from ``config.optim`` and ``config.num_steps``."""
+  fields = {k: v for k, v in dict(config.optim).items() if k != "max_grad_norm"}
+  return optim.OptimizerConfig(total_steps=config.num_steps, **fields)
+
+
+def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
+  """``Pipeline`` keyword options for ``config.backend`` and ``config.pipeline``.
+
+  ``pipeline.stages`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
+  data-parallel width; the pipelined backends get a ``(pp, dp)`` mesh of the first ``stages * dp``
+  devices, ``pmap`` gets ``dp`` devices, ``single`` one device.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  pipe = config.pipeline
+  backend = config.backend
+  opts: dict = {"num_microbatches": int(pipe.num_microbatches),
+                "max_grad_norm": config.optim.get("max_grad_norm"), "remat": bool(pipe.remat)}
+  if backend == "single":
+    return {**opts, "devices": devices[:1]}
+  if backend == "pmap":
+    need = int(pipe.dp)
+  else:
+    need = int(pipe.stages) * int(pipe.dp)
+  if need > len(devices):
+    raise ValueError(f"backend={backend!r} with pipeline.stages={pipe.stages}, pipeline.dp="
+                     f"{pipe.dp} needs {need} devices but {len(devices)} are visible. On CPU, "
+                     f"simulate more with --host_devices={need} (launch/train.py).")
+  if backend == "pmap":
+    return {**opts, "devices": devices[:need]}
+  mesh = jax.sharding.Mesh(np.asarray(devices[:need]).reshape(int(pipe.stages), int(pipe.dp)),
+                           ("pp", "dp"))
+  opts.update(mesh=mesh, schedule=pipe.schedule, virtual_stages=pipe.get("virtual_stages"))
+  boundaries = pipe.get("boundaries")
+  opts["partition"] = tuple(boundaries) if boundaries else pipe.get("partition_cost", "params")
+  return opts
+
+
+def _jsonable(metrics: Mapping[str, Any]) -> dict:
+  return {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in metrics.items()}
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to ``metrics.jsonl``; on resume, drops records past the
+  checkpoint so the file describes exactly one run."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int):
+    self.path = path
+    if path.exists():
+      kept = [line for line in path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      path.write_text("".join(line + "\n" for line in kept))
+    self._file: TextIO = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    self._file.write(json.dumps(_jsonable(record)) + "\n")
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def evaluate(pipe: pl.Pipeline, state: pl.TrainState, batch_fn: Callable[[int], Any],
+             num_batches: int) -> float:
+  """Mean eval loss over ``num_batches`` fixed validation batches."""
+  losses = [pipe.eval_step(state, batch_fn(i))["loss"] for i in range(num_batches)]
+  return float(np.mean([float(l) for l in losses]))
+
+
+def sample_text(model: Any, params: Any, prompt: str, *, num_tokens: int, seed: int,
+                temperature: float, top_k: int | None) -> str:
+  """Generated continuation of ``prompt`` (byte-level tokens)."""
+  params = jax.device_put(params, jax.devices()[0])
+  prompt_tokens = jnp.asarray(data_lib.encode(prompt), jnp.int32)[None]
+  out = models.generate(model, params, prompt_tokens, max_new_tokens=num_tokens,
+                        rng=jax.random.key(seed), temperature=temperature, top_k=top_k)
+  return data_lib.decode(np.asarray(out[0]))
+
+
+def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) -> dict:
+  """Trains (or resumes) the run described by ``config`` in ``workdir``.
+
+  Writes ``config.json``, ``metrics.jsonl`` (train/eval records), ``checkpoints/`` and
+  ``samples.txt`` under ``workdir``.
+
+  Returns:
+    A summary: first/last train loss, last val loss, steps run, resume step, sample text.
+  """
+  t_start = time.time()
+  work = pathlib.Path(workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  (work / "config.json").write_text(config.to_json_best_effort(indent=1))
+
+  def say(msg: str) -> None:
+    if jax.process_index() == 0:
+      print(msg, file=log, flush=True)
+
+  # Data.
+  data_dir = config.data.dir or str(work / "data")
+  data_lib.prepare(data_dir, config.data.source or None, val_fraction=config.data.val_fraction)
+  tokens = data_lib.load(data_dir)
+  mcfg = model_config(config)
+  if mcfg.vocab_size < tokens.vocab_size:
+    raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the data's "
+                     f"vocabulary ({tokens.vocab_size}); set it to at least {tokens.vocab_size}.")
+  seq_len, batch_size = mcfg.seq_len, int(config.batch_size)
+
+  def train_batch(step: int):
+    return data_lib.sample_batch(tokens.train, batch_size=batch_size, seq_len=seq_len,
+                                 seed=config.seed, step=step, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
+  def val_batch(i: int):
+    return data_lib.sample_batch(tokens.val, batch_size=batch_size, seq_len=seq_len,
+                                 seed=config.seed, step=i, split="val",
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
+  # Model, optimizer, pipeline.
+  model = models.build(mcfg)
+  ocfg = optimizer_config(config)
+  lr_at = optim.lr_schedule(ocfg)
+  pipe = pl.Pipeline(model, optim.adamw(ocfg), backend=config.backend,
+                     **pipeline_options(config))
+  first = train_batch(0)
+  state = pipe.init(jax.random.key(config.seed), first)
+  n_params = sum(int(x.size) for x in jax.tree.leaves(pipe.params(state)))
+  say(f"hkpipe: model={config.model.name} params={n_params:,} backend={config.backend} "
+      f"devices={len(jax.devices())} microbatches={config.pipeline.num_microbatches} "
+      f"batch={batch_size}x{seq_len} steps={config.num_steps}")
+  describe = getattr(pipe.backend, "describe", None)
+  if callable(describe):
+    say(describe())
+
+  ckpt = ckpt_lib.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    canonical, _ = ckpt.restore(resume_step, pipe.to_canonical(state))
+    state = pipe.from_canonical(canonical, resume_step)
+    say(f"Resumed from checkpoint at step {resume_step} in {ckpt.directory}")
+  writer = MetricsWriter(work / "metrics.jsonl", resume_step or 0)
+  flops_tok = models.flops_per_token(mcfg)
+  peak = config.get("peak_tflops")
+  tokens_per_step = batch_size * seq_len
+  meta = {"config": json.loads(config.to_json_best_effort())}
+
+  summary: dict = {"resumed_from": resume_step, "first_loss": None, "last_loss": None,
+                   "last_val_loss": None}
+  last_saved = resume_step
+  t_window, steps_window = time.time(), 0
+  try:
+    while state.step < config.num_steps:
+      step = state.step
+      t0 = time.time()
+      state, metrics = pipe.train_step(state, train_batch(step))
+      done = state.step
+      steps_window += 1
+      if done == 1 or done % config.log_every == 0 or done == config.num_steps:
+        loss = float(metrics["loss"])  # blocks on this step
+        now = time.time()
+        step_time = (now - t_window) / steps_window if done > 1 else now - t0
+        record = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                  "lr": float(lr_at(step)), "step_time_s": step_time,
+                  "tokens_per_s": tokens_per_step / step_time,
+                  "model_tflops": flops_tok * tokens_per_step / step_time / 1e12}
+        if peak:
+          record["mfu"] = record["model_tflops"] / peak
+        writer.write(record)
+        summary["first_loss"] = summary["first_loss"] or loss
+        summary["last_loss"] = loss
+        eta = step_time * (config.num_steps - done)
+        say(f"step {done:>6}/{config.num_steps} | loss {loss:.4f} | gnorm "
+            f"{record['grad_norm']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} "
+            f"tok/s | {1000 * step_time:.1f} ms/step{' (incl. compile)' if done == 1 else ''}"
+            f" | ETA {_fmt_eta(eta)}")
+        t_window, steps_window = time.time(), 0
+      if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
+        val = evaluate(pipe, state, val_batch, config.eval_batches)
+        writer.write({"step": done, "val_loss": val})
+        summary["last_val_loss"] = val
+        say(f"step {done:>6}/{config.num_steps} | val loss {val:.4f}")
+        t_window, steps_window = time.time(), 0
+      if config.checkpoint_every and done % config.checkpoint_every == 0:
+        ckpt.save(done, pipe.to_canonical(state), {**meta, "step": done})
+        last_saved = done
+        t_window, steps_window = time.time(), 0
+  except BaseException:
+    if state.step != last_saved and state.step > 0:
+      try:  # nothing lost on a crash: keep the last completed step
+        ckpt.save(state.step, pipe.to_canonical(state), {**meta, "step": state.step})
+        ckpt.wait()
+        say(f"Interrupted: saved step {state.step} to {ckpt.directory}")
+      except Exception as e:  # pylint: disable=broad-except
+        say(f"Interrupted: could not save step {state.step}: {e}")
+    writer.close()
+    raise
+  if state.step != last_saved:
+    ckpt.save(state.step, pipe.to_canonical(state), {**meta, "step": state.step})
+  ckpt.close()
+  writer.close()
+  summary["steps"] = state.step
+
+  if config.sample_tokens and jax.process_index() == 0:
+    text = sample_text(model, pipe.params(state), config.sample_prompt,
+                       num_tokens=config.sample_tokens, seed=config.seed,
+                       temperature=config.sample_temperature, top_k=config.get("sample_top_k"))
+    (work / "samples.txt").write_text(text)
+    say("---- sample ----\n" + text + "\n----------------")
+    summary["sample"] = text
+  say(f"Done in {time.time() - t_start:.1f}s; checkpoints in {ckpt.directory}")
+  return summary

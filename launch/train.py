@@ -1,0 +1,54 @@
+r"""Trains an hkpipe experiment: ``python launch/train.py --config=experiments/<x>.py[:arg]``.
+
+Flags:
+  --config          experiment file with get_config(arg); override any field with
+                    --config.<field>=value (e.g. --config.backend=mpmd --config.num_steps=50).
+  --workdir         where metrics.jsonl, checkpoints/ and samples.txt go; a workdir that holds a
+                    checkpoint is resumed.
+  --host_devices    simulate N CPU devices (for pipelines on a machine without accelerators);
+                    must be set before JAX starts, which this launcher does for you.
+
+Example:
+  python launch/train.py --config=experiments/shakespeare_gpt.py:cpu --workdir=workdirs/gpt_cpu
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumed if it has a checkpoint).")
+_HOST_DEVICES = flags.DEFINE_integer("host_devices", 0,
+                                     "Simulate this many CPU devices (0: leave JAX's default).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _setup_devices(host_devices: int) -> None:
+  """Configures simulated CPU devices; must run before JAX initialises its backend."""
+  if host_devices < 0:
+    raise app.UsageError(f"--host_devices must be >= 0, got {host_devices}.")
+  if host_devices:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", host_devices)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
+  _setup_devices(_HOST_DEVICES.value)
+  # Multi-host seam: jax.distributed initialisation goes here, before any backend touches devices.
+  from hkpipe import train as train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)
