@@ -7,7 +7,9 @@ Public API (everything else is private):
 - Partitioning: :func:`partition`, :class:`StageSpec`.
 - Training: :class:`Pipeline`, :class:`PipelineOptions`, :class:`TrainState`,
   :func:`available_backends`.
-- Schedules in :mod:`hkpipe.schedules`, data in :mod:`hkpipe.data`.
+- Submodules: :mod:`hkpipe.models` (GPT, Llama), :mod:`hkpipe.data` (text data),
+  :mod:`hkpipe.schedules` (schedule IR, validator, simulator, pictures) and :mod:`hkpipe.train`
+  (training loop, optimizer, checkpoints; imported on demand since it loads orbax).
 """
 
 from hkpipe._src.layers import Layer
@@ -21,6 +23,9 @@ from hkpipe._src.pipeline import Pipeline
 from hkpipe._src.pipeline import PipelineOptions
 from hkpipe._src.pipeline import TrainState
 from hkpipe._src.pipeline import available_backends
+
+from hkpipe import data
+from hkpipe import models
 
 __version__ = "0.1.0"
 

@@ -195,7 +195,11 @@ def with_compute_dtype(layer: Layer, dtype: Any) -> Layer:
     return layer
   base = layer.transformed
 
+  def init(rng, x, **kwargs):
+    # Parameters are created in fp32 whatever the dtype of the incoming activation.
+    return base.init(rng, cast_floating(x, jnp.float32), **kwargs)
+
   def apply(params, rng, x, **kwargs):
     return base.apply(cast_floating(params, dtype), rng, cast_floating(x, dtype), **kwargs)
 
-  return Layer(layer.name, hk.Transformed(init=base.init, apply=apply))
+  return Layer(layer.name, hk.Transformed(init=init, apply=apply))
