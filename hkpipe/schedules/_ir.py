@@ -12,6 +12,10 @@ receiver's stage.
 
 Text form of an action: ``{stage}{KIND}{mb}`` (``0F1``, ``3B0``, ``2I5``, ``2W5``,
 ``1SEND_F3``, ``2RECV_F3``). A rank's program is its actions separated by spaces.
+
+Constructing a :class:`Schedule` checks sizes and ranges only (lists are stored as tuples);
+ordering and completeness are checked by ``hkpipe.schedules.validate``. Errors that concern one
+action are :class:`ScheduleError` s, whose message starts with ``rank R, position P, action A:``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ class Kind(enum.Enum):
 
   @property
   def is_compute(self) -> bool:
+    """True for F, B, I and W."""
     return self in (Kind.F, Kind.B, Kind.I, Kind.W)
 
   @property
   def is_comm(self) -> bool:
+    """True for SEND_F, RECV_F, SEND_B and RECV_B."""
     return not self.is_compute
 
 
@@ -98,3 +104,94 @@ class Schedule:
   def split_backward(self) -> bool:
     """True when backward is split into I and W actions (zero-bubble schedules)."""
     return any(a.kind in (Kind.I, Kind.W) for row in self.actions for a in row)
+
+  def __post_init__(self):
+    _check_structure(self)
+
+  def rank_of(self, stage: int) -> int:
+    """The rank that owns ``stage``."""
+    return self.stage_to_rank[stage]
+
+  @property
+  def is_lowered(self) -> bool:
+    """True when the per-rank lists contain communication actions (see ``lower``)."""
+    return any(a.kind.is_comm for row in self.actions for a in row)
+
+  def compute_actions(self, rank: int) -> tuple[Action, ...]:
+    """The compute actions (F, B, I, W) of ``rank``, in order, without communication."""
+    return tuple(a for a in self.actions[rank] if a.kind.is_compute)
+
+  def replace(self, **changes) -> "Schedule":
+    """A copy with some fields replaced (e.g. ``actions=...``, ``name=...``)."""
+    return dataclasses.replace(self, **changes)
+
+
+class ScheduleError(ValueError):
+  """A schedule is malformed; ``rank``, ``position`` and ``action`` point at the offence.
+
+  Attributes:
+    rank: the rank whose list holds the offending action (None when not rank-specific).
+    position: index of the action in that rank's list (None when the action is missing).
+    action: the offending (or missing) action, if any.
+    detail: the message without the location prefix.
+  """
+
+  def __init__(self, message: str, *, rank: int | None = None, position: int | None = None,
+               action: Action | None = None):
+    where = []
+    if rank is not None:
+      where.append(f"rank {rank}")
+    if position is not None:
+      where.append(f"position {position}")
+    if action is not None:
+      where.append(f"action {action}")
+    super().__init__(f"{', '.join(where)}: {message}" if where else message)
+    self.detail = message
+    self.rank = rank
+    self.position = position
+    self.action = action
+
+  def __reduce__(self):
+    return (_make_error, (self.detail, self.rank, self.position, self.action))
+
+
+def _make_error(detail: str, rank: int | None, position: int | None,
+                action: Action | None) -> ScheduleError:
+  return ScheduleError(detail, rank=rank, position=position, action=action)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_structure(s: Schedule) -> None:
+  """Checks sizes and types only; ordering and completeness are ``validate``'s job."""
+  for field in ("num_ranks", "num_microbatches", "stages_per_rank"):
+    value = getattr(s, field)
+    if not _is_int(value) or value < 1:
+      raise ValueError(f"Schedule.{field} must be a positive int, got {value!r}.")
+  try:  # accept lists; store tuples so the schedule stays immutable and hashable
+    object.__setattr__(s, "stage_to_rank", tuple(s.stage_to_rank))
+    object.__setattr__(s, "actions", tuple(tuple(row) for row in s.actions))
+  except TypeError:
+    raise ValueError("Schedule.stage_to_rank must be a sequence of ints and Schedule.actions a "
+                     "sequence (one per rank) of sequences of Action.") from None
+  if len(s.stage_to_rank) != s.num_stages:
+    raise ValueError(f"stage_to_rank has {len(s.stage_to_rank)} entries but num_ranks * "
+                     f"stages_per_rank = {s.num_ranks} * {s.stages_per_rank} = {s.num_stages}.")
+  for stage, rank in enumerate(s.stage_to_rank):
+    if not _is_int(rank) or not 0 <= rank < s.num_ranks:
+      raise ValueError(f"stage_to_rank[{stage}] = {rank!r} is not a rank in 0..{s.num_ranks - 1}.")
+  if len(s.actions) != s.num_ranks:
+    raise ValueError(f"actions has {len(s.actions)} rows but num_ranks = {s.num_ranks}; give one "
+                     "(possibly empty) tuple of actions per rank.")
+  for rank, row in enumerate(s.actions):
+    for pos, a in enumerate(row):
+      if not isinstance(a, Action):
+        raise ScheduleError(f"expected an Action, got {a!r}.", rank=rank, position=pos)
+      if not 0 <= a.stage < s.num_stages:
+        raise ScheduleError(f"stage {a.stage} is out of range 0..{s.num_stages - 1}.", rank=rank,
+                            position=pos, action=a)
+      if not 0 <= a.mb < s.num_microbatches:
+        raise ScheduleError(f"microbatch {a.mb} is out of range 0..{s.num_microbatches - 1}.",
+                            rank=rank, position=pos, action=a)
