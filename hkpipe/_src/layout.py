@@ -3,10 +3,11 @@
 Shared by the pipelined backends (MPMD, SPMD) so they agree on what ``devices``, ``mesh``,
 ``schedule``, ``virtual_stages``, ``num_stages`` and ``partition`` mean:
 
-- ranks ``p``: the ``pp`` axis of ``mesh``, else ``len(devices)``, else every device;
+- ranks ``p``: the ``pp`` axis of ``mesh``, else ``len(devices)``, else ``num_stages`` (the first
+  ``num_stages`` devices), else every device; ``num_stages``, if given, must equal ``p``;
 - data-parallel width ``dp``: the mesh's ``dp`` axis (1 without a mesh);
 - ``v``: ``virtual_stages``, else the schedule's default (2 for V schedules, 1 otherwise);
-- the model is cut into ``p * v`` stages (``num_stages``, if given, must equal that).
+- the model is cut into ``p * v`` stages.
 """
 
 from __future__ import annotations
@@ -63,7 +64,17 @@ def device_grid(options: pl.PipelineOptions) -> np.ndarray:
                        "Build one with jax.make_mesh((pp, dp), ('pp', 'dp')).")
     grid = np.asarray(mesh.devices, dtype=object)
     return grid.reshape(grid.shape[0], -1)
-  devices = list(options.devices) if options.devices is not None else jax.devices()
+  if options.devices is not None:
+    devices = list(options.devices)
+  else:
+    devices = jax.devices()
+    if options.num_stages is not None:
+      if options.num_stages > len(devices):
+        raise ValueError(f"num_stages={options.num_stages} pipeline ranks need as many devices, "
+                         f"but {len(devices)} are visible. On CPU, simulate more with "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N (or "
+                         "launch/train.py --host_devices=N).")
+      devices = devices[:options.num_stages]
   if not devices:
     raise ValueError("devices=... is empty; pass at least one device.")
   if len(set(devices)) != len(devices):
@@ -104,9 +115,9 @@ def resolve(model: layers_lib.SequentialModel, options: pl.PipelineOptions,
       raise ValueError(f"The schedule has {schedule.num_microbatches} microbatches but "
                        f"num_microbatches={m}; make them equal.")
   num_stages = schedule.num_stages
-  if options.num_stages is not None and options.num_stages != num_stages:
-    raise ValueError(f"num_stages={options.num_stages} but {p} ranks x {schedule.stages_per_rank} "
-                     f"stages per rank = {num_stages}; drop num_stages or use {num_stages}.")
+  if options.num_stages is not None and options.num_stages != p:
+    raise ValueError(f"num_stages={options.num_stages} pipeline ranks, but the devices/mesh give "
+                     f"{p}; pass matching values or only one of them.")
   if num_stages > len(model.layers):
     raise ValueError(f"The schedule needs {num_stages} stages ({p} ranks x "
                      f"{schedule.stages_per_rank} per rank) but the model has only "

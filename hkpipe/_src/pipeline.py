@@ -63,8 +63,10 @@ class PipelineOptions:
     backend: one of :func:`available_backends`.
     num_microbatches: microbatches per step (gradient accumulation on the single backend).
     schedule: schedule name (see ``hkpipe.schedules``) or a ``Schedule`` object.
-    num_stages: number of model stages (``ranks * virtual_stages``); default from devices/mesh.
-    virtual_stages: stages per rank (interleaved/V schedules); default from the schedule.
+    num_stages: number of pipeline ranks ``p`` (as in ``hkpipe.schedules.get``); default from
+      ``devices``/``mesh``; without either, the first ``num_stages`` devices are used. The model is
+      cut into ``p * virtual_stages`` stages.
+    virtual_stages: stages per rank ``v`` (interleaved/V schedules); default from the schedule.
     partition: stage boundaries (layer indices where stages 1.. start), or a cost name
       (``"params"``, ``"flops"``) or a callable ``cost(layer, example_input) -> float``.
     devices: devices for the pipeline ranks (one per rank), default ``jax.devices()``.
