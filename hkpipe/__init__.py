@@ -26,6 +26,7 @@ from hkpipe._src.pipeline import available_backends
 
 from hkpipe import data
 from hkpipe import models
+from hkpipe import schedules
 
 __version__ = "0.1.0"
 
