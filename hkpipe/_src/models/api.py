@@ -1,0 +1,156 @@
+"""Model-zoo entry points: ``build``, ``summary``, ``param_count`` and ``flops_per_token``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+
+from hkpipe._src import layers as layers_lib
+from hkpipe._src.models import gpt
+from hkpipe._src.models import llama
+from hkpipe._src.models import losses
+
+Config = Union[gpt.GPTConfig, llama.LlamaConfig]
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel(layers_lib.SequentialModel):
+  """A :class:`hkpipe.SequentialModel` built from a config, which it keeps for later use.
+
+  Behaves exactly like a ``SequentialModel`` (it adds no behaviour); the config lets helpers such
+  as :func:`generate` know the context length.
+
+  Attributes:
+    config: the :class:`GPTConfig` or :class:`LlamaConfig` the model was built from.
+  """
+
+  config: Any = None
+
+
+def _make_layers(config: Config) -> tuple[list[layers_lib.Layer], tuple[layers_lib.Tie, ...]]:
+  if isinstance(config, gpt.GPTConfig):
+    return gpt.make_layers(config)
+  if isinstance(config, llama.LlamaConfig):
+    return llama.make_layers(config)
+  raise TypeError(f"build() takes a GPTConfig or LlamaConfig, got {type(config).__name__}. "
+                  "Construct one of those configs (or assemble your own hkpipe.SequentialModel).")
+
+
+def build(config: Config) -> LanguageModel:
+  """Builds the layers ``embed, block_0, ..., block_{n_layers-1}, head`` and the loss of a config.
+
+  With ``config.dtype == "bfloat16"`` every layer computes in bfloat16 while its parameters stay
+  float32 (:func:`hkpipe.with_compute_dtype`); the head always returns float32 logits. The loss is
+  :func:`cross_entropy` with the config's ``z_loss`` and ``label_smoothing``.
+
+  Args:
+    config: a :class:`GPTConfig` or :class:`LlamaConfig`.
+
+  Returns:
+    A :class:`LanguageModel` (a :class:`hkpipe.SequentialModel`).
+
+  Raises:
+    TypeError: for any other config type.
+  """
+  layers, ties = _make_layers(config)
+  if config.dtype == "bfloat16":
+    layers = [layers_lib.with_compute_dtype(layer, jnp.bfloat16) for layer in layers]
+  loss_fn = functools.partial(losses.cross_entropy, z_loss=config.z_loss,
+                              label_smoothing=config.label_smoothing)
+  return LanguageModel(layers=tuple(layers), loss_fn=loss_fn, ties=ties, config=config)
+
+
+def param_count(model: layers_lib.SequentialModel, params: layers_lib.Params) -> int:
+  """Number of scalar parameters of ``model``, counting each tied weight once."""
+  return layers_lib.count_params(params, model.ties)
+
+
+def layer_param_counts(config: Config) -> dict[str, int]:
+  """Closed-form parameter count per layer name (without initialising anything).
+
+  A tied head copy is included in ``"head"``; :func:`param_count` counts it once.
+  """
+  if isinstance(config, gpt.GPTConfig):
+    return gpt.layer_param_counts(config)
+  if isinstance(config, llama.LlamaConfig):
+    return llama.layer_param_counts(config)
+  raise TypeError(f"Expected a GPTConfig or LlamaConfig, got {type(config).__name__}.")
+
+
+def flops_per_token(config: Config) -> int:
+  """Training FLOPs per token (forward + backward), the PaLM / nanoGPT MFU estimate.
+
+  ``6 * N + 12 * n_layers * d_model * seq_len`` where ``N`` counts every parameter outside the
+  ``embed`` layer: all block weights plus the final norm and the ``[V, D]`` output projection (which
+  is a matmul even when tied). Embedding lookups are treated as free, as in the PaLM formula. The
+  second term is the attention score and value matmuls (``QK^T`` and ``PV``) at full context
+  length, without discounting the causal mask.
+
+  Args:
+    config: a :class:`GPTConfig` or :class:`LlamaConfig`.
+
+  Returns:
+    FLOPs per trained token. MFU = ``flops_per_token * tokens_per_second / peak_flops``.
+  """
+  counts = layer_param_counts(config)
+  n = sum(c for name, c in counts.items() if name != "embed")
+  return 6 * n + 12 * config.n_layers * config.d_model * config.seq_len
+
+
+def _struct(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+def _describe(tree: Any) -> tuple[str, str]:
+  leaves = jax.tree.leaves(tree)
+  shapes = ", ".join(str(tuple(l.shape)) for l in leaves)
+  dtypes = ", ".join(sorted({str(l.dtype) for l in leaves}))
+  return shapes, dtypes
+
+
+def summary(model: layers_lib.SequentialModel, example_inputs: Any) -> str:
+  """A per-layer table of parameter counts and output shapes, computed with ``jax.eval_shape``.
+
+  Nothing is compiled or executed: only shapes are traced.
+
+  Args:
+    model: any :class:`hkpipe.SequentialModel`.
+    example_inputs: arrays or ``jax.ShapeDtypeStruct`` s shaped like one (micro)batch of inputs.
+
+  Returns:
+    The table as a string: layer name, parameter count, output shape and dtype per layer, then the
+    total with tied weights counted once.
+  """
+  x = jax.tree.map(_struct, example_inputs)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  rows = []
+  sizes: dict[tuple[str, str, str], int] = {}
+  for layer in model.layers:
+    params = jax.eval_shape(layer.init, key, x)
+    x = jax.eval_shape(lambda p, v, l=layer: l.apply(p, None, v, is_training=False), params, x)
+    count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    for module, names in params.items():
+      for name, p in names.items():
+        sizes[(layer.name, module, name)] = math.prod(p.shape)
+    rows.append((layer.name, f"{count:,}", *_describe(x)))
+  total = sum(sizes.values())
+  tied = sum(sizes[tuple(t.target)] for t in model.ties)
+  header = ("layer", "params", "output shape", "dtype")
+  footer = [("total", f"{total - tied:,}", "", "")]
+  if tied:
+    footer.insert(0, ("tied copies", f"-{tied:,}", "", ""))
+  table = [header] + rows + footer
+  widths = [max(len(r[i]) for r in table) for i in range(4)]
+
+  def fmt(r):
+    return "  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]),
+                      r[3].ljust(widths[3])]).rstrip()
+
+  rule = "-" * len(fmt(header))
+  lines = [fmt(header), rule] + [fmt(r) for r in rows] + [rule] + [fmt(r) for r in footer]
+  return "\n".join(lines)

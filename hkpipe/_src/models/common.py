@@ -1,0 +1,331 @@
+"""Building blocks shared by the model zoo: config checks, norms, embeddings, RoPE, attention.
+
+Everything here is written for the canonical ``[B, T, D]`` activation layout. Parameters are always
+created in float32; under mixed precision :func:`hkpipe.with_compute_dtype` casts them to the
+compute dtype before ``apply``, so the modules compute in whatever dtype their inputs and parameters
+arrive in. Numerically sensitive reductions (norm statistics, softmax) run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation: each check raises a ValueError that names the field, the value and the fix.
+
+
+def _fail(config_name: str, field: str, value: Any, requirement: str, fix: str) -> None:
+  raise ValueError(f"{config_name}.{field}={value!r} is invalid: {requirement}. {fix}")
+
+
+def check_positive_int(config_name: str, field: str, value: Any) -> None:
+  """Raises unless ``value`` is an int (not a bool) greater than zero."""
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    _fail(config_name, field, value, "it must be a positive int",
+          f"Pass a whole number >= 1 for {field}.")
+
+
+def check_bool(config_name: str, field: str, value: Any) -> None:
+  """Raises unless ``value`` is a bool."""
+  if not isinstance(value, bool):
+    _fail(config_name, field, value, "it must be a bool", f"Pass True or False for {field}.")
+
+
+def check_real(config_name: str, field: str, value: Any, low: float, high: float | None, *,
+               low_inclusive: bool = True) -> None:
+  """Raises unless ``value`` is a real number in ``[low, high)`` (or ``(low, high)``)."""
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  above = is_number and (value >= low if low_inclusive else value > low)
+  below = is_number and (high is None or value < high)
+  if not (is_number and above and below and math.isfinite(value)):
+    left = "[" if low_inclusive else "("
+    right = "inf)" if high is None else f"{high})"
+    _fail(config_name, field, value, f"it must be a number in {left}{low}, {right}",
+          f"Pick {field} in that range.")
+
+
+def check_dtype(config_name: str, value: Any) -> None:
+  """Raises unless ``value`` is one of :data:`DTYPES`."""
+  if value not in DTYPES:
+    _fail(config_name, "dtype", value, f"it must be one of {list(DTYPES)}",
+          'Use "float32", or "bfloat16" for mixed precision (parameters stay float32).')
+
+
+def check_divides(config_name: str, field: str, value: int, other_field: str, other: int) -> None:
+  """Raises unless ``value`` divides ``other``."""
+  if other % value:
+    _fail(config_name, field, value, f"it must divide {other_field}={other}",
+          f"Choose {field} among the divisors of {other}, or change {other_field}.")
+
+
+def check_common(config: Any) -> None:
+  """Checks the fields every language-model config shares."""
+  name = type(config).__name__
+  for field in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
+    check_positive_int(name, field, getattr(config, field))
+  if config.d_ff is not None:
+    check_positive_int(name, "d_ff", config.d_ff)
+  check_divides(name, "n_heads", config.n_heads, "d_model", config.d_model)
+  check_real(name, "dropout", config.dropout, 0.0, 1.0)
+  check_real(name, "z_loss", config.z_loss, 0.0, None)
+  check_real(name, "label_smoothing", config.label_smoothing, 0.0, 1.0)
+  check_dtype(name, config.dtype)
+
+
+def check_tokens(tokens: jax.Array, seq_len: int) -> None:
+  """Checks the token input of an embed layer (shapes are static, so this runs at trace time)."""
+  if tokens.ndim != 2:
+    raise ValueError(f"Token inputs must have shape [batch, time]; got shape {tokens.shape}. "
+                     "Add a batch axis (tokens[None]) or flatten extra axes.")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"Token inputs must be integers; got dtype {tokens.dtype}. "
+                     "Cast them with tokens.astype(jnp.int32).")
+  if tokens.shape[1] > seq_len:
+    raise ValueError(f"Token sequence length {tokens.shape[1]} exceeds the model's seq_len="
+                     f"{seq_len}. Crop inputs to the last {seq_len} tokens or build the model "
+                     "with a larger seq_len.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers and small helpers.
+
+
+def normal_init(stddev: float) -> hk.initializers.Initializer:
+  """Plain (untruncated) normal initialiser, as in nanoGPT."""
+  return hk.initializers.RandomNormal(stddev=stddev)
+
+
+def residual_init(n_layers: int, stddev: float = 0.02) -> hk.initializers.Initializer:
+  """Init of projections that write into the residual stream: ``stddev / sqrt(2 * n_layers)``."""
+  return normal_init(stddev / math.sqrt(2 * n_layers))
+
+
+def param(name: str, shape: tuple[int, ...], init: hk.initializers.Initializer) -> jax.Array:
+  """A float32 parameter of the current module (cast later by ``with_compute_dtype``)."""
+  return hk.get_parameter(name, shape, jnp.float32, init=init)
+
+
+def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
+  """Inverted dropout, only while training and only if ``rate > 0``."""
+  if is_training and rate > 0.0:
+    return hk.dropout(hk.next_rng_key(), rate, x)
+  return x
+
+
+def dense(x: jax.Array, features: int, *, w_name: str, b_name: str | None,
+          w_init: hk.initializers.Initializer) -> jax.Array:
+  """``x @ w (+ b)`` with ``w: [in, features]`` created in the current module."""
+  w = param(w_name, (x.shape[-1], features), w_init)                    # [D_in, F]
+  y = jnp.einsum("...d,df->...f", x, w.astype(x.dtype))                 # [..., F]
+  if b_name is not None:
+    y = y + param(b_name, (features,), jnp.zeros).astype(x.dtype)
+  return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation.
+
+
+class LayerNorm(hk.Module):
+  """LayerNorm over the last axis with an optional offset (bias); statistics in float32."""
+
+  def __init__(self, *, bias: bool, eps: float = 1e-5, name: str | None = None):
+    super().__init__(name=name)
+    self.bias = bias
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:                        # x [..., D]
+    d = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)                        # [..., 1]
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)      # [..., 1]
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)                    # [..., D]
+    y = y * param("scale", (d,), jnp.ones).astype(jnp.float32)
+    if self.bias:
+      y = y + param("offset", (d,), jnp.zeros).astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(hk.Module):
+  """Root-mean-square norm over the last axis (no mean subtraction, no bias); float32 stats."""
+
+  def __init__(self, *, eps: float, name: str | None = None):
+    super().__init__(name=name)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:                        # x [..., D]
+    x32 = x.astype(jnp.float32)
+    ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)              # [..., 1]
+    y = x32 * jax.lax.rsqrt(ms + self.eps)                              # [..., D]
+    y = y * param("scale", (x.shape[-1],), jnp.ones).astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings and the language-model head.
+
+
+class TokenEmbedding(hk.Module):
+  """Token embedding ``[V, D]`` looked up as a one-hot matmul.
+
+  A one-hot matmul (instead of a gather) works on batch-sharded tokens under explicit-sharding
+  meshes, and for small vocabularies (e.g. 256 bytes) it is cheap. The parameter is named
+  ``embeddings`` (shape ``[vocab_size, d_model]``).
+  """
+
+  def __init__(self, vocab_size: int, d_model: int, *, stddev: float = 0.02,
+               name: str | None = None):
+    super().__init__(name=name)
+    self.vocab_size = vocab_size
+    self.d_model = d_model
+    self.stddev = stddev
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:                   # tokens [B, T] int
+    w = param("embeddings", (self.vocab_size, self.d_model), normal_init(self.stddev))  # [V, D]
+    one_hot = jax.nn.one_hot(tokens, self.vocab_size, dtype=w.dtype)    # [B, T, V]
+    return jnp.einsum("btv,vd->btd", one_hot, w)                        # [B, T, D]
+
+
+class PositionEmbedding(hk.Module):
+  """Learned absolute positions ``[seq_len, D]`` (parameter ``embeddings``)."""
+
+  def __init__(self, seq_len: int, d_model: int, *, stddev: float = 0.02,
+               name: str | None = None):
+    super().__init__(name=name)
+    self.seq_len = seq_len
+    self.d_model = d_model
+    self.stddev = stddev
+
+  def __call__(self, length: int) -> jax.Array:
+    w = param("embeddings", (self.seq_len, self.d_model), normal_init(self.stddev))  # [T_max, D]
+    return w[:length]                                                   # [T, D]
+
+
+class LMHead(hk.Module):
+  """Output projection with weight ``w: [vocab_size, D]``; ``logits = x @ w.T`` in float32.
+
+  The ``[V, D]`` layout equals the token embedding's, so the head can hold a tied copy of it.
+  """
+
+  def __init__(self, vocab_size: int, *, stddev: float = 0.02, name: str | None = None):
+    super().__init__(name=name)
+    self.vocab_size = vocab_size
+    self.stddev = stddev
+
+  def __call__(self, x: jax.Array) -> jax.Array:                        # x [B, T, D]
+    w = param("w", (self.vocab_size, x.shape[-1]), normal_init(self.stddev))  # [V, D]
+    logits = jnp.einsum("btd,vd->btv", x, w.astype(x.dtype))            # [B, T, V]
+    return logits.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding and attention.
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half convention) of ``x: [B, T, H, hd]``.
+
+  Pair ``i`` of each head is ``(x[..., i], x[..., i + hd/2])``, rotated by the angle
+  ``positions * theta ** (-2i / hd)``. Computed in float32, returned in ``x.dtype``.
+
+  Args:
+    x: queries or keys, ``[B, T, H, hd]`` with even ``hd``.
+    positions: ``[T]`` integer positions.
+    theta: the RoPE base (e.g. 10000).
+
+  Returns:
+    The rotated ``[B, T, H, hd]`` array.
+  """
+  hd = x.shape[-1]
+  half = hd // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)        # [hd/2]
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]      # [T, hd/2]
+  cos = jnp.cos(angles)[None, :, None, :]                               # [1, T, 1, hd/2]
+  sin = jnp.sin(angles)[None, :, None, :]                               # [1, T, 1, hd/2]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]                             # [B, T, H, hd/2] each
+  out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)  # [B, T, H, hd]
+  return out.astype(x.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: float = 0.0,
+                     dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Causal scaled dot-product attention with grouped-query support.
+
+  Query head ``h`` attends with key/value head ``h // (H // K)`` (consecutive query heads share a
+  key/value head). Scores and softmax are computed in float32.
+
+  Args:
+    q: queries ``[B, T, H, hd]``.
+    k: keys ``[B, T, K, hd]`` with ``K`` dividing ``H``.
+    v: values ``[B, T, K, hd]``.
+    dropout_rate: dropout on the attention probabilities (applied only with ``dropout_rng``).
+    dropout_rng: key for attention dropout, or None for no dropout.
+
+  Returns:
+    The attended values ``[B, T, H, hd]`` in ``v.dtype``.
+  """
+  b, t, h, hd = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, hd)                                  # [B, T, K, G, hd]
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                      preferred_element_type=jnp.float32)               # [B, K, G, T, T]
+  scores = scores / math.sqrt(hd)
+  mask = jnp.tril(jnp.ones((t, t), dtype=bool))                         # [T, T], True = visible
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)                               # [B, K, G, T, T] f32
+  if dropout_rng is not None and dropout_rate > 0.0:
+    probs = hk.dropout(dropout_rng, dropout_rate, probs)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)       # [B, T, K, G, hd]
+  return out.reshape(b, t, h, hd)                                       # [B, T, H, hd]
+
+
+class Attention(hk.Module):
+  """Causal self-attention: q/k/v projections, optional RoPE, grouped-query attention, output.
+
+  Parameters: ``w_q [D, H*hd]``, ``w_k [D, K*hd]``, ``w_v [D, K*hd]``, ``w_o [H*hd, D]`` and, with
+  ``bias``, ``b_q``, ``b_k``, ``b_v``, ``b_o``.
+  """
+
+  def __init__(self, *, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool,
+               w_init: hk.initializers.Initializer, out_init: hk.initializers.Initializer,
+               dropout: float = 0.0, rope_theta: float | None = None, name: str | None = None):
+    super().__init__(name=name)
+    self.n_heads = n_heads
+    self.n_kv_heads = n_kv_heads
+    self.head_dim = head_dim
+    self.bias = bias
+    self.w_init = w_init
+    self.out_init = out_init
+    self.dropout = dropout
+    self.rope_theta = rope_theta
+
+  def _proj(self, x: jax.Array, heads: int, tag: str) -> jax.Array:
+    y = dense(x, heads * self.head_dim, w_name=f"w_{tag}",
+              b_name=f"b_{tag}" if self.bias else None, w_init=self.w_init)  # [B, T, heads*hd]
+    return y.reshape(x.shape[:-1] + (heads, self.head_dim))             # [B, T, heads, hd]
+
+  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:     # x [B, T, D]
+    b, t, d = x.shape
+    q = self._proj(x, self.n_heads, "q")                                # [B, T, H, hd]
+    k = self._proj(x, self.n_kv_heads, "k")                             # [B, T, K, hd]
+    v = self._proj(x, self.n_kv_heads, "v")                             # [B, T, K, hd]
+    if self.rope_theta is not None:
+      positions = jnp.arange(t)                                         # [T]
+      q = rope(q, positions, self.rope_theta)
+      k = rope(k, positions, self.rope_theta)
+    use_dropout = is_training and self.dropout > 0.0
+    y = causal_attention(q, k, v, dropout_rate=self.dropout,
+                         dropout_rng=hk.next_rng_key() if use_dropout else None)  # [B, T, H, hd]
+    y = y.reshape(b, t, self.n_heads * self.head_dim)                   # [B, T, H*hd]
+    y = dense(y, d, w_name="w_o", b_name="b_o" if self.bias else None,
+              w_init=self.out_init)                                     # [B, T, D]
+    return dropout(y, self.dropout, is_training)

@@ -1,0 +1,160 @@
+"""Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head.
+
+Layers (canonical parameter layout)::
+
+  embed    {"wte": {"embeddings": [V, D]}}
+  block_i  {"attn_norm": {"scale": [D]},
+            "attn": {"w_q": [D, H*hd], "w_k": [D, K*hd], "w_v": [D, K*hd], "w_o": [H*hd, D]},
+            "mlp_norm": {"scale": [D]},
+            "mlp": {"w_gate": [D, F], "w_up": [D, F], "w_down": [F, D]}}
+  head     {"norm": {"scale": [D]}, "lm_head": {"w": [V, D]}}
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import haiku as hk
+import jax
+
+from hkpipe._src import layers as layers_lib
+from hkpipe._src.models import common
+
+INIT_STDDEV = 0.02
+
+
+@chex.dataclass(frozen=True, mappable_dataclass=False)
+class LlamaConfig:
+  """Llama-style configuration. Validated on construction; frozen and hashable.
+
+  Attributes:
+    vocab_size: number of token ids.
+    seq_len: maximum context length (RoPE itself has no table; inputs longer than this are
+      rejected).
+    d_model: width of the residual stream; divisible by ``n_heads``, and ``d_model // n_heads``
+      even (RoPE rotates pairs).
+    n_layers: number of transformer blocks.
+    n_heads: query heads per block.
+    n_kv_heads: key/value heads (grouped-query attention); must divide ``n_heads``. None means
+      ``n_heads`` (plain multi-head attention; see :attr:`kv_heads`).
+    d_ff: SwiGLU hidden width; None means ``8 * d_model / 3`` rounded up to a multiple of 8
+      (see :attr:`ff_dim`).
+    rope_theta: RoPE base, > 0.
+    norm_eps: RMSNorm epsilon, > 0.
+    dropout: dropout rate in ``[0, 1)`` on attention probabilities and residual branches (training
+      only; Llama itself uses 0).
+    dtype: ``"float32"``, or ``"bfloat16"`` for bf16 compute with float32 parameters.
+    z_loss: weight of the z-loss term in :func:`cross_entropy` (>= 0).
+    label_smoothing: label smoothing of :func:`cross_entropy`, in ``[0, 1)``.
+  """
+
+  vocab_size: int
+  seq_len: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int | None = None
+  d_ff: int | None = None
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: str = "float32"
+  z_loss: float = 0.0
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    common.check_common(self)
+    if self.n_kv_heads is not None:
+      common.check_positive_int("LlamaConfig", "n_kv_heads", self.n_kv_heads)
+      common.check_divides("LlamaConfig", "n_kv_heads", self.n_kv_heads, "n_heads", self.n_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig.d_model={self.d_model} with n_heads={self.n_heads} gives an "
+                       f"odd head dim {self.head_dim}, but RoPE needs an even head dim. Choose "
+                       "d_model and n_heads so that d_model // n_heads is even.")
+    common.check_real("LlamaConfig", "rope_theta", self.rope_theta, 0.0, None,
+                      low_inclusive=False)
+    common.check_real("LlamaConfig", "norm_eps", self.norm_eps, 0.0, None, low_inclusive=False)
+
+  @property
+  def kv_heads(self) -> int:
+    """Number of key/value heads: ``n_kv_heads`` or, when None, ``n_heads``."""
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    """Width of one attention head, ``d_model // n_heads``."""
+    return self.d_model // self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    """SwiGLU hidden width: ``d_ff`` or, when None, ``ceil(8 * d_model / 3)`` rounded up to 8."""
+    if self.d_ff is not None:
+      return self.d_ff
+    return -(-(8 * self.d_model) // 24) * 8
+
+
+class SwiGLU(hk.Module):
+  """``w_down(silu(w_gate x) * w_up x)``, no biases, dropout on the output."""
+
+  def __init__(self, config: LlamaConfig, name: str | None = None):
+    super().__init__(name=name)
+    self.config = config
+
+  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:     # x [B, T, D]
+    c = self.config
+    init = common.normal_init(INIT_STDDEV)
+    gate = common.dense(x, c.ff_dim, w_name="w_gate", b_name=None, w_init=init)  # [B, T, F]
+    up = common.dense(x, c.ff_dim, w_name="w_up", b_name=None, w_init=init)      # [B, T, F]
+    y = common.dense(jax.nn.silu(gate) * up, c.d_model, w_name="w_down", b_name=None,
+                     w_init=common.residual_init(c.n_layers, INIT_STDDEV))       # [B, T, D]
+    return common.dropout(y, c.dropout, is_training)
+
+
+def embed_fn(tokens: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
+  """Token embedding (no positions: RoPE adds them in attention): ``[B, T]`` -> ``[B, T, D]``."""
+  common.check_tokens(tokens, config.seq_len)
+  x = common.TokenEmbedding(config.vocab_size, config.d_model, stddev=INIT_STDDEV,
+                            name="wte")(tokens)                         # [B, T, D]
+  return common.dropout(x, config.dropout, is_training)
+
+
+def block_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
+  """One pre-RMSNorm block with RoPE GQA attention and SwiGLU: ``[B, T, D] -> [B, T, D]``."""
+  c = config
+  attn = common.Attention(n_heads=c.n_heads, n_kv_heads=c.kv_heads, head_dim=c.head_dim,
+                          bias=False, w_init=common.normal_init(INIT_STDDEV),
+                          out_init=common.residual_init(c.n_layers, INIT_STDDEV),
+                          dropout=c.dropout, rope_theta=c.rope_theta, name="attn")
+  h = common.RMSNorm(eps=c.norm_eps, name="attn_norm")(x)               # [B, T, D]
+  x = x + attn(h, is_training)                                          # [B, T, D]
+  h = common.RMSNorm(eps=c.norm_eps, name="mlp_norm")(x)                # [B, T, D]
+  return x + SwiGLU(c, name="mlp")(h, is_training)                      # [B, T, D]
+
+
+def head_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
+  """Final RMSNorm and untied output projection: ``[B, T, D] -> [B, T, V]`` float32 logits."""
+  del is_training
+  h = common.RMSNorm(eps=config.norm_eps, name="norm")(x)               # [B, T, D]
+  return common.LMHead(config.vocab_size, stddev=INIT_STDDEV, name="lm_head")(h)  # [B, T, V]
+
+
+def make_layers(config: LlamaConfig) -> tuple[list[layers_lib.Layer], tuple[layers_lib.Tie, ...]]:
+  """The float32 layers ``embed, block_0.., head`` (no ties)."""
+  layers = [layers_lib.Layer.from_fn("embed", functools.partial(embed_fn, config=config))]
+  layers += [layers_lib.Layer.from_fn(f"block_{i}", functools.partial(block_fn, config=config))
+             for i in range(config.n_layers)]
+  layers.append(layers_lib.Layer.from_fn("head", functools.partial(head_fn, config=config)))
+  return layers, ()
+
+
+def layer_param_counts(config: LlamaConfig) -> dict[str, int]:
+  """Closed-form parameter count of each layer."""
+  d, f, v = config.d_model, config.ff_dim, config.vocab_size
+  kv = config.kv_heads * config.head_dim
+  attn = 2 * d * d + 2 * d * kv
+  block = 2 * d + attn + 3 * d * f
+  counts = {"embed": v * d}
+  counts.update({f"block_{i}": block for i in range(config.n_layers)})
+  counts["head"] = d + v * d
+  return counts

@@ -1,0 +1,44 @@
+"""hkpipe's model zoo: GPT-2 (nanoGPT) and Llama-style language models as layer chains.
+
+``build(config)`` returns a :class:`hkpipe.SequentialModel` with layers named ``"embed"``,
+``"block_0"`` ... ``"block_{n_layers-1}"`` and ``"head"`` (final norm + output projection) and the
+token cross-entropy loss. See ``docs/models.md``.
+
+Public names:
+
+- Configs: :class:`GPTConfig`, :class:`LlamaConfig`.
+- Building: :func:`build`, :class:`LanguageModel`.
+- Inspection: :func:`summary`, :func:`param_count`, :func:`layer_param_counts`,
+  :func:`flops_per_token`.
+- Loss: :func:`cross_entropy`.
+- Sampling: :func:`generate`.
+- Building blocks for your own models: :func:`causal_attention`, :func:`rope`.
+"""
+
+from hkpipe._src.models.api import LanguageModel
+from hkpipe._src.models.api import build
+from hkpipe._src.models.api import flops_per_token
+from hkpipe._src.models.api import layer_param_counts
+from hkpipe._src.models.api import param_count
+from hkpipe._src.models.api import summary
+from hkpipe._src.models.common import causal_attention
+from hkpipe._src.models.common import rope
+from hkpipe._src.models.gpt import GPTConfig
+from hkpipe._src.models.llama import LlamaConfig
+from hkpipe._src.models.losses import cross_entropy
+from hkpipe._src.models.sampling import generate
+
+__all__ = (
+    "GPTConfig",
+    "LanguageModel",
+    "LlamaConfig",
+    "build",
+    "causal_attention",
+    "cross_entropy",
+    "flops_per_token",
+    "generate",
+    "layer_param_counts",
+    "param_count",
+    "rope",
+    "summary",
+)
