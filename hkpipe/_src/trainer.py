@@ -209,7 +209,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
                      **pipeline_options(config))
   first = train_batch(0)
   state = pipe.init(jax.random.key(config.seed), first)
-  n_params = sum(int(x.size) for x in jax.tree.leaves(pipe.params(state)))
+  n_params = models.param_count(model, pipe.params(state))  # tied weights counted once
   say(f"hkpipe: model={config.model.name} params={n_params:,} backend={config.backend} "
       f"devices={len(jax.devices())} microbatches={config.pipeline.num_microbatches} "
       f"batch={batch_size}x{seq_len} steps={config.num_steps}")
