@@ -105,7 +105,7 @@ def balance(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
     # Split layers i..n-1 into s stages; returns (max stage cost, boundaries).
     if s == 1:
       return prefix[n] - prefix[i], ()
-    result = (float("inf"), ())
+    result: tuple[float, tuple[int, ...]] = (float("inf"), ())
     for j in range(i + 1, n - s + 2):
       rest_cost, rest = best(j, s - 1)
       cand = (max(prefix[j] - prefix[i], rest_cost), (j,) + rest)

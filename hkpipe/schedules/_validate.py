@@ -197,7 +197,7 @@ def _deadlock(s: Schedule, stuck: list[int], pos: list[int],
       what = (f"{'activation' if a.kind is Kind.RECV_F else 'cotangent'} of stage {peer_stage} "
               f"microbatch {a.mb} from rank {s.rank_of(peer_stage)}")
     else:
-      what = blocker(a)
+      what = blocker(a) or "a dependency"
     if origin is not None and source is not None:
       p = origin[rank][pos[rank]]
       shown = source.actions[rank][p]
@@ -206,6 +206,7 @@ def _deadlock(s: Schedule, stuck: list[int], pos: list[int],
     parts.append(f"rank {rank} blocks at position {p} ({shown}) waiting for {what}")
     if first is None:
       first = (rank, p, shown)
+  assert first is not None
   return ScheduleError("deadlock: no rank can make progress; " + "; ".join(parts) +
                        ". Reorder so each rank runs the action its peer is waiting for first.",
                        rank=first[0], position=first[1], action=first[2])

@@ -139,7 +139,7 @@ def summary(model: layers_lib.SequentialModel, example_inputs: Any) -> str:
         sizes[(layer.name, module, name)] = math.prod(p.shape)
     rows.append((layer.name, f"{count:,}", *_describe(x)))
   total = sum(sizes.values())
-  tied = sum(sizes[tuple(t.target)] for t in model.ties)
+  tied = sum(sizes[t.target] for t in model.ties)
   header = ("layer", "params", "output shape", "dtype")
   footer = [("total", f"{total - tied:,}", "", "")]
   if tied:

@@ -129,7 +129,7 @@ def make_layers(config: GPTConfig) -> tuple[list[layers_lib.Layer], tuple[layers
   layers += [layers_lib.Layer.from_fn(f"block_{i}", functools.partial(block_fn, config=config))
              for i in range(config.n_layers)]
   layers.append(layers_lib.Layer.from_fn("head", functools.partial(head_fn, config=config)))
-  ties = ()
+  ties: tuple[layers_lib.Tie, ...] = ()
   if config.tie_embeddings:
     ties = (layers_lib.Tie(source=("embed", "wte", "embeddings"),
                            target=("head", "lm_head", "w")),)

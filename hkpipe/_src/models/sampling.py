@@ -92,12 +92,12 @@ def generate(model: layers_lib.SequentialModel, params: Any, prompt_tokens: Any,
   context = prompt[:, -window_len:].astype(np.int32)                    # [B, L]
   window = np.zeros((batch, window_len), np.int32)                      # [B, W]
   window[:, :context.shape[1]] = context
-  window, length = jnp.asarray(window), jnp.int32(context.shape[1])
+  window_arr, length = jnp.asarray(window), jnp.int32(context.shape[1])
   temp = jnp.float32(temperature)
   new = []
   for i in range(max_new_tokens):
-    window, length, token = _step(model, params, window, length, jax.random.fold_in(rng, i), temp,
-                                  top_k)
+    window_arr, length, token = _step(model, params, window_arr, length,
+                                      jax.random.fold_in(rng, i), temp, top_k)
     new.append(token)                                                   # [B]
   sampled = jnp.stack(new, axis=1) if new else jnp.zeros((batch, 0), jnp.int32)  # [B, N]
   return jnp.concatenate([jnp.asarray(prompt, jnp.int32), sampled], axis=1)
