@@ -7,6 +7,9 @@ Flags:
                     checkpoint is resumed.
   --host_devices    simulate N CPU devices (for pipelines on a machine without accelerators);
                     must be set before JAX starts, which this launcher does for you.
+  --coordinator_address, --num_processes, --process_id
+                    join a multi-process run (see launch/local.py, docs/launch.md); SLURM and
+                    Cloud TPU pods are auto-detected.
 
 Example:
   python launch/train.py --config=experiments/shakespeare_gpt.py:cpu --workdir=workdirs/gpt_cpu
@@ -25,6 +28,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumed if it has a checkpoint).")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0,
                                      "Simulate this many CPU devices (0: leave JAX's default).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process: host:port of process 0 (with --num_processes, --process_id). Without it, "
+    "HKPIPE_* environment variables, SLURM or Cloud TPU pods are auto-detected.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: total processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,7 +53,14 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
   _setup_devices(_HOST_DEVICES.value)
-  # Multi-host seam: jax.distributed initialisation goes here, before any backend touches devices.
+  from hkpipe._src import distributed  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value is not None:
+    dist = distributed.DistributedConfig(coordinator_address=_COORDINATOR.value,
+                                         num_processes=_NUM_PROCESSES.value,
+                                         process_id=_PROCESS_ID.value)
+  else:
+    dist = distributed.from_env()
+  distributed.initialize(dist)  # before any backend touches devices
   from hkpipe import train as train_lib  # pylint: disable=g-import-not-at-top
   train_lib.train(_CONFIG.value, _WORKDIR.value)
 
