@@ -1,0 +1,387 @@
+"""Pure, flat-argument programs of one MPMD pipeline stage.
+
+Every function built here takes and returns flat lists of arrays (the pytree structure is closed
+over), so two stages made of the same layer types and shapes trace to identical computations and
+can share one executable (see ``_mpmd_compile``). The stage's global layer indices, used for
+per-layer dropout keys and per-layer init keys, are an *argument* (``lidx``) for the same reason.
+
+Argument conventions (``*p`` = parameter leaves in stage layer order, ``*x`` = input activation
+leaves, ``*t`` = target leaves, last stage only):
+
+- ``inputs``: ``*p, *x, [*t], rng, step, mb, lidx`` -- everything a forward reads.
+- ``fwd(inputs) -> (y, res)``: forward keeping the ``jax.vjp`` residuals that are not inputs.
+- ``bwd(inputs, *res, *dy, *acc) -> (acc', dx)``: backward from the stashed residuals, adding
+  the parameter gradient into the accumulator (donated).
+- ``bwd_i -> dx`` / ``bwd_w -> acc'``: the two halves of ``bwd`` (input / weight gradient).
+- the last stage fuses the loss: ``last(inputs, *acc, loss) -> (acc', loss', dx)``, and in split
+  mode ``last_fwd_i(inputs, loss) -> (loss', dx, res)`` plus ``bwd_w`` with a constant cotangent.
+- ``dx`` holds only the inexact (float) leaves of ``x``; integer leaves have no gradient.
+
+Outputs are tuples of flat lists (groups), so that shardings can be given per group (residuals
+are left to the compiler) and the driver picks groups without slicing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hkpipe._src import layers as layers_lib
+from hkpipe._src import partition as partition_lib
+from hkpipe._src import pipeline as pl
+
+
+def _is_float(a: Any) -> bool:
+  return jnp.issubdtype(a.dtype, jnp.inexact)
+
+
+@dataclasses.dataclass
+class _Residuals:
+  """Filled while tracing a forward: how to rebuild its ``jax.vjp`` function in the backward.
+
+  Attributes:
+    tree: treedef of the vjp function (a ``Partial`` pytree of residual arrays).
+    source: per residual leaf, ``("in", i)`` (it is input ``i`` of the forward, passed again to
+      the backward instead of being copied into the stash) or ``("out", k)`` (stashed output k).
+    num_out: number of stashed residual outputs.
+  """
+
+  tree: Any = None
+  source: tuple[tuple[str, int], ...] = ()
+  num_out: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageShapes:
+  """Abstract shapes of a stage's interface (no device placement).
+
+  Attributes:
+    params: per layer of the stage, its parameter shapes (a tuple in layer order).
+    x: the stage input pytree (shapes), ``y``: the stage output pytree.
+    targets: the target pytree of one microbatch (used by the last stage).
+    layer_inputs: per layer, the shapes of its input (for parameter init).
+  """
+
+  params: tuple[Any, ...]
+  x: Any
+  y: Any
+  targets: Any
+  layer_inputs: tuple[Any, ...]
+
+
+class StageFns:
+  """Builds the flat programs of one stage.
+
+  Args:
+    model: the whole model.
+    spec: the stage (a contiguous layer range).
+    shapes: its interface shapes.
+    num_stages: total number of stages (to know whether this one is first/last).
+    num_microbatches: ``m``; the loss cotangent is ``1/m`` so gradients are microbatch means.
+    remat: recompute the forward in the backward instead of stashing residuals.
+  """
+
+  def __init__(self, model: layers_lib.SequentialModel, spec: partition_lib.StageSpec,
+               shapes: StageShapes, num_stages: int, num_microbatches: int, remat: bool):
+    self.model = model
+    self.spec = spec
+    self.shapes = shapes
+    self.is_first = spec.index == 0
+    self.is_last = spec.index == num_stages - 1
+    self.m = num_microbatches
+    self.remat = remat
+    self.layers = model.layers[spec.start:spec.stop]
+    self.p_leaves, self.p_tree = jax.tree.flatten(shapes.params)
+    self.x_leaves, self.x_tree = jax.tree.flatten(shapes.x)
+    self.y_leaves, self.y_tree = jax.tree.flatten(shapes.y)
+    self.t_leaves, self.t_tree = jax.tree.flatten(shapes.targets)
+    self.x_float = tuple(_is_float(a) for a in self.x_leaves)
+    self.y_float = tuple(_is_float(a) for a in self.y_leaves)
+    self.np = len(self.p_leaves)
+    self.nx = len(self.x_leaves)
+    self.ny = len(self.y_leaves)
+    self.nt = len(self.t_leaves) if self.is_last else 0
+    self.ndx = 0 if self.is_first else sum(self.x_float)
+    self.ndy = 0 if self.is_last else sum(self.y_float)
+    self.n_inputs = self.np + self.nx + self.nt + 4
+    self.res = _Residuals()          # filled by tracing fwd (or last_fwd_i)
+
+  # -- pieces ----------------------------------------------------------------------------------
+
+  def _run_layers(self, params: Sequence[Any], x: Any, key: jax.Array | None, lidx: jax.Array,
+                  is_training: bool) -> Any:
+    for j, layer in enumerate(self.layers):
+      x = layer.apply(params[j], layers_lib.layer_rng(key, lidx[j]), x, is_training=is_training)
+    return x
+
+  def _split(self, args: Sequence[Any]):
+    """Splits the ``inputs`` block into (params tuple, x tree, targets tree, rng, step, mb, lidx)."""
+    n = 0
+    p = self.p_tree.unflatten(args[n:n + self.np]); n += self.np
+    x = list(args[n:n + self.nx]); n += self.nx
+    t = self.t_tree.unflatten(args[n:n + self.nt]) if self.is_last else None; n += self.nt
+    rng, step, mb, lidx = args[n:n + 4]
+    return p, x, t, rng, step, mb, lidx
+
+  def _objective(self, x_leaves: list, t: Any, key: jax.Array, lidx: jax.Array) -> Callable:
+    """``f(params, x_float_leaves) -> y`` (or the scalar loss on the last stage)."""
+
+    def f(params, xf):
+      it = iter(xf)
+      full = [next(it) if fl else v for v, fl in zip(x_leaves, self.x_float)]
+      y = self._run_layers(params, self.x_tree.unflatten(full), key, lidx, True)
+      if self.is_last:
+        return self.model.loss_fn(y, t).astype(jnp.float32)
+      return y
+
+    return jax.checkpoint(f) if self.remat else f
+
+  def _vjp(self, args: Sequence[Any]):
+    """Runs the forward under ``jax.vjp``; returns (output, vjp_fn)."""
+    p, x, t, rng, step, mb, lidx = self._split(args)
+    key = layers_lib.microbatch_rng(rng, step, mb)
+    f = self._objective(x, t, key, lidx)
+    if self.is_first:
+      return jax.vjp(lambda params: f(params, []), p)
+    xf = [v for v, fl in zip(x, self.x_float) if fl]
+    return jax.vjp(f, p, xf)
+
+  def _record_residuals(self, inputs: Sequence[Any], vjp_fn: Any) -> list:
+    """Stores how to rebuild ``vjp_fn``; returns the residual leaves that must be stashed."""
+    leaves, tree = jax.tree.flatten(vjp_fn)
+    by_id = {id(v): i for i, v in enumerate(inputs)}
+    source, outs, out_ids = [], [], {}
+    for leaf in leaves:
+      if id(leaf) in by_id and inputs[by_id[id(leaf)]] is leaf:
+        source.append(("in", by_id[id(leaf)]))
+      elif id(leaf) in out_ids:
+        source.append(("out", out_ids[id(leaf)]))
+      else:
+        out_ids[id(leaf)] = len(outs)
+        source.append(("out", len(outs)))
+        outs.append(leaf)
+    self.res = _Residuals(tree=tree, source=tuple(source), num_out=len(outs))
+    return outs
+
+  def _rebuild_vjp(self, inputs: Sequence[Any], res: Sequence[Any]) -> Any:
+    leaves = [inputs[i] if kind == "in" else res[i] for kind, i in self.res.source]
+    return self.res.tree.unflatten(leaves)
+
+  def _cotangent(self, dy: Sequence[Any]) -> Any:
+    if self.is_last:
+      return jnp.asarray(1.0 / self.m, jnp.float32)
+    it = iter(dy)
+    full = [next(it) if fl else np.zeros(a.shape, jax.dtypes.float0)
+            for a, fl in zip(self.y_leaves, self.y_float)]
+    return self.y_tree.unflatten(full)
+
+  def _grads(self, vjp_fn: Any, ct: Any) -> tuple[list, list]:
+    """(flat parameter gradient, flat input gradient) of the rebuilt vjp."""
+    cts = vjp_fn(ct)
+    dp = jax.tree.leaves(cts[0])
+    dx = [] if self.is_first else list(cts[1])
+    return dp, dx
+
+  # -- programs --------------------------------------------------------------------------------
+
+  def fwd(self):
+    """``fwd(*inputs) -> (y, res)`` (not for the last stage)."""
+
+    def stage_fwd(*inputs):
+      y, vjp_fn = self._vjp(inputs)
+      res = self._record_residuals(inputs, vjp_fn)
+      return jax.tree.leaves(y), res
+
+    return stage_fwd
+
+  def bwd(self):
+    """``bwd(*inputs, *res, *dy, *acc) -> (acc', dx)`` (not for the last stage)."""
+
+    def stage_bwd(*args):
+      inputs, rest = args[:self.n_inputs], args[self.n_inputs:]
+      res, dy, acc = (rest[:self.res.num_out], rest[self.res.num_out:self.res.num_out + self.ndy],
+                      rest[self.res.num_out + self.ndy:])
+      dp, dx = self._grads(self._rebuild_vjp(inputs, res), self._cotangent(dy))
+      return [a + g for a, g in zip(acc, dp)], dx
+
+    return stage_bwd
+
+  def bwd_i(self):
+    """``bwd_i(*inputs, *res, *dy) -> dx``: input gradient only (not first or last stage)."""
+
+    def stage_bwd_i(*args):
+      inputs, rest = args[:self.n_inputs], args[self.n_inputs:]
+      res, dy = rest[:self.res.num_out], rest[self.res.num_out:]
+      vjp_fn = self._rebuild_vjp(inputs, res)
+      return list(vjp_fn(self._cotangent(dy))[1])
+
+    return stage_bwd_i
+
+  def bwd_w(self):
+    """``bwd_w(*inputs, *res, *dy, *acc) -> acc'``: weight gradient only (``dy`` absent on the
+    last stage, whose cotangent is the constant ``1/m``)."""
+
+    def stage_bwd_w(*args):
+      inputs, rest = args[:self.n_inputs], args[self.n_inputs:]
+      res, dy, acc = (rest[:self.res.num_out], rest[self.res.num_out:self.res.num_out + self.ndy],
+                      rest[self.res.num_out + self.ndy:])
+      vjp_fn = self._rebuild_vjp(inputs, res)
+      dp = jax.tree.leaves(vjp_fn(self._cotangent(dy))[0])
+      return [a + g for a, g in zip(acc, dp)]
+
+    return stage_bwd_w
+
+  def last(self):
+    """``last(*inputs, *acc, loss) -> (acc', loss', dx)``: forward + loss + backward, fused."""
+
+    def stage_last(*args):
+      inputs, acc, loss_acc = args[:self.n_inputs], args[self.n_inputs:-1], args[-1]
+      loss, vjp_fn = self._vjp(inputs)
+      dp, dx = self._grads(vjp_fn, self._cotangent(()))
+      return [a + g for a, g in zip(acc, dp)], loss_acc + loss, dx
+
+    return stage_last
+
+  def last_fwd_i(self):
+    """``last_fwd_i(*inputs, loss) -> (loss', dx, res)``: forward + loss + input gradient."""
+
+    def stage_last_fwd_i(*args):
+      inputs, loss_acc = args[:self.n_inputs], args[-1]
+      loss, vjp_fn = self._vjp(inputs)
+      res = self._record_residuals(inputs, vjp_fn)
+      _, dx = self._grads(vjp_fn, self._cotangent(()))
+      return loss_acc + loss, dx, res
+
+    return stage_last_fwd_i
+
+  def eval_fwd(self):
+    """``eval_fwd(*p, *x, lidx) -> y`` (no dropout), not for the last stage."""
+
+    def stage_eval(*args):
+      p = self.p_tree.unflatten(args[:self.np])
+      x = self.x_tree.unflatten(args[self.np:self.np + self.nx])
+      return jax.tree.leaves(self._run_layers(p, x, None, args[-1], False))
+
+    return stage_eval
+
+  def eval_last(self):
+    """``eval_last(*p, *x, *t, lidx, loss) -> loss'`` (no dropout)."""
+
+    def stage_eval_last(*args):
+      p = self.p_tree.unflatten(args[:self.np])
+      n = self.np
+      x = self.x_tree.unflatten(args[n:n + self.nx]); n += self.nx
+      t = self.t_tree.unflatten(args[n:n + self.nt])
+      y = self._run_layers(p, x, None, args[-2], False)
+      return args[-1] + self.model.loss_fn(y, t).astype(jnp.float32)
+
+    return stage_eval_last
+
+  def layer_init(self, j: int):
+    """``init(rng, index) -> p_j``: layer ``j``'s parameters, exactly as ``SequentialModel.init``
+    (key ``fold_in(rng, index)``, zero input of the layer's input shape). The global layer index
+    is an argument, so identical layers share one program."""
+    layer, x = self.layers[j], self.shapes.layer_inputs[j]
+
+    def layer_init(rng, index):
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), x)
+      return jax.tree.leaves(layer.init(jax.random.fold_in(rng, index), zeros))
+
+    return layer_init
+
+  def zeros(self):
+    """``zeros() -> p-shaped zeros``: a fresh gradient accumulator."""
+
+    def stage_zeros():
+      return [jnp.zeros(a.shape, a.dtype) for a in self.p_leaves]
+
+    return stage_zeros
+
+  def names_dict(self, tree: Any) -> dict:
+    """A stage-ordered tuple of per-layer trees as ``{layer_name: tree}``."""
+    return dict(zip(self.spec.layer_names, tree))
+
+
+def finalize_fn(num_leaves: int, same_stage: Sequence[tuple[int, int]],
+                incoming: Sequence[int]) -> Callable:
+  """``finalize(*acc, *partner) -> (g, sq)``: sums tied gradients and measures the stage norm.
+
+  Args:
+    num_leaves: number of gradient leaves of the stage.
+    same_stage: leaf pairs tied within the stage (both become their sum).
+    incoming: for each partner leaf (a tied gradient from another stage, moved here), the leaf it
+      is added to.
+  """
+
+  def stage_finalize(*args):
+    g, partner = list(args[:num_leaves]), args[num_leaves:]
+    for i, j in same_stage:
+      g[i], g[j] = g[i] + g[j], g[j] + g[i]
+    for k, i in enumerate(incoming):
+      g[i] = g[i] + partner[k]
+    return g, pl.sq_norm(g)
+
+  return stage_finalize
+
+
+def metrics_fn(num_stages: int, num_microbatches: int, max_grad_norm: float | None) -> Callable:
+  """``metrics(loss_sum, *sq) -> (loss, grad_norm, clip_scale)``."""
+
+  def pipeline_metrics(loss_sum, *sqs):
+    norm = jnp.sqrt(sum(sqs[1:], sqs[0]))
+    return loss_sum / num_microbatches, norm, pl.clip_scale(norm, max_grad_norm)
+
+  del num_stages
+  return pipeline_metrics
+
+
+def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: Any,
+              clip: bool) -> Callable:
+  """``update(*p, *opt, *g, [scale]) -> (p', opt')``: one optimizer step of one stage."""
+  n_p, n_opt = fns.np, opt_tree.num_leaves
+
+  def stage_update(*args):
+    p = fns.names_dict(fns.p_tree.unflatten(args[:n_p]))
+    opt = opt_tree.unflatten(args[n_p:n_p + n_opt])
+    g = args[n_p + n_opt:n_p + n_opt + n_p]
+    if clip:
+      scale = args[-1]
+      g = [x * scale.astype(x.dtype) for x in g]
+    g = fns.names_dict(fns.p_tree.unflatten(g))
+    updates, opt = optimizer.update(g, opt, p)
+    p = optax.apply_updates(p, updates)
+    return jax.tree.leaves(tuple(p[n] for n in fns.spec.layer_names)), jax.tree.leaves(opt)
+
+  return stage_update
+
+
+def opt_init_fn(optimizer: optax.GradientTransformation, fns: StageFns) -> Callable:
+  """``opt_init(*p) -> opt``: the stage's optimizer state (``optimizer.init`` of its dict)."""
+
+  def stage_opt_init(*p):
+    return jax.tree.leaves(optimizer.init(fns.names_dict(fns.p_tree.unflatten(p))))
+
+  return stage_opt_init
+
+
+def split_fn(num_microbatches: int, mb_size: int) -> Callable:
+  """``split(*leaves) -> [[mb 0 leaves], [mb 1 leaves], ...]`` along the batch axis."""
+
+  def split_microbatches(*leaves):
+    return [[x[i * mb_size:(i + 1) * mb_size] for x in leaves] for i in range(num_microbatches)]
+
+  return split_microbatches
+
+
+def mean_fn(num_microbatches: int) -> Callable:
+  """``mean(loss_sum) -> loss_sum / m``."""
+
+  def microbatch_mean(loss_sum):
+    return loss_sum / num_microbatches
+
+  return microbatch_mean

@@ -1,0 +1,809 @@
+"""The true MPMD backend: one compiled XLA program per stage, driven by a host loop.
+
+Each pipeline stage is a contiguous range of layers (``hkpipe.partition``) placed on the devices
+of one pipeline rank (one device, or ``dp`` devices of a ``("pp", "dp")`` mesh). Its forward,
+backward (or input/weight-gradient halves for zero-bubble schedules), optimizer update and a few
+helpers are compiled ahead of time as separate executables; identical stages share one XLA
+compile (``_mpmd_compile``). A host driver walks the schedule (``_mpmd_plan.issue_order``) and
+issues every program through JAX's asynchronous dispatch:
+
+- a forward returns its output and the ``jax.vjp`` residuals the backward needs (minus those that
+  are just its inputs); the driver stashes them per (stage, microbatch) until the backward;
+- the last stage fuses forward, loss and backward in one program;
+- activations and cotangents move to the next rank's devices with ``jax.device_put`` right after
+  they are produced (stages on the same rank pass them on directly);
+- gradients accumulate on the owning devices; tied weights on different stages exchange their
+  gradients; each stage measures its squared gradient norm; the global norm (and the clipping
+  factor) is computed on the last rank and sent back; each stage applies the optimizer on its own
+  devices. Parameters and optimizer state never leave their stage.
+
+Nothing blocks except reading metrics (or ``record_timeline=True``, which blocks after each action
+to time it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hkpipe import schedules
+from hkpipe._src import layout as layout_lib
+from hkpipe._src import partition as partition_lib
+from hkpipe._src import pipeline as pl
+from hkpipe._src.backends import _mpmd_compile
+from hkpipe._src.backends import _mpmd_plan
+from hkpipe._src.backends import _mpmd_programs as progs
+
+Kind = schedules.Kind
+
+
+def _spec(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _microbatch_shapes(batch: pl.Batch, m: int) -> tuple[Any, Any]:
+  return tuple(jax.tree.map(  # type: ignore[return-value]
+      lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] // m,) + tuple(np.shape(x)[1:]), x.dtype),
+      part) for part in batch)
+
+
+class _Ctx:
+  """Mutable state of one driver call (a train step, a gradient or an evaluation)."""
+
+  __slots__ = ("p", "opt", "acc", "loss", "rng", "step", "xin", "tgt", "acts", "cts", "stash",
+               "partner", "sq", "metrics", "scale", "new_p", "new_opt")
+
+  def __init__(self, num_stages: int):
+    self.p = self.opt = self.acc = self.rng = self.step = self.xin = self.tgt = None
+    self.loss = None
+    self.acts: dict = {}
+    self.cts: dict = {}
+    self.stash: dict = {}
+    self.partner: dict = {}
+    self.sq = [None] * num_stages
+    self.new_p = [None] * num_stages
+    self.new_opt = [None] * num_stages
+    self.metrics = None
+    self.scale = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+  """One driver step: ``fn(ctx)`` issues work and returns the arrays it produced.
+
+  ``action`` is the schedule action it executes on ``rank`` (None for transfers and helpers).
+  """
+
+  fn: Callable[[_Ctx], Any]
+  rank: int = -1
+  action: schedules.Action | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _TieLink:
+  """A tie between two stages' gradient leaves: ``(stage_a, leaf_a) <-> (stage_b, leaf_b)``."""
+
+  stage_a: int
+  leaf_a: int
+  stage_b: int
+  leaf_b: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """Compiled programs of one purpose plus the driver ops that run them."""
+
+  programs: Any
+  ops: tuple[_Op, ...] = ()
+
+
+class _Setup:
+  """Placement, shapes, compiled programs and driver ops for one microbatch signature.
+
+  Programs are compiled lazily by family (init, train, update, eval), so evaluation programs, for
+  instance, are compiled only if evaluation is used.
+  """
+
+  def __init__(self, backend: "MpmdBackend", layout: layout_lib.Layout, mb_inputs: Any,
+               mb_targets: Any):
+    self.backend = backend
+    self.model = backend.model
+    self.options = backend.options
+    self.layout = layout
+    self.schedule = layout.schedule
+    self.stages = layout.stages
+    self.num_stages = len(self.stages)
+    self.m = self.options.num_microbatches
+    self.rank_of = tuple(self.schedule.stage_to_rank)
+    self.num_ranks = layout.num_ranks
+    self.meshes = [Mesh(np.asarray(layout.rank_devices(r), dtype=object), ("dp",),
+                        axis_types=(jax.sharding.AxisType.Auto,))
+                   for r in range(self.num_ranks)]
+    self.rep = [NamedSharding(mesh, P()) for mesh in self.meshes]
+    self.bat = [NamedSharding(mesh, P("dp")) for mesh in self.meshes]
+    self.first_rank, self.last_rank = self.rank_of[0], self.rank_of[-1]
+    self.mb_inputs, self.mb_targets = mb_inputs, mb_targets
+    io = partition_lib.layer_io_shapes(self.model, mb_inputs)
+    out_shape = jax.eval_shape(
+        lambda p, x: self.model.layers[-1].apply(p, None, x, is_training=False), *io[-1])
+    self.fns: list[progs.StageFns] = []
+    for spec in self.stages:
+      y = io[spec.stop][1] if spec.stop < len(io) else out_shape
+      shapes = progs.StageShapes(params=tuple(io[i][0] for i in range(spec.start, spec.stop)),
+                                 x=io[spec.start][1], y=y, targets=mb_targets,
+                                 layer_inputs=tuple(io[i][1] for i in range(spec.start, spec.stop)))
+      self.fns.append(progs.StageFns(self.model, spec, shapes, self.num_stages, self.m,
+                                     self.options.remat))
+    self._check_dp()
+    self.order = _mpmd_plan.issue_order(self.schedule)
+    self.ties = self._tie_links()
+    self.lidx = [jax.device_put(np.arange(s.start, s.stop, dtype=np.int32),
+                                self.rep[self.rank_of[s.index]]) for s in self.stages]
+    self.mb_ids = [[jax.device_put(np.int32(i), self.rep[r]) for i in range(self.m)]
+                   for r in range(self.num_ranks)]
+    self.loss0 = jax.device_put(np.float32(0.0), self.rep[self.last_rank])
+    self._families: dict[str, _Family] = {}
+
+  # -- placement helpers -----------------------------------------------------------------------
+
+  def _check_dp(self) -> None:
+    dp = self.layout.dp
+    if dp == 1:
+      return
+    sizes = {x.shape[0] for x in jax.tree.leaves((self.mb_inputs, self.mb_targets)) if x.shape}
+    mb = sizes.pop() if len(sizes) == 1 else 0
+    if not mb or mb % dp:
+      raise ValueError(f"The microbatch size {mb} is not divisible by the data-parallel width "
+                       f"dp={dp} (mesh axis 'dp'); use a batch size that is a multiple of "
+                       f"num_microbatches x dp = {self.m * dp}.")
+    for f in self.fns:
+      for what, leaves in (("input", f.x_leaves), ("output", f.y_leaves)):
+        for leaf in leaves:
+          if not leaf.shape or leaf.shape[0] != mb:
+            raise ValueError(f"With dp={dp}, every activation between stages must have the "
+                             f"microbatch ({mb}) as leading axis; stage {f.spec.index}'s {what} "
+                             f"has shape {leaf.shape}.")
+
+  def act_shardings(self, rank: int, leaves: Sequence[Any]) -> list:
+    """Activations are split over the rank's ``dp`` devices along the batch axis."""
+    return [self.bat[rank] if len(leaf.shape) else self.rep[rank] for leaf in leaves]
+
+  def rank_devices(self, rank: int) -> tuple:
+    return tuple(self.meshes[rank].devices.flat)
+
+  def _tie_links(self) -> tuple[_TieLink, ...]:
+    where = {}
+    for f in self.fns:
+      paths = jax.tree_util.tree_flatten_with_path(f.shapes.params)[0]
+      for leaf_i, (path, _) in enumerate(paths):
+        layer = f.spec.layer_names[path[0].idx]
+        where[(layer,) + tuple(k.key for k in path[1:])] = (f.spec.index, leaf_i)
+    return tuple(_TieLink(*where[t.source], *where[t.target]) for t in self.model.ties)
+
+  def stage_leaves(self, stage: int, params: Mapping[str, Any]) -> list:
+    """Flat parameter leaves of a stage's ``{layer_name: params}`` dict, in stage layer order."""
+    return jax.tree.leaves(tuple(params[n] for n in self.stages[stage].layer_names))
+
+  def stage_dict(self, stage: int, leaves: Sequence[Any]) -> dict:
+    """Inverse of :meth:`stage_leaves`."""
+    f = self.fns[stage]
+    return f.names_dict(f.p_tree.unflatten(leaves))
+
+  def canonical(self, per_stage: Sequence[Sequence[Any]]) -> dict:
+    """``{layer_name: tree}`` from per-stage flat leaves (params or gradients)."""
+    out = {}
+    for t, leaves in enumerate(per_stage):
+      out.update(self.stage_dict(t, leaves))
+    return {layer.name: out[layer.name] for layer in self.model.layers}
+
+  # -- program building ------------------------------------------------------------------------
+
+  def _compile(self, fn: Callable, args: Sequence[jax.ShapeDtypeStruct], rank: int,
+               out_shardings: Any = None, donate: Sequence[int] = ()) -> Callable:
+    return self.backend.cache.build(fn, args, self.rank_devices(rank),
+                                    out_shardings=out_shardings, donate_argnums=tuple(donate))
+
+  def _input_specs(self, s: int, rng: Any) -> list:
+    f, r = self.fns[s], self.rank_of[s]
+    rep = self.rep[r]
+    specs = [_spec(a, rep) for a in f.p_leaves]
+    specs += [_spec(a, sh) for a, sh in zip(f.x_leaves, self.act_shardings(r, f.x_leaves))]
+    if f.is_last:
+      specs += [_spec(a, sh) for a, sh in zip(f.t_leaves, self.act_shardings(r, f.t_leaves))]
+    i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    return specs + [_spec(rng, rep), i32, i32,
+                    jax.ShapeDtypeStruct((len(f.layers),), jnp.int32, sharding=rep)]
+
+  def _param_specs(self, s: int) -> list:
+    rep = self.rep[self.rank_of[s]]
+    return [_spec(a, rep) for a in self.fns[s].p_leaves]
+
+  def _float_specs(self, s: int, leaves: Sequence[Any], mask: Sequence[bool]) -> list:
+    r = self.rank_of[s]
+    kept = [a for a, keep in zip(leaves, mask) if keep]
+    return [_spec(a, sh) for a, sh in zip(kept, self.act_shardings(r, kept))]
+
+  def _dx_specs(self, s: int) -> list:
+    f = self.fns[s]
+    return [] if f.is_first else self._float_specs(s, f.x_leaves, f.x_float)
+
+  def _dy_specs(self, s: int) -> list:
+    f = self.fns[s]
+    return [] if f.is_last else self._float_specs(s, f.y_leaves, f.y_float)
+
+  def _scalar(self, rank: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((), jnp.float32, sharding=self.rep[rank])
+
+  def family(self, name: str, build: Callable[[], _Family]) -> _Family:
+    """The compiled programs (and driver ops) of family ``name``, built by ``build`` once."""
+    if name not in self._families:
+      self._families[name] = build()
+    return self._families[name]
+
+  def build_init(self, rng: Any) -> _Family:
+    """Per stage: (per-layer parameter init programs, optimizer-state init program).
+
+    Init is compiled per layer, so identical layers (and the same layer under another
+    partition) share one compile; XLA's threefry code makes init programs slow to compile.
+    """
+    out = []
+    for f in self.fns:
+      s, r = f.spec.index, self.rank_of[f.spec.index]
+      rep = self.rep[r]
+      index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+      inits = [self._compile(f.layer_init(j), [_spec(rng, rep), index], r,
+                             out_shardings=rep).fn for j in range(len(f.layers))]
+      opt = self._compile(progs.opt_init_fn(self.backend.optimizer, f), self._param_specs(s), r,
+                          out_shardings=rep)
+      out.append((inits, opt.fn))
+    return _Family(programs=tuple(out))
+
+  def _build_stage_train(self, s: int, rng: Any, kinds: set) -> dict:
+    """The forward/backward programs of stage ``s`` that the schedule uses."""
+    f, r = self.fns[s], self.rank_of[s]
+    rep = self.rep[r]
+    inputs = self._input_specs(s, rng)
+    acc = self._param_specs(s)
+    n_in, n_p = len(inputs), f.np
+    dx = [a.sharding for a in self._dx_specs(s)]
+    split, full = (s, Kind.W) in kinds, (s, Kind.B) in kinds
+    p: dict[str, Any] = {}
+    if f.is_last:
+      if full:
+        p["last"] = self._compile(f.last(), inputs + acc + [self._scalar(r)], r,
+                                  out_shardings=([rep] * n_p, rep, dx),
+                                  donate=range(n_in, n_in + n_p)).fn
+      if split:
+        prog = self._compile(f.last_fwd_i(), inputs + [self._scalar(r)], r,
+                             out_shardings=(rep, dx, None))
+        res = list(prog.out_specs()[2])
+        p["last_fwd_i"] = prog.fn
+        p["w"] = self._compile(f.bwd_w(), inputs + res + acc, r, out_shardings=rep,
+                               donate=range(n_in + len(res), n_in + len(res) + n_p)).fn
+    else:
+      y = self.act_shardings(r, f.y_leaves)
+      prog = self._compile(f.fwd(), inputs, r, out_shardings=(y, None))
+      p["fwd"] = prog.fn
+      base = inputs + list(prog.out_specs()[1]) + self._dy_specs(s)
+      donate = range(len(base), len(base) + n_p)
+      if full:
+        p["bwd"] = self._compile(f.bwd(), base + acc, r, out_shardings=([rep] * n_p, dx),
+                                 donate=donate).fn
+      if split:
+        if not f.is_first:
+          p["i"] = self._compile(f.bwd_i(), base, r, out_shardings=dx).fn
+        p["w"] = self._compile(f.bwd_w(), base + acc, r, out_shardings=rep, donate=donate).fn
+    p["zeros"] = self._compile(f.zeros(), [], r, out_shardings=rep).fn
+    return p
+
+  def split(self, rank: int, leaves: Sequence[Any]) -> list[list]:
+    """Cuts whole-batch leaves into ``m`` microbatches placed on ``rank``.
+
+    NumPy leaves are sliced on the host and sent in one batched transfer; device arrays are
+    moved whole and split by a small compiled program (built on first use).
+    """
+    shard = self.act_shardings(rank, leaves)
+    if all(isinstance(x, np.ndarray) for x in leaves):
+      mbs = leaves[0].shape[0] // self.m if leaves else 0
+      parts = [x[i * mbs:(i + 1) * mbs] for i in range(self.m) for x in leaves]
+      flat = jax.device_put(parts, shard * self.m)
+      n = len(leaves)
+      return [flat[i * n:(i + 1) * n] for i in range(self.m)]
+    key = ("split", rank, tuple((x.shape, x.dtype) for x in leaves))
+    if key not in self._families:
+      whole = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh) for x, sh in zip(leaves, shard)]
+      mbs = leaves[0].shape[0] // self.m if leaves else 0
+      self._families[key] = _Family(programs=self._compile(
+          progs.split_fn(self.m, mbs), whole, rank, out_shardings=[shard] * self.m).fn)
+    return self._families[key].programs(*jax.device_put(leaves, shard))
+
+  def build_core(self, rng: Any) -> _Family:
+    """Forward/backward, gradient-finalize and metrics programs (shared by train and grads)."""
+    kinds = {(a.stage, a.kind) for row in _mpmd_plan.compute_actions(self.schedule) for a in row}
+    stage_progs = [self._build_stage_train(s, rng, kinds) for s in range(self.num_stages)]
+    fin = []
+    for s, f in enumerate(self.fns):
+      same, incoming, partner_specs = self._tie_plan(s)
+      r = self.rank_of[s]
+      fin.append(self._compile(
+          progs.finalize_fn(f.np, same, [leaf for _, leaf in incoming]),
+          self._param_specs(s) + partner_specs, r,
+          out_shardings=([self.rep[r]] * f.np, self.rep[r]), donate=range(f.np)).fn)
+    lr = self.last_rank
+    metrics = self._compile(
+        progs.metrics_fn(self.num_stages, self.m, self.options.max_grad_norm),
+        [self._scalar(lr)] * (1 + self.num_stages), lr, out_shardings=self.rep[lr]).fn
+    return _Family(programs=dict(stages=stage_progs, finalize=fin, metrics=metrics))
+
+  def build_steps(self, core: _Family, opt: Sequence[tuple[Any, list]] | None) -> _Family:
+    """Driver ops of a gradient computation, plus optimizer updates when ``opt`` is given.
+
+    Args:
+      core: the :meth:`build_core` programs.
+      opt: per stage, (treedef, leaves) of its optimizer state; None: gradients only.
+    """
+    updates = None
+    if opt is not None:
+      updates = [self._build_update(s, *opt[s]) for s in range(self.num_stages)]
+    p = core.programs
+    programs = dict(p, updates=updates)
+    return _Family(programs=programs,
+                   ops=self._train_ops(p["stages"], p["finalize"], p["metrics"], updates))
+
+  def _build_update(self, s: int, opt_tree: Any, opt_leaves: Sequence[Any]) -> Callable:
+    f, r = self.fns[s], self.rank_of[s]
+    rep = self.rep[r]
+    clip = self.options.max_grad_norm is not None
+    opt_specs = [_spec(a, rep) for a in opt_leaves]
+    args = self._param_specs(s) + opt_specs + self._param_specs(s)
+    args += [self._scalar(r)] if clip else []
+    n_p, n_o = f.np, len(opt_specs)
+    donate = list(range(n_p + n_o)) if self.options.donate else []
+    return self._compile(progs.update_fn(self.backend.optimizer, f, opt_tree, clip), args, r,
+                         out_shardings=rep, donate=donate).fn
+
+  def _tie_plan(self, s: int):
+    """For stage ``s``: tied leaf pairs within it, incoming partner gradients, their specs."""
+    same, incoming, specs = [], [], []
+    for k, link in enumerate(self.ties):
+      if link.stage_a == s and link.stage_b == s:
+        same.append((link.leaf_a, link.leaf_b))
+      elif link.stage_a == s:
+        incoming.append((k, link.leaf_a))
+      elif link.stage_b == s:
+        incoming.append((k, link.leaf_b))
+    rep = self.rep[self.rank_of[s]]
+    specs = [_spec(self.fns[s].p_leaves[leaf], rep) for _, leaf in incoming]
+    return same, incoming, specs
+
+  # -- driver ops ------------------------------------------------------------------------------
+
+  def _deliver(self, store: str, src_rank: int, dst_stage: int, mb: int,
+               shapes: Sequence[Any]) -> Callable[[_Ctx, list], list]:
+    """Returns ``put(ctx, leaves)``: hands leaves to ``dst_stage`` (moving them if needed)."""
+    dst_rank = self.rank_of[dst_stage]
+    key = (dst_stage, mb)
+    if dst_rank == src_rank:
+      def put_local(ctx, leaves):
+        getattr(ctx, store)[key] = leaves
+        return leaves
+      return put_local
+    shardings = self.act_shardings(dst_rank, shapes)
+
+    def put_remote(ctx, leaves):
+      moved = jax.device_put(leaves, shardings)
+      getattr(ctx, store)[key] = moved
+      return moved
+    return put_remote
+
+  def _action_op(self, rank: int, a: schedules.Action, programs: dict, split: bool) -> _Op:
+    """The driver op of one schedule action (see ``_mpmd_programs`` for the conventions)."""
+    s, mb = a.stage, a.mb
+    f = self.fns[s]
+    key = (s, mb)
+    mb_id, lidx = self.mb_ids[rank][mb], self.lidx[s]
+    first, last = f.is_first, f.is_last
+    dx_shapes = [x for x, fl in zip(f.x_leaves, f.x_float) if fl]
+    send_dx = None if first else self._deliver("cts", rank, s - 1, mb, dx_shapes)
+    send_y = None if last else self._deliver("acts", rank, s + 1, mb, f.y_leaves)
+
+    def take_x(ctx):
+      return ctx.xin[mb] if first else ctx.acts.pop(key)
+
+    if a.kind is Kind.F and last and not split:
+      prog = programs["last"]
+
+      def op(ctx):
+        x = take_x(ctx)
+        acc, loss, dx = prog(*ctx.p[s], *x, *ctx.tgt[mb], ctx.rng[rank], ctx.step[rank], mb_id,
+                             lidx, *ctx.acc[s], ctx.loss)
+        ctx.acc[s], ctx.loss = acc, loss
+        ctx.stash[key] = [None, None, dx]
+        return acc, loss, dx
+    elif a.kind is Kind.F and last:
+      prog = programs["last_fwd_i"]
+
+      def op(ctx):
+        x = take_x(ctx)
+        loss, dx, res = prog(*ctx.p[s], *x, *ctx.tgt[mb], ctx.rng[rank], ctx.step[rank], mb_id,
+                             lidx, ctx.loss)
+        ctx.loss = loss
+        ctx.stash[key] = [x, res, dx]
+        return loss, dx, res
+    elif a.kind is Kind.F:
+      prog = programs["fwd"]
+
+      def op(ctx):
+        x = take_x(ctx)
+        y, res = prog(*ctx.p[s], *x, ctx.rng[rank], ctx.step[rank], mb_id, lidx)
+        ctx.stash[key] = [x, res, None]
+        send_y(ctx, y)
+        return y, res
+    elif a.kind in (Kind.B, Kind.I) and last:
+      pop = a.kind is Kind.B
+
+      def op(ctx):
+        entry = ctx.stash.pop(key) if pop else ctx.stash[key]
+        dx, entry[2] = entry[2], None
+        return send_dx(ctx, dx) if send_dx else []
+    elif a.kind is Kind.B:
+      prog = programs["bwd"]
+
+      def op(ctx):
+        x, res, _ = ctx.stash.pop(key)
+        acc, dx = prog(*ctx.p[s], *x, ctx.rng[rank], ctx.step[rank], mb_id, lidx, *res,
+                       *ctx.cts.pop(key), *ctx.acc[s])
+        ctx.acc[s] = acc
+        if send_dx:
+          send_dx(ctx, dx)
+        return acc, dx
+    elif a.kind is Kind.I:
+      prog = programs.get("i")
+
+      def op(ctx):
+        entry = ctx.stash[key]
+        dy = entry[2] = ctx.cts.pop(key)
+        if prog is None:  # first stage: no input gradient to compute
+          return dy
+        dx = prog(*ctx.p[s], *entry[0], ctx.rng[rank], ctx.step[rank], mb_id, lidx, *entry[1],
+                  *dy)
+        send_dx(ctx, dx)
+        return dx
+    else:  # W
+      prog = programs["w"]
+      tgt_of = (lambda ctx: ctx.tgt[mb]) if last else (lambda ctx: ())
+
+      def op(ctx):
+        x, res, dy = ctx.stash.pop(key)
+        acc = prog(*ctx.p[s], *x, *tgt_of(ctx), ctx.rng[rank], ctx.step[rank], mb_id, lidx,
+                   *res, *(dy or ()), *ctx.acc[s])
+        ctx.acc[s] = acc
+        return acc
+    return _Op(fn=op, rank=rank, action=a)
+
+  def _finalize_op(self, s: int, fin: Callable, updates: Sequence[Callable] | None) -> _Op:
+    """Sums tied gradients into stage ``s``, sends its squared norm to the metrics rank and,
+    without clipping, applies its update right away."""
+    _, incoming, _ = self._tie_plan(s)
+    keys = [(s, k) for k, _ in incoming]
+    r, lr = self.rank_of[s], self.last_rank
+    to_metrics = None if r == lr else self.rep[lr]
+    update = updates[s] if updates is not None and self.options.max_grad_norm is None else None
+
+    def op(ctx):
+      g, sq = fin(*ctx.acc[s], *[ctx.partner.pop(k) for k in keys])
+      ctx.acc[s] = g
+      ctx.sq[s] = sq if to_metrics is None else jax.device_put(sq, to_metrics)
+      if update is None:
+        return g, sq
+      ctx.new_p[s], ctx.new_opt[s] = update(*ctx.p[s], *ctx.opt[s], *g)
+      return g, sq, ctx.new_p[s], ctx.new_opt[s]
+    return _Op(fn=op, rank=r)
+
+  def _tie_send_op(self, s: int) -> _Op:
+    """Copies stage ``s``'s tied gradient leaves to their partner stages."""
+    sends = []
+    for k, link in enumerate(self.ties):
+      if link.stage_a == link.stage_b:
+        continue
+      if link.stage_a == s:
+        sends.append((link.leaf_a, (link.stage_b, k), self.rep[self.rank_of[link.stage_b]]))
+      elif link.stage_b == s:
+        sends.append((link.leaf_b, (link.stage_a, k), self.rep[self.rank_of[link.stage_a]]))
+
+    def op(ctx):
+      out = []
+      for leaf, key, sharding in sends:
+        # may_alias=False: a partner on the same rank must not share a buffer that finalize
+        # donates.
+        ctx.partner[key] = jax.device_put(ctx.acc[s][leaf], sharding, may_alias=False)
+        out.append(ctx.partner[key])
+      return out
+    return _Op(fn=op, rank=self.rank_of[s])
+
+  def _train_ops(self, stage_progs, fin, metrics, updates) -> tuple[_Op, ...]:
+    split = {(a.stage, a.mb) for _, a in self.order if a.kind is Kind.W}
+    last_grad = _mpmd_plan.last_backward_index(self.order, self.num_stages)
+    partners = {s: set() for s in range(self.num_stages)}
+    for link in self.ties:
+      if link.stage_a != link.stage_b:
+        partners[link.stage_a].add(link.stage_b)
+        partners[link.stage_b].add(link.stage_a)
+    complete: set[int] = set()
+    finalized: set[int] = set()
+    ops: list[_Op] = []
+    for i, (rank, a) in enumerate(self.order):
+      ops.append(self._action_op(rank, a, stage_progs[a.stage], (a.stage, a.mb) in split))
+      if last_grad[a.stage] != i:
+        continue
+      complete.add(a.stage)
+      if partners[a.stage]:
+        ops.append(self._tie_send_op(a.stage))
+      for t in sorted({a.stage} | partners[a.stage]):
+        if t not in finalized and t in complete and partners[t] <= complete:
+          ops.append(self._finalize_op(t, fin[t], updates))
+          finalized.add(t)
+    lr = self.last_rank
+
+    def metrics_op(ctx):
+      ctx.metrics = metrics(ctx.loss, *ctx.sq)
+      return ctx.metrics
+    ops.append(_Op(fn=metrics_op, rank=lr))
+    if updates is not None and self.options.max_grad_norm is not None:
+      ops.append(self._clipped_update_op(updates))
+    return tuple(ops)
+
+  def _clipped_update_op(self, updates: Sequence[Callable]) -> _Op:
+    """Sends the clipping factor to every rank, then updates every stage."""
+    lr = self.last_rank
+    others = [r for r in range(self.num_ranks) if r != lr]
+    shardings = [self.rep[r] for r in others]
+
+    def op(ctx):
+      scale = ctx.metrics[2]
+      moved = dict(zip(others, jax.device_put([scale] * len(others), shardings)))
+      moved[lr] = scale
+      for s in range(self.num_stages):
+        ctx.new_p[s], ctx.new_opt[s] = updates[s](*ctx.p[s], *ctx.opt[s], *ctx.acc[s],
+                                                  moved[self.rank_of[s]])
+      return ctx.new_p, ctx.new_opt
+    return _Op(fn=op, rank=lr)
+
+  def build_eval(self) -> _Family:
+    """Forward-only programs (no dropout) and their ops, microbatch by microbatch."""
+    evals = []
+    for f in self.fns:
+      s, r = f.spec.index, self.rank_of[f.spec.index]
+      rep = self.rep[r]
+      lidx = jax.ShapeDtypeStruct((len(f.layers),), jnp.int32, sharding=rep)
+      args = self._param_specs(s)
+      args += [_spec(a, sh) for a, sh in zip(f.x_leaves, self.act_shardings(r, f.x_leaves))]
+      if f.is_last:
+        args += [_spec(a, sh) for a, sh in zip(f.t_leaves, self.act_shardings(r, f.t_leaves))]
+        evals.append(self._compile(f.eval_last(), args + [lidx, self._scalar(r)], r,
+                                   out_shardings=rep).fn)
+      else:
+        evals.append(self._compile(f.eval_fwd(), args + [lidx], r,
+                                   out_shardings=self.act_shardings(r, f.y_leaves)).fn)
+    lr = self.last_rank
+    mean = self._compile(progs.mean_fn(self.m), [self._scalar(lr)], lr,
+                         out_shardings=self.rep[lr]).fn
+    ops = []
+    for mb in range(self.m):
+      for s in range(self.num_stages):
+        ops.append(self._eval_op(s, mb, evals[s]))
+    programs = dict(evals=evals, mean=mean)
+    return _Family(programs=programs, ops=tuple(ops))
+
+  def _eval_op(self, s: int, mb: int, prog: Callable) -> _Op:
+    f, r = self.fns[s], self.rank_of[s]
+    key, lidx = (s, mb), self.lidx[s]
+    first, last = f.is_first, f.is_last
+    send_y = None if last else self._deliver("acts", r, s + 1, mb, f.y_leaves)
+
+    def op(ctx):
+      x = ctx.xin[mb] if first else ctx.acts.pop(key)
+      if last:
+        ctx.loss = prog(*ctx.p[s], *x, *ctx.tgt[mb], lidx, ctx.loss)
+        return ctx.loss
+      return send_y(ctx, prog(*ctx.p[s], *x, lidx))
+    return _Op(fn=op, rank=r, action=schedules.Action(s, Kind.F, mb))
+
+
+class MpmdBackend(pl.Backend):
+  """True MPMD pipeline: per-stage compiled programs on per-rank devices, driven asynchronously.
+
+  ``TrainState.params`` and ``TrainState.opt_state`` are tuples indexed by stage: stage ``s``
+  holds ``{layer_name: params}`` for its layers and the optimizer state of that dict, all on the
+  devices of rank ``schedule.stage_to_rank[s]``.
+
+  Attributes:
+    cache: the program cache; ``cache.stats`` counts XLA compiles, clones and their times.
+    last_timeline: with ``record_timeline=True``, the executed actions of the last step as
+      ``hkpipe.schedules.Record`` (rank, kind, stage, mb, start, end) in seconds (drawable with
+      ``hkpipe.schedules.ascii_grid`` / ``svg_timeline``).
+    last_stash_peaks: with ``record_timeline=True``, per rank, the most (stage, microbatch)
+      residual stashes the driver held at once during the last step.
+  """
+
+  def __init__(self, model, optimizer, options):
+    super().__init__(model, optimizer, options)
+    self.cache = _mpmd_compile.ProgramCache()
+    self.last_timeline: tuple[schedules.Record, ...] = ()
+    self.last_stash_peaks: tuple[int, ...] = ()
+    self._layout: layout_lib.Layout | None = None
+    self._setups: dict[Any, _Setup] = {}
+    self._rng_copies: tuple[Any, list] | None = None
+
+  # -- layout ----------------------------------------------------------------------------------
+
+  @property
+  def layout(self) -> layout_lib.Layout:
+    """The resolved schedule, stages and device grid (after ``init`` or a first step)."""
+    if self._layout is None:
+      self._layout = self._resolve(None)
+    return self._layout
+
+  def _resolve(self, mb_inputs: Any) -> layout_lib.Layout:
+    part = self.options.partition
+    explicit = isinstance(part, Sequence) and not isinstance(part, str)
+    if mb_inputs is None and not explicit:
+      raise ValueError("The MPMD stage partition is not known yet: call init(rng, batch) first "
+                       "(it balances layer costs on one microbatch), or pass explicit stage "
+                       "boundaries as partition=[...].")
+    layout = layout_lib.resolve(self.model, self.options, mb_inputs)
+    schedules.validate(layout.schedule)
+    return layout
+
+  def _setup(self, batch: pl.Batch) -> _Setup:
+    mb_inputs, mb_targets = _microbatch_shapes(batch, self.options.num_microbatches)
+    key = (jax.tree.structure((mb_inputs, mb_targets)),
+           tuple(jax.tree.leaves((mb_inputs, mb_targets))))
+    if key not in self._setups:
+      if self._layout is None:
+        self._layout = self._resolve(mb_inputs)
+      self._setups[key] = _Setup(self, self._layout, mb_inputs, mb_targets)
+    return self._setups[key]
+
+  def _rep(self, stage: int) -> NamedSharding:
+    layout = self.layout
+    devices = np.asarray(layout.stage_devices(stage), dtype=object)
+    mesh = Mesh(devices, ("dp",), axis_types=(jax.sharding.AxisType.Auto,))
+    return NamedSharding(mesh, P())
+
+  # -- per-call context ------------------------------------------------------------------------
+
+  def _rng_on_ranks(self, setup: _Setup, rng: jax.Array) -> list:
+    if self._rng_copies is None or self._rng_copies[0] is not rng:
+      self._rng_copies = (rng, jax.device_put([rng] * setup.num_ranks, setup.rep))
+    return self._rng_copies[1]
+
+  def _context(self, setup: _Setup, state: pl.TrainState, batch: pl.Batch, programs: dict,
+               training: bool) -> _Ctx:
+    ctx = _Ctx(setup.num_stages)
+    ctx.p = [setup.stage_leaves(s, state.params[s]) for s in range(setup.num_stages)]
+    inputs, targets = (jax.tree.leaves(part) for part in batch)
+    ctx.xin = setup.split(setup.first_rank, inputs)
+    ctx.tgt = setup.split(setup.last_rank, targets)
+    ctx.loss = setup.loss0
+    if training:
+      ctx.opt = [jax.tree.leaves(o) for o in state.opt_state]
+      ctx.acc = [p["zeros"]() for p in programs["stages"]]
+      ctx.rng = self._rng_on_ranks(setup, state.rng)
+      ctx.step = jax.device_put([np.int32(state.step)] * setup.num_ranks, setup.rep)
+    return ctx
+
+  def _run(self, setup: _Setup, ops: Sequence[_Op], ctx: _Ctx) -> None:
+    if not self.options.record_timeline:
+      for op in ops:
+        op.fn(ctx)
+      return
+    jax.block_until_ready([ctx.p, ctx.xin, ctx.tgt, ctx.acc])
+    records, peaks = [], [0] * setup.num_ranks
+    t0 = time.perf_counter()
+    for op in ops:
+      start = time.perf_counter()
+      jax.block_until_ready(op.fn(ctx))
+      end = time.perf_counter()
+      if op.action is not None:
+        a = op.action
+        records.append(schedules.Record(op.rank, a.kind.value, a.stage, a.mb, start - t0,
+                                        end - t0))
+      live = [0] * setup.num_ranks
+      for s, _ in ctx.stash:
+        live[setup.rank_of[s]] += 1
+      peaks = [max(p, n) for p, n in zip(peaks, live)]
+    self.last_timeline = tuple(records)
+    self.last_stash_peaks = tuple(peaks)
+
+  def _train_family(self, setup: _Setup, state: pl.TrainState, with_update: bool) -> _Family:
+    opt = None
+    if with_update:
+      opt = [(jax.tree.structure(o), jax.tree.leaves(o)) for o in state.opt_state]
+    core = setup.family("core", lambda: setup.build_core(state.rng))
+    return setup.family("train" if with_update else "grads",
+                        lambda: setup.build_steps(core, opt))
+
+  # -- Backend API -----------------------------------------------------------------------------
+
+  def init(self, rng, batch):
+    setup = self._setup(batch)
+    params_rng, state_rng = jax.random.split(rng)
+    fam = setup.family("init", lambda: setup.build_init(params_rng))
+    keys = jax.device_put([params_rng] * setup.num_ranks, setup.rep)
+    leaves = []
+    for s, (inits, _) in enumerate(fam.programs):
+      r, start = setup.rank_of[s], setup.stages[s].start
+      index = jax.device_put([np.int32(start + j) for j in range(len(inits))],
+                             [setup.rep[r]] * len(inits))
+      leaves.append([leaf for j, init in enumerate(inits) for leaf in init(keys[r], index[j])])
+    for link in setup.ties:
+      leaves[link.stage_b][link.leaf_b] = jax.device_put(
+          leaves[link.stage_a][link.leaf_a], setup.rep[setup.rank_of[link.stage_b]],
+          may_alias=False)
+    params, opt_state = [], []
+    for s, (_, opt_init) in enumerate(fam.programs):
+      params.append(setup.stage_dict(s, leaves[s]))
+      shapes = jax.eval_shape(self.optimizer.init, setup.stage_dict(s, setup.fns[s].p_leaves))
+      opt_state.append(jax.tree.structure(shapes).unflatten(opt_init(*leaves[s])))
+    return pl.TrainState(step=0, params=tuple(params), opt_state=tuple(opt_state),
+                         rng=state_rng)
+
+  def train_step(self, state, batch):
+    setup = self._setup(batch)
+    fam = self._train_family(setup, state, with_update=True)
+    ctx = self._context(setup, state, batch, fam.programs, training=True)
+    self._run(setup, fam.ops, ctx)
+    params = tuple(setup.stage_dict(s, p) for s, p in enumerate(ctx.new_p))
+    opt_state = tuple(jax.tree.structure(o).unflatten(n)
+                      for o, n in zip(state.opt_state, ctx.new_opt))
+    loss, norm, _ = ctx.metrics
+    return (pl.TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng),
+            {"loss": loss, "grad_norm": norm})
+
+  def loss_and_grads(self, state, batch):
+    setup = self._setup(batch)
+    fam = self._train_family(setup, state, with_update=False)
+    ctx = self._context(setup, state, batch, fam.programs, training=True)
+    self._run(setup, fam.ops, ctx)
+    return ctx.metrics[0], setup.canonical(ctx.acc)
+
+  def eval_loss(self, state, batch):
+    setup = self._setup(batch)
+    fam = setup.family("eval", setup.build_eval)
+    ctx = self._context(setup, state, batch, fam.programs, training=False)
+    for op in fam.ops:
+      op.fn(ctx)
+    return fam.programs["mean"](ctx.loss)
+
+  def to_canonical(self, state):
+    names = [spec.layer_names for spec in self.layout.stages]
+    params: dict = {}
+    for stage_params in state.params:
+      params.update(stage_params)
+    params = {layer.name: params[layer.name] for layer in self.model.layers}
+    return {"params": params, "opt_state": pl.merge(list(state.opt_state), names),
+            "rng": state.rng}
+
+  def from_canonical(self, canonical: Mapping[str, Any], step: int):
+    all_names = self.model.layer_names
+    params, opt_state = [], []
+    for spec in self.layout.stages:
+      rep = self._rep(spec.index)
+      params.append(jax.device_put({n: canonical["params"][n] for n in spec.layer_names}, rep))
+      opt_state.append(jax.device_put(
+          pl.restrict(canonical["opt_state"], spec.layer_names, all_names), rep))
+    return pl.TrainState(step=int(step), params=tuple(params), opt_state=tuple(opt_state),
+                         rng=canonical["rng"])
