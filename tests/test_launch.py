@@ -1,0 +1,71 @@
+"""The multi-process launcher and distributed start-up configuration."""
+
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hkpipe._src import distributed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+
+import local  # pylint: disable=wrong-import-position
+
+
+def test_distributed_config_validation():
+  assert distributed.DistributedConfig().coordinator_address is None
+  with pytest.raises(ValueError, match="all of coordinator_address"):
+    distributed.DistributedConfig(coordinator_address="127.0.0.1:1234")
+  with pytest.raises(ValueError, match="process_id=2"):
+    distributed.DistributedConfig("127.0.0.1:1", 2, 2)
+  with pytest.raises(ValueError, match="host:port"):
+    distributed.DistributedConfig("localhost", 2, 0)
+
+
+def test_distributed_from_env_and_cluster_detection():
+  cfg = distributed.from_env({"HKPIPE_COORDINATOR_ADDRESS": "10.0.0.1:99",
+                              "HKPIPE_NUM_PROCESSES": "4", "HKPIPE_PROCESS_ID": "3"})
+  assert (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == ("10.0.0.1:99", 4, 3)
+  assert distributed.from_env({}) == distributed.DistributedConfig()
+  assert distributed.cluster_detected({"SLURM_NTASKS": "8"})
+  assert distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"})
+  assert not distributed.cluster_detected({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "a"})
+  assert not distributed.initialize(distributed.DistributedConfig("127.0.0.1:1", 1, 0))
+
+
+def test_commands_carry_rank_flags_and_pinning():
+  cmds = local.build_commands(2, "launch/train.py", 4321, 2, True, ["--workdir=w"])
+  assert cmds[1][:3] == ["taskset", "-c", str(1 % (local.os.cpu_count() or 1))]
+  for i, cmd in enumerate(cmds):
+    assert "--coordinator_address=127.0.0.1:4321" in cmd and f"--process_id={i}" in cmd
+    assert "--num_processes=2" in cmd and "--host_devices=2" in cmd and cmd[-1] == "--workdir=w"
+
+
+def test_one_failing_process_tears_down_the_rest(tmp_path):
+  script = tmp_path / "worker.py"
+  script.write_text(
+      "import sys, time\n"
+      "rank = int([a for a in sys.argv if a.startswith('--process_id=')][0].split('=')[1])\n"
+      "print('hello from', rank, flush=True)\n"
+      "if rank == 0:\n"
+      "  time.sleep(0.5); sys.exit(3)\n"
+      "time.sleep(600)\n")
+  start = time.time()
+  proc = subprocess.run([sys.executable, "launch/local.py", "2", f"--script={script}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 3, proc.stdout + proc.stderr
+  assert time.time() - start < 30
+  assert "[p0] hello from 0" in proc.stdout and "[p1] hello from 1" in proc.stdout
+  assert "stopping the others" in proc.stdout
+
+
+def test_launcher_timeout_kills_everything(tmp_path):
+  script = tmp_path / "sleeper.py"
+  script.write_text("import time\ntime.sleep(600)\n")
+  proc = subprocess.run([sys.executable, "launch/local.py", "2", "--timeout=2",
+                         f"--script={script}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 124 and "timeout" in proc.stdout
