@@ -6,7 +6,8 @@ Shared by the pipelined backends (MPMD, SPMD) so they agree on what ``devices``,
 - ranks ``p``: the ``pp`` axis of ``mesh``, else ``len(devices)``, else ``num_stages`` (the first
   ``num_stages`` devices), else every device; ``num_stages``, if given, must equal ``p``;
 - data-parallel width ``dp``: the mesh's ``dp`` axis (1 without a mesh);
-- ``v``: ``virtual_stages``, else the schedule's default (2 for V schedules, 1 otherwise);
+- ``v``: ``virtual_stages``, else the schedule's registry default (2 for V schedules, 1 for
+  flat ones);
 - the model is cut into ``p * v`` stages.
 """
 
@@ -82,10 +83,6 @@ def device_grid(options: pl.PipelineOptions) -> np.ndarray:
   return np.asarray(devices, dtype=object).reshape(len(devices), 1)
 
 
-def _default_virtual(name: str) -> int:
-  return 2 if name in ("zbv", "dualpipev") else 1
-
-
 def resolve(model: layers_lib.SequentialModel, options: pl.PipelineOptions,
             example_microbatch: Any) -> Layout:
   """Builds the schedule, the stages and the device grid, validating them against each other.
@@ -104,10 +101,16 @@ def resolve(model: layers_lib.SequentialModel, options: pl.PipelineOptions,
   p = int(grid.shape[0])
   m = options.num_microbatches
   if isinstance(options.schedule, str):
-    v = options.virtual_stages or _default_virtual(options.schedule)
-    schedule = schedules.get(options.schedule, num_stages=p, num_microbatches=m, virtual_stages=v)
+    # virtual_stages=None lets the registry apply the schedule's own default (2 for V schedules,
+    # 1 for flat ones; interleaved_1f1b asks for it explicitly).
+    schedule = schedules.get(options.schedule, num_stages=p, num_microbatches=m,
+                             virtual_stages=options.virtual_stages)
   else:
     schedule = options.schedule
+    if options.virtual_stages is not None and options.virtual_stages != schedule.stages_per_rank:
+      raise ValueError(f"virtual_stages={options.virtual_stages} but the given schedule has "
+                       f"{schedule.stages_per_rank} stages per rank; drop virtual_stages or make "
+                       "them equal.")
     if schedule.num_ranks != p:
       raise ValueError(f"The schedule has {schedule.num_ranks} ranks but the pipeline has {p} "
                        "(devices or mesh 'pp' axis); make them equal.")
