@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -53,8 +54,9 @@ def layer_io_shapes(model: layers_lib.SequentialModel, example_inputs: Any) -> l
 
 
 def _flops(layer: layers_lib.Layer, params: Any, x: Any) -> float:
+  """Forward FLOPs of one layer: XLA's HLO cost analysis of the lowered program (no compile)."""
   fn = jax.jit(lambda p_, x_: layer.apply(p_, None, x_, is_training=False))
-  analysis = fn.lower(params, x).compile().cost_analysis()
+  analysis = fn.lower(params, x).cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
   return float((analysis or {}).get("flops", 0.0))
@@ -67,8 +69,9 @@ def layer_costs(model: layers_lib.SequentialModel, example_inputs: Any,
   Args:
     model: the model.
     example_inputs: a microbatch of inputs (arrays or ShapeDtypeStructs).
-    cost: ``"params"`` (parameter count), ``"flops"`` (XLA cost analysis of the layer's compiled
-      forward on one microbatch) or a callable ``cost(layer, input_shapes) -> float``.
+    cost: ``"params"`` (parameter count), ``"flops"`` (XLA's cost analysis of the layer's lowered
+      forward on one microbatch; nothing is compiled) or a callable
+      ``cost(layer, input_shapes) -> float``.
 
   Raises:
     ValueError: for an unknown cost name.
@@ -93,9 +96,16 @@ def balance(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
 
   Returns:
     ``num_stages - 1`` boundaries: the first layer index of stages 1..S-1.
+
+  Raises:
+    ValueError: more stages than layers, or a negative / non-finite cost.
   """
   n = len(costs)
   _check_count(n, num_stages)
+  bad = [(i, c) for i, c in enumerate(costs) if not math.isfinite(float(c)) or float(c) < 0]
+  if bad:
+    raise ValueError(f"Layer costs must be finite and >= 0; got {bad[0][1]!r} for layer "
+                     f"{bad[0][0]}. Fix the cost function.")
   prefix = [0.0]
   for c in costs:
     prefix.append(prefix[-1] + float(c))
