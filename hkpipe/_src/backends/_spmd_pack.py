@@ -1,0 +1,251 @@
+"""Packing heterogeneous pytrees into fixed-size buffers for the SPMD backend.
+
+Under ``shard_map`` every ``pp`` rank runs the same program on arrays of the same local shape, but
+pipeline stages differ in parameter structure and boundary activation shape/dtype. Two codecs bridge
+that gap:
+
+- :class:`ByteCodec` packs any pytree (floats of any width, ints, bools, PRNG keys) into a flat
+  ``uint8`` vector by bit-casting; it is used for transient buffers (boundary activations and
+  cotangents, backward stashes), which are padded to the largest stage's size.
+- :class:`FlatLayout` packs a pytree into one flat vector *per dtype* (no bit-casting), so that
+  gradients can be accumulated and optimizers applied on the packed form; it is used for
+  parameters, gradients and optimizer state, padded per dtype to the largest rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Bufs = dict[str, jax.Array]  # dtype name -> flat vector
+
+
+def _is_key(dtype: Any) -> bool:
+  return jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _is_float0(dtype: Any) -> bool:
+  return dtype == jax.dtypes.float0
+
+
+def _aval(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+
+def cotangent_aval(aval: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  """The aval of a cotangent for ``aval``: itself for floats, ``float0`` otherwise."""
+  if jnp.issubdtype(aval.dtype, jnp.inexact):
+    return aval
+  return jax.ShapeDtypeStruct(aval.shape, jax.dtypes.float0)
+
+
+def _word(aval: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  """The plain array a leaf is stored as: key data for PRNG keys, uint8 for bools."""
+  if _is_key(aval.dtype):
+    return jax.eval_shape(jax.random.key_data, aval)
+  if aval.dtype == jnp.bool_:
+    return jax.ShapeDtypeStruct(aval.shape, jnp.uint8)
+  return aval
+
+
+def _to_word(x: jax.Array) -> jax.Array:
+  if _is_key(x.dtype):
+    return jax.random.key_data(x)
+  return x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x
+
+
+def _from_word(w: jax.Array, aval: jax.ShapeDtypeStruct) -> jax.Array:
+  if _is_key(aval.dtype):
+    return jax.random.wrap_key_data(w, dtype=aval.dtype)
+  return w != 0 if aval.dtype == jnp.bool_ else w
+
+
+def _vector_to_bytes(v: jax.Array) -> jax.Array:
+  if v.dtype == jnp.uint8:
+    return v
+  return jax.lax.bitcast_convert_type(v, jnp.uint8).reshape(-1)  # [n, itemsize] -> [n * itemsize]
+
+
+def _bytes_to_vector(raw: jax.Array, dtype: Any) -> jax.Array:
+  size = jnp.dtype(dtype).itemsize
+  if size == 1:
+    return raw if dtype == jnp.uint8 else jax.lax.bitcast_convert_type(raw, dtype)
+  return jax.lax.bitcast_convert_type(raw.reshape(-1, size), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteCodec:
+  """Packs a pytree with fixed leaf avals into (a prefix of) a flat ``uint8`` buffer.
+
+  Leaves are grouped by storage dtype; each group is concatenated and bit-cast once, so packing
+  costs one concatenation and one bit-cast per dtype, whatever the number of leaves.
+
+  Attributes:
+    treedef: the pytree structure.
+    avals: leaf avals, in flattening order.
+    groups: per storage dtype, ``(dtype name, byte offset, element count, leaf indices)``.
+    nbytes: total bytes (the buffer may be longer: padding).
+  """
+
+  treedef: Any
+  avals: tuple[jax.ShapeDtypeStruct, ...]
+  groups: tuple[tuple[str, int, int, tuple[int, ...]], ...]
+  nbytes: int
+
+  @classmethod
+  def of(cls, tree: Any) -> "ByteCodec":
+    """Codec for a pytree of arrays or ``ShapeDtypeStruct``s."""
+    leaves, treedef = jax.tree.flatten(tree)
+    avals = tuple(_aval(l) for l in leaves)
+    by_dtype: dict[str, list[int]] = {}
+    for i, a in enumerate(avals):
+      if not _is_float0(a.dtype) and math.prod(a.shape):
+        by_dtype.setdefault(jnp.dtype(_word(a).dtype).name, []).append(i)
+    groups, total = [], 0
+    for name in sorted(by_dtype):
+      idx = tuple(by_dtype[name])
+      count = sum(int(math.prod(_word(avals[i]).shape)) for i in idx)
+      groups.append((name, total, count, idx))
+      total += count * jnp.dtype(name).itemsize
+    return cls(treedef, avals, tuple(groups), total)
+
+  def pack(self, tree: Any, size: int) -> jax.Array:
+    """``uint8[size]`` holding the tree's bytes followed by zero padding."""
+    if size < self.nbytes:
+      raise ValueError(f"Buffer of {size} bytes is too small for {self.nbytes} bytes.")
+    leaves = self.treedef.flatten_up_to(tree)
+    parts = []
+    for _, _, _, idx in self.groups:
+      words = [jnp.reshape(_to_word(leaves[i]), (-1,)) for i in idx]
+      parts.append(_vector_to_bytes(jnp.concatenate(words) if len(words) > 1 else words[0]))
+    if size > self.nbytes:
+      parts.append(jnp.zeros((size - self.nbytes,), jnp.uint8))
+    if not parts:
+      return jnp.zeros((0,), jnp.uint8)
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+  def unpack(self, buf: jax.Array) -> Any:
+    """Inverse of :meth:`pack` (ignores the padding)."""
+    leaves: list[Any] = [None] * len(self.avals)
+    for name, off, count, idx in self.groups:
+      nbytes = count * jnp.dtype(name).itemsize
+      vec = _bytes_to_vector(jax.lax.slice(buf, (off,), (off + nbytes,)), jnp.dtype(name))
+      pos = 0
+      for i in idx:
+        word = _word(self.avals[i])
+        n = int(math.prod(word.shape))
+        leaves[i] = _from_word(jax.lax.slice(vec, (pos,), (pos + n,)).reshape(word.shape),
+                               self.avals[i])
+        pos += n
+    for i, a in enumerate(self.avals):
+      if leaves[i] is None:  # float0 or empty leaves
+        word = _word(a)
+        leaves[i] = (np.zeros(a.shape, jax.dtypes.float0) if _is_float0(a.dtype)
+                     else _from_word(jnp.zeros(word.shape, word.dtype), a))
+    return self.treedef.unflatten(leaves)
+
+
+def dtype_key(dtype: Any) -> str:
+  """Name of the per-dtype buffer a leaf of ``dtype`` lives in."""
+  return jnp.dtype(dtype).name
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+  """Places a pytree's leaves into one flat vector per dtype, starting at per-dtype bases.
+
+  Several layouts can share buffers (e.g. a rank's stages, one after another): give each the
+  previous one's :attr:`ends` as ``base``.
+
+  Attributes:
+    treedef: the pytree structure.
+    avals: leaf avals, in flattening order.
+    slots: per leaf, ``(dtype key, offset, size)``.
+    base: per dtype key, the first offset this layout uses.
+    ends: per dtype key, one past the last offset this layout uses (``>= base``).
+  """
+
+  treedef: Any
+  avals: tuple[jax.ShapeDtypeStruct, ...]
+  slots: tuple[tuple[str, int, int], ...]
+  base: Mapping[str, int]
+  ends: Mapping[str, int]
+
+  @classmethod
+  def of(cls, tree: Any, base: Mapping[str, int] | None = None) -> "FlatLayout":
+    """Layout for a pytree of arrays or ``ShapeDtypeStruct``s."""
+    leaves, treedef = jax.tree.flatten(tree)
+    avals = tuple(_aval(l) for l in leaves)
+    base = dict(base or {})
+    ends = dict(base)
+    slots = []
+    for a in avals:
+      if _is_key(a.dtype) or _is_float0(a.dtype):
+        raise ValueError(f"FlatLayout cannot hold leaves of dtype {a.dtype}.")
+      k = dtype_key(a.dtype)
+      off = ends.setdefault(k, 0)
+      size = int(math.prod(a.shape))
+      slots.append((k, off, size))
+      ends[k] = off + size
+    for k in ends:
+      base.setdefault(k, 0)
+    return cls(treedef, avals, tuple(slots), base, ends)
+
+  def leaf_index(self, path: Sequence[Any]) -> int:
+    """Flattening index of the leaf at ``path`` (a sequence of dict keys / sequence indices)."""
+    paths = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(
+                 self.treedef.unflatten(list(range(len(self.avals)))))[0]]
+    want = tuple(path)
+    if want not in paths:
+      raise KeyError(f"No leaf at {want}; leaves are at {paths}.")
+    return paths.index(want)
+
+  def pack_into(self, bufs: Bufs, tree: Any, *, add: bool = False) -> Bufs:
+    """Writes (or, with ``add``, accumulates) the tree into ``bufs`` at this layout's offsets."""
+    leaves = self.treedef.flatten_up_to(tree)
+    out = dict(bufs)
+    for k in sorted({s[0] for s in self.slots}):
+      idx = [i for i, s in enumerate(self.slots) if s[0] == k]
+      start = self.slots[idx[0]][1]
+      flat = jnp.concatenate([jnp.reshape(leaves[i], (-1,)).astype(k) for i in idx])
+      if add:
+        flat = jax.lax.dynamic_slice_in_dim(out[k], start, flat.shape[0]) + flat
+      out[k] = jax.lax.dynamic_update_slice_in_dim(out[k], flat, start, 0)
+    return out
+
+  def unpack(self, bufs: Bufs) -> Any:
+    """Reads the tree back from ``bufs``."""
+    leaves = [jax.lax.slice(bufs[k], (off,), (off + size,)).reshape(a.shape)
+              for (k, off, size), a in zip(self.slots, self.avals)]
+    return self.treedef.unflatten(leaves)
+
+
+def padded_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:
+  """Per dtype key, the buffer length holding the largest of ``layouts`` (at least 1)."""
+  sizes: dict[str, int] = {}
+  for lay in layouts:
+    for k, end in lay.ends.items():
+      sizes[k] = max(sizes.get(k, 1), end)
+  return sizes
+
+
+def zeros(sizes: Mapping[str, int]) -> Bufs:
+  """Zero buffers of the given per-dtype sizes."""
+  return {k: jnp.zeros((n,), k) for k, n in sizes.items()}
+
+
+def pack_rows(layouts: Sequence[FlatLayout], trees: Sequence[Any],
+              sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """Host-side: ``[len(layouts), size]`` numpy buffers, row ``i`` holding ``trees[i]``."""
+  rows = {k: np.zeros((len(layouts), n), jnp.dtype(k)) for k, n in sizes.items()}
+  for i, (lay, tree) in enumerate(zip(layouts, trees)):
+    leaves = lay.treedef.flatten_up_to(tree)
+    for (k, off, size), x in zip(lay.slots, leaves):
+      rows[k][i, off:off + size] = np.asarray(x).reshape(-1)
+  return rows

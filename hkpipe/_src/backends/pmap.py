@@ -1,0 +1,199 @@
+"""The ``pmap`` backend: pure data parallelism, the whole model replicated on every device.
+
+Microbatch semantics (chosen so that ``num_microbatches`` means the same on every backend): the
+global batch of ``B`` rows is cut into ``m = num_microbatches`` microbatches of ``B / m`` rows, as on
+the single-device reference, and every microbatch is split evenly across the ``n`` devices. Device
+``d`` therefore runs ``m`` gradient-accumulation steps on ``B / (n * m)`` rows each: its microbatch
+``i`` is the ``d``-th slice of the reference's microbatch ``i``. Because every loss in hkpipe is a
+mean over equally sized examples, the mean over devices of the per-device microbatch losses (and
+gradients) is the reference's microbatch loss (and gradient), so loss and gradients equal the
+single backend's to float tolerance. ``B`` must therefore be a multiple of ``n * m``.
+
+Dropout: device ``d`` folds its index into the reference microbatch key, so the masks are
+independent across devices (same distribution as the reference, different draws). With one
+device, or without dropout, results equal the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hkpipe._src import layers as layers_lib
+from hkpipe._src import pipeline as pl
+
+_AXIS = "dp"
+
+
+def _devices(options: pl.PipelineOptions) -> tuple[Any, ...]:
+  """The data-parallel devices: ``options.devices``, the mesh's devices, or all local devices."""
+  if options.mesh is not None and options.devices is not None:
+    raise ValueError("Pass either devices=... or mesh=..., not both.")
+  if options.mesh is not None:
+    devices = tuple(np.asarray(options.mesh.devices).reshape(-1))
+  elif options.devices is not None:
+    devices = tuple(options.devices)
+  else:
+    devices = tuple(jax.local_devices())
+  if not devices:
+    raise ValueError("devices=... is empty; pass at least one device.")
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"devices=... lists a device twice: {list(devices)}.")
+  return devices
+
+
+def shard_batch_layout(x: Any, num_devices: int, num_microbatches: int) -> Any:
+  """``[B, ...] -> [n, m, B / (n m), ...]``: device ``d``, microbatch ``i`` = slice ``d`` of mb ``i``.
+
+  Works on numpy and jax arrays alike (``x.reshape``/``swapaxes`` stay on the array's own device).
+  """
+  b = x.shape[0] // (num_devices * num_microbatches)
+  x = x.reshape((num_microbatches, num_devices, b) + x.shape[1:])  # [m, n, b, ...]
+  return x.swapaxes(0, 1)                                          # [n, m, b, ...]
+
+
+class PmapBackend(pl.Backend):
+  """Replicates the model on ``n`` devices and averages gradients with ``lax.pmean``.
+
+  The state's arrays carry a leading device axis of size ``n`` (one replica per device), sharded
+  over the devices; ``to_canonical`` returns the first replica.
+  """
+
+  def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
+               options: pl.PipelineOptions):
+    super().__init__(model, optimizer, options)
+    self.devices = _devices(options)
+    self.num_devices = len(self.devices)
+    self._mesh = Mesh(np.asarray(self.devices, dtype=object), (_AXIS,))
+    self._sharded = NamedSharding(self._mesh, P(_AXIS))
+    donate = (0, 1) if options.donate else ()
+    pmap = lambda fn, **kw: jax.pmap(fn, axis_name=_AXIS, devices=self.devices, **kw)
+    self._train = pmap(self._train_impl, donate_argnums=donate)
+    self._grads = pmap(self._grads_impl)
+    self._eval = pmap(self._eval_impl)
+
+  # -- pure per-device pieces (run under pmap) -------------------------------------------------
+
+  def _loss(self, params, x, y, key):
+    def fn(p, x, y, k):
+      return self.model.loss(p, x, y, rng=k, is_training=True).astype(jnp.float32)
+    if self.options.remat:
+      fn = jax.checkpoint(fn)
+    return fn(params, x, y, key)
+
+  def _device_key(self, rng, step, mb):
+    key = layers_lib.microbatch_rng(rng, step, mb)
+    if self.num_devices == 1:
+      return key
+    return jax.random.fold_in(key, jax.lax.axis_index(_AXIS))
+
+  def _grads_impl(self, params, rng, step, batch):
+    """Mean loss and tied, device-averaged grads; batch leaves are ``[m, b, ...]``."""
+    inputs, targets = batch
+    m = self.options.num_microbatches
+
+    def body(carry, xs):
+      i, x, y = xs
+      loss, grads = jax.value_and_grad(self._loss)(params, x, y, self._device_key(rng, step, i))
+      acc_loss, acc_grads = carry
+      return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                    (jnp.arange(m), inputs, targets))
+    loss, grads = jax.lax.pmean((loss / m, jax.tree.map(lambda g: g / m, grads)), _AXIS)
+    return loss, layers_lib.tie_grads(grads, self.model.ties)
+
+  def _train_impl(self, params, opt_state, rng, step, batch):
+    loss, grads = self._grads_impl(params, rng, step, batch)
+    norm = jnp.sqrt(pl.sq_norm(grads))
+    scale = pl.clip_scale(norm, self.options.max_grad_norm)
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    updates, opt_state = self.optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "grad_norm": norm}
+
+  def _eval_impl(self, params, batch):
+    inputs, targets = batch
+    losses = jax.lax.map(lambda xy: self.model.loss(params, xy[0], xy[1]).astype(jnp.float32),
+                         (inputs, targets))
+    return jax.lax.pmean(jnp.mean(losses), _AXIS)
+
+  # -- placement -------------------------------------------------------------------------------
+
+  def _check_batch(self, batch: pl.Batch) -> None:
+    size = pl.validate_batch(batch, self.options.num_microbatches)
+    n, m = self.num_devices, self.options.num_microbatches
+    if size % (n * m):
+      raise ValueError(f"The pmap backend splits every one of the num_microbatches={m} "
+                       f"microbatches across {n} devices, so the batch size must be a multiple of "
+                       f"{n} * {m} = {n * m}; got {size}. Use a batch size that is a multiple of "
+                       f"{n * m}, fewer microbatches, or fewer devices.")
+
+  def _put_batch(self, batch: pl.Batch) -> pl.Batch:
+    self._check_batch(batch)
+    n, m = self.num_devices, self.options.num_microbatches
+    return jax.tree.map(
+        lambda x: jax.device_put(shard_batch_layout(x, n, m), self._sharded), tuple(batch))
+
+  def _replicate(self, tree: Any) -> Any:
+    """Puts one copy of every leaf on every device, stacked along a leading device axis."""
+
+    def put(x):
+      x = jnp.asarray(x)
+      shards = [jax.device_put(x[None], d) for d in self.devices]
+      return jax.make_array_from_single_device_arrays((self.num_devices,) + x.shape,
+                                                      self._sharded, shards)
+
+    return jax.tree.map(put, tree)
+
+  def _first_replica(self, tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
+
+  def _step(self, state: pl.TrainState) -> jax.Array:
+    return self._replicate(jnp.int32(state.step))
+
+  # -- Backend API -----------------------------------------------------------------------------
+
+  def init(self, rng, batch):
+    self._check_batch(batch)
+    inputs, _ = batch
+    one = jax.tree.map(lambda x: x[: x.shape[0] // self.options.num_microbatches], inputs)
+    params_rng, state_rng = jax.random.split(rng)
+    params = jax.jit(self.model.init)(params_rng, one)
+    opt_state = jax.jit(self.optimizer.init)(params)
+    return self.from_canonical({"params": params, "opt_state": opt_state, "rng": state_rng}, 0)
+
+  def loss_and_grads(self, state, batch):
+    loss, grads = self._grads(state.params, state.rng, self._step(state), self._put_batch(batch))
+    return self._first_replica(loss), self._first_replica(grads)
+
+  def train_step(self, state, batch):
+    params, opt_state, metrics = self._train(state.params, state.opt_state, state.rng,
+                                             self._step(state), self._put_batch(batch))
+    new_state = pl.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                              rng=state.rng)
+    return new_state, self._first_replica(metrics)
+
+  def eval_loss(self, state, batch):
+    return self._first_replica(self._eval(state.params, self._put_batch(batch)))
+
+  def to_canonical(self, state):
+    return {"params": self._first_replica(state.params),
+            "opt_state": self._first_replica(state.opt_state),
+            "rng": self._first_replica(state.rng)}
+
+  def from_canonical(self, canonical: Mapping[str, Any], step: int):
+    return pl.TrainState(step=int(step), params=self._replicate(canonical["params"]),
+                         opt_state=self._replicate(canonical["opt_state"]),
+                         rng=self._replicate(canonical["rng"]))
+
+
+__all__: Sequence[str] = ("PmapBackend", "shard_batch_layout")

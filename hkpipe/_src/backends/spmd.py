@@ -1,0 +1,641 @@
+"""The SPMD backend: the whole pipeline step is one jitted ``jax.shard_map`` program.
+
+The mesh has axes ``("pp", "dp")``. Rank ``r`` of ``pp`` holds only its own stages' parameters
+(and optimizer state); ``dp`` replicates the pipeline, each replica taking an equal slice of every
+microbatch. The executor reads the schedule IR and runs it tick by tick: a ``lax.scan`` over ticks
+in which every rank selects its action (``F``/``B``/``I``/``W`` of one stage, or idle) from a
+static table with ``lax.switch``, then activations and cotangents move with ``lax.ppermute`` (see
+``_spmd_tables``). Forwards use ``jax.vjp`` and stash the residuals the backward needs (only the
+stage input with ``remat=True``); backwards pull the stashed residuals back through the same
+``vjp``. So GPipe, 1F1B, interleaved 1F1B and the zero-bubble schedules each run with their own
+memory profile: the stash has as many slots as the schedule's peak number of live forwards.
+
+Heterogeneous stages (embedding first, head last, any boundary shapes and dtypes) share one
+program through padding: each stage's parameters are flattened into per-dtype vectors, padded to
+the largest rank and stacked along ``pp`` (see ``_spmd_pack.FlatLayout``); boundary activations,
+cotangents and stashes are bit-cast into ``uint8`` buffers padded to the largest stage (see
+``_spmd_pack.ByteCodec``). Every stage's branch packs and unpacks its own structure.
+
+Microbatches and ``dp``: the global batch is cut into ``num_microbatches`` microbatches as on the
+single backend, and each microbatch is split evenly across the ``dp`` replicas, so the batch size
+must be a multiple of ``num_microbatches * dp``. Loss and gradients equal the single backend's (all
+losses are means over equally sized examples). With ``dp > 1`` each replica folds its ``dp`` index
+into the microbatch dropout key (independent masks, not the reference's draws).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hkpipe._src import layers as layers_lib
+from hkpipe._src import layout as layout_lib
+from hkpipe._src import pipeline as pl
+from hkpipe._src.backends import _spmd_pack as pack
+from hkpipe._src.backends import _spmd_tables as tables_lib
+from hkpipe.schedules import _ir
+
+Kind = _ir.Kind
+
+# Schedule names this backend is tested with (tests/test_spmd.py runs every one of them).
+SUPPORTED_SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv",
+                                         "dualpipev")
+
+
+def _check_schedule(schedule: Any) -> None:
+  if isinstance(schedule, str) and schedule not in SUPPORTED_SCHEDULES:
+    raise ValueError(f"The spmd backend does not support schedule {schedule!r}; it supports "
+                     f"{list(SUPPORTED_SCHEDULES)} (or pass a hkpipe.schedules Schedule object). "
+                     "Use backend='mpmd' for other schedules.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tie:
+  """Where both sides of a tie live: per rank, whether it holds each side and at which offset."""
+
+  dtype: str
+  size: int
+  src_on: tuple[bool, ...]
+  src_off: tuple[int, ...]
+  tgt_on: tuple[bool, ...]
+  tgt_off: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static placement of parameters and optimizer state (independent of the batch shape).
+
+  Attributes:
+    layout: schedule, stages and device grid.
+    stage_layouts: per stage, where its ``{layer: params}`` live in its rank's buffers.
+    param_sizes: per dtype, the padded length of every rank's parameter buffer.
+    opt_layouts: per rank, where its optimizer state lives in its buffers.
+    opt_sizes: per dtype, the padded length of the optimizer-state buffers.
+    ties: the model's ties, located.
+    tables: the schedule's tick tables (see ``_spmd_tables``).
+  """
+
+  layout: layout_lib.Layout
+  stage_layouts: tuple[pack.FlatLayout, ...]
+  param_sizes: Mapping[str, int]
+  opt_layouts: tuple[pack.FlatLayout, ...]
+  opt_sizes: Mapping[str, int]
+  ties: tuple[_Tie, ...]
+  tables: tables_lib.TickTables
+
+  @property
+  def num_ranks(self) -> int:
+    return self.layout.num_ranks
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.layout.stages)
+
+  def rank_stages(self, rank: int) -> tuple[int, ...]:
+    return self.layout.schedule.stages_of_rank(rank)
+
+  def rank_of(self, stage: int) -> int:
+    return self.layout.schedule.stage_to_rank[stage]
+
+  def rank_names(self, rank: int) -> tuple[str, ...]:
+    return tuple(n for s in self.rank_stages(rank) for n in self.layout.stages[s].layer_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageBackward:
+  """How a stage's stash maps back to its ``vjp`` pullback (recorded by an abstract pre-pass)."""
+
+  treedef: Any          # the pullback's pytree structure
+  kinds: tuple[int, ...]  # per pullback leaf: index of the parameter leaf it is, or -1 (stashed)
+  codec: pack.ByteCodec  # the stashed (non-parameter) leaves
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
+class _Program:
+  """Everything that depends on the batch shape: codecs, stash structure and tick tables."""
+
+  act_codecs: tuple[pack.ByteCodec, ...]   # per boundary s (output of stage s), s < S-1
+  cot_codecs: tuple[pack.ByteCodec, ...]
+  payload_bytes: int
+  backward: tuple[_StageBackward, ...]
+  stash_bytes: int
+
+
+def _shape_key(tree: Any) -> Any:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves)
+
+
+class SpmdBackend(pl.Backend):
+  """Pipeline parallelism inside one ``shard_map`` program over a ``("pp", "dp")`` mesh."""
+
+  def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
+               options: pl.PipelineOptions):
+    super().__init__(model, optimizer, options)
+    _check_schedule(options.schedule)
+    self._grid = layout_lib.device_grid(options)
+    self.mesh = Mesh(self._grid, ("pp", "dp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    self._plan: _Plan | None = None
+    self._programs: dict[Any, tuple[_Program, dict]] = {}
+
+  @property
+  def num_ranks(self) -> int:
+    return int(self._grid.shape[0])
+
+  @property
+  def dp(self) -> int:
+    return int(self._grid.shape[1])
+
+  @property
+  def plan(self) -> _Plan:
+    """The resolved placement; available after ``init`` (or ``from_canonical``)."""
+    if self._plan is None:
+      raise ValueError("The spmd pipeline has no layout yet: call init(rng, batch) first.")
+    return self._plan
+
+  # -- static planning -------------------------------------------------------------------------
+
+  def _check_batch(self, batch: pl.Batch) -> int:
+    size = pl.validate_batch(batch, self.options.num_microbatches)
+    m, dp = self.options.num_microbatches, self.dp
+    if size % (m * dp):
+      raise ValueError(f"The spmd backend splits each of the num_microbatches={m} microbatches "
+                       f"across dp={dp} replicas, so the batch size must be a multiple of "
+                       f"{m} * {dp} = {m * dp}; got {size}. Change the batch size, "
+                       "num_microbatches or the mesh's dp axis.")
+    return size
+
+  def _make_plan(self, param_avals: Mapping[str, Any], example_microbatch: Any) -> _Plan:
+    layout = layout_lib.resolve(self.model, self.options, example_microbatch)
+    schedule = layout.schedule
+    if not isinstance(schedule, _ir.Schedule):
+      raise TypeError(f"options.schedule resolved to {type(schedule).__name__}; expected a "
+                      "hkpipe.schedules Schedule.")
+    p = layout.num_ranks
+    stage_layouts: list[pack.FlatLayout | None] = [None] * len(layout.stages)
+    rank_layouts = []
+    for r in range(p):
+      base: dict[str, int] = {}
+      for s in schedule.stages_of_rank(r):
+        tree = {n: param_avals[n] for n in layout.stages[s].layer_names}
+        lay = pack.FlatLayout.of(tree, base)
+        stage_layouts[s] = lay
+        base = dict(lay.ends)
+        rank_layouts.append(lay)
+    param_sizes = pack.padded_sizes(rank_layouts)
+    opt_layouts = []
+    for r in range(p):
+      rank_names = tuple(n for s in schedule.stages_of_rank(r) for n in layout.stages[s].layer_names)
+      rank_params = {n: param_avals[n] for n in rank_names}
+      opt_layouts.append(pack.FlatLayout.of(jax.eval_shape(self.optimizer.init, rank_params)))
+    plan = _Plan(layout=layout, stage_layouts=tuple(stage_layouts), param_sizes=param_sizes,
+                 opt_layouts=tuple(opt_layouts), opt_sizes=pack.padded_sizes(opt_layouts),
+                 ties=(), tables=tables_lib.build(schedule))
+    return dataclasses.replace(plan, ties=self._locate_ties(plan))
+
+  def _locate_ties(self, plan: _Plan) -> tuple[_Tie, ...]:
+    stage_of = {n: st.index for st in plan.layout.stages for n in st.layer_names}
+    out = []
+    for tie in self.model.ties:
+      sides = []
+      for layer, module, name in (tie.source, tie.target):
+        s = stage_of[layer]
+        lay = plan.stage_layouts[s]
+        k, off, size = lay.slots[lay.leaf_index((layer, module, name))]
+        on = tuple(r == plan.rank_of(s) for r in range(plan.num_ranks))
+        sides.append((k, size, on, tuple(off if o else 0 for o in on)))
+      (k, size, src_on, src_off), (_, _, tgt_on, tgt_off) = sides
+      out.append(_Tie(k, size, src_on, src_off, tgt_on, tgt_off))
+    return tuple(out)
+
+  def _ensure_plan(self, params: Mapping[str, Any], example_microbatch: Any) -> _Plan:
+    if self._plan is None:
+      avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), dict(params))
+      self._plan = self._make_plan(avals, example_microbatch)
+    return self._plan
+
+  # -- per-stage functions ---------------------------------------------------------------------
+
+  def _stage_apply(self, s: int, params: Any, x: Any, key: Any, targets: Any,
+                   is_training: bool) -> Any:
+    stage = self.plan.layout.stages[s]
+    y = self.model.apply_range(params, x, stage.start, stage.stop, rng=key,
+                               is_training=is_training)
+    if s == self.plan.num_stages - 1:
+      return self.model.loss_fn(y, targets).astype(jnp.float32)  # scalar loss
+    return y
+
+  def _stage_vjp(self, s: int, params: Any, x: Any, key: Any, targets: Any):
+    """Forward of stage ``s`` with its pullback split into (structure, param leaves, stash)."""
+    fn = lambda p, v: self._stage_apply(s, p, v, key, targets, True)
+    if self.options.remat:
+      fn = jax.checkpoint(fn)
+    if s == 0:  # the inputs (e.g. tokens) need no cotangent
+      y, pullback = jax.vjp(lambda p: fn(p, x), params)
+    else:
+      y, pullback = jax.vjp(fn, params, x)
+    leaves, treedef = jax.tree.flatten(pullback)
+    index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
+    kinds = tuple(index.get(id(leaf), -1) for leaf in leaves)
+    stash = [leaf for leaf, k in zip(leaves, kinds) if k < 0]
+    return y, treedef, kinds, stash
+
+  def _microbatch_key(self, rng: jax.Array, step: jax.Array, mb: jax.Array) -> jax.Array:
+    key = layers_lib.microbatch_rng(rng, step, mb)
+    if self.dp > 1:
+      key = jax.random.fold_in(key, jax.lax.axis_index("dp"))
+    return key
+
+  # -- programs (per batch shape) --------------------------------------------------------------
+
+  def _local_microbatch(self, tree: Any) -> Any:
+    div = self.options.num_microbatches * self.dp
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // div,) + tuple(x.shape[1:]),
+                                                       x.dtype), tree)
+
+  def _program(self, batch: pl.Batch, rng: jax.Array) -> tuple[_Program, dict]:
+    """The program for this batch shape (built and cached on first use) and its device tables."""
+    key = (_shape_key(batch), _shape_key(rng))
+    if key not in self._programs:
+      prog = self._build_program(batch, rng)
+      self._programs[key] = (prog, self._put_tables(self.plan.tables))
+    return self._programs[key]
+
+  def _put_tables(self, tables: tables_lib.TickTables) -> dict:
+    sharding = NamedSharding(self.mesh, P("pp"))
+    return {k: jax.device_put(v, sharding) for k, v in tables.arrays().items()}
+
+  def _build_program(self, batch: pl.Batch, rng: jax.Array) -> _Program:
+    plan = self.plan
+    inputs, targets = (self._local_microbatch(t) for t in batch)
+    num_stages = plan.num_stages
+    stage_params = [lay.treedef.unflatten(lay.avals) for lay in plan.stage_layouts]
+    key_aval = jax.eval_shape(lambda r: layers_lib.microbatch_rng(r, 0, 0), rng)
+    # Boundary activations (output of stage s for s < S-1), by abstract evaluation.
+    boundaries, x = [], inputs
+    for s in range(num_stages - 1):
+      x = jax.eval_shape(lambda p, v, s=s: self._stage_apply(s, p, v, None, None, False),
+                         stage_params[s], x)
+      boundaries.append(x)
+    act_codecs = tuple(pack.ByteCodec.of(b) for b in boundaries)
+    cot_codecs = tuple(pack.ByteCodec.of(jax.tree.map(pack.cotangent_aval, b))
+                       for b in boundaries)
+    payload = max([c.nbytes for c in act_codecs + cot_codecs] + [1])
+    backward = []
+    for s in range(num_stages):
+      box = {}
+
+      def record(p, v, k, t, s=s, box=box):
+        _, treedef, kinds, stash = self._stage_vjp(s, p, v, k, t)
+        box["treedef"], box["kinds"] = treedef, kinds
+        return stash
+
+      x_aval = inputs if s == 0 else boundaries[s - 1]
+      stash = jax.eval_shape(record, stage_params[s], x_aval, key_aval, targets)
+      backward.append(_StageBackward(box["treedef"], box["kinds"], pack.ByteCodec.of(stash)))
+    stash_bytes = max([b.codec.nbytes for b in backward] + [1])
+    return _Program(act_codecs=act_codecs, cot_codecs=cot_codecs, payload_bytes=payload,
+                    backward=tuple(backward), stash_bytes=stash_bytes)
+
+  # -- the executor (runs inside shard_map, on one (pp, dp) shard) -------------------------------
+
+  def _branch(self, prog: _Program, kind: Kind | None, s: int, train: bool, ctx: dict):
+    """The switch branch running ``kind`` of stage ``s`` (or idling when ``kind`` is None)."""
+    plan = self.plan
+    last = s == plan.num_stages - 1
+    width = prog.payload_bytes
+    index = lambda buf, i: jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
+    nothing = lambda: jnp.zeros((width,), jnp.uint8)
+
+    def idle(grads, stash, act_in, cot_in, loss, mb, key, a_slot, c_slot, s_slot):
+      del act_in, cot_in, mb, key, a_slot, c_slot, s_slot
+      return grads, stash, loss, nothing()
+
+    if kind is None:
+      return idle
+    params = lambda: plan.stage_layouts[s].unpack(ctx["params"])
+
+    def forward(grads, stash, act_in, cot_in, loss, mb, key, a_slot, c_slot, s_slot):
+      del cot_in, c_slot
+      if s == 0:
+        x = jax.tree.map(lambda v: index(v, mb), ctx["inputs"])
+      else:
+        x = prog.act_codecs[s - 1].unpack(index(act_in, a_slot))
+      targets = jax.tree.map(lambda v: index(v, mb), ctx["targets"]) if last else None
+      if train:
+        y, _, kinds, res = self._stage_vjp(s, params(), x, key, targets)
+        info = prog.backward[s]
+        if kinds != info.kinds or pack.ByteCodec.of(res).avals != info.codec.avals:
+          raise RuntimeError(f"Stage {s}: the vjp residual structure differs between traces "
+                             "(non-deterministic stage function?).")
+        stash = jax.lax.dynamic_update_index_in_dim(
+            stash, info.codec.pack(res, prog.stash_bytes), s_slot, 0)
+      else:
+        y = self._stage_apply(s, params(), x, None, targets, False)
+      if last:
+        return grads, stash, loss + y, nothing()
+      return grads, stash, loss, prog.act_codecs[s].pack(y, width)
+
+    def backward(grads, stash, act_in, cot_in, loss, mb, key, a_slot, c_slot, s_slot):
+      del act_in, mb, key, a_slot
+      info = prog.backward[s]
+      p = params()
+      p_leaves = jax.tree.leaves(p)
+      res = iter(info.codec.unpack(index(stash, s_slot)))
+      pullback = jax.tree.unflatten(info.treedef,
+                                    [p_leaves[k] if k >= 0 else next(res) for k in info.kinds])
+      ct = (jnp.ones((), jnp.float32) if last
+            else prog.cot_codecs[s].unpack(index(cot_in, c_slot)))
+      cts = pullback(ct)
+      out = nothing()
+      if kind in (Kind.B, Kind.W):
+        grads = plan.stage_layouts[s].pack_into(grads, cts[0], add=True)
+      if kind in (Kind.B, Kind.I) and s > 0:
+        out = prog.cot_codecs[s - 1].pack(cts[1], width)
+      return grads, stash, loss, out
+
+    return forward if kind == Kind.F else backward
+
+  def _run_pipeline(self, prog: _Program, train: bool, params: dict, rng: jax.Array,
+                    step: jax.Array, inputs: Any, targets: Any, tabs: dict):
+    """Runs the schedule on this shard; returns (sum of microbatch losses, summed grads)."""
+    plan = self.plan
+    tables = plan.tables
+    ctx = {"params": params, "rng": rng, "step": step, "inputs": inputs, "targets": targets}
+    branches = [self._branch(prog, kind if train or kind == Kind.F else None, s, train, ctx)
+                for kind, s in tables.branches]
+    width = prog.payload_bytes
+    grads = pack.zeros(plan.param_sizes) if train else {}
+    stash = jnp.zeros((tables.num_stash if train else 1, prog.stash_bytes if train else 1),
+                      jnp.uint8)
+    act_in = jnp.zeros((tables.num_act + 1, width), jnp.uint8)  # last row: scratch
+    cot_in = jnp.zeros((tables.num_cot + 1 if train else 1, width), jnp.uint8)
+    recv_kinds = []  # per delta: does it ever carry activations / (in training) cotangents?
+    for k, _ in enumerate(tables.deltas):
+      recv_kinds.append((bool((tables.recv_act[:, :, k] != tables.num_act).any()),
+                         train and bool((tables.recv_cot[:, :, k] != tables.num_cot).any())))
+
+    def tick(carry, xs):
+      grads, stash, act_in, cot_in, loss = carry
+      key = self._microbatch_key(rng, step, xs["mb"]) if train else None
+      grads, stash, loss, out = jax.lax.switch(
+          xs["branch"], branches, grads, stash, act_in, cot_in, loss, xs["mb"], key,
+          xs["act_slot"], xs["cot_slot"], xs["stash_slot"])
+      for k, delta in enumerate(tables.deltas):
+        got = out if delta == 0 else jax.lax.ppermute(out, "pp", tables.perms[k])
+        to_act, to_cot = recv_kinds[k]
+        if to_act:
+          act_in = jax.lax.dynamic_update_index_in_dim(act_in, got, xs["recv_act"][k], 0)
+        if to_cot:
+          cot_in = jax.lax.dynamic_update_index_in_dim(cot_in, got, xs["recv_cot"][k], 0)
+      return (grads, stash, act_in, cot_in, loss), None
+
+    init = (grads, stash, act_in, cot_in, jnp.zeros((), jnp.float32))
+    (grads, _, _, _, loss), _ = jax.lax.scan(tick, init, tabs)
+    return loss, grads
+
+  def _grads_body(self, prog, params, rng, step, inputs, targets, tabs):
+    """Inside shard_map: mean loss and mean, tied, dp-averaged grads (local buffers)."""
+    m = self.options.num_microbatches
+    loss, grads = self._run_pipeline(prog, True, params, rng, step, inputs, targets, tabs)
+    loss = jax.lax.pmean(jax.lax.psum(loss, "pp") / m, "dp")
+    grads = jax.lax.pmean({k: g / m for k, g in grads.items()}, "dp")
+    return loss, self._tie_grads(grads)
+
+  def _tie_grads(self, grads: dict) -> dict:
+    """Replaces both sides of every tie by their sum (a ``psum`` over ``pp`` of each side)."""
+    r = jax.lax.axis_index("pp")
+    out = dict(grads)
+    for tie in self.plan.ties:
+      g = out[tie.dtype]
+      pick = lambda t: jnp.asarray(np.asarray(t))[r]
+      src_on, src_off, tgt_on, tgt_off = map(pick, (tie.src_on, tie.src_off, tie.tgt_on,
+                                                   tie.tgt_off))
+      src = jax.lax.dynamic_slice_in_dim(g, src_off, tie.size)
+      tgt = jax.lax.dynamic_slice_in_dim(g, tgt_off, tie.size)
+      total = jax.lax.psum(jnp.where(src_on, src, 0) + jnp.where(tgt_on, tgt, 0), "pp")
+      g = jax.lax.dynamic_update_slice_in_dim(g, jnp.where(src_on, total, src), src_off, 0)
+      tgt = jax.lax.dynamic_slice_in_dim(g, tgt_off, tie.size)
+      out[tie.dtype] = jax.lax.dynamic_update_slice_in_dim(
+          g, jnp.where(tgt_on, total, tgt), tgt_off, 0)
+    return out
+
+  def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict):
+    """Optimizer update of rank ``rank``'s parameters, on its own (unpadded) structure."""
+    plan = self.plan
+    stages = plan.rank_stages(rank)
+    p_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(params).items()}
+    g_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(grads).items()}
+    opt_tree = plan.opt_layouts[rank].unpack(opt)
+    updates, opt_tree = self.optimizer.update(g_tree, opt_tree, p_tree)
+    p_tree = optax.apply_updates(p_tree, updates)
+    for s in stages:
+      lay = plan.stage_layouts[s]
+      params = lay.pack_into(params, {n: p_tree[n] for n in plan.layout.stages[s].layer_names})
+    return params, plan.opt_layouts[rank].pack_into(opt, opt_tree)
+
+  def _train_body(self, prog, params, opt, rng, step, inputs, targets, tabs):
+    params = {k: v[0] for k, v in params.items()}
+    opt = {k: v[0] for k, v in opt.items()}
+    loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
+                                   _rows(tabs))
+    norm = jnp.sqrt(jax.lax.psum(pl.sq_norm(grads), "pp"))
+    scale = pl.clip_scale(norm, self.options.max_grad_norm)
+    grads = {k: g * scale.astype(g.dtype) for k, g in grads.items()}
+    updates = [functools.partial(self._update_rank, r) for r in range(self.num_ranks)]
+    params, opt = jax.lax.switch(jax.lax.axis_index("pp"), updates, params, grads, opt)
+    expand = lambda d: {k: v[None] for k, v in d.items()}
+    return expand(params), expand(opt), {"loss": loss, "grad_norm": norm}
+
+  def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
+    params = {k: v[0] for k, v in params.items()}
+    loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
+                                   _rows(tabs))
+    return loss, {k: v[None] for k, v in grads.items()}
+
+  def _eval_body(self, prog, params, inputs, targets, tabs):
+    params = {k: v[0] for k, v in params.items()}
+    loss, _ = self._run_pipeline(prog, False, params, None, None, _local(inputs),
+                                 _local(targets), _rows(tabs))
+    return jax.lax.pmean(jax.lax.psum(loss, "pp") / self.options.num_microbatches, "dp")
+
+  # -- jitted entry points ---------------------------------------------------------------------
+
+  def _shard_map(self, body, in_specs, out_specs):
+    return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+  @functools.cached_property
+  def _jitted(self) -> dict:
+    """The three jitted programs; ``prog`` is static (hashable by identity)."""
+    pp, data = P("pp"), P(None, "dp")
+
+    def train(prog, params, opt, rng, step, inputs, targets, tabs):
+      fn = self._shard_map(functools.partial(self._train_body, prog),
+                           (pp, pp, P(), P(), data, data, pp), (pp, pp, P()))
+      return fn(params, opt, rng, step, inputs, targets, tabs)
+
+    def grads(prog, params, rng, step, inputs, targets, tabs):
+      fn = self._shard_map(functools.partial(self._loss_grads_body, prog),
+                           (pp, P(), P(), data, data, pp), (P(), pp))
+      return fn(params, rng, step, inputs, targets, tabs)
+
+    def evaluate(prog, params, inputs, targets, tabs):
+      fn = self._shard_map(functools.partial(self._eval_body, prog),
+                           (pp, data, data, pp), P())
+      return fn(params, inputs, targets, tabs)
+
+    donate = (1, 2) if self.options.donate else ()
+    return {"train": jax.jit(train, static_argnums=0, donate_argnums=donate),
+            "grads": jax.jit(grads, static_argnums=0),
+            "eval": jax.jit(evaluate, static_argnums=0)}
+
+  # -- placement -------------------------------------------------------------------------------
+
+  def _put_batch(self, batch: pl.Batch) -> tuple[Any, Any]:
+    """``[B, ...] -> [m, dp, B/(m dp), ...]`` sharded over ``dp`` (from any placement)."""
+    self._check_batch(batch)
+    m, dp = self.options.num_microbatches, self.dp
+    sharding = NamedSharding(self.mesh, P(None, "dp"))
+
+    def put(x):
+      x = x.reshape((m, dp, x.shape[0] // (m * dp)) + tuple(x.shape[1:]))
+      return jax.device_put(x, sharding)
+
+    inputs, targets = batch
+    return jax.tree.map(put, inputs), jax.tree.map(put, targets)
+
+  def _put_rows(self, rows: Mapping[str, np.ndarray]) -> dict:
+    sharding = NamedSharding(self.mesh, P("pp"))
+    return {k: jax.device_put(v, sharding) for k, v in rows.items()}
+
+  def _put_replicated(self, x: Any) -> Any:
+    return jax.device_put(x, NamedSharding(self.mesh, P()))
+
+  def _get_rows(self, bufs: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(jax.device_get(v)) for k, v in bufs.items()}
+
+  # -- canonical conversion ----------------------------------------------------------------------
+
+  def _params_to_canonical(self, bufs: Mapping[str, jax.Array]) -> dict:
+    plan, rows = self.plan, self._get_rows(bufs)
+    out = {}
+    for s, lay in enumerate(plan.stage_layouts):
+      r = plan.rank_of(s)
+      out.update(_unpack_row(lay, rows, r))
+    return {n: jax.tree.map(jnp.asarray, out[n]) for n in self.model.layer_names}
+
+  def _opt_to_canonical(self, bufs: Mapping[str, jax.Array]) -> Any:
+    plan, rows = self.plan, self._get_rows(bufs)
+    parts = [_unpack_row(plan.opt_layouts[r], rows, r) for r in range(plan.num_ranks)]
+    names = [plan.rank_names(r) for r in range(plan.num_ranks)]
+    return jax.tree.map(jnp.asarray, pl.merge(parts, names))
+
+  def _canonical_rows(self, canonical: Mapping[str, Any]) -> tuple[dict, dict]:
+    plan = self.plan
+    params = canonical["params"]
+    missing = set(self.model.layer_names) - set(params)
+    if missing:
+      raise ValueError(f"Canonical params lack layers {sorted(missing)}.")
+    p_layouts, p_trees = [], []
+    for s, lay in enumerate(plan.stage_layouts):
+      p_layouts.append(lay)
+      p_trees.append({n: params[n] for n in plan.layout.stages[s].layer_names})
+    p_rows = {k: np.zeros((plan.num_ranks, n), jnp.dtype(k)) for k, n in plan.param_sizes.items()}
+    for s, (lay, tree) in enumerate(zip(p_layouts, p_trees)):
+      one = pack.pack_rows([lay], [tree], plan.param_sizes)
+      r = plan.rank_of(s)
+      for k in p_rows:
+        p_rows[k][r] += one[k][0]  # stages of a rank occupy disjoint ranges
+    names = self.model.layer_names
+    o_trees = []
+    for r in range(plan.num_ranks):
+      tree = pl.restrict(canonical["opt_state"], plan.rank_names(r), names)
+      expected = plan.opt_layouts[r].treedef
+      if jax.tree.structure(tree) != expected:
+        raise ValueError("The optimizer state does not split per layer (its structure after "
+                         f"restricting to rank {r}'s layers is {jax.tree.structure(tree)}, but "
+                         f"optimizer.init on those layers gives {expected}). The spmd backend "
+                         "needs optax transformations whose state mirrors the parameters.")
+      o_trees.append(tree)
+    o_rows = pack.pack_rows(plan.opt_layouts, o_trees, plan.opt_sizes)
+    return p_rows, o_rows
+
+  # -- Backend API -----------------------------------------------------------------------------
+
+  def init(self, rng, batch):
+    self._check_batch(batch)
+    inputs, _ = batch
+    one = jax.tree.map(lambda x: x[: x.shape[0] // self.options.num_microbatches], inputs)
+    params_rng, state_rng = jax.random.split(rng)
+    self._ensure_plan(jax.eval_shape(self.model.init, params_rng, one), one)  # errors before compiling
+    params = jax.jit(self.model.init)(params_rng, one)
+    opt_state = jax.jit(self.optimizer.init)(params)
+    return self.from_canonical({"params": params, "opt_state": opt_state, "rng": state_rng}, 0)
+
+  def loss_and_grads(self, state, batch):
+    inputs, targets = self._put_batch(batch)
+    prog, arrays = self._program(batch, state.rng)
+    loss, grads = self._jitted["grads"](prog, state.params, state.rng, np.int32(state.step),
+                                        inputs, targets, arrays)
+    return loss, self._params_to_canonical(grads)
+
+  def train_step(self, state, batch):
+    inputs, targets = self._put_batch(batch)
+    prog, arrays = self._program(batch, state.rng)
+    params, opt, metrics = self._jitted["train"](prog, state.params, state.opt_state, state.rng,
+                                                 np.int32(state.step), inputs, targets,
+                                                 arrays)
+    return pl.TrainState(step=state.step + 1, params=params, opt_state=opt,
+                         rng=state.rng), metrics
+
+  def eval_loss(self, state, batch):
+    inputs, targets = self._put_batch(batch)
+    prog, arrays = self._program(batch, state.rng)
+    return self._jitted["eval"](prog, state.params, inputs, targets, arrays)
+
+  def to_canonical(self, state):
+    return {"params": self._params_to_canonical(state.params),
+            "opt_state": self._opt_to_canonical(state.opt_state), "rng": state.rng}
+
+  def from_canonical(self, canonical: Mapping[str, Any], step: int):
+    if self._plan is None:
+      # Only explicit stage boundaries can be resolved without an example batch.
+      part = self.options.partition
+      if isinstance(part, str) or callable(part):
+        raise ValueError("from_canonical on a fresh spmd pipeline needs its stage layout: call "
+                         "init(rng, batch) first, or pass explicit partition=[boundaries].")
+      self._ensure_plan(canonical["params"], None)
+    p_rows, o_rows = self._canonical_rows(canonical)
+    return pl.TrainState(step=int(step), params=self._put_rows(p_rows),
+                         opt_state=self._put_rows(o_rows),
+                         rng=self._put_replicated(canonical["rng"]))
+
+
+def _local(tree: Any) -> Any:
+  """Drops the size-1 ``dp`` axis of a ``[m, 1, b, ...]`` shard."""
+  return jax.tree.map(lambda x: x[:, 0], tree)
+
+
+def _rows(tabs: Mapping[str, jax.Array]) -> dict:
+  """Drops the size-1 ``pp`` axis of the per-rank tables."""
+  return {k: v[0] for k, v in tabs.items()}
+
+
+def _unpack_row(lay: pack.FlatLayout, rows: Mapping[str, np.ndarray], r: int) -> Any:
+  leaves = [rows[k][r, off:off + size].reshape(a.shape)
+            for (k, off, size), a in zip(lay.slots, lay.avals)]
+  return lay.treedef.unflatten(leaves)
+
+
+__all__: Sequence[str] = ("SUPPORTED_SCHEDULES", "SpmdBackend")

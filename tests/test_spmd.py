@@ -1,0 +1,240 @@
+"""The shard_map SPMD pipeline backend equals the single-device reference, schedule by schedule."""
+
+import chex
+import haiku as hk
+import jax
+import numpy as np
+import optax
+import pytest
+
+import hkpipe
+from hkpipe import models
+from hkpipe import schedules
+from hkpipe._src.backends import _spmd_tables
+from hkpipe._src.backends import spmd
+from tests import helpers
+
+M = 4          # microbatches
+LR = 0.5       # plain SGD with a large step: scaling bugs show
+STEPS = 2      # K-step equality
+
+# (name, virtual stages): every schedule the backend advertises.
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zbv", 2),
+             ("dualpipev", 2)]
+
+
+def test_advertised_schedules_are_the_tested_ones():
+  assert sorted(spmd.SUPPORTED_SCHEDULES) == sorted(name for name, _ in SCHEDULES)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return helpers.hetero_model(n_mid=4)  # 8 layers: pp=4 with 2 stages per rank fits
+
+
+@pytest.fixture(scope="module")
+def batch():
+  return helpers.token_batch(batch=8)
+
+
+@pytest.fixture(scope="module")
+def reference(model, batch):
+  """The single backend's init, loss/grads, K-step metrics and params, computed once."""
+  ref = hkpipe.Pipeline(model, optax.sgd(LR), num_microbatches=M, donate=False)
+  state = ref.init(jax.random.key(42), batch)
+  out = {"init": ref.params(state), "loss_grads": ref.loss_and_grads(state, batch),
+         "metrics": []}
+  for _ in range(STEPS):
+    state, metrics = ref.train_step(state, batch)
+    out["metrics"].append(metrics)
+  out["params"] = ref.params(state)
+  out["eval"] = ref.eval_step(state, batch)
+  return out
+
+
+def _check(pipe, batch, reference, *, steps=STEPS):
+  state = pipe.init(jax.random.key(42), batch)
+  helpers.assert_trees_close(pipe.params(state), reference["init"])
+  loss, grads = pipe.loss_and_grads(state, batch)
+  helpers.assert_trees_close(loss, reference["loss_grads"][0])
+  helpers.assert_trees_close(grads, reference["loss_grads"][1])
+  for k in range(steps):
+    state, metrics = pipe.train_step(state, batch)
+    helpers.assert_trees_close(metrics, reference["metrics"][k])
+  if steps == STEPS:
+    helpers.assert_trees_close(pipe.params(state), reference["params"], rtol=1e-4, atol=1e-5)
+  return state
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize("name,v", SCHEDULES)
+def test_schedule_matches_reference(model, batch, reference, name, v, pp):
+  pipe = hkpipe.Pipeline(model, optax.sgd(LR), backend="spmd", num_microbatches=M,
+                         schedule=name, virtual_stages=v, devices=jax.devices()[:pp],
+                         donate=False)
+  state = _check(pipe, batch, reference)
+  plan = pipe.backend.plan
+  assert plan.num_stages == pp * v and plan.layout.schedule.name == name
+  # Stage s's parameters live only on its pp slice: one row of the stacked buffer per rank.
+  for buf in state.params.values():
+    assert buf.shape[0] == pp and buf.sharding.spec[0] == "pp"
+
+
+def test_dp_mesh_matches_reference(model, batch):
+  """pp=2 x dp=2: each microbatch split across the dp replicas, grads averaged."""
+  mesh = jax.make_mesh((2, 2), ("pp", "dp"), devices=jax.devices()[:4])
+  helpers.assert_matches_reference(model, batch, num_microbatches=M, backend="spmd",
+                                   schedule="1f1b", mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+  return models.build(models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=1,
+                                       n_heads=2))
+
+
+def _tokens(batch_size, vocab=32, seq=8, seed=1):
+  rng = np.random.default_rng(seed)
+  return (rng.integers(0, vocab, (batch_size, seq), dtype=np.int32),
+          rng.integers(0, vocab, (batch_size, seq), dtype=np.int32))
+
+
+def test_tied_gpt_pp2_dp2(gpt):
+  """Ties across the first and last stage (embedding = head) are summed with a psum over pp."""
+  assert gpt.ties
+  mesh = jax.make_mesh((2, 2), ("pp", "dp"), devices=jax.devices()[4:8])
+  helpers.assert_matches_reference(gpt, _tokens(8), num_microbatches=2, steps=2,
+                                   backend="spmd", schedule="zb_h1", mesh=mesh)
+
+
+def test_llama_pp3_one_layer_per_stage():
+  """Grouped-query Llama: embed | block | head on three ranks."""
+  model = models.build(models.LlamaConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=1,
+                                          n_heads=2, n_kv_heads=1))
+  pipe, _ = helpers.assert_matches_reference(model, _tokens(6), num_microbatches=3, steps=2,
+                                             backend="spmd", schedule="1f1b",
+                                             devices=jax.devices()[:3])
+  assert [st.layer_names for st in pipe.backend.plan.layout.stages] == [
+      ("embed",), ("block_0",), ("head",)]
+
+
+def test_gpt_dropout_with_remat_reproduces_reference_masks():
+  """Dropout keys (microbatch, global layer index) are the reference's; remat stashes only
+  the stage inputs (and the key) and recomputes the forward in backward."""
+  model = models.build(models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=1,
+                                        n_heads=2, dropout=0.3))
+  pipe, _ = helpers.assert_matches_reference(model, _tokens(8), num_microbatches=2, steps=1,
+                                             backend="spmd", schedule="1f1b", remat=True,
+                                             devices=jax.devices()[:2])
+  prog, _ = next(iter(pipe.backend._programs.values()))
+  stash = [leaf.dtype for b in prog.backward for leaf in b.codec.avals]
+  assert any(jax.dtypes.issubdtype(d, jax.dtypes.prng_key) for d in stash)
+
+
+def test_max_grad_norm_eval_and_canonical_adam_state(model, batch):
+  """Clipping by the norm over all stages; eval; to_canonical/from_canonical with Adam."""
+  kw = dict(num_microbatches=M, max_grad_norm=0.05)
+  opt = optax.adam(1e-2)
+  ref = hkpipe.Pipeline(model, opt, donate=False, **kw)
+  pipe = hkpipe.Pipeline(model, opt, backend="spmd", schedule="1f1b",
+                         devices=jax.devices()[:2], **kw)
+  state, ref_state = pipe.init(jax.random.key(1), batch), ref.init(jax.random.key(1), batch)
+  for _ in range(STEPS):
+    state, metrics = pipe.train_step(state, batch)
+    ref_state, ref_metrics = ref.train_step(ref_state, batch)
+    helpers.assert_trees_close(metrics, ref_metrics)
+    assert float(ref_metrics["grad_norm"]) > 2 * 0.05  # the clip is active
+  helpers.assert_trees_close(pipe.eval_step(state, batch), ref.eval_step(ref_state, batch))
+  canonical, expected = pipe.to_canonical(state), ref.to_canonical(ref_state)
+  helpers.assert_trees_close(canonical["opt_state"], expected["opt_state"], rtol=1e-4, atol=1e-5)
+  helpers.assert_trees_close(canonical["params"], expected["params"], rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_equal(jax.random.key_data(canonical["rng"]),
+                              jax.random.key_data(expected["rng"]))
+  again = pipe.to_canonical(pipe.from_canonical(canonical, state.step))
+  chex.assert_trees_all_equal(jax.device_get(again["params"]), jax.device_get(canonical["params"]))
+  chex.assert_trees_all_equal(jax.device_get(again["opt_state"]),
+                              jax.device_get(canonical["opt_state"]))
+  # Continue from the reference's own state: identical next step.
+  state = pipe.from_canonical(expected, ref_state.step)
+  state, metrics = pipe.train_step(state, batch)
+  ref_state, ref_metrics = ref.train_step(ref_state, batch)
+  helpers.assert_trees_close(metrics, ref_metrics)
+  helpers.assert_trees_close(pipe.params(state), ref.params(ref_state))
+
+
+def test_custom_schedule_object_and_inputs_from_anywhere(model, batch, reference):
+  """A hand-written Schedule runs as given; inputs may start committed to any device."""
+  text = "\n".join([
+      "0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3",        # rank 0: GPipe order
+      "1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3",        # rank 1: 1F1B order
+  ])
+  custom = schedules.from_text(text)
+  pipe = hkpipe.Pipeline(model, optax.sgd(LR), backend="spmd", num_microbatches=M,
+                         schedule=custom, devices=jax.devices()[6:8], donate=False)
+  elsewhere = jax.device_put(batch, jax.devices()[0])
+  _check(pipe, elsewhere, reference, steps=1)
+
+
+# -- memory profile: stash slots are the schedule's simulated peak --------------------------------
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 3)])
+@pytest.mark.parametrize("name,v", SCHEDULES)
+def test_stash_slots_follow_the_schedule_peak(name, v, p, m):
+  schedule = schedules.get(name, num_stages=p, num_microbatches=m, virtual_stages=v)
+  tables = _spmd_tables.build(schedule)
+  assert tables.stash_peak == schedules.peak_activations(schedule)
+  assert tables.num_stash == max(tables.stash_peak)
+  # Each rank runs its own actions in its own order, one per tick.
+  for r in range(p):
+    ran = [(tables.branches[b], int(mb)) for b, mb in zip(tables.branch[r], tables.mb[r]) if b]
+    expected = [((a.kind, a.stage), a.mb) for a in schedule.compute_actions(r)]
+    assert ran == expected
+
+
+def test_gpipe_stashes_every_microbatch_1f1b_only_p():
+  p, m = 2, 8
+  gpipe = _spmd_tables.build(schedules.get("gpipe", num_stages=p, num_microbatches=m))
+  one_f_one_b = _spmd_tables.build(schedules.get("1f1b", num_stages=p, num_microbatches=m))
+  assert gpipe.stash_peak == (m, m)
+  assert one_f_one_b.stash_peak == (p, 1)
+  assert gpipe.num_ticks == one_f_one_b.num_ticks == 2 * (m + p - 1)
+
+
+# -- clear errors before compiling ---------------------------------------------------------------
+
+
+def test_bad_configurations_raise_before_compiling(model, batch):
+  def pipe(**kw):
+    kw.setdefault("num_microbatches", M)
+    return hkpipe.Pipeline(model, optax.sgd(0.1), backend="spmd", **kw)
+
+  with pytest.raises(ValueError, match=r"axes \('pp',\) or \('pp', 'dp'\)"):
+    pipe(mesh=jax.make_mesh((2, 2), ("dp", "pp")))
+  with pytest.raises(ValueError, match=r"axes \('pp',\) or \('pp', 'dp'\)"):
+    pipe(mesh=jax.make_mesh((4,), ("stage",)))
+  with pytest.raises(ValueError, match="either devices"):
+    pipe(mesh=jax.make_mesh((2,), ("pp",)), devices=jax.devices()[:2])
+  with pytest.raises(ValueError, match="does not support schedule 'wavefront'"):
+    pipe(schedule="wavefront")
+  with pytest.raises(ValueError, match=r"multiple of 4 \* 2 = 8"):
+    pipe(mesh=jax.make_mesh((2, 2), ("pp", "dp"))).init(jax.random.key(0),
+                                                         helpers.token_batch(batch=4))
+  # 4 ranks x 2 stages per rank = 8 stages, but a 7-layer model.
+  with pytest.raises(ValueError, match="needs 8 stages"):
+    hkpipe.Pipeline(helpers.hetero_model(n_mid=3), optax.sgd(0.1), backend="spmd",
+                    num_microbatches=M, schedule="interleaved_1f1b", virtual_stages=2,
+                    devices=jax.devices()[:4]).init(jax.random.key(0), batch)
+  # A schedule object for 4 ranks on a 2-rank pipeline.
+  with pytest.raises(ValueError, match="4 ranks but the pipeline has 2"):
+    pipe(schedule=schedules.get("1f1b", num_stages=4, num_microbatches=M),
+         devices=jax.devices()[:2]).init(jax.random.key(0), batch)
+  with pytest.raises(ValueError, match="num_stages=3"):
+    pipe(num_stages=3, devices=jax.devices()[:2]).init(jax.random.key(0), batch)
+  # A schedule that never runs 1B3.
+  broken = schedules.from_text("0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3\n1F0 1B0 1F1 1B1 1F2 1B2 1F3")
+  with pytest.raises(ValueError, match="1B3"):
+    pipe(schedule=broken, devices=jax.devices()[:2]).init(jax.random.key(0), batch)
+  with pytest.raises(ValueError, match="call init"):
+    p = pipe(devices=jax.devices()[:2])
+    p.from_canonical({"params": {}, "opt_state": (), "rng": jax.random.key(0)}, 0)
