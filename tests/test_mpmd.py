@@ -1,0 +1,433 @@
+"""Correctness suite of the MPMD backend against the single-device reference.
+
+All pipelines of this module share one :class:`ProgramCache`, so a stage program compiled for one
+schedule (or rank count) is reused, or cloned onto other devices, by the next: the suite pays XLA
+compile once per distinct program. References (single device) are computed once per model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+import hkpipe
+from hkpipe import models
+from hkpipe import schedules
+from hkpipe._src.backends import _mpmd_compile
+
+from tests import helpers
+
+M = 4                # microbatches
+LR = 0.5             # plain SGD, large lr (as in helpers.assert_matches_reference)
+STEPS = 2            # optimizer steps compared per configuration
+RANKS = (2, 4)
+SCHEDULES = schedules.names()
+KEY = jax.random.key(42)
+
+
+# -- models and references -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A model, a batch and (optionally) explicit uneven stage boundaries per stage count."""
+
+  model: hkpipe.SequentialModel
+  batch: tuple[np.ndarray, np.ndarray]
+  boundaries: Callable[[int], list[int]] | None = None
+
+
+def _uneven(num_stages: int) -> list[int]:
+  # 9 layers: embed, widen, mid_0..mid_4, narrow, head.
+  return {2: [1], 4: [1, 2, 8], 8: [1, 2, 3, 4, 5, 6, 8]}[num_stages]
+
+
+def _gpt(**kw) -> hkpipe.SequentialModel:
+  return models.build(models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=6,
+                                       n_heads=2, **kw))
+
+
+@functools.lru_cache(maxsize=None)
+def case(name: str) -> Case:
+  lm_batch = helpers.token_batch(batch=8, seq=8, vocab=32, seed=1)
+  if name == "hetero":     # 8 layers, activations change shape and dtype between stages
+    return Case(helpers.hetero_model(n_mid=4), helpers.token_batch(batch=8, seq=5))
+  if name == "uneven":     # 9 layers cut by hand into stages of very different sizes
+    return Case(helpers.hetero_model(n_mid=5), helpers.token_batch(batch=8, seq=5), _uneven)
+  if name == "gpt":        # tied embedding/head on the first and last stage
+    return Case(_gpt(), lm_batch)
+  if name == "gpt_dropout":
+    return Case(_gpt(dropout=0.1), lm_batch)
+  if name == "llama":
+    return Case(models.build(models.LlamaConfig(vocab_size=32, seq_len=8, d_model=16,
+                                                n_layers=6, n_heads=2, n_kv_heads=1)), lm_batch)
+  raise KeyError(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  params: Any
+  loss: Any
+  grads: Any
+  step_losses: tuple
+  step_norms: tuple
+  final_params: Any
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name: str, max_grad_norm: float | None = None) -> Reference:
+  """The single-device run every pipelined configuration must reproduce."""
+  c = case(name)
+  pipe = hkpipe.Pipeline(c.model, optax.sgd(LR), backend="single", num_microbatches=M,
+                         donate=False, max_grad_norm=max_grad_norm)
+  state = pipe.init(KEY, c.batch)
+  params = pipe.params(state)
+  loss, grads = pipe.loss_and_grads(state, c.batch)
+  losses, norms = [], []
+  for _ in range(STEPS):
+    state, metrics = pipe.train_step(state, c.batch)
+    losses.append(metrics["loss"])
+    norms.append(metrics["grad_norm"])
+  return Reference(jax.device_get(params), jax.device_get(loss), jax.device_get(grads),
+                   tuple(jax.device_get(losses)), tuple(jax.device_get(norms)),
+                   jax.device_get(pipe.params(state)))
+
+
+@pytest.fixture(scope="module")
+def cache():
+  return _mpmd_compile.ProgramCache()
+
+
+def mpmd(name: str, cache, *, schedule="1f1b", ranks=2, optimizer=None, **kw) -> hkpipe.Pipeline:
+  """An MPMD pipeline on the first ``ranks`` devices sharing the module's program cache."""
+  c = case(name)
+  if isinstance(schedule, str) and "virtual_stages" not in kw:
+    kw["virtual_stages"] = 2 if schedule == "interleaved_1f1b" else None
+  if c.boundaries is not None and "partition" not in kw:
+    v = kw["virtual_stages"] or (2 if schedule in ("zbv", "dualpipev") else 1)
+    kw["partition"] = c.boundaries(ranks * v)
+  kw.setdefault("devices", jax.devices()[:ranks] if "mesh" not in kw else None)
+  kw.setdefault("donate", False)
+  pipe = hkpipe.Pipeline(c.model, optimizer or optax.sgd(LR), backend="mpmd",
+                         num_microbatches=M, schedule=schedule, **kw)
+  pipe.backend.cache = cache
+  return pipe
+
+
+def assert_on_owners(pipe: hkpipe.Pipeline, state) -> None:
+  """Every parameter and optimizer-state leaf of stage s lives exactly on its rank's devices."""
+  layout = pipe.backend.layout
+  for s, spec in enumerate(layout.stages):
+    owner = set(layout.stage_devices(s))
+    assert set(state.params[s]) == set(spec.layer_names)
+    for leaf in jax.tree.leaves((state.params[s], state.opt_state[s])):
+      assert leaf.devices() == owner, (s, leaf.devices(), owner)
+
+
+def executed_order(timeline, num_ranks: int) -> list[list[str]]:
+  rows = [[] for _ in range(num_ranks)]
+  for rec in sorted(timeline, key=lambda r: r.start):
+    rows[rec.rank].append(f"{rec.stage}{rec.kind}{rec.mb}")
+  return rows
+
+
+def check_against(pipe: hkpipe.Pipeline, ref: Reference, batch) -> None:
+  """Init, loss, gradients and STEPS optimizer steps of ``pipe`` equal the reference."""
+  state = pipe.init(KEY, batch)
+  helpers.assert_trees_close(pipe.params(state), ref.params)
+  assert_on_owners(pipe, state)
+  loss, grads = pipe.loss_and_grads(state, batch)
+  helpers.assert_trees_close(loss, ref.loss)
+  helpers.assert_trees_close(grads, ref.grads)
+  for i in range(STEPS):
+    state, metrics = pipe.train_step(state, batch)
+    helpers.assert_trees_close(metrics["loss"], ref.step_losses[i])
+    helpers.assert_trees_close(metrics["grad_norm"], ref.step_norms[i])
+  helpers.assert_trees_close(pipe.params(state), ref.final_params, rtol=1e-4, atol=1e-5)
+  assert_on_owners(pipe, state)
+
+
+# -- the equivalence matrix ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_name", ["hetero", "uneven", "gpt", "llama"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_matches_single_device(schedule, model_name, ranks, cache):
+  """Loss, every gradient leaf and K SGD steps equal the single device; the executed per-rank
+  order equals the schedule; the driver's peak stash per rank equals the simulator's."""
+  pipe = mpmd(model_name, cache, schedule=schedule, ranks=ranks, record_timeline=True)
+  check_against(pipe, reference(model_name), case(model_name).batch)
+  sched = pipe.backend.layout.schedule
+  expected = [[str(a) for a in sched.compute_actions(r)] for r in range(ranks)]
+  assert executed_order(pipe.backend.last_timeline, ranks) == expected
+  assert pipe.backend.last_stash_peaks == schedules.peak_activations(sched)
+  if model_name == "uneven":
+    sizes = [s.stop - s.start for s in pipe.backend.layout.stages]
+    assert len(set(sizes)) > 1, sizes
+
+
+def test_wrong_layer_order_fails_the_comparison(cache):
+  """Negative control: the same parameters through a chain with two layers swapped differ."""
+  c = case("hetero")
+  layers = list(c.model.layers)
+  layers[2], layers[3] = layers[3], layers[2]             # mid_0 <-> mid_1 (same shapes)
+  swapped = hkpipe.SequentialModel(layers, c.model.loss_fn, c.model.ties)
+  pipe = hkpipe.Pipeline(swapped, optax.sgd(LR), backend="mpmd", num_microbatches=M,
+                         devices=jax.devices()[:2], donate=False)
+  pipe.backend.cache = cache
+  ref = reference("hetero")
+  pipe.init(KEY, c.batch)
+  state = pipe.from_canonical({"params": ref.params, "opt_state": optax.sgd(LR).init(ref.params),
+                               "rng": jax.random.split(KEY)[1]}, 0)
+  loss, grads = pipe.loss_and_grads(state, c.batch)
+  with pytest.raises(AssertionError):
+    helpers.assert_trees_close((loss, grads), (ref.loss, ref.grads))
+
+
+# -- features --------------------------------------------------------------------------------
+
+
+def test_gradient_clipping_uses_the_norm_over_all_stages(cache):
+  ref = reference("gpt", max_grad_norm=0.05)
+  assert float(ref.step_norms[0]) > 0.05                  # clipping is active
+  pipe = mpmd("gpt", cache, ranks=4, schedule="zb_h1", max_grad_norm=0.05)
+  check_against(pipe, ref, case("gpt").batch)
+
+
+def test_dropout_matches_single_device(cache):
+  pipe = mpmd("gpt_dropout", cache, schedule="interleaved_1f1b", ranks=2)
+  check_against(pipe, reference("gpt_dropout"), case("gpt_dropout").batch)
+
+
+def test_tied_embeddings_on_different_stages_stay_identical(cache):
+  c = case("gpt")
+  pipe = mpmd("gpt", cache, schedule="1f1b", ranks=4, donate=True)
+  state = pipe.init(KEY, c.batch)
+  for _ in range(STEPS):
+    state, _ = pipe.train_step(state, c.batch)
+  wte = state.params[0]["embed"]["wte"]["embeddings"]
+  head = state.params[-1]["head"]["lm_head"]["w"]
+  assert wte.devices() != head.devices()
+  chex.assert_trees_all_equal(np.asarray(wte), np.asarray(head))
+  helpers.assert_trees_close(pipe.params(state), reference("gpt").final_params, rtol=1e-4,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_single_rank_ties_within_one_rank(schedule, cache):
+  """One rank: the embedding and the head share a stage (1f1b) or a device (2 stages)."""
+  pipe = mpmd("gpt", cache, schedule=schedule, ranks=1)
+  check_against(pipe, reference("gpt"), case("gpt").batch)
+
+
+def test_pp_dp_mesh(cache):
+  mesh = jax.make_mesh((2, 2), ("pp", "dp"), devices=jax.devices()[:4])
+  pipe = mpmd("llama", cache, mesh=mesh, devices=None, schedule="1f1b")
+  check_against(pipe, reference("llama"), case("llama").batch)
+  state = pipe.init(KEY, case("llama").batch)
+  grid = np.asarray(mesh.devices)
+  for s in range(2):
+    for leaf in jax.tree.leaves(state.params[s]):
+      assert leaf.devices() == set(grid[s]) and leaf.sharding.is_fully_replicated
+
+
+def test_remat_matches_and_stashes_only_inputs(cache):
+  pipe = mpmd("hetero", cache, schedule="gpipe", remat=True)
+  check_against(pipe, reference("hetero"), case("hetero").batch)
+  setup = next(iter(pipe.backend._setups.values()))  # pylint: disable=protected-access
+  # With remat, the only residual a middle stage keeps besides its inputs is its dropout key.
+  assert setup.fns[0].res.num_out <= 1
+
+
+def test_donating_steps_match(cache):
+  pipe = mpmd("llama", cache, schedule="dualpipev", donate=True)
+  c = case("llama")
+  state = pipe.init(KEY, c.batch)
+  old = state
+  for _ in range(STEPS):
+    state, _ = pipe.train_step(state, c.batch)
+  assert jax.tree.leaves(old.params)[0].is_deleted()
+  helpers.assert_trees_close(pipe.params(state), reference("llama").final_params, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_eval_loss_matches_single_device(cache):
+  c = case("gpt")
+  single = hkpipe.Pipeline(c.model, optax.sgd(LR), backend="single", num_microbatches=M)
+  expected = single.eval_step(single.init(KEY, c.batch), c.batch)["loss"]
+  pipe = mpmd("gpt", cache, schedule="zbv")
+  state = pipe.init(KEY, c.batch)
+  helpers.assert_trees_close(pipe.eval_step(state, c.batch)["loss"], expected)
+
+
+def test_jax_array_batches_match_numpy_batches(cache):
+  c = case("hetero")
+  pipe = mpmd("hetero", cache)
+  state = pipe.init(KEY, c.batch)
+  on_device = jax.device_put(c.batch, jax.devices()[5])
+  helpers.assert_trees_close(pipe.loss_and_grads(state, on_device),
+                             pipe.loss_and_grads(state, c.batch))
+
+
+def test_no_recompilation_after_the_first_step(cache):
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if "compile" in event:
+      compiles.append(event)
+
+  c = case("llama")
+  pipe = mpmd("llama", cache, schedule="zb_h1", optimizer=optax.adamw(1e-2), donate=True)
+  state = pipe.init(KEY, c.batch)
+  state, metrics = pipe.train_step(state, c.batch)
+  jax.block_until_ready(metrics)
+  built = pipe.backend.cache.stats.traced
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for _ in range(3):
+      state, metrics = pipe.train_step(state, c.batch)
+    jax.block_until_ready(metrics)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles, compiles
+  assert pipe.backend.cache.stats.traced == built
+
+
+def test_identical_stages_share_one_compile():
+  """GPT cut into 8 one-layer stages: six identical block stages, one XLA compile each kind."""
+  c = case("gpt")
+  pipe = hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=M,
+                         schedule="interleaved_1f1b", virtual_stages=2,
+                         devices=jax.devices()[:4])
+  state = pipe.init(KEY, c.batch)
+  pipe.loss_and_grads(state, c.batch)
+  log = pipe.backend.cache.stats.log
+  compiled = [name for name, how, _ in log if how == "compiled"]
+  # Forward and backward: one program for the embedding stage, one shared by all 6 blocks.
+  assert compiled.count("stage_fwd") == 2 and compiled.count("stage_bwd") == 2
+  assert compiled.count("stage_last") == 1
+  shared = [name for name, how, _ in log if how in ("cloned", "reused")]
+  assert shared.count("stage_fwd") == 5 and shared.count("stage_bwd") == 5
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def test_canonical_round_trip_and_resume_under_another_layout(cache):
+  """Train 2 AdamW steps on 2 ranks, restore the canonical state on 4 ranks (V schedule) and on
+  one device, and take a third step: all equal the single device's three steps."""
+  c = case("gpt")
+  opt = optax.adamw(1e-2)
+  single = hkpipe.Pipeline(c.model, opt, backend="single", num_microbatches=M, donate=False)
+  s_state = single.init(KEY, c.batch)
+  for _ in range(3):
+    s_state, _ = single.train_step(s_state, c.batch)
+
+  a = mpmd("gpt", cache, optimizer=opt, schedule="1f1b", ranks=2)
+  state = a.init(KEY, c.batch)
+  for _ in range(2):
+    state, _ = a.train_step(state, c.batch)
+  canonical = a.to_canonical(state)
+  chex.assert_trees_all_equal_structs(
+      canonical["opt_state"], opt.init(jax.device_get(canonical["params"])))
+  again = a.to_canonical(a.from_canonical(canonical, state.step))
+  helpers.assert_trees_close((again["params"], again["opt_state"]),
+                             (canonical["params"], canonical["opt_state"]), rtol=0, atol=0)
+  np.testing.assert_array_equal(jax.random.key_data(again["rng"]),
+                                jax.random.key_data(canonical["rng"]))
+
+  b = mpmd("gpt", cache, optimizer=opt, schedule="zbv", ranks=4)
+  b.init(KEY, c.batch)
+  b_state, _ = b.train_step(b.from_canonical(canonical, state.step), c.batch)
+  assert b_state.step == 3
+  helpers.assert_trees_close(b.params(b_state), single.params(s_state), rtol=1e-4, atol=1e-5)
+
+  host = jax.device_get(canonical)
+  r_state = single.from_canonical(host, 2)
+  r_state, _ = single.train_step(r_state, c.batch)
+  helpers.assert_trees_close(single.params(r_state), single.params(s_state), rtol=1e-4, atol=1e-5)
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+
+
+def _bad(build: Callable[[], hkpipe.Pipeline], batch, match: str) -> None:
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if "backend_compile" in event:
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(ValueError, match=match):
+      pipe = build()
+      pipe.init(KEY, batch)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles, "an error was raised only after compiling"
+
+
+def test_batch_not_divisible_by_microbatches():
+  c = case("hetero")
+  x, y = c.batch
+  _bad(lambda: hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=3,
+                               devices=jax.devices()[:2]),
+       (x[:7], y[:7]), "not divisible by num_microbatches=3")
+
+
+def test_more_stages_than_layers():
+  c = case("hetero")      # 8 layers; 4 ranks x 2 x ... zbv on 8 ranks needs 16 stages
+  _bad(lambda: hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=M,
+                               schedule="zbv", devices=jax.devices()[:8]),
+       c.batch, "needs 16 stages .* only 8 layers")
+
+
+def test_schedule_for_other_rank_count():
+  c = case("hetero")
+  two = schedules.get("1f1b", num_stages=2, num_microbatches=M)
+  _bad(lambda: hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=M,
+                               schedule=two, devices=jax.devices()[:4]),
+       c.batch, "schedule has 2 ranks but the pipeline has 4")
+
+
+def test_wrong_mesh_axes():
+  c = case("hetero")
+  mesh = jax.make_mesh((2, 2), ("x", "y"), devices=jax.devices()[:4])
+  _bad(lambda: hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=M,
+                               mesh=mesh),
+       c.batch, r"axes \('pp',\) or \('pp', 'dp'\)")
+
+
+def test_microbatch_not_divisible_by_dp():
+  c = case("hetero")
+  mesh = jax.make_mesh((2, 4), ("pp", "dp"), devices=jax.devices()[:8])
+  _bad(lambda: hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=M,
+                               mesh=mesh),
+       c.batch, "microbatch size 2 is not divisible by the data-parallel width dp=4")
+
+
+def test_bad_boundaries():
+  c = case("hetero")
+  _bad(lambda: hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=M,
+                               devices=jax.devices()[:2], partition=[5, 3]),
+       c.batch, "2 stages need 1 boundaries")
+
+
+def test_timeline_is_drawable(cache):
+  pipe = mpmd("hetero", cache, schedule="zb_h1", record_timeline=True)
+  state = pipe.init(KEY, case("hetero").batch)
+  pipe.train_step(state, case("hetero").batch)
+  picture = schedules.ascii_grid(pipe.backend.last_timeline)
+  assert "rank 0" in picture and "W3" in picture
+  assert "<svg" in schedules.svg_timeline(pipe.backend.last_timeline)
