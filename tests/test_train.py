@@ -168,3 +168,32 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, data_dir):
   assert sorted(got) == list(range(1, 41))
   for step in range(1, 41):
     assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def _trajectory(workdir, data_dir, backend, **pipeline):
+  config = _tiny_config(data_dir, num_steps=4, checkpoint_every=0, eval_every=4)
+  config.model.dropout = 0.0
+  config.backend = backend
+  config.pipeline.num_microbatches = 2
+  config.pipeline.update(pipeline)
+  summary = train_lib.train(config, workdir)
+  return _losses(workdir), summary["last_val_loss"]
+
+
+@pytest.fixture(scope="module")
+def single_trajectory(tmp_path_factory, data_dir):
+  return _trajectory(tmp_path_factory.mktemp("single"), data_dir, "single")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,stages,dp", [("mpmd", 4, 1), ("mpmd", 2, 2), ("spmd", 2, 1),
+                                               ("pmap", 1, 2)])
+def test_backends_give_the_single_device_loss_trajectory(tmp_path, data_dir, single_trajectory,
+                                                         backend, stages, dp):
+  """One flag swaps the backend; the Shakespeare run's losses stay those of one device."""
+  ref, ref_val = single_trajectory
+  got, val = _trajectory(tmp_path, data_dir, backend, stages=stages, dp=dp)
+  assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+  for step in ref:
+    assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+  assert val == pytest.approx(ref_val, rel=1e-5)

@@ -116,6 +116,24 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   return opts
 
 
+def describe_layout(layout: Any) -> str:
+  """Text for the console: the stages with their layers and devices, and the schedule's simulated
+  timeline (unit costs, backward = 2 x forward) with its bubble and peak stashed activations."""
+  from hkpipe import schedules  # pylint: disable=g-import-not-at-top
+  sched = layout.schedule
+  lines = [f"schedule {sched.name}: {sched.num_ranks} ranks x {sched.stages_per_rank} stage(s)/rank"
+           f", {sched.num_microbatches} microbatches, dp={layout.dp}"]
+  for spec in layout.stages:
+    devs = ",".join(str(d.id) for d in layout.stage_devices(spec.index))
+    lines.append(f"  stage {spec.index} (rank {sched.stage_to_rank[spec.index]}, devices {devs}): "
+                 f"{', '.join(spec.layer_names)}")
+  sim = schedules.simulate(sched)
+  lines.append(schedules.ascii_grid(sim.records()).rstrip())
+  lines.append(f"simulated bubble {sim.bubble_ratio:.1%}, peak stashed activations per rank "
+               f"{list(sim.peak_activations)}")
+  return "\n".join(lines)
+
+
 def _jsonable(metrics: Mapping[str, Any]) -> dict:
   return {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in metrics.items()}
 
@@ -213,9 +231,9 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   say(f"hkpipe: model={config.model.name} params={n_params:,} backend={config.backend} "
       f"devices={len(jax.devices())} microbatches={config.pipeline.num_microbatches} "
       f"batch={batch_size}x{seq_len} steps={config.num_steps}")
-  describe = getattr(pipe.backend, "describe", None)
-  if callable(describe):
-    say(describe())
+  layout = getattr(pipe.backend, "layout", None)
+  if layout is not None:
+    say(describe_layout(layout))
 
   ckpt = ckpt_lib.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
   resume_step = ckpt.latest_step()
