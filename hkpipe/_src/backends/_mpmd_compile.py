@@ -40,8 +40,9 @@ class CompileStats:
     trace_s: seconds spent tracing and lowering.
     compile_s: seconds spent in XLA compilation.
     clone_s: seconds spent cloning executables onto other devices.
-    log: per built program, ``(name, how, seconds)`` with ``how`` in {"compiled", "cloned",
-      "reused"} and the seconds that step took (tracing excluded).
+    log: per program placed on devices, ``(name, how, seconds, key_hash)`` with ``how`` in
+      {"compiled", "cloned", "reused"}, the seconds that took (tracing excluded) and the hash of
+      the program's lowered text (equal hashes: one executable).
   """
 
   compiled: int = 0
@@ -110,10 +111,14 @@ class Program:
   Attributes:
     fn: the ``jax.stages.Compiled`` (``fn(*flat_args)`` runs it asynchronously).
     key: the lowered text it was keyed by (programs with equal keys share one XLA compile).
+    devices: the devices it runs on, in mesh order.
+    name: the traced function's name (for logs).
   """
 
   fn: jax.stages.Compiled
   key: str
+  devices: tuple[Any, ...]
+  name: str
 
   def out_specs(self) -> Any:
     """The output pytree as ``ShapeDtypeStruct`` s carrying their shardings."""
@@ -124,15 +129,26 @@ class Program:
 class ProgramCache:
   """Compiles flat stage programs, sharing one XLA compile among identical programs.
 
-  Not thread-safe; one cache per backend instance (no global state).
+  One cache per backend instance by default (no global state); pipelines over the same model
+  in one process (e.g. a test suite) may share one by assigning ``backend.cache``. Not
+  thread-safe.
+
+  Args:
+    compiler_options: XLA options passed to every compile (e.g.
+      ``{"xla_backend_optimization_level": 0}`` trades run time for compile time).
   """
 
-  def __init__(self):
+  def __init__(self, compiler_options: dict[str, Any] | None = None):
     self.stats = CompileStats()
-    self._by_key: dict[str, tuple[jax.stages.Compiled, tuple[Any, ...]]] = {}
+    self.compiler_options = dict(compiler_options or {})
+    # lowered text -> {devices: compiled}; the first entry is the one clones are made from.
+    self._by_key: dict[str, dict[tuple[Any, ...], jax.stages.Compiled]] = {}
     self._clone_ok = True
 
-  def build(self, fn: Callable[..., Sequence[Any]], args: Sequence[jax.ShapeDtypeStruct],
+  def _log(self, name: str, how: str, seconds: float, key: str) -> None:
+    self.stats.log.append((name, how, seconds, hash(key)))
+
+  def build(self, fn: Callable[..., Any], args: Sequence[jax.ShapeDtypeStruct],
             devices: Sequence[Any], *, out_shardings: Any = None,
             donate_argnums: Sequence[int] = ()) -> Program:
     """Traces, lowers and compiles (or clones) ``fn`` for ``args`` on ``devices``.
@@ -154,34 +170,53 @@ class ProgramCache:
     jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=tuple(donate_argnums),
                      keep_unused=True)
     lowered = jitted.trace(*args).lower()
-    key = f"{len(devices)}\n{lowered.as_text()}"
+    devices = tuple(devices)
     self.stats.traced += 1
     self.stats.trace_s += time.perf_counter() - t0
-    hoisted = bool(lowered._lowering.const_args)  # pylint: disable=protected-access
-    cached = None if hoisted else self._by_key.get(key)
-    compiled = None
-    if cached is not None and self._clone_ok:
-      base, base_devices = cached
-      if tuple(base_devices) == tuple(devices):
-        compiled = base
-        self.stats.log.append((fn.__name__, "reused", 0.0))
-      else:
-        t0 = time.perf_counter()
-        try:
-          compiled = clone_compiled(base, base_devices, devices)
-          self.stats.cloned += 1
-          self.stats.log.append((fn.__name__, "cloned", time.perf_counter() - t0))
-        except Exception:  # pylint: disable=broad-except
-          # Serialization is a backend feature; fall back to compiling (always correct).
-          self._clone_ok = False
-          compiled = None
-        self.stats.clone_s += time.perf_counter() - t0
-    if compiled is None:
-      t0 = time.perf_counter()
-      compiled = lowered.compile()
-      self.stats.compiled += 1
-      self.stats.compile_s += time.perf_counter() - t0
-      self.stats.log.append((fn.__name__, "compiled", time.perf_counter() - t0))
-      if not hoisted and key not in self._by_key:
-        self._by_key[key] = (compiled, tuple(devices))
-    return Program(fn=compiled, key=key)
+    if lowered._lowering.const_args:  # pylint: disable=protected-access
+      # Hoisted constants travel with the executable: never share it.
+      return self._compile(lowered, f"{id(lowered)}", devices, fn.__name__, keep=False)
+    key = f"{len(devices)}\n{lowered.as_text()}"
+    placed = self._placed(key, devices, fn.__name__)
+    if placed is not None:
+      return placed
+    return self._compile(lowered, key, devices, fn.__name__, keep=True)
+
+  def place(self, program: Program, devices: Sequence[Any]) -> Program | None:
+    """``program`` on other devices of the same shape, without tracing; None if impossible."""
+    return self._placed(program.key, tuple(devices), program.name)
+
+  def _placed(self, key: str, devices: tuple, name: str) -> Program | None:
+    variants = self._by_key.get(key)
+    if not variants:
+      return None
+    if devices in variants:
+      self._log(name, "reused", 0.0, key)
+      return Program(variants[devices], key, devices, name)
+    if not self._clone_ok:
+      return None
+    base_devices, base = next(iter(variants.items()))
+    t0 = time.perf_counter()
+    try:
+      compiled = clone_compiled(base, base_devices, devices)
+    except Exception:  # pylint: disable=broad-except
+      # Serializing executables is a backend feature; compiling instead is always correct.
+      self._clone_ok = False
+      return None
+    dt = time.perf_counter() - t0
+    self.stats.cloned += 1
+    self.stats.clone_s += dt
+    self._log(name, "cloned", dt, key)
+    variants[devices] = compiled
+    return Program(compiled, key, devices, name)
+
+  def _compile(self, lowered: Any, key: str, devices: tuple, name: str, keep: bool) -> Program:
+    t0 = time.perf_counter()
+    compiled = lowered.compile(self.compiler_options or None)
+    dt = time.perf_counter() - t0
+    self.stats.compiled += 1
+    self.stats.compile_s += dt
+    self._log(name, "compiled", dt, key)
+    if keep:
+      self._by_key.setdefault(key, {})[devices] = compiled
+    return Program(compiled, key, devices, name)

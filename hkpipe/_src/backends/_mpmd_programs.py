@@ -113,8 +113,9 @@ class StageFns:
 
   # -- pieces ----------------------------------------------------------------------------------
 
-  def _run_layers(self, params: Sequence[Any], x: Any, key: jax.Array | None, lidx: jax.Array,
-                  is_training: bool) -> Any:
+  def run(self, params: Sequence[Any], x: Any, key: jax.Array | None, lidx: jax.Array,
+          is_training: bool) -> Any:
+    """Applies the stage's layers (per-layer dropout keys ``fold_in(key, lidx[j])``)."""
     for j, layer in enumerate(self.layers):
       x = layer.apply(params[j], layers_lib.layer_rng(key, lidx[j]), x, is_training=is_training)
     return x
@@ -134,7 +135,7 @@ class StageFns:
     def f(params, xf):
       it = iter(xf)
       full = [next(it) if fl else v for v, fl in zip(x_leaves, self.x_float)]
-      y = self._run_layers(params, self.x_tree.unflatten(full), key, lidx, True)
+      y = self.run(params, self.x_tree.unflatten(full), key, lidx, True)
       if self.is_last:
         return self.model.loss_fn(y, t).astype(jnp.float32)
       return y
@@ -265,7 +266,7 @@ class StageFns:
     def stage_eval(*args):
       p = self.p_tree.unflatten(args[:self.np])
       x = self.x_tree.unflatten(args[self.np:self.np + self.nx])
-      return jax.tree.leaves(self._run_layers(p, x, None, args[-1], False))
+      return jax.tree.leaves(self.run(p, x, None, args[-1], False))
 
     return stage_eval
 
@@ -277,7 +278,7 @@ class StageFns:
       n = self.np
       x = self.x_tree.unflatten(args[n:n + self.nx]); n += self.nx
       t = self.t_tree.unflatten(args[n:n + self.nt])
-      y = self._run_layers(p, x, None, args[-2], False)
+      y = self.run(p, x, None, args[-2], False)
       return args[-1] + self.model.loss_fn(y, t).astype(jnp.float32)
 
     return stage_eval_last

@@ -5,11 +5,12 @@ pipeline stages differ in parameter structure and boundary activation shape/dtyp
 that gap:
 
 - :class:`ByteCodec` packs any pytree (floats of any width, ints, bools, PRNG keys) into a flat
-  ``uint8`` vector by bit-casting; it is used for transient buffers (boundary activations and
-  cotangents, backward stashes), which are padded to the largest stage's size.
+  ``uint8`` vector by bit-casting; it is used for the boundary activations and cotangents that
+  travel between ranks (one ``ppermute`` buffer), padded to the largest boundary.
 - :class:`FlatLayout` packs a pytree into one flat vector *per dtype* (no bit-casting), so that
   gradients can be accumulated and optimizers applied on the packed form; it is used for
-  parameters, gradients and optimizer state, padded per dtype to the largest rank.
+  parameters, gradients and optimizer state (padded per dtype to the largest rank), and, one row
+  per slot, for the backward stashes (padded per dtype to the largest stage).
 """
 
 from __future__ import annotations
@@ -185,11 +186,12 @@ class FlatLayout:
     ends = dict(base)
     slots = []
     for a in avals:
-      if _is_key(a.dtype) or _is_float0(a.dtype):
+      if _is_float0(a.dtype):
         raise ValueError(f"FlatLayout cannot hold leaves of dtype {a.dtype}.")
-      k = dtype_key(a.dtype)
+      word = _word(a)
+      k = dtype_key(word.dtype)
       off = ends.setdefault(k, 0)
-      size = int(math.prod(a.shape))
+      size = int(math.prod(word.shape))
       slots.append((k, off, size))
       ends[k] = off + size
     for k in ends:
@@ -213,7 +215,7 @@ class FlatLayout:
     for k in sorted({s[0] for s in self.slots}):
       idx = [i for i, s in enumerate(self.slots) if s[0] == k]
       start = self.slots[idx[0]][1]
-      flat = jnp.concatenate([jnp.reshape(leaves[i], (-1,)).astype(k) for i in idx])
+      flat = jnp.concatenate([jnp.reshape(_to_word(leaves[i]), (-1,)).astype(k) for i in idx])
       if add:
         flat = jax.lax.dynamic_slice_in_dim(out[k], start, flat.shape[0]) + flat
       out[k] = jax.lax.dynamic_update_slice_in_dim(out[k], flat, start, 0)
@@ -221,8 +223,28 @@ class FlatLayout:
 
   def unpack(self, bufs: Bufs) -> Any:
     """Reads the tree back from ``bufs``."""
-    leaves = [jax.lax.slice(bufs[k], (off,), (off + size,)).reshape(a.shape)
+    leaves = [_from_word(jax.lax.slice(bufs[k], (off,), (off + size,)).reshape(_word(a).shape), a)
               for (k, off, size), a in zip(self.slots, self.avals)]
+    return self.treedef.unflatten(leaves)
+
+  def write_row(self, bufs: Bufs, tree: Any, row: jax.Array) -> Bufs:
+    """Writes the tree into row ``row`` (traced) of 2-D buffers ``[rows, size]``, leaf by leaf
+    (each an in-place dynamic-update-slice; no concatenation)."""
+    leaves = self.treedef.flatten_up_to(tree)
+    out = dict(bufs)
+    zero = jnp.zeros((), jnp.int32)
+    for (k, off, size), x in zip(self.slots, leaves):
+      word = jnp.reshape(_to_word(x), (1, size)).astype(k)
+      out[k] = jax.lax.dynamic_update_slice(out[k], word, (row.astype(jnp.int32), zero + off))
+    return out
+
+  def read_row(self, bufs: Bufs, row: jax.Array) -> Any:
+    """Reads the tree back from row ``row`` (traced) of 2-D buffers."""
+    zero = jnp.zeros((), jnp.int32)
+    leaves = []
+    for (k, off, size), a in zip(self.slots, self.avals):
+      flat = jax.lax.dynamic_slice(bufs[k], (row.astype(jnp.int32), zero + off), (1, size))
+      leaves.append(_from_word(flat.reshape(_word(a).shape), a))
     return self.treedef.unflatten(leaves)
 
 

@@ -24,6 +24,7 @@ to time it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -154,7 +155,9 @@ class _Setup:
     self.mb_ids = [[jax.device_put(np.int32(i), self.rep[r]) for i in range(self.m)]
                    for r in range(self.num_ranks)]
     self.loss0 = jax.device_put(np.float32(0.0), self.rep[self.last_rank])
-    self._families: dict[str, _Family] = {}
+    self._families: dict[Any, _Family] = {}
+    self._programs: dict[tuple[int, str], _mpmd_compile.Program] = {}
+    self._twin: list[int | None] | None = None
 
   # -- placement helpers -----------------------------------------------------------------------
 
@@ -211,9 +214,53 @@ class _Setup:
   # -- program building ------------------------------------------------------------------------
 
   def _compile(self, fn: Callable, args: Sequence[jax.ShapeDtypeStruct], rank: int,
-               out_shardings: Any = None, donate: Sequence[int] = ()) -> Callable:
+               out_shardings: Any = None, donate: Sequence[int] = ()) -> _mpmd_compile.Program:
     return self.backend.cache.build(fn, args, self.rank_devices(rank),
                                     out_shardings=out_shardings, donate_argnums=tuple(donate))
+
+  def _stage_program(self, s: int, name: str,
+                     build: Callable[[], _mpmd_compile.Program]) -> _mpmd_compile.Program:
+    """Program ``name`` of stage ``s``: placed from an identical earlier stage when there is one
+    (no tracing), else built."""
+    twin = self._twin[s] if self._twin is not None else None
+    if twin is not None and (twin, name) in self._programs:
+      placed = self.backend.cache.place(self._programs[(twin, name)],
+                                        self.rank_devices(self.rank_of[s]))
+      if placed is not None:
+        self._programs[(s, name)] = placed
+        return placed
+    self._programs[(s, name)] = build()
+    return self._programs[(s, name)]
+
+  def find_twins(self, rng: Any) -> None:
+    """Marks each stage identical to an earlier one (same traced computation in training and
+    evaluation, same position, ties and backward kinds); its programs are then placed from the
+    earlier stage's without tracing them again."""
+    if self._twin is not None:
+      return
+    kinds = {(a.stage, a.kind) for row in _mpmd_plan.compute_actions(self.schedule) for a in row}
+    first: dict[Any, int] = {}
+    self._twin = []
+    for f in self.fns:
+      s = f.spec.index
+      sig = self._signature(f, rng, tuple(k for k in (Kind.B, Kind.W) if (s, k) in kinds))
+      self._twin.append(first.get(sig) if sig is not None else None)
+      if sig is not None:
+        first.setdefault(sig, s)
+
+  def _signature(self, f: progs.StageFns, rng: Any, kinds: tuple) -> Any:
+    key = jax.ShapeDtypeStruct(rng.shape, rng.dtype)
+    lidx = jax.ShapeDtypeStruct((len(f.layers),), jnp.int32)
+    train = jax.make_jaxpr(lambda p, x, k, i: f.run(p, x, k, i, True))(
+        f.shapes.params, f.shapes.x, key, lidx)
+    evaluate = jax.make_jaxpr(lambda p, x, i: f.run(p, x, None, i, False))(
+        f.shapes.params, f.shapes.x, lidx)
+    if train.consts or evaluate.consts:
+      return None  # closed-over constants: compare by value would be needed; do not share
+    same, incoming, _ = self._tie_plan(f.spec.index)
+    return (str(train.jaxpr), str(evaluate.jaxpr), f.is_first, f.is_last, kinds, tuple(same),
+            tuple(leaf for _, leaf in incoming), jax.tree.structure(f.shapes.x),
+            jax.tree.structure(f.shapes.y))
 
   def _input_specs(self, s: int, rng: Any) -> list:
     f, r = self.fns[s], self.rank_of[s]
@@ -273,39 +320,45 @@ class _Setup:
   def _build_stage_train(self, s: int, rng: Any, kinds: set) -> dict:
     """The forward/backward programs of stage ``s`` that the schedule uses."""
     f, r = self.fns[s], self.rank_of[s]
+    twin = self._twin[s] if self._twin is not None else None
+    if twin is not None:
+      f.res = self.fns[twin].res  # identical stages have identical residual layouts
     rep = self.rep[r]
     inputs = self._input_specs(s, rng)
     acc = self._param_specs(s)
     n_in, n_p = len(inputs), f.np
     dx = [a.sharding for a in self._dx_specs(s)]
     split, full = (s, Kind.W) in kinds, (s, Kind.B) in kinds
+    build = functools.partial(self._stage_program, s)
     p: dict[str, Any] = {}
     if f.is_last:
       if full:
-        p["last"] = self._compile(f.last(), inputs + acc + [self._scalar(r)], r,
-                                  out_shardings=([rep] * n_p, rep, dx),
-                                  donate=range(n_in, n_in + n_p)).fn
+        p["last"] = build("last", lambda: self._compile(
+            f.last(), inputs + acc + [self._scalar(r)], r,
+            out_shardings=([rep] * n_p, rep, dx), donate=range(n_in, n_in + n_p))).fn
       if split:
-        prog = self._compile(f.last_fwd_i(), inputs + [self._scalar(r)], r,
-                             out_shardings=(rep, dx, None))
+        prog = build("last_fwd_i", lambda: self._compile(
+            f.last_fwd_i(), inputs + [self._scalar(r)], r, out_shardings=(rep, dx, None)))
         res = list(prog.out_specs()[2])
         p["last_fwd_i"] = prog.fn
-        p["w"] = self._compile(f.bwd_w(), inputs + res + acc, r, out_shardings=rep,
-                               donate=range(n_in + len(res), n_in + len(res) + n_p)).fn
+        p["w"] = build("w", lambda: self._compile(
+            f.bwd_w(), inputs + res + acc, r, out_shardings=rep,
+            donate=range(n_in + len(res), n_in + len(res) + n_p))).fn
     else:
       y = self.act_shardings(r, f.y_leaves)
-      prog = self._compile(f.fwd(), inputs, r, out_shardings=(y, None))
+      prog = build("fwd", lambda: self._compile(f.fwd(), inputs, r, out_shardings=(y, None)))
       p["fwd"] = prog.fn
       base = inputs + list(prog.out_specs()[1]) + self._dy_specs(s)
       donate = range(len(base), len(base) + n_p)
       if full:
-        p["bwd"] = self._compile(f.bwd(), base + acc, r, out_shardings=([rep] * n_p, dx),
-                                 donate=donate).fn
+        p["bwd"] = build("bwd", lambda: self._compile(
+            f.bwd(), base + acc, r, out_shardings=([rep] * n_p, dx), donate=donate)).fn
       if split:
         if not f.is_first:
-          p["i"] = self._compile(f.bwd_i(), base, r, out_shardings=dx).fn
-        p["w"] = self._compile(f.bwd_w(), base + acc, r, out_shardings=rep, donate=donate).fn
-    p["zeros"] = self._compile(f.zeros(), [], r, out_shardings=rep).fn
+          p["i"] = build("i", lambda: self._compile(f.bwd_i(), base, r, out_shardings=dx)).fn
+        p["w"] = build("w", lambda: self._compile(
+            f.bwd_w(), base + acc, r, out_shardings=rep, donate=donate)).fn
+    p["zeros"] = build("zeros", lambda: self._compile(f.zeros(), [], r, out_shardings=rep)).fn
     return p
 
   def split(self, rank: int, leaves: Sequence[Any]) -> list[list]:
@@ -331,16 +384,17 @@ class _Setup:
 
   def build_core(self, rng: Any) -> _Family:
     """Forward/backward, gradient-finalize and metrics programs (shared by train and grads)."""
+    self.find_twins(rng)
     kinds = {(a.stage, a.kind) for row in _mpmd_plan.compute_actions(self.schedule) for a in row}
     stage_progs = [self._build_stage_train(s, rng, kinds) for s in range(self.num_stages)]
     fin = []
     for s, f in enumerate(self.fns):
       same, incoming, partner_specs = self._tie_plan(s)
       r = self.rank_of[s]
-      fin.append(self._compile(
+      fin.append(self._stage_program(s, "finalize", lambda: self._compile(
           progs.finalize_fn(f.np, same, [leaf for _, leaf in incoming]),
           self._param_specs(s) + partner_specs, r,
-          out_shardings=([self.rep[r]] * f.np, self.rep[r]), donate=range(f.np)).fn)
+          out_shardings=([self.rep[r]] * f.np, self.rep[r]), donate=range(f.np))).fn)
     lr = self.last_rank
     metrics = self._compile(
         progs.metrics_fn(self.num_stages, self.m, self.options.max_grad_norm),
@@ -369,14 +423,14 @@ class _Setup:
     opt_specs = [_spec(a, rep) for a in opt_leaves]
     args = self._param_specs(s) + opt_specs + self._param_specs(s)
     args += [self._scalar(r)] if clip else []
-    n_p, n_o = f.np, len(opt_specs)
-    donate = list(range(n_p + n_o)) if self.options.donate else []
-    return self._compile(progs.update_fn(self.backend.optimizer, f, opt_tree, clip), args, r,
-                         out_shardings=rep, donate=donate).fn
+    donate = list(range(f.np + len(opt_specs))) if self.options.donate else []
+    return self._stage_program(s, "update", lambda: self._compile(
+        progs.update_fn(self.backend.optimizer, f, opt_tree, clip), args, r,
+        out_shardings=rep, donate=donate)).fn
 
   def _tie_plan(self, s: int):
     """For stage ``s``: tied leaf pairs within it, incoming partner gradients, their specs."""
-    same, incoming, specs = [], [], []
+    same, incoming = [], []
     for k, link in enumerate(self.ties):
       if link.stage_a == s and link.stage_b == s:
         same.append((link.leaf_a, link.leaf_b))
@@ -581,8 +635,9 @@ class _Setup:
       return ctx.new_p, ctx.new_opt
     return _Op(fn=op, rank=lr)
 
-  def build_eval(self) -> _Family:
+  def build_eval(self, rng: Any) -> _Family:
     """Forward-only programs (no dropout) and their ops, microbatch by microbatch."""
+    self.find_twins(rng)
     evals = []
     for f in self.fns:
       s, r = f.spec.index, self.rank_of[f.spec.index]
@@ -592,11 +647,12 @@ class _Setup:
       args += [_spec(a, sh) for a, sh in zip(f.x_leaves, self.act_shardings(r, f.x_leaves))]
       if f.is_last:
         args += [_spec(a, sh) for a, sh in zip(f.t_leaves, self.act_shardings(r, f.t_leaves))]
-        evals.append(self._compile(f.eval_last(), args + [lidx, self._scalar(r)], r,
-                                   out_shardings=rep).fn)
+        build = lambda: self._compile(f.eval_last(), args + [lidx, self._scalar(r)], r,
+                                      out_shardings=rep)
       else:
-        evals.append(self._compile(f.eval_fwd(), args + [lidx], r,
-                                   out_shardings=self.act_shardings(r, f.y_leaves)).fn)
+        build = lambda: self._compile(f.eval_fwd(), args + [lidx], r,
+                                      out_shardings=self.act_shardings(r, f.y_leaves))
+      evals.append(self._stage_program(s, "eval", build).fn)
     lr = self.last_rank
     mean = self._compile(progs.mean_fn(self.m), [self._scalar(lr)], lr,
                          out_shardings=self.rep[lr]).fn
@@ -604,8 +660,7 @@ class _Setup:
     for mb in range(self.m):
       for s in range(self.num_stages):
         ops.append(self._eval_op(s, mb, evals[s]))
-    programs = dict(evals=evals, mean=mean)
-    return _Family(programs=programs, ops=tuple(ops))
+    return _Family(programs=dict(evals=evals, mean=mean), ops=tuple(ops))
 
   def _eval_op(self, s: int, mb: int, prog: Callable) -> _Op:
     f, r = self.fns[s], self.rank_of[s]
@@ -782,7 +837,7 @@ class MpmdBackend(pl.Backend):
 
   def eval_loss(self, state, batch):
     setup = self._setup(batch)
-    fam = setup.family("eval", setup.build_eval)
+    fam = setup.family("eval", lambda: setup.build_eval(state.rng))
     ctx = self._context(setup, state, batch, fam.programs, training=False)
     for op in fam.ops:
       op.fn(ctx)

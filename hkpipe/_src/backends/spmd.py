@@ -115,9 +115,9 @@ class _Plan:
 class _StageBackward:
   """How a stage's stash maps back to its ``vjp`` pullback (recorded by an abstract pre-pass)."""
 
-  treedef: Any          # the pullback's pytree structure
+  treedef: Any            # the pullback's pytree structure
   kinds: tuple[int, ...]  # per pullback leaf: index of the parameter leaf it is, or -1 (stashed)
-  codec: pack.ByteCodec  # the stashed (non-parameter) leaves
+  layout: pack.FlatLayout  # where the stashed (non-parameter) leaves go in a stash row
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
@@ -128,7 +128,7 @@ class _Program:
   cot_codecs: tuple[pack.ByteCodec, ...]
   payload_bytes: int
   backward: tuple[_StageBackward, ...]
-  stash_bytes: int
+  stash_sizes: Mapping[str, int]           # per dtype, the padded length of a stash row
 
 
 def _shape_key(tree: Any) -> Any:
@@ -302,10 +302,10 @@ class SpmdBackend(pl.Backend):
 
       x_aval = inputs if s == 0 else boundaries[s - 1]
       stash = jax.eval_shape(record, stage_params[s], x_aval, key_aval, targets)
-      backward.append(_StageBackward(box["treedef"], box["kinds"], pack.ByteCodec.of(stash)))
-    stash_bytes = max([b.codec.nbytes for b in backward] + [1])
+      backward.append(_StageBackward(box["treedef"], box["kinds"], pack.FlatLayout.of(stash)))
     return _Program(act_codecs=act_codecs, cot_codecs=cot_codecs, payload_bytes=payload,
-                    backward=tuple(backward), stash_bytes=stash_bytes)
+                    backward=tuple(backward),
+                    stash_sizes=pack.padded_sizes([b.layout for b in backward]))
 
   # -- the executor (runs inside shard_map, on one (pp, dp) shard) -------------------------------
 
@@ -317,16 +317,13 @@ class SpmdBackend(pl.Backend):
     index = lambda buf, i: jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
     nothing = lambda: jnp.zeros((width,), jnp.uint8)
 
-    def idle(grads, stash, act_in, cot_in, loss, mb, key, a_slot, c_slot, s_slot):
-      del act_in, cot_in, mb, key, a_slot, c_slot, s_slot
-      return grads, stash, loss, nothing()
-
     if kind is None:
-      return idle
+      return None
     params = lambda: plan.stage_layouts[s].unpack(ctx["params"])
 
-    def forward(grads, stash, act_in, cot_in, loss, mb, key, a_slot, c_slot, s_slot):
+    def forward(carry, act_in, cot_in, mb, key, a_slot, c_slot, s_slot):
       del cot_in, c_slot
+      grads, stash, loss, _ = carry
       if s == 0:
         x = jax.tree.map(lambda v: index(v, mb), ctx["inputs"])
       else:
@@ -335,23 +332,23 @@ class SpmdBackend(pl.Backend):
       if train:
         y, _, kinds, res = self._stage_vjp(s, params(), x, key, targets)
         info = prog.backward[s]
-        if kinds != info.kinds or pack.ByteCodec.of(res).avals != info.codec.avals:
+        if kinds != info.kinds or pack.FlatLayout.of(res).avals != info.layout.avals:
           raise RuntimeError(f"Stage {s}: the vjp residual structure differs between traces "
                              "(non-deterministic stage function?).")
-        stash = jax.lax.dynamic_update_index_in_dim(
-            stash, info.codec.pack(res, prog.stash_bytes), s_slot, 0)
+        stash = info.layout.write_row(stash, res, s_slot)
       else:
         y = self._stage_apply(s, params(), x, None, targets, False)
       if last:
         return grads, stash, loss + y, nothing()
       return grads, stash, loss, prog.act_codecs[s].pack(y, width)
 
-    def backward(grads, stash, act_in, cot_in, loss, mb, key, a_slot, c_slot, s_slot):
+    def backward(carry, act_in, cot_in, mb, key, a_slot, c_slot, s_slot):
       del act_in, mb, key, a_slot
+      grads, stash, loss, _ = carry
       info = prog.backward[s]
       p = params()
       p_leaves = jax.tree.leaves(p)
-      res = iter(info.codec.unpack(index(stash, s_slot)))
+      res = iter(info.layout.read_row(stash, s_slot))
       pullback = jax.tree.unflatten(info.treedef,
                                     [p_leaves[k] if k >= 0 else next(res) for k in info.kinds])
       ct = (jnp.ones((), jnp.float32) if last
@@ -376,8 +373,8 @@ class SpmdBackend(pl.Backend):
                 for kind, s in tables.branches]
     width = prog.payload_bytes
     grads = pack.zeros(plan.param_sizes) if train else {}
-    stash = jnp.zeros((tables.num_stash if train else 1, prog.stash_bytes if train else 1),
-                      jnp.uint8)
+    stash = ({k: jnp.zeros((tables.num_stash, n), k) for k, n in prog.stash_sizes.items()}
+             if train else {})
     act_in = jnp.zeros((tables.num_act + 1, width), jnp.uint8)  # last row: scratch
     cot_in = jnp.zeros((tables.num_cot + 1 if train else 1, width), jnp.uint8)
     recv_kinds = []  # per delta: does it ever carry activations / (in training) cotangents?
@@ -388,9 +385,9 @@ class SpmdBackend(pl.Backend):
     def tick(carry, xs):
       grads, stash, act_in, cot_in, loss = carry
       key = self._microbatch_key(rng, step, xs["mb"]) if train else None
-      grads, stash, loss, out = jax.lax.switch(
-          xs["branch"], branches, grads, stash, act_in, cot_in, loss, xs["mb"], key,
-          xs["act_slot"], xs["cot_slot"], xs["stash_slot"])
+      grads, stash, loss, out = _switch_in_place(
+          xs["branch"], branches, (grads, stash, loss, jnp.zeros((width,), jnp.uint8)), act_in,
+          cot_in, xs["mb"], key, xs["act_slot"], xs["cot_slot"], xs["stash_slot"])
       for k, delta in enumerate(tables.deltas):
         got = out if delta == 0 else jax.lax.ppermute(out, "pp", tables.perms[k])
         to_act, to_cot = recv_kinds[k]
@@ -620,6 +617,28 @@ class SpmdBackend(pl.Backend):
     return pl.TrainState(step=int(step), params=self._put_rows(p_rows),
                          opt_state=self._put_rows(o_rows),
                          rng=self._put_replicated(canonical["rng"]))
+
+
+def _switch_in_place(index: jax.Array, branches: Sequence[Any], carry: Any, *args: Any) -> Any:
+  """``lax.switch`` for branches that update large buffers, without copying them.
+
+  XLA gives a conditional's outputs their own buffers, so every branch (even one that leaves a
+  buffer untouched) copies every large operand it returns: here the gradient accumulator and the
+  whole stash, every tick. A ``while_loop`` updates its carry in place, so branch ``i`` runs as a
+  loop of ``index == i`` trips (0 or 1). ``None`` branches do nothing.
+
+  Args:
+    index: which branch runs.
+    branches: ``fn(carry, *args) -> carry`` (or None).
+    carry: the state the branches update.
+    *args: read-only inputs.
+  """
+  for i, fn in enumerate(branches):
+    if fn is None:
+      continue
+    run = lambda state, fn=fn: (jnp.zeros((), jnp.bool_), fn(state[1], *args))
+    carry = jax.lax.while_loop(lambda state: state[0], run, (index == i, carry))[1]
+  return carry
 
 
 def _local(tree: Any) -> Any:
