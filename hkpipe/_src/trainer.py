@@ -190,6 +190,10 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
     A summary: first/last train loss, last val loss, steps run, resume step, sample text.
   """
   t_start = time.time()
+  if jax.process_count() > 1:
+    raise ValueError(f"This run joined {jax.process_count()} processes, but hkpipe 0.1's backends "
+                     "drive the devices of one process only; launch a single process (use "
+                     "--host_devices or the local accelerators for several devices).")
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
   (work / "config.json").write_text(config.to_json_best_effort(indent=1))
