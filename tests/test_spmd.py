@@ -1,8 +1,8 @@
 """The shard_map SPMD pipeline backend equals the single-device reference, schedule by schedule."""
 
 import chex
-import haiku as hk
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -10,6 +10,7 @@ import pytest
 import hkpipe
 from hkpipe import models
 from hkpipe import schedules
+from hkpipe._src.backends import _spmd_pack
 from hkpipe._src.backends import _spmd_tables
 from hkpipe._src.backends import spmd
 from tests import helpers
@@ -127,7 +128,7 @@ def test_gpt_dropout_with_remat_reproduces_reference_masks():
                                              backend="spmd", schedule="1f1b", remat=True,
                                              devices=jax.devices()[:2])
   prog, _ = next(iter(pipe.backend._programs.values()))
-  stash = [leaf.dtype for b in prog.backward for leaf in b.codec.avals]
+  stash = [leaf.dtype for b in prog.backward for leaf in b.layout.avals]
   assert any(jax.dtypes.issubdtype(d, jax.dtypes.prng_key) for d in stash)
 
 
@@ -173,6 +174,56 @@ def test_custom_schedule_object_and_inputs_from_anywhere(model, batch, reference
                          schedule=custom, devices=jax.devices()[6:8], donate=False)
   elsewhere = jax.device_put(batch, jax.devices()[0])
   _check(pipe, elsewhere, reference, steps=1)
+
+
+# -- packing of heterogeneous stages ---------------------------------------------------------------
+
+
+def _mixed_tree():
+  key = jax.random.key(7)
+  return {"f32": jnp.arange(6.0).reshape(2, 3), "bf16": jnp.linspace(-1, 1, 5, dtype=jnp.bfloat16),
+          "i32": jnp.array([[-3], [40000]], jnp.int32), "mask": jnp.array([True, False, True]),
+          "key": jax.random.split(key, 2), "empty": jnp.zeros((0, 4))}
+
+
+def _assert_same(actual, expected):
+  actual = jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x, actual)
+  expected = jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x, expected)
+  chex.assert_trees_all_equal(actual, expected)
+  chex.assert_trees_all_equal_dtypes(actual, expected)
+
+
+def test_byte_codec_round_trips_every_dtype_with_padding():
+  tree = _mixed_tree()
+  codec = _spmd_pack.ByteCodec.of(tree)
+  assert codec.nbytes == 6 * 4 + 5 * 2 + 2 * 4 + 3 * 1 + 2 * 2 * 4
+  buf = codec.pack(tree, codec.nbytes + 13)
+  assert buf.dtype == jnp.uint8 and buf.shape == (codec.nbytes + 13,)
+  np.testing.assert_array_equal(np.asarray(buf[codec.nbytes:]), 0)
+  _assert_same(codec.unpack(buf), tree)
+  with pytest.raises(ValueError, match="too small"):
+    codec.pack(tree, codec.nbytes - 1)
+
+
+def test_flat_layout_shares_buffers_and_writes_rows():
+  a, b = _mixed_tree(), {"w": jnp.ones((2, 2)), "n": jnp.array([5], jnp.int32)}
+  lay_a = _spmd_pack.FlatLayout.of(a)
+  lay_b = _spmd_pack.FlatLayout.of(b, lay_a.ends)          # b follows a in the same buffers
+  sizes = _spmd_pack.padded_sizes([lay_a, lay_b])
+  assert sizes["float32"] == 6 + 4 and sizes["uint32"] == 4 and sizes["int32"] == 2 + 1
+  bufs = lay_b.pack_into(lay_a.pack_into(_spmd_pack.zeros(sizes), a), b)
+  _assert_same(lay_a.unpack(bufs), a)
+  _assert_same(lay_b.unpack(bufs), b)
+  bufs = lay_b.pack_into(bufs, b, add=True)
+  _assert_same(lay_b.unpack(bufs), jax.tree.map(lambda x: 2 * x, b))
+  _assert_same(lay_a.unpack(bufs), a)                     # untouched by b's accumulation
+  rows = {k: jnp.zeros((3, n), k) for k, n in sizes.items()}
+  rows = lay_a.write_row(rows, a, jnp.int32(2))
+  _assert_same(lay_a.read_row(rows, jnp.int32(2)), a)
+  assert all(float(jnp.abs(v[:2].astype(jnp.float32)).sum()) == 0 for v in rows.values())
+  assert lay_a.slots[lay_a.leaf_index(("i32",))] == ("int32", 0, 2)
 
 
 # -- memory profile: stash slots are the schedule's simulated peak --------------------------------

@@ -208,14 +208,20 @@ class FlatLayout:
       raise KeyError(f"No leaf at {want}; leaves are at {paths}.")
     return paths.index(want)
 
-  def pack_into(self, bufs: Bufs, tree: Any, *, add: bool = False) -> Bufs:
-    """Writes (or, with ``add``, accumulates) the tree into ``bufs`` at this layout's offsets."""
+  def _groups(self, tree: Any) -> list[tuple[str, int, jax.Array]]:
+    """Per dtype key: (key, first offset, the tree's leaves of that dtype concatenated)."""
     leaves = self.treedef.flatten_up_to(tree)
-    out = dict(bufs)
+    out = []
     for k in sorted({s[0] for s in self.slots}):
       idx = [i for i, s in enumerate(self.slots) if s[0] == k]
-      start = self.slots[idx[0]][1]
-      flat = jnp.concatenate([jnp.reshape(_to_word(leaves[i]), (-1,)).astype(k) for i in idx])
+      parts = [jnp.reshape(_to_word(leaves[i]), (-1,)).astype(k) for i in idx]
+      out.append((k, self.slots[idx[0]][1], jnp.concatenate(parts)))
+    return out
+
+  def pack_into(self, bufs: Bufs, tree: Any, *, add: bool = False) -> Bufs:
+    """Writes (or, with ``add``, accumulates) the tree into ``bufs`` at this layout's offsets."""
+    out = dict(bufs)
+    for k, start, flat in self._groups(tree):
       if add:
         flat = jax.lax.dynamic_slice_in_dim(out[k], start, flat.shape[0]) + flat
       out[k] = jax.lax.dynamic_update_slice_in_dim(out[k], flat, start, 0)
@@ -228,24 +234,18 @@ class FlatLayout:
     return self.treedef.unflatten(leaves)
 
   def write_row(self, bufs: Bufs, tree: Any, row: jax.Array) -> Bufs:
-    """Writes the tree into row ``row`` (traced) of 2-D buffers ``[rows, size]``, leaf by leaf
-    (each an in-place dynamic-update-slice; no concatenation)."""
-    leaves = self.treedef.flatten_up_to(tree)
+    """Writes the tree into row ``row`` (traced) of 2-D buffers ``[rows, size]``."""
     out = dict(bufs)
-    zero = jnp.zeros((), jnp.int32)
-    for (k, off, size), x in zip(self.slots, leaves):
-      word = jnp.reshape(_to_word(x), (1, size)).astype(k)
-      out[k] = jax.lax.dynamic_update_slice(out[k], word, (row.astype(jnp.int32), zero + off))
+    row = row.astype(jnp.int32)
+    for k, start, flat in self._groups(tree):
+      out[k] = jax.lax.dynamic_update_slice(out[k], flat[None], (row, jnp.int32(start)))
     return out
 
   def read_row(self, bufs: Bufs, row: jax.Array) -> Any:
     """Reads the tree back from row ``row`` (traced) of 2-D buffers."""
-    zero = jnp.zeros((), jnp.int32)
-    leaves = []
-    for (k, off, size), a in zip(self.slots, self.avals):
-      flat = jax.lax.dynamic_slice(bufs[k], (row.astype(jnp.int32), zero + off), (1, size))
-      leaves.append(_from_word(flat.reshape(_word(a).shape), a))
-    return self.treedef.unflatten(leaves)
+    r = row.astype(jnp.int32)
+    rows = {k: jax.lax.dynamic_index_in_dim(v, r, 0, keepdims=False) for k, v in bufs.items()}
+    return self.unpack(rows)
 
 
 def padded_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:

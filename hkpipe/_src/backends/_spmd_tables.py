@@ -1,14 +1,15 @@
 """Static per-tick tables that drive the SPMD executor, derived from a schedule's IR.
 
-The executor runs the schedule in lock-step *ticks*: in every tick each ``pp`` rank performs at most
-one compute action (``F``, ``B``, ``I`` or ``W``), then every rank's outgoing payload (the activation
-an ``F`` produced, or the cotangent a ``B``/``I`` produced) moves to its destination rank with
-``lax.ppermute``. Ticks come from executing every rank's action list *in its own order* with unit
-costs: an action starts at the first tick after all the actions it depends on have finished, so
-each dependency is satisfied at a tick boundary, where the transfer happens. The result keeps the
-schedule's order on every rank, and therefore its memory profile: buffer slots are allocated by
-interval colouring over the ticks at which each activation, cotangent or stash is live, so the
-number of stash slots is the schedule's peak number of live activations on the busiest rank.
+The executor runs the schedule in lock-step *ticks*: in every tick each ``pp`` rank performs at
+most one compute action (``F``, ``B``, ``I`` or ``W``), then every rank's outgoing payload (the
+activation an ``F`` produced, or the cotangent a ``B``/``I`` produced) moves to its destination
+rank with ``lax.ppermute``. Ticks are the start times of ``hkpipe.schedules.simulate`` with unit
+costs and no latency: every rank runs its action list *in its own order*, and an action starts at
+the first tick after the actions it depends on have finished, so each dependency is satisfied at
+a tick boundary, where the transfer happens. The schedule's per-rank order, and therefore its memory
+profile, is kept: buffer slots are allocated by interval colouring over the ticks at which each
+activation, cotangent or stash is live, so the number of stash slots is the schedule's peak
+number of live activations on the busiest rank.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The ``pmap`` backend: pure data parallelism, the whole model replicated on every device.
 
 Microbatch semantics (chosen so that ``num_microbatches`` means the same on every backend): the
-global batch of ``B`` rows is cut into ``m = num_microbatches`` microbatches of ``B / m`` rows, as on
-the single-device reference, and every microbatch is split evenly across the ``n`` devices. Device
+global batch of ``B`` rows is cut into ``m = num_microbatches`` microbatches of ``B / m`` rows, as
+on the single-device reference, and every microbatch is split evenly across the ``n`` devices. Device
 ``d`` therefore runs ``m`` gradient-accumulation steps on ``B / (n * m)`` rows each: its microbatch
 ``i`` is the ``d``-th slice of the reference's microbatch ``i``. Because every loss in hkpipe is a
 mean over equally sized examples, the mean over devices of the per-device microbatch losses (and
@@ -50,7 +50,8 @@ def _devices(options: pl.PipelineOptions) -> tuple[Any, ...]:
 
 
 def shard_batch_layout(x: Any, num_devices: int, num_microbatches: int) -> Any:
-  """``[B, ...] -> [n, m, B / (n m), ...]``: device ``d``, microbatch ``i`` = slice ``d`` of mb ``i``.
+  """``[B, ...] -> [n, m, B / (n m), ...]``: device ``d``'s microbatch ``i`` is slice ``d`` of the
+  reference's microbatch ``i``.
 
   Works on numpy and jax arrays alike (``x.reshape``/``swapaxes`` stay on the array's own device).
   """

@@ -122,7 +122,7 @@ class _StageBackward:
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class _Program:
-  """Everything that depends on the batch shape: codecs, stash structure and tick tables."""
+  """Everything that depends on the batch shape: boundary codecs and stash structure."""
 
   act_codecs: tuple[pack.ByteCodec, ...]   # per boundary s (output of stage s), s < S-1
   cot_codecs: tuple[pack.ByteCodec, ...]
@@ -195,8 +195,8 @@ class SpmdBackend(pl.Backend):
     param_sizes = pack.padded_sizes(rank_layouts)
     opt_layouts = []
     for r in range(p):
-      rank_names = tuple(n for s in schedule.stages_of_rank(r) for n in layout.stages[s].layer_names)
-      rank_params = {n: param_avals[n] for n in rank_names}
+      rank_params = {n: param_avals[n] for s in schedule.stages_of_rank(r)
+                     for n in layout.stages[s].layer_names}
       opt_layouts.append(pack.FlatLayout.of(jax.eval_shape(self.optimizer.init, rank_params)))
     plan = _Plan(layout=layout, stage_layouts=tuple(stage_layouts), param_sizes=param_sizes,
                  opt_layouts=tuple(opt_layouts), opt_sizes=pack.padded_sizes(opt_layouts),
@@ -310,7 +310,8 @@ class SpmdBackend(pl.Backend):
   # -- the executor (runs inside shard_map, on one (pp, dp) shard) -------------------------------
 
   def _branch(self, prog: _Program, kind: Kind | None, s: int, train: bool, ctx: dict):
-    """The switch branch running ``kind`` of stage ``s`` (or idling when ``kind`` is None)."""
+    """The branch running ``kind`` of stage ``s``: ``fn(carry, *tick inputs) -> carry`` with
+    ``carry = (grads, stash, loss, outgoing payload)``; None (nothing to do) when idle."""
     plan = self.plan
     last = s == plan.num_stages - 1
     width = prog.payload_bytes
@@ -575,7 +576,8 @@ class SpmdBackend(pl.Backend):
     inputs, _ = batch
     one = jax.tree.map(lambda x: x[: x.shape[0] // self.options.num_microbatches], inputs)
     params_rng, state_rng = jax.random.split(rng)
-    self._ensure_plan(jax.eval_shape(self.model.init, params_rng, one), one)  # errors before compiling
+    # Resolve (and validate) the layout from shapes alone: errors come before any compile.
+    self._ensure_plan(jax.eval_shape(self.model.init, params_rng, one), one)
     params = jax.jit(self.model.init)(params_rng, one)
     opt_state = jax.jit(self.optimizer.init)(params)
     return self.from_canonical({"params": params, "opt_state": opt_state, "rng": state_rng}, 0)
