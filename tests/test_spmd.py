@@ -67,9 +67,15 @@ def _check(pipe, batch, reference, *, steps=STEPS):
   return state
 
 
+@pytest.fixture(scope="module")
+def trained():
+  """(schedule, pp) -> (pipeline, state) of the schedule sweep, reused by later tests."""
+  return {}
+
+
 @pytest.mark.parametrize("pp", [2, 4])
 @pytest.mark.parametrize("name,v", SCHEDULES)
-def test_schedule_matches_reference(model, batch, reference, name, v, pp):
+def test_schedule_matches_reference(model, batch, reference, trained, name, v, pp):
   pipe = hkpipe.Pipeline(model, optax.sgd(LR), backend="spmd", num_microbatches=M,
                          schedule=name, virtual_stages=v, devices=jax.devices()[:pp],
                          donate=False)
@@ -79,6 +85,27 @@ def test_schedule_matches_reference(model, batch, reference, name, v, pp):
   # Stage s's parameters live only on its pp slice: one row of the stacked buffer per rank.
   for buf in state.params.values():
     assert buf.shape[0] == pp and buf.sharding.spec[0] == "pp"
+  trained[(name, pp)] = (pipe, state)
+
+
+def test_compiled_memory_follows_the_schedule(model, batch, trained):
+  """XLA's own memory analysis: GPipe's program needs m stash rows, 1F1B's only p."""
+  temp, report = {}, {}
+  for name in ("gpipe", "1f1b"):
+    if (name, 2) not in trained:  # the sweep was deselected
+      pipe = hkpipe.Pipeline(model, optax.sgd(LR), backend="spmd", num_microbatches=M,
+                             schedule=name, devices=jax.devices()[:2], donate=False)
+      trained[(name, 2)] = (pipe, pipe.init(jax.random.key(42), batch))
+    pipe, state = trained[(name, 2)]
+    temp[name] = pipe.backend.memory_analysis(state, batch).temp_size_in_bytes
+    report[name] = pipe.backend.layout_report(batch)
+  assert report["gpipe"]["stash_slots"] == M and report["1f1b"]["stash_slots"] == 2
+  assert report["gpipe"]["per_rank_peak_stash"] == [M, M]
+  assert report["1f1b"]["per_rank_peak_stash"] == [2, 1]
+  row = report["1f1b"]["stash_row_bytes"]
+  assert row == report["gpipe"]["stash_row_bytes"] == max(report["1f1b"]["stash_bytes"])
+  assert report["1f1b"]["param_buffer_bytes"] == max(report["1f1b"]["param_bytes"])
+  np.testing.assert_allclose(temp["gpipe"] - temp["1f1b"], (M - 2) * row, rtol=0.05)
 
 
 def test_dp_mesh_matches_reference(model, batch):

@@ -569,6 +569,60 @@ class SpmdBackend(pl.Backend):
     o_rows = pack.pack_rows(plan.opt_layouts, o_trees, plan.opt_sizes)
     return p_rows, o_rows
 
+  # -- introspection ---------------------------------------------------------------------------
+
+  def layout_report(self, batch: pl.Batch, rng: jax.Array | None = None) -> dict:
+    """Bytes of the padded SPMD layout for this batch shape: what padding costs.
+
+    Every ``pp`` rank allocates the same shapes, so each buffer is as large as the largest rank
+    (parameters, gradients, optimizer state) or the largest stage (stash rows, boundary payloads).
+
+    Args:
+      batch: an example batch (only its shapes are used).
+      rng: the state's key (its shape/type); default ``jax.random.key(0)``.
+
+    Returns:
+      A dict with, per rank, ``param_bytes`` (its own parameters) and ``opt_bytes``; per stage,
+      ``stash_bytes`` (one microbatch's backward stash); and the padded sizes every rank allocates:
+      ``param_buffer_bytes`` (also the gradient accumulator), ``opt_buffer_bytes``,
+      ``stash_row_bytes`` x ``stash_slots``, ``payload_bytes`` x (``act_slots`` + ``cot_slots``),
+      and ``per_rank_peak_stash`` (the schedule's own peak per rank).
+    """
+    self._check_batch(batch)
+    plan = self.plan
+    prog, _ = self._program(batch, jax.random.key(0) if rng is None else rng)
+    nbytes = lambda avals: sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in avals)
+    sized = lambda sizes: sum(n * jnp.dtype(k).itemsize for k, n in sizes.items())
+    tables = plan.tables
+    return {
+        "param_bytes": [sum(nbytes(plan.stage_layouts[s].avals) for s in plan.rank_stages(r))
+                        for r in range(plan.num_ranks)],
+        "opt_bytes": [nbytes(lay.avals) for lay in plan.opt_layouts],
+        "stash_bytes": [nbytes(b.layout.avals) for b in prog.backward],
+        "boundary_bytes": [c.nbytes for c in prog.act_codecs],
+        "param_buffer_bytes": sized(plan.param_sizes),
+        "opt_buffer_bytes": sized(plan.opt_sizes),
+        "stash_row_bytes": sized(prog.stash_sizes),
+        "stash_slots": tables.num_stash,
+        "per_rank_peak_stash": list(tables.stash_peak),
+        "payload_bytes": prog.payload_bytes,
+        "act_slots": tables.num_act,
+        "cot_slots": tables.num_cot,
+    }
+
+  def memory_analysis(self, state: pl.TrainState, batch: pl.Batch) -> Any:
+    """XLA's memory analysis (per device) of the compiled ``train_step`` program for this batch
+    shape (compiles it if ``train_step`` has not yet; otherwise reuses the cached executable).
+
+    ``temp_size_in_bytes`` includes the stash (``stash_slots`` rows), so it shows each schedule's
+    memory profile.
+    """
+    inputs, targets = self._put_batch(batch)
+    prog, tabs = self._program(batch, state.rng)
+    lowered = self._jitted["train"].lower(prog, state.params, state.opt_state, state.rng,
+                                          np.int32(state.step), inputs, targets, tabs)
+    return lowered.compile().memory_analysis()
+
   # -- Backend API -----------------------------------------------------------------------------
 
   def init(self, rng, batch):
