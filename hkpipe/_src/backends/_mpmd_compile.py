@@ -15,9 +15,13 @@ the program is compiled for the new devices instead; correctness never depends o
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import io
+import os
 import pickle
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -36,10 +40,12 @@ class CompileStats:
   Attributes:
     compiled: number of XLA compilations.
     cloned: number of programs loaded from an executable compiled for other devices.
-    traced: number of programs traced and lowered (one per stage and program kind).
+    traced: number of programs traced and lowered (stages identical to an earlier one are
+      placed without tracing).
+    traced_by_name: the same, per program name.
     trace_s: seconds spent tracing and lowering.
-    compile_s: seconds spent in XLA compilation.
-    clone_s: seconds spent cloning executables onto other devices.
+    compile_s: seconds spent in XLA compilation (summed over compile threads).
+    clone_s: seconds spent cloning executables onto other devices (summed over threads).
     log: per program placed on devices, ``(name, how, seconds, key_hash)`` with ``how`` in
       {"compiled", "cloned", "reused"}, the seconds that took (tracing excluded) and the hash of
       the program's lowered text (equal hashes: one executable).
@@ -52,6 +58,7 @@ class CompileStats:
   compile_s: float = 0.0
   clone_s: float = 0.0
   log: list = dataclasses.field(default_factory=list)
+  traced_by_name: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 class _RemappingUnpickler(pickle.Unpickler):
@@ -104,54 +111,88 @@ def clone_compiled(compiled: jax.stages.Compiled, old_devices: Sequence[Any],
                              no_kwargs=no_kwargs)
 
 
-@dataclasses.dataclass(frozen=True)
 class Program:
-  """A compiled stage program.
+  """A stage program, compiled (or cloned) in the background.
 
   Attributes:
-    fn: the ``jax.stages.Compiled`` (``fn(*flat_args)`` runs it asynchronously).
     key: the lowered text it was keyed by (programs with equal keys share one XLA compile).
     devices: the devices it runs on, in mesh order.
     name: the traced function's name (for logs).
   """
 
-  fn: jax.stages.Compiled
-  key: str
-  devices: tuple[Any, ...]
-  name: str
+  def __init__(self, future: concurrent.futures.Future, key: str, devices: tuple[Any, ...],
+               name: str, out_info: Any):
+    self._future = future
+    self.key = key
+    self.devices = devices
+    self.name = name
+    self._out_info = out_info
+
+  @property
+  def fn(self) -> jax.stages.Compiled:
+    """The ``jax.stages.Compiled`` (``fn(*flat_args)`` runs it asynchronously); waits for it."""
+    return self._future.result()
 
   def out_specs(self) -> Any:
-    """The output pytree as ``ShapeDtypeStruct`` s carrying their shardings."""
+    """The output pytree as ``ShapeDtypeStruct`` s with their shardings.
+
+    Known without waiting for the compile when every output sharding was given; otherwise read
+    from the compiled executable.
+    """
+    info = self._out_info
+    if info is None or any(o.sharding is None for o in jax.tree.leaves(info)):
+      info = self.fn.out_info
     return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding),
-                        self.fn.out_info)
+                        info)
 
 
 class ProgramCache:
   """Compiles flat stage programs, sharing one XLA compile among identical programs.
 
-  One cache per backend instance by default (no global state); pipelines over the same model
-  in one process (e.g. a test suite) may share one by assigning ``backend.cache``. Not
-  thread-safe.
+  Tracing and lowering run in the calling thread; XLA compiles (which release the GIL) and
+  clones run on a small thread pool, so a pipeline's many programs compile concurrently while
+  the next ones are traced. One cache per backend instance by default (no global state);
+  pipelines over the same model in one process (e.g. a test suite) may share one by assigning
+  ``backend.cache``.
 
   Args:
     compiler_options: XLA options passed to every compile (e.g.
       ``{"xla_backend_optimization_level": 0}`` trades run time for compile time).
+    workers: compile threads (default: the machine's CPU count, at most 4).
   """
 
-  def __init__(self, compiler_options: dict[str, Any] | None = None):
+  def __init__(self, compiler_options: dict[str, Any] | None = None, workers: int | None = None):
     self.stats = CompileStats()
     self.compiler_options = dict(compiler_options or {})
-    # lowered text -> {devices: compiled}; the first entry is the one clones are made from.
-    self._by_key: dict[str, dict[tuple[Any, ...], jax.stages.Compiled]] = {}
+    self._workers = workers or max(1, min(4, os.cpu_count() or 1))
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+    self._lock = threading.Lock()
+    # lowered text -> {devices: future of the compiled executable}; the first entry is the one
+    # clones are made from.
+    self._by_key: dict[str, dict[tuple[Any, ...], concurrent.futures.Future]] = {}
     self._clone_ok = True
 
+  def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(
+          max_workers=self._workers, thread_name_prefix="hkpipe-compile")
+    return self._pool.submit(fn)
+
   def _log(self, name: str, how: str, seconds: float, key: str) -> None:
-    self.stats.log.append((name, how, seconds, hash(key)))
+    with self._lock:
+      self.stats.log.append((name, how, seconds, hash(key)))
+      if how == "compiled":
+        self.stats.compiled += 1
+        self.stats.compile_s += seconds
+      elif how == "cloned":
+        self.stats.cloned += 1
+        self.stats.clone_s += seconds
 
   def build(self, fn: Callable[..., Any], args: Sequence[jax.ShapeDtypeStruct],
             devices: Sequence[Any], *, out_shardings: Any = None,
             donate_argnums: Sequence[int] = ()) -> Program:
-    """Traces, lowers and compiles (or clones) ``fn`` for ``args`` on ``devices``.
+    """Traces and lowers ``fn`` for ``args`` on ``devices``; compiles (or clones) it in the
+    background.
 
     Args:
       fn: a pure function of flat arrays returning (groups of) lists of arrays. Its ``__name__``
@@ -164,59 +205,79 @@ class ProgramCache:
       donate_argnums: arguments whose buffers the program may reuse.
 
     Returns:
-      The program; ``program.fn(*arrays)`` runs it asynchronously.
+      The program; ``program.fn`` waits for the executable.
     """
     t0 = time.perf_counter()
     jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=tuple(donate_argnums),
                      keep_unused=True)
-    lowered = jitted.trace(*args).lower()
+    traced = jitted.trace(*args)
+    lowered = traced.lower()
     devices = tuple(devices)
-    self.stats.traced += 1
-    self.stats.trace_s += time.perf_counter() - t0
+    out_info = traced.out_info      # shapes, with the requested shardings (None: compiler's)
+    with self._lock:
+      self.stats.traced += 1
+      self.stats.traced_by_name[fn.__name__] += 1
+      self.stats.trace_s += time.perf_counter() - t0
     if lowered._lowering.const_args:  # pylint: disable=protected-access
       # Hoisted constants travel with the executable: never share it.
-      return self._compile(lowered, f"{id(lowered)}", devices, fn.__name__, keep=False)
+      return self._compile(lowered, f"{id(lowered)}", devices, fn.__name__, out_info, keep=False)
     key = f"{len(devices)}\n{lowered.as_text()}"
-    placed = self._placed(key, devices, fn.__name__)
+    placed = self._placed(key, devices, fn.__name__, out_info)
     if placed is not None:
       return placed
-    return self._compile(lowered, key, devices, fn.__name__, keep=True)
+    return self._compile(lowered, key, devices, fn.__name__, out_info, keep=True)
 
   def place(self, program: Program, devices: Sequence[Any]) -> Program | None:
     """``program`` on other devices of the same shape, without tracing; None if impossible."""
-    return self._placed(program.key, tuple(devices), program.name)
+    out_info = program._out_info  # pylint: disable=protected-access
+    if out_info is not None and any(o.sharding is not None for o in jax.tree.leaves(out_info)):
+      out_info = None  # shardings name the old devices; read them from the clone instead
+    return self._placed(program.key, tuple(devices), program.name, out_info)
 
-  def _placed(self, key: str, devices: tuple, name: str) -> Program | None:
+  def _placed(self, key: str, devices: tuple, name: str, out_info: Any) -> Program | None:
     variants = self._by_key.get(key)
     if not variants:
       return None
     if devices in variants:
       self._log(name, "reused", 0.0, key)
-      return Program(variants[devices], key, devices, name)
+      return Program(variants[devices], key, devices, name, out_info)
     if not self._clone_ok:
       return None
     base_devices, base = next(iter(variants.items()))
-    t0 = time.perf_counter()
+
+    def clone():
+      t0 = time.perf_counter()
+      compiled = clone_compiled(base.result(), base_devices, devices)
+      self._log(name, "cloned", time.perf_counter() - t0, key)
+      return compiled
+
     try:
-      compiled = clone_compiled(base, base_devices, devices)
+      # Probe synchronously once: a backend that cannot serialize executables makes every
+      # later placement compile instead.
+      if not getattr(self, "_clone_probed", False):
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(clone())
+        self._clone_probed = True
+        future = done
+      else:
+        future = self._submit(clone)
     except Exception:  # pylint: disable=broad-except
-      # Serializing executables is a backend feature; compiling instead is always correct.
       self._clone_ok = False
       return None
-    dt = time.perf_counter() - t0
-    self.stats.cloned += 1
-    self.stats.clone_s += dt
-    self._log(name, "cloned", dt, key)
-    variants[devices] = compiled
-    return Program(compiled, key, devices, name)
+    variants[devices] = future
+    return Program(future, key, devices, name, out_info)
 
-  def _compile(self, lowered: Any, key: str, devices: tuple, name: str, keep: bool) -> Program:
-    t0 = time.perf_counter()
-    compiled = lowered.compile(self.compiler_options or None)
-    dt = time.perf_counter() - t0
-    self.stats.compiled += 1
-    self.stats.compile_s += dt
-    self._log(name, "compiled", dt, key)
+  def _compile(self, lowered: Any, key: str, devices: tuple, name: str, out_info: Any,
+               keep: bool) -> Program:
+    options = self.compiler_options or None
+
+    def compile_():
+      t0 = time.perf_counter()
+      compiled = lowered.compile(options)
+      self._log(name, "compiled", time.perf_counter() - t0, key)
+      return compiled
+
+    future = self._submit(compile_)
     if keep:
-      self._by_key.setdefault(key, {})[devices] = compiled
-    return Program(compiled, key, devices, name)
+      self._by_key.setdefault(key, {})[devices] = future
+    return Program(future, key, devices, name, out_info)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,6 +35,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax._src.interpreters import pxla  # pylint: disable=g-bad-import-order
+from jax._src.lib import xla_client  # pylint: disable=g-bad-import-order
 
 from hkpipe import schedules
 from hkpipe._src import layout as layout_lib
@@ -58,6 +61,30 @@ def _microbatch_shapes(batch: pl.Batch, m: int) -> tuple[Any, Any]:
   return tuple(jax.tree.map(  # type: ignore[return-value]
       lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] // m,) + tuple(np.shape(x)[1:]), x.dtype),
       part) for part in batch)
+
+
+def _transfer(shardings: Sequence[NamedSharding]) -> Callable[[Sequence[jax.Array]], list]:
+  """Returns ``move(arrays)``: copies arrays to ``shardings`` (same layout, other devices).
+
+  The driver's arrays already carry shardings of the same structure on the source rank, so the
+  copy goes straight to the runtime's batched device-to-device copy, skipping
+  ``jax.device_put``'s per-call argument processing (tens of microseconds per call, a large
+  share of a small pipeline's step). Falls back to ``jax.device_put`` if that entry point is
+  unavailable or refuses the arrays.
+  """
+  shardings = list(shardings)
+  batched = getattr(xla_client, "batched_copy_array_to_devices_with_sharding", None)
+  devices = [sh._internal_device_list for sh in shardings]  # pylint: disable=protected-access
+  copy = [xla_client.ArrayCopySemantics.ALWAYS_COPY] * len(shardings)
+  if batched is None:
+    return lambda arrays: jax.device_put(list(arrays), shardings)
+
+  def move(arrays):
+    try:
+      return batched(list(arrays), devices, shardings, copy)
+    except Exception:  # pylint: disable=broad-except
+      return jax.device_put(list(arrays), shardings)
+  return move
 
 
 class _Ctx:
@@ -134,6 +161,7 @@ class _Setup:
                    for r in range(self.num_ranks)]
     self.rep = [NamedSharding(mesh, P()) for mesh in self.meshes]
     self.bat = [NamedSharding(mesh, P("dp")) for mesh in self.meshes]
+    self.rank_device_lists = [tuple(mesh.devices.flat) for mesh in self.meshes]
     self.first_rank, self.last_rank = self.rank_of[0], self.rank_of[-1]
     self.mb_inputs, self.mb_targets = mb_inputs, mb_targets
     io = partition_lib.layer_io_shapes(self.model, mb_inputs)
@@ -277,6 +305,11 @@ class _Setup:
     rep = self.rep[self.rank_of[s]]
     return [_spec(a, rep) for a in self.fns[s].p_leaves]
 
+  def _acc_specs(self, s: int) -> list:
+    """The packed gradient accumulator of stage ``s`` (one flat buffer per dtype)."""
+    rep = self.rep[self.rank_of[s]]
+    return [_spec(a, rep) for a in self.fns[s].acc_packing.buffers()]
+
   def _float_specs(self, s: int, leaves: Sequence[Any], mask: Sequence[bool]) -> list:
     r = self.rank_of[s]
     kept = [a for a, keep in zip(leaves, mask) if keep]
@@ -311,10 +344,10 @@ class _Setup:
       rep = self.rep[r]
       index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
       inits = [self._compile(f.layer_init(j), [_spec(rng, rep), index], r,
-                             out_shardings=rep).fn for j in range(len(f.layers))]
+                             out_shardings=rep) for j in range(len(f.layers))]
       opt = self._compile(progs.opt_init_fn(self.backend.optimizer, f), self._param_specs(s), r,
                           out_shardings=rep)
-      out.append((inits, opt.fn))
+      out.append((inits, opt))
     return _Family(programs=tuple(out))
 
   def _build_stage_train(self, s: int, rng: Any, kinds: set) -> dict:
@@ -325,8 +358,8 @@ class _Setup:
       f.res = self.fns[twin].res  # identical stages have identical residual layouts
     rep = self.rep[r]
     inputs = self._input_specs(s, rng)
-    acc = self._param_specs(s)
-    n_in, n_p = len(inputs), f.np
+    acc = self._acc_specs(s)
+    n_in, n_p = len(inputs), f.nacc
     dx = [a.sharding for a in self._dx_specs(s)]
     split, full = (s, Kind.W) in kinds, (s, Kind.B) in kinds
     build = functools.partial(self._stage_program, s)
@@ -335,52 +368,66 @@ class _Setup:
       if full:
         p["last"] = build("last", lambda: self._compile(
             f.last(), inputs + acc + [self._scalar(r)], r,
-            out_shardings=([rep] * n_p, rep, dx), donate=range(n_in, n_in + n_p))).fn
+            out_shardings=([rep] * n_p, rep, dx), donate=range(n_in, n_in + n_p)))
       if split:
         prog = build("last_fwd_i", lambda: self._compile(
             f.last_fwd_i(), inputs + [self._scalar(r)], r, out_shardings=(rep, dx, None)))
-        res = list(prog.out_specs()[2])
-        p["last_fwd_i"] = prog.fn
-        p["w"] = build("w", lambda: self._compile(
-            f.bwd_w(), inputs + res + acc, r, out_shardings=rep,
-            donate=range(n_in + len(res), n_in + len(res) + n_p))).fn
+        p["last_fwd_i"] = prog
+
+        def last_w():
+          res = list(prog.out_specs()[2])
+          return self._compile(f.bwd_w(), inputs + res + acc, r, out_shardings=rep,
+                               donate=range(n_in + len(res), n_in + len(res) + n_p))
+        p["w"] = build("w", last_w)
     else:
       y = self.act_shardings(r, f.y_leaves)
-      prog = build("fwd", lambda: self._compile(f.fwd(), inputs, r, out_shardings=(y, None)))
-      p["fwd"] = prog.fn
-      base = inputs + list(prog.out_specs()[1]) + self._dy_specs(s)
-      donate = range(len(base), len(base) + n_p)
+      # Residuals on a single device: give their (only possible) sharding, so the backward can
+      # be lowered before the forward has compiled; with dp > 1 the compiler chooses.
+      res_sharding = rep if self.layout.dp == 1 else None
+      prog = build("fwd", lambda: self._compile(f.fwd(), inputs, r,
+                                                out_shardings=(y, res_sharding)))
+      p["fwd"] = prog
+
+      def backward(fn, out_shardings, with_acc=True):
+        # Built only if not placed from a twin stage: reads the forward's residual specs.
+        base = inputs + list(prog.out_specs()[1]) + self._dy_specs(s)
+        donate = range(len(base), len(base) + n_p) if with_acc else ()
+        return self._compile(fn, base + (acc if with_acc else []), r,
+                             out_shardings=out_shardings, donate=donate)
       if full:
-        p["bwd"] = build("bwd", lambda: self._compile(
-            f.bwd(), base + acc, r, out_shardings=([rep] * n_p, dx), donate=donate)).fn
+        p["bwd"] = build("bwd", lambda: backward(f.bwd(), ([rep] * n_p, dx)))
       if split:
         if not f.is_first:
-          p["i"] = build("i", lambda: self._compile(f.bwd_i(), base, r, out_shardings=dx)).fn
-        p["w"] = build("w", lambda: self._compile(
-            f.bwd_w(), base + acc, r, out_shardings=rep, donate=donate)).fn
-    p["zeros"] = build("zeros", lambda: self._compile(f.zeros(), [], r, out_shardings=rep)).fn
+          p["i"] = build("i", lambda: backward(f.bwd_i(), dx, with_acc=False))
+        p["w"] = build("w", lambda: backward(f.bwd_w(), rep))
+    p["zeros"] = build("zeros", lambda: self._compile(f.zeros(), [], r, out_shardings=rep))
     return p
 
   def split(self, rank: int, leaves: Sequence[Any]) -> list[list]:
     """Cuts whole-batch leaves into ``m`` microbatches placed on ``rank``.
 
-    NumPy leaves are sliced on the host and sent in one batched transfer; device arrays are
-    moved whole and split by a small compiled program (built on first use).
+    A small compiled program does the cut; NumPy leaves go to it directly (the runtime's host
+    transfer is far cheaper than ``jax.device_put`` per microbatch).
     """
     shard = self.act_shardings(rank, leaves)
-    if all(isinstance(x, np.ndarray) for x in leaves):
-      mbs = leaves[0].shape[0] // self.m if leaves else 0
-      parts = [x[i * mbs:(i + 1) * mbs] for i in range(self.m) for x in leaves]
-      flat = jax.device_put(parts, shard * self.m)
-      n = len(leaves)
-      return [flat[i * n:(i + 1) * n] for i in range(self.m)]
-    key = ("split", rank, tuple((x.shape, x.dtype) for x in leaves))
+    key = ("split", rank, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves))
     if key not in self._families:
       whole = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh) for x, sh in zip(leaves, shard)]
       mbs = leaves[0].shape[0] // self.m if leaves else 0
       self._families[key] = _Family(programs=self._compile(
-          progs.split_fn(self.m, mbs), whole, rank, out_shardings=[shard] * self.m).fn)
-    return self._families[key].programs(*jax.device_put(leaves, shard))
+          progs.split_fn(self.m, mbs), whole, rank, out_shardings=[shard] * self.m))
+    args = [x if isinstance(x, np.ndarray) else jax.device_put(x, sh)
+            for x, sh in zip(leaves, shard)]
+    return self._families[key].programs.fn(*args)
+
+  def scalars_on_ranks(self, value: np.ndarray) -> list:
+    """``value`` (a host scalar) placed on every rank, replicated."""
+    try:
+      aval = jax.core.ShapedArray((), value.dtype)
+      return [pxla.batched_device_put(aval, self.rep[r], [value] * len(devs), list(devs))
+              for r, devs in enumerate(self.rank_device_lists)]
+    except Exception:  # pylint: disable=broad-except
+      return jax.device_put([value] * self.num_ranks, self.rep)
 
   def build_core(self, rng: Any) -> _Family:
     """Forward/backward, gradient-finalize and metrics programs (shared by train and grads)."""
@@ -392,13 +439,13 @@ class _Setup:
       same, incoming, partner_specs = self._tie_plan(s)
       r = self.rank_of[s]
       fin.append(self._stage_program(s, "finalize", lambda: self._compile(
-          progs.finalize_fn(f.np, same, [leaf for _, leaf in incoming]),
-          self._param_specs(s) + partner_specs, r,
-          out_shardings=([self.rep[r]] * f.np, self.rep[r]), donate=range(f.np))).fn)
+          progs.finalize_fn(f, same, [leaf for _, leaf in incoming]),
+          self._acc_specs(s) + partner_specs, r,
+          out_shardings=([self.rep[r]] * f.nacc, self.rep[r]), donate=range(f.nacc))))
     lr = self.last_rank
     metrics = self._compile(
         progs.metrics_fn(self.num_stages, self.m, self.options.max_grad_norm),
-        [self._scalar(lr)] * (1 + self.num_stages), lr, out_shardings=self.rep[lr]).fn
+        [self._scalar(lr)] * (1 + self.num_stages), lr, out_shardings=self.rep[lr])
     return _Family(programs=dict(stages=stage_progs, finalize=fin, metrics=metrics))
 
   def build_steps(self, core: _Family, opt: Sequence[tuple[Any, list]] | None) -> _Family:
@@ -408,11 +455,15 @@ class _Setup:
       core: the :meth:`build_core` programs.
       opt: per stage, (treedef, leaves) of its optimizer state; None: gradients only.
     """
-    updates = None
+    updates = unpack = None
     if opt is not None:
       updates = [self._build_update(s, *opt[s]) for s in range(self.num_stages)]
+    else:
+      unpack = [self._stage_program(s, "unpack", lambda: self._compile(
+          self.fns[s].unpack_grads(), self._acc_specs(s), self.rank_of[s],
+          out_shardings=self.rep[self.rank_of[s]])) for s in range(self.num_stages)]
     p = core.programs
-    programs = dict(p, updates=updates)
+    programs = dict(p, updates=updates, unpack=unpack)
     return _Family(programs=programs,
                    ops=self._train_ops(p["stages"], p["finalize"], p["metrics"], updates))
 
@@ -421,12 +472,12 @@ class _Setup:
     rep = self.rep[r]
     clip = self.options.max_grad_norm is not None
     opt_specs = [_spec(a, rep) for a in opt_leaves]
-    args = self._param_specs(s) + opt_specs + self._param_specs(s)
+    args = self._param_specs(s) + opt_specs + self._acc_specs(s)
     args += [self._scalar(r)] if clip else []
     donate = list(range(f.np + len(opt_specs))) if self.options.donate else []
     return self._stage_program(s, "update", lambda: self._compile(
         progs.update_fn(self.backend.optimizer, f, opt_tree, clip), args, r,
-        out_shardings=rep, donate=donate)).fn
+        out_shardings=rep, donate=donate))
 
   def _tie_plan(self, s: int):
     """For stage ``s``: tied leaf pairs within it, incoming partner gradients, their specs."""
@@ -454,10 +505,10 @@ class _Setup:
         getattr(ctx, store)[key] = leaves
         return leaves
       return put_local
-    shardings = self.act_shardings(dst_rank, shapes)
+    move = _transfer(self.act_shardings(dst_rank, shapes))
 
     def put_remote(ctx, leaves):
-      moved = jax.device_put(leaves, shardings)
+      moved = move(leaves)
       getattr(ctx, store)[key] = moved
       return moved
     return put_remote
@@ -477,7 +528,7 @@ class _Setup:
       return ctx.xin[mb] if first else ctx.acts.pop(key)
 
     if a.kind is Kind.F and last and not split:
-      prog = programs["last"]
+      prog = programs["last"].fn
 
       def op(ctx):
         x = take_x(ctx)
@@ -487,7 +538,7 @@ class _Setup:
         ctx.stash[key] = [None, None, dx]
         return acc, loss, dx
     elif a.kind is Kind.F and last:
-      prog = programs["last_fwd_i"]
+      prog = programs["last_fwd_i"].fn
 
       def op(ctx):
         x = take_x(ctx)
@@ -497,7 +548,7 @@ class _Setup:
         ctx.stash[key] = [x, res, dx]
         return loss, dx, res
     elif a.kind is Kind.F:
-      prog = programs["fwd"]
+      prog = programs["fwd"].fn
 
       def op(ctx):
         x = take_x(ctx)
@@ -513,7 +564,7 @@ class _Setup:
         dx, entry[2] = entry[2], None
         return send_dx(ctx, dx) if send_dx else []
     elif a.kind is Kind.B:
-      prog = programs["bwd"]
+      prog = programs["bwd"].fn
 
       def op(ctx):
         x, res, _ = ctx.stash.pop(key)
@@ -524,7 +575,7 @@ class _Setup:
           send_dx(ctx, dx)
         return acc, dx
     elif a.kind is Kind.I:
-      prog = programs.get("i")
+      prog = programs["i"].fn if "i" in programs else None
 
       def op(ctx):
         entry = ctx.stash[key]
@@ -536,7 +587,7 @@ class _Setup:
         send_dx(ctx, dx)
         return dx
     else:  # W
-      prog = programs["w"]
+      prog = programs["w"].fn
       tgt_of = (lambda ctx: ctx.tgt[mb]) if last else (lambda ctx: ())
 
       def op(ctx):
@@ -547,27 +598,43 @@ class _Setup:
         return acc
     return _Op(fn=op, rank=rank, action=a)
 
-  def _finalize_op(self, s: int, fin: Callable, updates: Sequence[Callable] | None) -> _Op:
+  def _finalize_op(self, s: int, fin: Any, updates: Sequence[Any] | None) -> _Op:
     """Sums tied gradients into stage ``s``, sends its squared norm to the metrics rank and,
     without clipping, applies its update right away."""
     _, incoming, _ = self._tie_plan(s)
     keys = [(s, k) for k, _ in incoming]
     r, lr = self.rank_of[s], self.last_rank
-    to_metrics = None if r == lr else self.rep[lr]
-    update = updates[s] if updates is not None and self.options.max_grad_norm is None else None
+    to_metrics = None if r == lr else _transfer([self.rep[lr]])
+    fin = fin.fn
+    update = (updates[s].fn if updates is not None and self.options.max_grad_norm is None
+              else None)
 
     def op(ctx):
       g, sq = fin(*ctx.acc[s], *[ctx.partner.pop(k) for k in keys])
       ctx.acc[s] = g
-      ctx.sq[s] = sq if to_metrics is None else jax.device_put(sq, to_metrics)
+      ctx.sq[s] = sq if to_metrics is None else to_metrics([sq])[0]
       if update is None:
         return g, sq
       ctx.new_p[s], ctx.new_opt[s] = update(*ctx.p[s], *ctx.opt[s], *g)
       return g, sq, ctx.new_p[s], ctx.new_opt[s]
     return _Op(fn=op, rank=r)
 
-  def _tie_send_op(self, s: int) -> _Op:
+  def _tie_send_op(self, s: int, extract: Any) -> _Op:
     """Copies stage ``s``'s tied gradient leaves to their partner stages."""
+    sends = self._tie_sends(s)
+    extract = extract.fn
+    # Always a copy: a partner on the same rank must not share a buffer that it donates.
+    move = _transfer([sharding for _, _, sharding in sends])
+
+    def op(ctx):
+      moved = move(extract(*ctx.acc[s]))
+      for value, (_, key, _) in zip(moved, sends):
+        ctx.partner[key] = value
+      return moved
+    return _Op(fn=op, rank=self.rank_of[s])
+
+  def _tie_sends(self, s: int) -> list:
+    """(leaf of stage ``s``, (partner stage, tie index), partner sharding) per cross-stage tie."""
     sends = []
     for k, link in enumerate(self.ties):
       if link.stage_a == link.stage_b:
@@ -576,16 +643,13 @@ class _Setup:
         sends.append((link.leaf_a, (link.stage_b, k), self.rep[self.rank_of[link.stage_b]]))
       elif link.stage_b == s:
         sends.append((link.leaf_b, (link.stage_a, k), self.rep[self.rank_of[link.stage_a]]))
+    return sends
 
-    def op(ctx):
-      out = []
-      for leaf, key, sharding in sends:
-        # may_alias=False: a partner on the same rank must not share a buffer that finalize
-        # donates.
-        ctx.partner[key] = jax.device_put(ctx.acc[s][leaf], sharding, may_alias=False)
-        out.append(ctx.partner[key])
-      return out
-    return _Op(fn=op, rank=self.rank_of[s])
+  def _build_extract(self, s: int) -> Callable:
+    leaves = [leaf for leaf, _, _ in self._tie_sends(s)]
+    f, r = self.fns[s], self.rank_of[s]
+    return self._compile(f.extract_grads(leaves), self._acc_specs(s), r,
+                         out_shardings=self.rep[r])
 
   def _train_ops(self, stage_progs, fin, metrics, updates) -> tuple[_Op, ...]:
     split = {(a.stage, a.mb) for _, a in self.order if a.kind is Kind.W}
@@ -604,12 +668,13 @@ class _Setup:
         continue
       complete.add(a.stage)
       if partners[a.stage]:
-        ops.append(self._tie_send_op(a.stage))
+        ops.append(self._tie_send_op(a.stage, self._build_extract(a.stage)))
       for t in sorted({a.stage} | partners[a.stage]):
         if t not in finalized and t in complete and partners[t] <= complete:
           ops.append(self._finalize_op(t, fin[t], updates))
           finalized.add(t)
     lr = self.last_rank
+    metrics = metrics.fn
 
     def metrics_op(ctx):
       ctx.metrics = metrics(ctx.loss, *ctx.sq)
@@ -619,15 +684,18 @@ class _Setup:
       ops.append(self._clipped_update_op(updates))
     return tuple(ops)
 
-  def _clipped_update_op(self, updates: Sequence[Callable]) -> _Op:
+  def _clipped_update_op(self, updates: Sequence[Any]) -> _Op:
     """Sends the clipping factor to every rank, then updates every stage."""
+    updates = [u.fn for u in updates]
     lr = self.last_rank
     others = [r for r in range(self.num_ranks) if r != lr]
     shardings = [self.rep[r] for r in others]
 
+    move = _transfer(shardings)
+
     def op(ctx):
       scale = ctx.metrics[2]
-      moved = dict(zip(others, jax.device_put([scale] * len(others), shardings)))
+      moved = dict(zip(others, move([scale] * len(others))))
       moved[lr] = scale
       for s in range(self.num_stages):
         ctx.new_p[s], ctx.new_opt[s] = updates[s](*ctx.p[s], *ctx.opt[s], *ctx.acc[s],
@@ -652,17 +720,18 @@ class _Setup:
       else:
         build = lambda: self._compile(f.eval_fwd(), args + [lidx], r,
                                       out_shardings=self.act_shardings(r, f.y_leaves))
-      evals.append(self._stage_program(s, "eval", build).fn)
+      evals.append(self._stage_program(s, "eval", build))
     lr = self.last_rank
     mean = self._compile(progs.mean_fn(self.m), [self._scalar(lr)], lr,
-                         out_shardings=self.rep[lr]).fn
+                         out_shardings=self.rep[lr])
     ops = []
     for mb in range(self.m):
       for s in range(self.num_stages):
         ops.append(self._eval_op(s, mb, evals[s]))
     return _Family(programs=dict(evals=evals, mean=mean), ops=tuple(ops))
 
-  def _eval_op(self, s: int, mb: int, prog: Callable) -> _Op:
+  def _eval_op(self, s: int, mb: int, prog: Any) -> _Op:
+    prog = prog.fn
     f, r = self.fns[s], self.rank_of[s]
     key, lidx = (s, mb), self.lidx[s]
     first, last = f.is_first, f.is_last
@@ -691,6 +760,8 @@ class MpmdBackend(pl.Backend):
       ``hkpipe.schedules.ascii_grid`` / ``svg_timeline``).
     last_stash_peaks: with ``record_timeline=True``, per rank, the most (stage, microbatch)
       residual stashes the driver held at once during the last step.
+    last_stash_peak_bytes: with ``record_timeline=True``, per rank, the most bytes those
+      stashes held at once (stage inputs, residuals and waiting cotangents).
   """
 
   def __init__(self, model, optimizer, options):
@@ -698,6 +769,7 @@ class MpmdBackend(pl.Backend):
     self.cache = _mpmd_compile.ProgramCache()
     self.last_timeline: tuple[schedules.Record, ...] = ()
     self.last_stash_peaks: tuple[int, ...] = ()
+    self.last_stash_peak_bytes: tuple[int, ...] = ()
     self._layout: layout_lib.Layout | None = None
     self._setups: dict[Any, _Setup] = {}
     self._rng_copies: tuple[Any, list] | None = None
@@ -755,18 +827,26 @@ class MpmdBackend(pl.Backend):
     ctx.loss = setup.loss0
     if training:
       ctx.opt = [jax.tree.leaves(o) for o in state.opt_state]
-      ctx.acc = [p["zeros"]() for p in programs["stages"]]
+      ctx.acc = [p["zeros"].fn() for p in programs["stages"]]
       ctx.rng = self._rng_on_ranks(setup, state.rng)
-      ctx.step = jax.device_put([np.int32(state.step)] * setup.num_ranks, setup.rep)
+      ctx.step = setup.scalars_on_ranks(np.int32(state.step))
     return ctx
 
   def _run(self, setup: _Setup, ops: Sequence[_Op], ctx: _Ctx) -> None:
     if not self.options.record_timeline:
-      for op in ops:
-        op.fn(ctx)
+      # The loop creates thousands of short-lived objects (array handles, lists) that reference
+      # counting frees; Python's cycle collector would only rescan them, so it pauses meanwhile.
+      paused = gc.isenabled()
+      gc.disable()
+      try:
+        for op in ops:
+          op.fn(ctx)
+      finally:
+        if paused:
+          gc.enable()
       return
     jax.block_until_ready([ctx.p, ctx.xin, ctx.tgt, ctx.acc])
-    records, peaks = [], [0] * setup.num_ranks
+    records, peaks, peak_bytes = [], [0] * setup.num_ranks, [0] * setup.num_ranks
     t0 = time.perf_counter()
     for op in ops:
       start = time.perf_counter()
@@ -777,11 +857,19 @@ class MpmdBackend(pl.Backend):
         records.append(schedules.Record(op.rank, a.kind.value, a.stage, a.mb, start - t0,
                                         end - t0))
       live = [0] * setup.num_ranks
-      for s, _ in ctx.stash:
-        live[setup.rank_of[s]] += 1
-      peaks = [max(p, n) for p, n in zip(peaks, live)]
+      held: list[dict[int, int]] = [{} for _ in range(setup.num_ranks)]
+      for (s, _), entry in ctx.stash.items():
+        r = setup.rank_of[s]
+        live[r] += 1
+        for leaf in jax.tree.leaves(entry):
+          held[r][id(leaf)] = leaf.nbytes
+      for r in range(setup.num_ranks):
+        if live[r] > peaks[r]:
+          peaks[r] = live[r]
+        peak_bytes[r] = max(peak_bytes[r], sum(held[r].values()))
     self.last_timeline = tuple(records)
     self.last_stash_peaks = tuple(peaks)
+    self.last_stash_peak_bytes = tuple(peak_bytes)
 
   def _train_family(self, setup: _Setup, state: pl.TrainState, with_update: bool) -> _Family:
     opt = None
@@ -803,7 +891,7 @@ class MpmdBackend(pl.Backend):
       r, start = setup.rank_of[s], setup.stages[s].start
       index = jax.device_put([np.int32(start + j) for j in range(len(inits))],
                              [setup.rep[r]] * len(inits))
-      leaves.append([leaf for j, init in enumerate(inits) for leaf in init(keys[r], index[j])])
+      leaves.append([leaf for j, init in enumerate(inits) for leaf in init.fn(keys[r], index[j])])
     for link in setup.ties:
       leaves[link.stage_b][link.leaf_b] = jax.device_put(
           leaves[link.stage_a][link.leaf_a], setup.rep[setup.rank_of[link.stage_b]],
@@ -812,7 +900,7 @@ class MpmdBackend(pl.Backend):
     for s, (_, opt_init) in enumerate(fam.programs):
       params.append(setup.stage_dict(s, leaves[s]))
       shapes = jax.eval_shape(self.optimizer.init, setup.stage_dict(s, setup.fns[s].p_leaves))
-      opt_state.append(jax.tree.structure(shapes).unflatten(opt_init(*leaves[s])))
+      opt_state.append(jax.tree.structure(shapes).unflatten(opt_init.fn(*leaves[s])))
     return pl.TrainState(step=0, params=tuple(params), opt_state=tuple(opt_state),
                          rng=state_rng)
 
@@ -833,7 +921,8 @@ class MpmdBackend(pl.Backend):
     fam = self._train_family(setup, state, with_update=False)
     ctx = self._context(setup, state, batch, fam.programs, training=True)
     self._run(setup, fam.ops, ctx)
-    return ctx.metrics[0], setup.canonical(ctx.acc)
+    grads = [unpack.fn(*acc) for unpack, acc in zip(fam.programs["unpack"], ctx.acc)]
+    return ctx.metrics[0], setup.canonical(grads)
 
   def eval_loss(self, state, batch):
     setup = self._setup(batch)
@@ -841,7 +930,7 @@ class MpmdBackend(pl.Backend):
     ctx = self._context(setup, state, batch, fam.programs, training=False)
     for op in fam.ops:
       op.fn(ctx)
-    return fam.programs["mean"](ctx.loss)
+    return fam.programs["mean"].fn(ctx.loss)
 
   def to_canonical(self, state):
     names = [spec.layer_names for spec in self.layout.stages]

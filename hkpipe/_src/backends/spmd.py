@@ -244,6 +244,10 @@ class SpmdBackend(pl.Backend):
       y, pullback = jax.vjp(lambda p: fn(p, x), params)
     else:
       y, pullback = jax.vjp(fn, params, x)
+    # The pullback is a pytree whose leaves are its residuals and whose static part (a jaxpr
+    # taking the residuals as inputs) does not depend on the trace, so the structure recorded
+    # by an abstract pre-pass rebuilds it in the backward branch (checked in each forward).
+    # Residuals that are the parameters themselves (by identity) are not stashed.
     leaves, treedef = jax.tree.flatten(pullback)
     index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
     kinds = tuple(index.get(id(leaf), -1) for leaf in leaves)
