@@ -264,12 +264,14 @@ def test_single_rank_ties_within_one_rank(schedule, cache):
   check_against(pipe, reference("gpt"), case("gpt").batch)
 
 
-def test_pp_dp_mesh(cache):
-  """A (pp=2, dp=2) mesh: each stage's microbatch is split over its 2 devices."""
+@pytest.mark.parametrize("name", ["hetero", "dropout"])
+def test_pp_dp_mesh(name, cache):
+  """A (pp=2, dp=2) mesh: each stage's microbatch is split over its 2 devices; one SPMD program
+  per stage computes on the whole microbatch, so even dropout masks equal the single device's."""
   mesh = jax.make_mesh((2, 2), ("pp", "dp"), devices=jax.devices()[:4])
-  pipe = mpmd("hetero", cache, mesh=mesh, devices=None, schedule="1f1b")
-  check_against(pipe, reference("hetero"), case("hetero").batch)
-  state = pipe.init(KEY, case("hetero").batch)
+  pipe = mpmd(name, cache, mesh=mesh, devices=None, schedule="1f1b")
+  check_against(pipe, reference(name), case(name).batch)
+  state = pipe.init(KEY, case(name).batch)
   grid = np.asarray(mesh.devices)
   for s in range(2):
     for leaf in jax.tree.leaves(state.params[s]):
