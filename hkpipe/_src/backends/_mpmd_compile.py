@@ -171,6 +171,9 @@ class ProgramCache:
     # clones are made from.
     self._by_key: dict[str, dict[tuple[Any, ...], concurrent.futures.Future]] = {}
     self._clone_ok = True
+    # Stage-level memo filled by the MPMD setup: (stage signature, program name, ...) ->
+    # (program, extra data); lets identical stages skip tracing.
+    self.memo: dict[Any, tuple[Program, Any]] = {}
 
   def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
     if self._pool is None:

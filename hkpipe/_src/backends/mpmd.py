@@ -185,7 +185,12 @@ class _Setup:
     self.loss0 = jax.device_put(np.float32(0.0), self.rep[self.last_rank])
     self._families: dict[Any, _Family] = {}
     self._programs: dict[tuple[int, str], _mpmd_compile.Program] = {}
-    self._twin: list[int | None] | None = None
+    self._sig: list[Any] | None = None
+    # Everything besides a stage's own signature that its programs depend on.
+    o = self.options
+    self._context = (id(self.model), id(backend.optimizer), self.m, o.remat, o.max_grad_norm,
+                     o.donate, layout.dp, jax.tree.structure(mb_targets),
+                     tuple(jax.tree.leaves(mb_targets)))
 
   # -- placement helpers -----------------------------------------------------------------------
 
@@ -246,35 +251,39 @@ class _Setup:
     return self.backend.cache.build(fn, args, self.rank_devices(rank),
                                     out_shardings=out_shardings, donate_argnums=tuple(donate))
 
-  def _stage_program(self, s: int, name: str,
-                     build: Callable[[], _mpmd_compile.Program]) -> _mpmd_compile.Program:
-    """Program ``name`` of stage ``s``: placed from an identical earlier stage when there is one
-    (no tracing), else built."""
-    twin = self._twin[s] if self._twin is not None else None
-    if twin is not None and (twin, name) in self._programs:
-      placed = self.backend.cache.place(self._programs[(twin, name)],
-                                        self.rank_devices(self.rank_of[s]))
-      if placed is not None:
-        self._programs[(s, name)] = placed
-        return placed
-    self._programs[(s, name)] = build()
-    return self._programs[(s, name)]
+  def _stage_program(self, s: int, name: str, build: Callable[[], _mpmd_compile.Program],
+                     extra: Any = ()) -> _mpmd_compile.Program:
+    """Program ``name`` of stage ``s``.
 
-  def find_twins(self, rng: Any) -> None:
-    """Marks each stage identical to an earlier one (same traced computation in training and
-    evaluation, same position, ties and backward kinds); its programs are then placed from the
-    earlier stage's without tracing them again."""
-    if self._twin is not None:
+    Placed without tracing when a stage with the same signature (see :meth:`find_signatures`)
+    built it before, in this pipeline or in another sharing the program cache; built otherwise.
+    """
+    sig = self._sig[s] if self._sig is not None else None
+    if sig is None:
+      return build()
+    key = (sig, name, extra, self._context)
+    memo = self.backend.cache.memo
+    if key in memo:
+      base, res = memo[key]
+      placed = self.backend.cache.place(base, self.rank_devices(self.rank_of[s]))
+      if placed is not None:
+        if res is not None:
+          self.fns[s].res = res            # identical stages have identical residual layouts
+        return placed
+    program = build()
+    memo.setdefault(key, (program, self.fns[s].res if name in ("fwd", "last_fwd_i") else None))
+    return program
+
+  def find_signatures(self, rng: Any) -> None:
+    """Computes each stage's signature: its traced computation in training and evaluation mode,
+    position (first/last), tie layout and backward kinds. Stages with equal signatures (and
+    equal pipeline options) share programs, which are then placed without tracing them again."""
+    if self._sig is not None:
       return
     kinds = {(a.stage, a.kind) for row in _mpmd_plan.compute_actions(self.schedule) for a in row}
-    first: dict[Any, int] = {}
-    self._twin = []
-    for f in self.fns:
-      s = f.spec.index
-      sig = self._signature(f, rng, tuple(k for k in (Kind.B, Kind.W) if (s, k) in kinds))
-      self._twin.append(first.get(sig) if sig is not None else None)
-      if sig is not None:
-        first.setdefault(sig, s)
+    self._sig = [self._signature(f, rng, tuple(k for k in (Kind.B, Kind.W)
+                                                if (f.spec.index, k) in kinds))
+                 for f in self.fns]
 
   def _signature(self, f: progs.StageFns, rng: Any, kinds: tuple) -> Any:
     key = jax.ShapeDtypeStruct(rng.shape, rng.dtype)
@@ -353,9 +362,6 @@ class _Setup:
   def _build_stage_train(self, s: int, rng: Any, kinds: set) -> dict:
     """The forward/backward programs of stage ``s`` that the schedule uses."""
     f, r = self.fns[s], self.rank_of[s]
-    twin = self._twin[s] if self._twin is not None else None
-    if twin is not None:
-      f.res = self.fns[twin].res  # identical stages have identical residual layouts
     rep = self.rep[r]
     inputs = self._input_specs(s, rng)
     acc = self._acc_specs(s)
@@ -431,7 +437,7 @@ class _Setup:
 
   def build_core(self, rng: Any) -> _Family:
     """Forward/backward, gradient-finalize and metrics programs (shared by train and grads)."""
-    self.find_twins(rng)
+    self.find_signatures(rng)
     kinds = {(a.stage, a.kind) for row in _mpmd_plan.compute_actions(self.schedule) for a in row}
     stage_progs = [self._build_stage_train(s, rng, kinds) for s in range(self.num_stages)]
     fin = []
@@ -477,7 +483,8 @@ class _Setup:
     donate = list(range(f.np + len(opt_specs))) if self.options.donate else []
     return self._stage_program(s, "update", lambda: self._compile(
         progs.update_fn(self.backend.optimizer, f, opt_tree, clip), args, r,
-        out_shardings=rep, donate=donate))
+        out_shardings=rep, donate=donate),
+        extra=(opt_tree, tuple((a.shape, jnp.dtype(a.dtype)) for a in opt_leaves)))
 
   def _tie_plan(self, s: int):
     """For stage ``s``: tied leaf pairs within it, incoming partner gradients, their specs."""
@@ -705,7 +712,7 @@ class _Setup:
 
   def build_eval(self, rng: Any) -> _Family:
     """Forward-only programs (no dropout) and their ops, microbatch by microbatch."""
-    self.find_twins(rng)
+    self.find_signatures(rng)
     evals = []
     for f in self.fns:
       s, r = f.spec.index, self.rank_of[f.spec.index]
