@@ -88,6 +88,12 @@ def case(name: str) -> Case:
     return Case(_gpt(), lm_batch)
   if name == "dropout":
     return Case(_dropout_model(), helpers.token_batch(batch=8, seq=5))
+  if name == "tied":       # mid_0.w = mid_1.w (stages 0 and 1), mid_2.w = mid_3.w (stage 1)
+    m = helpers.hetero_model(n_mid=4)
+    ties = (hkpipe.Tie(("mid_0", "linear", "w"), ("mid_1", "linear", "w")),
+            hkpipe.Tie(("mid_2", "linear", "w"), ("mid_3", "linear", "w")))
+    return Case(hkpipe.SequentialModel(m.layers, m.loss_fn, ties),
+                helpers.token_batch(batch=8, seq=5), lambda n: {2: [3], 1: []}[n])
   if name == "llama":
     return Case(models.build(models.LlamaConfig(vocab_size=32, seq_len=8, d_model=16,
                                                 n_layers=6, n_heads=2, n_kv_heads=1)), lm_batch)
@@ -105,6 +111,13 @@ class Reference:
 
 
 @functools.lru_cache(maxsize=None)
+def _single(name: str) -> hkpipe.Pipeline:
+  """One single-device pipeline per model (its compiled programs serve every reference)."""
+  return hkpipe.Pipeline(case(name).model, optax.sgd(LR), backend="single", num_microbatches=M,
+                         donate=False)
+
+
+@functools.lru_cache(maxsize=None)
 def reference(name: str, max_grad_norm: float | None = None) -> Reference:
   """The single-device run every pipelined configuration must reproduce.
 
@@ -114,8 +127,7 @@ def reference(name: str, max_grad_norm: float | None = None) -> Reference:
   train step once per model and clipping threshold.
   """
   c = case(name)
-  pipe = hkpipe.Pipeline(c.model, optax.sgd(LR), backend="single", num_microbatches=M,
-                         donate=False)
+  pipe = _single(name)
   state = pipe.init(KEY, c.batch)
   params = jax.device_get(pipe.params(state))
   loss, grads = jax.device_get(pipe.loss_and_grads(state, c.batch))
@@ -257,11 +269,18 @@ def test_tied_embeddings_on_different_stages_stay_identical(cache):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
-def test_single_rank_ties_within_one_rank(schedule, cache):
-  """One rank: the embedding and the head share a stage (1f1b) or a device (2 stages)."""
-  pipe = mpmd("gpt", cache, schedule=schedule, ranks=1)
-  check_against(pipe, reference("gpt"), case("gpt").batch)
+@pytest.mark.parametrize("schedule, ranks", [("1f1b", 2), ("interleaved_1f1b", 1)])
+def test_ties_within_a_stage_and_a_rank(schedule, ranks, cache):
+  """Ties between two stages on two ranks or on one rank (interleaved: both stages on one
+  device), and between two layers of one stage."""
+  pipe = mpmd("tied", cache, schedule=schedule, ranks=ranks)
+  check_against(pipe, reference("tied"), case("tied").batch)
+  state = pipe.init(KEY, case("tied").batch)
+  state, _ = pipe.train_step(state, case("tied").batch)
+  p = pipe.params(state)
+  for tie in case("tied").model.ties:
+    (a, am, an), (b, bm, bn) = tie.source, tie.target
+    chex.assert_trees_all_equal(np.asarray(p[a][am][an]), np.asarray(p[b][bm][bn]))
 
 
 @pytest.mark.parametrize("name", ["hetero", "dropout"])
