@@ -89,8 +89,6 @@ class Packing:
       leaves[i] = buf
     return leaves
 
-  def zeros(self) -> list:
-    return [jnp.zeros(b.shape, b.dtype) for b in self.buffers()]
 
 
 @dataclasses.dataclass
@@ -354,14 +352,6 @@ class StageFns:
 
     return layer_init
 
-  def zeros(self):
-    """``zeros() -> acc``: a fresh (packed) gradient accumulator."""
-
-    def stage_zeros():
-      return self.acc_packing.zeros()
-
-    return stage_zeros
-
   def unpack_grads(self):
     """``unpack(*acc) -> [*g]``: the gradient leaves of a packed accumulator (stage order)."""
 
@@ -400,14 +390,21 @@ def finalize_fn(fns: StageFns, same_stage: Sequence[tuple[int, int]],
     acc, partner = args[:n], args[n:]
     if not same_stage and not incoming:
       return list(acc), pl.sq_norm(list(acc))
-    g = fns.acc_packing.unpack(acc)
-    for i, j in same_stage:
-      g[i], g[j] = g[i] + g[j], g[j] + g[i]
-    for k, i in enumerate(incoming):
-      g[i] = g[i] + partner[k]
+    g = _tie_sums(fns.acc_packing.unpack(acc), same_stage, incoming, partner)
     return fns.acc_packing.pack(g), pl.sq_norm(g)
 
   return stage_finalize
+
+
+def _tie_sums(g: list, same_stage: Sequence[tuple[int, int]], incoming: Sequence[int],
+              partner: Sequence[Any]) -> list:
+  """Gradient leaves with tied pairs summed (``a + b`` on both sides: bit-identical)."""
+  g = list(g)
+  for i, j in same_stage:
+    g[i], g[j] = g[i] + g[j], g[j] + g[i]
+  for k, i in enumerate(incoming):
+    g[i] = g[i] + partner[k]
+  return g
 
 
 def metrics_fn(num_stages: int, num_microbatches: int, max_grad_norm: float | None) -> Callable:
@@ -422,21 +419,33 @@ def metrics_fn(num_stages: int, num_microbatches: int, max_grad_norm: float | No
 
 
 def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: Any,
-              clip: bool) -> Callable:
-  """``update(*p, *opt, *acc, [scale]) -> (p', opt')``: one optimizer step of one stage."""
-  n_p, n_opt = fns.np, opt_tree.num_leaves
+              clip: bool, same_stage: Sequence[tuple[int, int]] = (),
+              incoming: Sequence[int] = ()) -> Callable:
+  """One optimizer step of one stage, handing back a zeroed accumulator for the next step.
+
+  With clipping: ``update(*p, *opt, *g, scale) -> (p', opt', zeros)`` on finalized gradients
+  ``g`` (the clip factor needs every stage's norm first). Without: the finalize step is fused in,
+  ``update(*p, *opt, *acc, *partner) -> (p', opt', zeros, sq)`` (see :func:`finalize_fn`), so a
+  stage updates as soon as its own backward is done. The accumulator is donated, so the zeros
+  reuse its buffers.
+  """
+  n_p, n_opt, n_acc = fns.np, opt_tree.num_leaves, fns.nacc
 
   def stage_update(*args):
     p = fns.names_dict(fns.p_tree.unflatten(args[:n_p]))
     opt = opt_tree.unflatten(args[n_p:n_p + n_opt])
-    g = fns.acc_packing.unpack(args[n_p + n_opt:n_p + n_opt + fns.nacc])
+    acc = args[n_p + n_opt:n_p + n_opt + n_acc]
+    g = fns.acc_packing.unpack(acc)
     if clip:
       scale = args[-1]
       g = [x * scale.astype(x.dtype) for x in g]
-    g = fns.names_dict(fns.p_tree.unflatten(g))
-    updates, opt = optimizer.update(g, opt, p)
+    else:
+      g = _tie_sums(g, same_stage, incoming, args[n_p + n_opt + n_acc:])
+    updates, opt = optimizer.update(fns.names_dict(fns.p_tree.unflatten(g)), opt, p)
     p = optax.apply_updates(p, updates)
-    return jax.tree.leaves(tuple(p[n] for n in fns.spec.layer_names)), jax.tree.leaves(opt)
+    out = (jax.tree.leaves(tuple(p[n] for n in fns.spec.layer_names)), jax.tree.leaves(opt),
+           [jnp.zeros_like(a) for a in acc])
+    return out if clip else out + (pl.sq_norm(g),)
 
   return stage_update
 

@@ -91,7 +91,7 @@ class _Ctx:
   """Mutable state of one driver call (a train step, a gradient or an evaluation)."""
 
   __slots__ = ("p", "opt", "acc", "loss", "rng", "step", "xin", "tgt", "acts", "cts", "stash",
-               "partner", "sq", "metrics", "scale", "new_p", "new_opt")
+               "partner", "sq", "metrics", "scale", "new_p", "new_opt", "new_acc")
 
   def __init__(self, num_stages: int):
     self.p = self.opt = self.acc = self.rng = self.step = self.xin = self.tgt = None
@@ -103,6 +103,7 @@ class _Ctx:
     self.sq = [None] * num_stages
     self.new_p = [None] * num_stages
     self.new_opt = [None] * num_stages
+    self.new_acc = [None] * num_stages
     self.metrics = None
     self.scale = None
 
@@ -406,7 +407,6 @@ class _Setup:
         if not f.is_first:
           p["i"] = build("i", lambda: backward(f.bwd_i(), dx, with_acc=False))
         p["w"] = build("w", lambda: backward(f.bwd_w(), rep))
-    p["zeros"] = build("zeros", lambda: self._compile(f.zeros(), [], r, out_shardings=rep))
     return p
 
   def split(self, rank: int, leaves: Sequence[Any]) -> list[list]:
@@ -436,32 +436,38 @@ class _Setup:
       return jax.device_put([value] * self.num_ranks, self.rep)
 
   def build_core(self, rng: Any) -> _Family:
-    """Forward/backward, gradient-finalize and metrics programs (shared by train and grads)."""
+    """Forward/backward and metrics programs (shared by train and grads)."""
     self.find_signatures(rng)
     kinds = {(a.stage, a.kind) for row in _mpmd_plan.compute_actions(self.schedule) for a in row}
     stage_progs = [self._build_stage_train(s, rng, kinds) for s in range(self.num_stages)]
-    fin = []
-    for s, f in enumerate(self.fns):
-      same, incoming, partner_specs = self._tie_plan(s)
-      r = self.rank_of[s]
-      fin.append(self._stage_program(s, "finalize", lambda: self._compile(
-          progs.finalize_fn(f, same, [leaf for _, leaf in incoming]),
-          self._acc_specs(s) + partner_specs, r,
-          out_shardings=([self.rep[r]] * f.nacc, self.rep[r]), donate=range(f.nacc))))
     lr = self.last_rank
     metrics = self._compile(
         progs.metrics_fn(self.num_stages, self.m, self.options.max_grad_norm),
         [self._scalar(lr)] * (1 + self.num_stages), lr, out_shardings=self.rep[lr])
-    return _Family(programs=dict(stages=stage_progs, finalize=fin, metrics=metrics))
+    return _Family(programs=dict(stages=stage_progs, metrics=metrics))
+
+  def _build_finalize(self, s: int) -> _mpmd_compile.Program:
+    f, r = self.fns[s], self.rank_of[s]
+    same, incoming, partner_specs = self._tie_plan(s)
+    return self._stage_program(s, "finalize", lambda: self._compile(
+        progs.finalize_fn(f, same, [leaf for _, leaf in incoming]),
+        self._acc_specs(s) + partner_specs, r,
+        out_shardings=([self.rep[r]] * f.nacc, self.rep[r]), donate=range(f.nacc)))
 
   def build_steps(self, core: _Family, opt: Sequence[tuple[Any, list]] | None) -> _Family:
     """Driver ops of a gradient computation, plus optimizer updates when ``opt`` is given.
+
+    Without clipping the tied-gradient sums and the norm are fused into each stage's update;
+    with clipping (or for gradients only) a separate finalize program comes first.
 
     Args:
       core: the :meth:`build_core` programs.
       opt: per stage, (treedef, leaves) of its optimizer state; None: gradients only.
     """
-    updates = unpack = None
+    updates = unpack = fin = None
+    clip = self.options.max_grad_norm is not None
+    if opt is None or clip:
+      fin = [self._build_finalize(s) for s in range(self.num_stages)]
     if opt is not None:
       updates = [self._build_update(s, *opt[s]) for s in range(self.num_stages)]
     else:
@@ -469,20 +475,24 @@ class _Setup:
           self.fns[s].unpack_grads(), self._acc_specs(s), self.rank_of[s],
           out_shardings=self.rep[self.rank_of[s]])) for s in range(self.num_stages)]
     p = core.programs
-    programs = dict(p, updates=updates, unpack=unpack)
+    programs = dict(p, updates=updates, unpack=unpack, finalize=fin)
     return _Family(programs=programs,
-                   ops=self._train_ops(p["stages"], p["finalize"], p["metrics"], updates))
+                   ops=self._train_ops(p["stages"], fin, p["metrics"], updates))
 
   def _build_update(self, s: int, opt_tree: Any, opt_leaves: Sequence[Any]) -> Callable:
     f, r = self.fns[s], self.rank_of[s]
     rep = self.rep[r]
     clip = self.options.max_grad_norm is not None
     opt_specs = [_spec(a, rep) for a in opt_leaves]
+    same, incoming, partner_specs = self._tie_plan(s)
     args = self._param_specs(s) + opt_specs + self._acc_specs(s)
-    args += [self._scalar(r)] if clip else []
-    donate = list(range(f.np + len(opt_specs))) if self.options.donate else []
+    args += [self._scalar(r)] if clip else partner_specs
+    n = f.np + len(opt_specs)
+    # The accumulator is always donated: the fresh zeros for the next step reuse it.
+    donate = (list(range(n)) if self.options.donate else []) + list(range(n, n + f.nacc))
     return self._stage_program(s, "update", lambda: self._compile(
-        progs.update_fn(self.backend.optimizer, f, opt_tree, clip), args, r,
+        progs.update_fn(self.backend.optimizer, f, opt_tree, clip, same,
+                        [leaf for _, leaf in incoming]), args, r,
         out_shardings=rep, donate=donate),
         extra=(opt_tree, tuple((a.shape, jnp.dtype(a.dtype)) for a in opt_leaves)))
 
@@ -606,25 +616,30 @@ class _Setup:
     return _Op(fn=op, rank=rank, action=a)
 
   def _finalize_op(self, s: int, fin: Any, updates: Sequence[Any] | None) -> _Op:
-    """Sums tied gradients into stage ``s``, sends its squared norm to the metrics rank and,
-    without clipping, applies its update right away."""
+    """After stage ``s``'s last backward: sums its tied gradients, sends its squared norm to the
+    metrics rank and, without clipping, applies its update at once (one fused program)."""
     _, incoming, _ = self._tie_plan(s)
     keys = [(s, k) for k, _ in incoming]
     r, lr = self.rank_of[s], self.last_rank
-    to_metrics = None if r == lr else _transfer([self.rep[lr]])
-    fin = fin.fn
-    update = (updates[s].fn if updates is not None and self.options.max_grad_norm is None
-              else None)
+    to_metrics = (lambda sq: sq) if r == lr else (lambda sq, m=_transfer([self.rep[lr]]): m([sq])[0])
+    if fin is not None:
+      finalize = fin.fn
 
-    def op(ctx):
-      g, sq = fin(*ctx.acc[s], *[ctx.partner.pop(k) for k in keys])
-      ctx.acc[s] = g
-      ctx.sq[s] = sq if to_metrics is None else to_metrics([sq])[0]
-      if update is None:
+      def op(ctx):
+        g, sq = finalize(*ctx.acc[s], *[ctx.partner.pop(k) for k in keys])
+        ctx.acc[s] = g
+        ctx.sq[s] = to_metrics(sq)
         return g, sq
-      ctx.new_p[s], ctx.new_opt[s] = update(*ctx.p[s], *ctx.opt[s], *g)
-      return g, sq, ctx.new_p[s], ctx.new_opt[s]
-    return _Op(fn=op, rank=r)
+      return _Op(fn=op, rank=r)
+    update = updates[s].fn
+
+    def fused(ctx):
+      p, o, zeros, sq = update(*ctx.p[s], *ctx.opt[s], *ctx.acc[s],
+                               *[ctx.partner.pop(k) for k in keys])
+      ctx.new_p[s], ctx.new_opt[s], ctx.new_acc[s] = p, o, zeros
+      ctx.sq[s] = to_metrics(sq)
+      return p, o, zeros, sq
+    return _Op(fn=fused, rank=r)
 
   def _tie_send_op(self, s: int, extract: Any) -> _Op:
     """Copies stage ``s``'s tied gradient leaves to their partner stages."""
@@ -678,7 +693,7 @@ class _Setup:
         ops.append(self._tie_send_op(a.stage, self._build_extract(a.stage)))
       for t in sorted({a.stage} | partners[a.stage]):
         if t not in finalized and t in complete and partners[t] <= complete:
-          ops.append(self._finalize_op(t, fin[t], updates))
+          ops.append(self._finalize_op(t, fin[t] if fin is not None else None, updates))
           finalized.add(t)
     lr = self.last_rank
     metrics = metrics.fn
@@ -705,8 +720,8 @@ class _Setup:
       moved = dict(zip(others, move([scale] * len(others))))
       moved[lr] = scale
       for s in range(self.num_stages):
-        ctx.new_p[s], ctx.new_opt[s] = updates[s](*ctx.p[s], *ctx.opt[s], *ctx.acc[s],
-                                                  moved[self.rank_of[s]])
+        ctx.new_p[s], ctx.new_opt[s], ctx.new_acc[s] = updates[s](
+            *ctx.p[s], *ctx.opt[s], *ctx.acc[s], moved[self.rank_of[s]])
       return ctx.new_p, ctx.new_opt
     return _Op(fn=op, rank=lr)
 
@@ -780,6 +795,7 @@ class MpmdBackend(pl.Backend):
     self._layout: layout_lib.Layout | None = None
     self._setups: dict[Any, _Setup] = {}
     self._rng_copies: tuple[Any, list] | None = None
+    self._acc_pool: dict[int, list] = {}      # id(setup) -> zeroed accumulators for next step
 
   # -- layout ----------------------------------------------------------------------------------
 
@@ -834,10 +850,19 @@ class MpmdBackend(pl.Backend):
     ctx.loss = setup.loss0
     if training:
       ctx.opt = [jax.tree.leaves(o) for o in state.opt_state]
-      ctx.acc = [p["zeros"].fn() for p in programs["stages"]]
+      ctx.acc = self._accumulators(setup)
       ctx.rng = self._rng_on_ranks(setup, state.rng)
       ctx.step = setup.scalars_on_ranks(np.int32(state.step))
     return ctx
+
+  def _accumulators(self, setup: _Setup) -> list:
+    """Zeroed packed gradient accumulators: the ones the previous train step's updates handed
+    back (zeroed in place), or fresh zeros sent from the host."""
+    recycled = self._acc_pool.pop(id(setup), None)
+    if recycled is not None:
+      return recycled
+    return [jax.device_put([np.zeros(b.shape, b.dtype) for b in f.acc_packing.buffers()],
+                           setup.rep[setup.rank_of[s]]) for s, f in enumerate(setup.fns)]
 
   def _run(self, setup: _Setup, ops: Sequence[_Op], ctx: _Ctx) -> None:
     if not self.options.record_timeline:
@@ -916,6 +941,7 @@ class MpmdBackend(pl.Backend):
     fam = self._train_family(setup, state, with_update=True)
     ctx = self._context(setup, state, batch, fam.programs, training=True)
     self._run(setup, fam.ops, ctx)
+    self._acc_pool[id(setup)] = ctx.new_acc
     params = tuple(setup.stage_dict(s, p) for s, p in enumerate(ctx.new_p))
     opt_state = tuple(jax.tree.structure(o).unflatten(n)
                       for o, n in zip(state.opt_state, ctx.new_opt))
