@@ -40,57 +40,6 @@ def _is_float(a: Any) -> bool:
   return jnp.issubdtype(a.dtype, jnp.inexact)
 
 
-class Packing:
-  """Packs a list of arrays into one flat buffer per dtype (inside traced programs).
-
-  Every array handed to or returned by a compiled program costs the driver a few microseconds
-  (argument checks, usage events, a Python object per output), so the backward programs carry a
-  stage's gradient accumulator as one buffer per dtype (donated, so the addition happens in place)
-  instead of one array per parameter. Leaves of extended dtypes (PRNG keys) are passed through
-  unpacked, as are all leaves when ``enabled`` is False. (Packing the stashed residuals too was
-  measured slower: the extra copies and large allocations cost more than the saved arguments.)
-
-  Args:
-    avals: shapes/dtypes of the leaves, in order.
-    enabled: pack at all.
-  """
-
-  def __init__(self, avals: Sequence[Any], enabled: bool = True):
-    self.avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in avals]
-    self.groups: dict[Any, list[int]] = {}
-    self.passthrough: list[int] = []
-    for i, a in enumerate(self.avals):
-      if enabled and not jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended):
-        self.groups.setdefault(jnp.dtype(a.dtype), []).append(i)
-      else:
-        self.passthrough.append(i)
-
-  def buffers(self) -> list[jax.ShapeDtypeStruct]:
-    """Shapes of the packed buffers, in packing order."""
-    out = [jax.ShapeDtypeStruct((sum(int(np.prod(self.avals[i].shape)) for i in idx),), dtype)
-           for dtype, idx in self.groups.items()]
-    return out + [self.avals[i] for i in self.passthrough]
-
-  def pack(self, leaves: Sequence[Any]) -> list:
-    out = [jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]) if len(idx) > 1
-           else jnp.ravel(leaves[idx[0]]) for idx in self.groups.values()]
-    return out + [leaves[i] for i in self.passthrough]
-
-  def unpack(self, buffers: Sequence[Any]) -> list:
-    leaves: list[Any] = [None] * len(self.avals)
-    for buf, idx in zip(buffers, self.groups.values()):
-      offset = 0
-      for i in idx:
-        shape = self.avals[i].shape
-        size = int(np.prod(shape))
-        leaves[i] = jnp.reshape(buf[offset:offset + size], shape)
-        offset += size
-    for buf, i in zip(buffers[len(self.groups):], self.passthrough):
-      leaves[i] = buf
-    return leaves
-
-
-
 @dataclasses.dataclass
 class _Residuals:
   """Filled while tracing a forward: how to rebuild its ``jax.vjp`` function in the backward.
@@ -161,8 +110,6 @@ class StageFns:
     self.ndy = 0 if self.is_last else sum(self.y_float)
     self.n_inputs = self.np + self.nx + self.nt + 4
     self.res = _Residuals()          # filled by tracing fwd (or last_fwd_i)
-    self.acc_packing = Packing(self.p_leaves)
-    self.nacc = len(self.acc_packing.buffers())
 
   # -- pieces ----------------------------------------------------------------------------------
 
@@ -226,9 +173,9 @@ class StageFns:
     leaves = [inputs[i] if kind == "in" else res[i] for kind, i in self.res.source]
     return self.res.tree.unflatten(leaves)
 
-  def _accumulate(self, acc: Sequence[Any], dp: Sequence[Any]) -> list:
-    """Packed accumulator + packed gradient (XLA fuses the packing into the add)."""
-    return [a + g for a, g in zip(acc, self.acc_packing.pack(dp))]
+  @staticmethod
+  def _accumulate(acc: Sequence[Any], dp: Sequence[Any]) -> list:
+    return [a + g for a, g in zip(acc, dp)]
 
   def _cotangent(self, dy: Sequence[Any]) -> Any:
     if self.is_last:
@@ -352,23 +299,6 @@ class StageFns:
 
     return layer_init
 
-  def unpack_grads(self):
-    """``unpack(*acc) -> [*g]``: the gradient leaves of a packed accumulator (stage order)."""
-
-    def stage_unpack(*acc):
-      return self.acc_packing.unpack(acc)
-
-    return stage_unpack
-
-  def extract_grads(self, leaves: Sequence[int]):
-    """``extract(*acc) -> [g_i for i in leaves]``: some gradient leaves (tied weights)."""
-
-    def stage_extract(*acc):
-      g = self.acc_packing.unpack(acc)
-      return [g[i] for i in leaves]
-
-    return stage_extract
-
   def names_dict(self, tree: Any) -> dict:
     """A stage-ordered tuple of per-layer trees as ``{layer_name: tree}``."""
     return dict(zip(self.spec.layer_names, tree))
@@ -376,22 +306,19 @@ class StageFns:
 
 def finalize_fn(fns: StageFns, same_stage: Sequence[tuple[int, int]],
                 incoming: Sequence[int]) -> Callable:
-  """``finalize(*acc, *partner) -> (acc', sq)``: sums tied gradients and measures the stage norm.
+  """``finalize(*acc, *partner) -> (g, sq)``: sums tied gradients and measures the stage norm.
 
   Args:
-    fns: the stage (for its accumulator packing).
+    fns: the stage.
     same_stage: leaf pairs tied within the stage (both become their sum).
     incoming: for each partner leaf (a tied gradient from another stage, moved here), the leaf it
       is added to.
   """
-  n = fns.nacc
+  n = fns.np
 
   def stage_finalize(*args):
-    acc, partner = args[:n], args[n:]
-    if not same_stage and not incoming:
-      return list(acc), pl.sq_norm(list(acc))
-    g = _tie_sums(fns.acc_packing.unpack(acc), same_stage, incoming, partner)
-    return fns.acc_packing.pack(g), pl.sq_norm(g)
+    g = _tie_sums(args[:n], same_stage, incoming, args[n:])
+    return g, pl.sq_norm(g)
 
   return stage_finalize
 
@@ -429,18 +356,18 @@ def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: 
   stage updates as soon as its own backward is done. The accumulator is donated, so the zeros
   reuse its buffers.
   """
-  n_p, n_opt, n_acc = fns.np, opt_tree.num_leaves, fns.nacc
+  n_p, n_opt = fns.np, opt_tree.num_leaves
 
   def stage_update(*args):
     p = fns.names_dict(fns.p_tree.unflatten(args[:n_p]))
     opt = opt_tree.unflatten(args[n_p:n_p + n_opt])
-    acc = args[n_p + n_opt:n_p + n_opt + n_acc]
-    g = fns.acc_packing.unpack(acc)
+    acc = args[n_p + n_opt:n_p + n_opt + n_p]
+    g = list(acc)
     if clip:
       scale = args[-1]
       g = [x * scale.astype(x.dtype) for x in g]
     else:
-      g = _tie_sums(g, same_stage, incoming, args[n_p + n_opt + n_acc:])
+      g = _tie_sums(g, same_stage, incoming, args[n_p + n_opt + n_p:])
     updates, opt = optimizer.update(fns.names_dict(fns.p_tree.unflatten(g)), opt, p)
     p = optax.apply_updates(p, updates)
     out = (jax.tree.leaves(tuple(p[n] for n in fns.spec.layer_names)), jax.tree.leaves(opt),

@@ -316,9 +316,8 @@ class _Setup:
     return [_spec(a, rep) for a in self.fns[s].p_leaves]
 
   def _acc_specs(self, s: int) -> list:
-    """The packed gradient accumulator of stage ``s`` (one flat buffer per dtype)."""
-    rep = self.rep[self.rank_of[s]]
-    return [_spec(a, rep) for a in self.fns[s].acc_packing.buffers()]
+    """The gradient accumulator of stage ``s`` (one array per parameter)."""
+    return self._param_specs(s)
 
   def _float_specs(self, s: int, leaves: Sequence[Any], mask: Sequence[bool]) -> list:
     r = self.rank_of[s]
@@ -366,7 +365,7 @@ class _Setup:
     rep = self.rep[r]
     inputs = self._input_specs(s, rng)
     acc = self._acc_specs(s)
-    n_in, n_p = len(inputs), f.nacc
+    n_in, n_p = len(inputs), f.np
     dx = [a.sharding for a in self._dx_specs(s)]
     split, full = (s, Kind.W) in kinds, (s, Kind.B) in kinds
     build = functools.partial(self._stage_program, s)
@@ -452,7 +451,7 @@ class _Setup:
     return self._stage_program(s, "finalize", lambda: self._compile(
         progs.finalize_fn(f, same, [leaf for _, leaf in incoming]),
         self._acc_specs(s) + partner_specs, r,
-        out_shardings=([self.rep[r]] * f.nacc, self.rep[r]), donate=range(f.nacc)))
+        out_shardings=([self.rep[r]] * f.np, self.rep[r]), donate=range(f.np)))
 
   def build_steps(self, core: _Family, opt: Sequence[tuple[Any, list]] | None) -> _Family:
     """Driver ops of a gradient computation, plus optimizer updates when ``opt`` is given.
@@ -464,18 +463,14 @@ class _Setup:
       core: the :meth:`build_core` programs.
       opt: per stage, (treedef, leaves) of its optimizer state; None: gradients only.
     """
-    updates = unpack = fin = None
+    updates = fin = None
     clip = self.options.max_grad_norm is not None
     if opt is None or clip:
       fin = [self._build_finalize(s) for s in range(self.num_stages)]
     if opt is not None:
       updates = [self._build_update(s, *opt[s]) for s in range(self.num_stages)]
-    else:
-      unpack = [self._stage_program(s, "unpack", lambda: self._compile(
-          self.fns[s].unpack_grads(), self._acc_specs(s), self.rank_of[s],
-          out_shardings=self.rep[self.rank_of[s]])) for s in range(self.num_stages)]
     p = core.programs
-    programs = dict(p, updates=updates, unpack=unpack, finalize=fin)
+    programs = dict(p, updates=updates, finalize=fin)
     return _Family(programs=programs,
                    ops=self._train_ops(p["stages"], fin, p["metrics"], updates))
 
@@ -489,7 +484,7 @@ class _Setup:
     args += [self._scalar(r)] if clip else partner_specs
     n = f.np + len(opt_specs)
     # The accumulator is always donated: the fresh zeros for the next step reuse it.
-    donate = (list(range(n)) if self.options.donate else []) + list(range(n, n + f.nacc))
+    donate = (list(range(n)) if self.options.donate else []) + list(range(n, n + f.np))
     return self._stage_program(s, "update", lambda: self._compile(
         progs.update_fn(self.backend.optimizer, f, opt_tree, clip, same,
                         [leaf for _, leaf in incoming]), args, r,
@@ -641,15 +636,14 @@ class _Setup:
       return p, o, zeros, sq
     return _Op(fn=fused, rank=r)
 
-  def _tie_send_op(self, s: int, extract: Any) -> _Op:
+  def _tie_send_op(self, s: int) -> _Op:
     """Copies stage ``s``'s tied gradient leaves to their partner stages."""
     sends = self._tie_sends(s)
-    extract = extract.fn
     # Always a copy: a partner on the same rank must not share a buffer that it donates.
     move = _transfer([sharding for _, _, sharding in sends])
 
     def op(ctx):
-      moved = move(extract(*ctx.acc[s]))
+      moved = move([ctx.acc[s][leaf] for leaf, _, _ in sends])
       for value, (_, key, _) in zip(moved, sends):
         ctx.partner[key] = value
       return moved
@@ -666,12 +660,6 @@ class _Setup:
       elif link.stage_b == s:
         sends.append((link.leaf_b, (link.stage_a, k), self.rep[self.rank_of[link.stage_a]]))
     return sends
-
-  def _build_extract(self, s: int) -> Callable:
-    leaves = [leaf for leaf, _, _ in self._tie_sends(s)]
-    f, r = self.fns[s], self.rank_of[s]
-    return self._compile(f.extract_grads(leaves), self._acc_specs(s), r,
-                         out_shardings=self.rep[r])
 
   def _train_ops(self, stage_progs, fin, metrics, updates) -> tuple[_Op, ...]:
     split = {(a.stage, a.mb) for _, a in self.order if a.kind is Kind.W}
@@ -690,7 +678,7 @@ class _Setup:
         continue
       complete.add(a.stage)
       if partners[a.stage]:
-        ops.append(self._tie_send_op(a.stage, self._build_extract(a.stage)))
+        ops.append(self._tie_send_op(a.stage))
       for t in sorted({a.stage} | partners[a.stage]):
         if t not in finalized and t in complete and partners[t] <= complete:
           ops.append(self._finalize_op(t, fin[t] if fin is not None else None, updates))
@@ -856,12 +844,12 @@ class MpmdBackend(pl.Backend):
     return ctx
 
   def _accumulators(self, setup: _Setup) -> list:
-    """Zeroed packed gradient accumulators: the ones the previous train step's updates handed
+    """Zeroed gradient accumulators: the ones the previous train step's updates handed
     back (zeroed in place), or fresh zeros sent from the host."""
     recycled = self._acc_pool.pop(id(setup), None)
     if recycled is not None:
       return recycled
-    return [jax.device_put([np.zeros(b.shape, b.dtype) for b in f.acc_packing.buffers()],
+    return [jax.device_put([np.zeros(a.shape, a.dtype) for a in f.p_leaves],
                            setup.rep[setup.rank_of[s]]) for s, f in enumerate(setup.fns)]
 
   def _run(self, setup: _Setup, ops: Sequence[_Op], ctx: _Ctx) -> None:
@@ -954,8 +942,7 @@ class MpmdBackend(pl.Backend):
     fam = self._train_family(setup, state, with_update=False)
     ctx = self._context(setup, state, batch, fam.programs, training=True)
     self._run(setup, fam.ops, ctx)
-    grads = [unpack.fn(*acc) for unpack, acc in zip(fam.programs["unpack"], ctx.acc)]
-    return ctx.metrics[0], setup.canonical(grads)
+    return ctx.metrics[0], setup.canonical(ctx.acc)
 
   def eval_loss(self, state, batch):
     setup = self._setup(batch)
