@@ -41,7 +41,8 @@ def _shapes(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def layer_io_shapes(model: layers_lib.SequentialModel, example_inputs: Any) -> list[tuple[Any, Any]]:
+def layer_io_shapes(model: layers_lib.SequentialModel,
+                    example_inputs: Any) -> list[tuple[Any, Any]]:
   """Per layer: (parameter shapes, input shapes), by abstract evaluation (nothing compiled)."""
   out = []
   x = _shapes(example_inputs)
@@ -134,7 +135,8 @@ def _check_count(num_layers: int, num_stages: int) -> None:
                      f"at least one layer. Use at most {num_layers} stages (or a deeper model).")
 
 
-def check_boundaries(boundaries: Sequence[int], num_layers: int, num_stages: int) -> tuple[int, ...]:
+def check_boundaries(boundaries: Sequence[int], num_layers: int,
+                     num_stages: int) -> tuple[int, ...]:
   """Validates explicit boundaries (first layer index of stages 1..S-1)."""
   _check_count(num_layers, num_stages)
   b = tuple(int(x) for x in boundaries)

@@ -103,7 +103,8 @@ def clone_compiled(compiled: jax.stages.Compiled, old_devices: Sequence[Any],
     raise ValueError(f"Executable cannot be serialized: {e}") from e
   id_map = {a.id: b.id for a, b in zip(old_devices, new_devices)}
   client = new_devices[0].client
-  old_assignment = compiled._executable._unloaded_executable.device_list  # pylint: disable=protected-access
+  unloaded_base = getattr(compiled._executable, "_unloaded_executable")  # pylint: disable=protected-access
+  old_assignment = unloaded_base.device_list
   by_id = {d.id: d for d in client.devices()}
   assignment = [by_id[id_map[d.id]] for d in old_assignment]
   unloaded, args_info_flat, no_kwargs = _RemappingUnpickler(data, client, id_map, assignment).load()

@@ -117,25 +117,28 @@ class StageFns:
           is_training: bool) -> Any:
     """Applies the stage's layers (per-layer dropout keys ``fold_in(key, lidx[j])``)."""
     for j, layer in enumerate(self.layers):
-      x = layer.apply(params[j], layers_lib.layer_rng(key, lidx[j]), x, is_training=is_training)
+      # The layer index is traced (so identical stages share programs).
+      key_j = layers_lib.layer_rng(key, lidx[j])  # type: ignore[arg-type]
+      x = layer.apply(params[j], key_j, x, is_training=is_training)
     return x
 
   def _split(self, args: Sequence[Any]):
-    """Splits the ``inputs`` block into (params tuple, x tree, targets tree, rng, step, mb, lidx)."""
+    """Splits ``inputs`` into (params tuple, x leaves, targets tree, rng, step, mb, lidx)."""
     n = 0
-    p = self.p_tree.unflatten(args[n:n + self.np]); n += self.np
+    p = jax.tree.unflatten(self.p_tree, args[n:n + self.np]); n += self.np
     x = list(args[n:n + self.nx]); n += self.nx
-    t = self.t_tree.unflatten(args[n:n + self.nt]) if self.is_last else None; n += self.nt
+    t = jax.tree.unflatten(self.t_tree, args[n:n + self.nt]) if self.is_last else None; n += self.nt
     rng, step, mb, lidx = args[n:n + 4]
     return p, x, t, rng, step, mb, lidx
 
-  def _objective(self, x_leaves: list, t: Any, key: jax.Array, lidx: jax.Array) -> Callable:
+  def _objective(self, x_leaves: list, t: Any, key: jax.Array | None,
+                 lidx: jax.Array) -> Callable:
     """``f(params, x_float_leaves) -> y`` (or the scalar loss on the last stage)."""
 
     def f(params, xf):
       it = iter(xf)
       full = [next(it) if fl else v for v, fl in zip(x_leaves, self.x_float)]
-      y = self.run(params, self.x_tree.unflatten(full), key, lidx, True)
+      y = self.run(params, jax.tree.unflatten(self.x_tree, full), key, lidx, True)
       if self.is_last:
         return self.model.loss_fn(y, t).astype(jnp.float32)
       return y
@@ -156,7 +159,9 @@ class StageFns:
     """Stores how to rebuild ``vjp_fn``; returns the residual leaves that must be stashed."""
     leaves, tree = jax.tree.flatten(vjp_fn)
     by_id = {id(v): i for i, v in enumerate(inputs)}
-    source, outs, out_ids = [], [], {}
+    source: list[tuple[str, int]] = []
+    outs: list[Any] = []
+    out_ids: dict[int, int] = {}
     for leaf in leaves:
       if id(leaf) in by_id and inputs[by_id[id(leaf)]] is leaf:
         source.append(("in", by_id[id(leaf)]))
@@ -171,7 +176,7 @@ class StageFns:
 
   def _rebuild_vjp(self, inputs: Sequence[Any], res: Sequence[Any]) -> Any:
     leaves = [inputs[i] if kind == "in" else res[i] for kind, i in self.res.source]
-    return self.res.tree.unflatten(leaves)
+    return jax.tree.unflatten(self.res.tree, leaves)
 
   @staticmethod
   def _accumulate(acc: Sequence[Any], dp: Sequence[Any]) -> list:
@@ -183,7 +188,7 @@ class StageFns:
     it = iter(dy)
     full = [next(it) if fl else np.zeros(a.shape, jax.dtypes.float0)
             for a, fl in zip(self.y_leaves, self.y_float)]
-    return self.y_tree.unflatten(full)
+    return jax.tree.unflatten(self.y_tree, full)
 
   def _grads(self, vjp_fn: Any, ct: Any) -> tuple[list, list]:
     """(flat parameter gradient, flat input gradient) of the rebuilt vjp."""
@@ -268,8 +273,8 @@ class StageFns:
     """``eval_fwd(*p, *x, lidx) -> y`` (no dropout), not for the last stage."""
 
     def stage_eval(*args):
-      p = self.p_tree.unflatten(args[:self.np])
-      x = self.x_tree.unflatten(args[self.np:self.np + self.nx])
+      p = jax.tree.unflatten(self.p_tree, args[:self.np])
+      x = jax.tree.unflatten(self.x_tree, args[self.np:self.np + self.nx])
       return jax.tree.leaves(self.run(p, x, None, args[-1], False))
 
     return stage_eval
@@ -278,10 +283,10 @@ class StageFns:
     """``eval_last(*p, *x, *t, lidx, loss) -> loss'`` (no dropout)."""
 
     def stage_eval_last(*args):
-      p = self.p_tree.unflatten(args[:self.np])
+      p = jax.tree.unflatten(self.p_tree, args[:self.np])
       n = self.np
-      x = self.x_tree.unflatten(args[n:n + self.nx]); n += self.nx
-      t = self.t_tree.unflatten(args[n:n + self.nt])
+      x = jax.tree.unflatten(self.x_tree, args[n:n + self.nx]); n += self.nx
+      t = jax.tree.unflatten(self.t_tree, args[n:n + self.nt])
       y = self.run(p, x, None, args[-2], False)
       return args[-1] + self.model.loss_fn(y, t).astype(jnp.float32)
 
@@ -359,8 +364,8 @@ def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: 
   n_p, n_opt = fns.np, opt_tree.num_leaves
 
   def stage_update(*args):
-    p = fns.names_dict(fns.p_tree.unflatten(args[:n_p]))
-    opt = opt_tree.unflatten(args[n_p:n_p + n_opt])
+    p = fns.names_dict(jax.tree.unflatten(fns.p_tree, args[:n_p]))
+    opt = jax.tree.unflatten(opt_tree, args[n_p:n_p + n_opt])
     acc = args[n_p + n_opt:n_p + n_opt + n_p]
     g = list(acc)
     if clip:
@@ -368,7 +373,7 @@ def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: 
       g = [x * scale.astype(x.dtype) for x in g]
     else:
       g = _tie_sums(g, same_stage, incoming, args[n_p + n_opt + n_p:])
-    updates, opt = optimizer.update(fns.names_dict(fns.p_tree.unflatten(g)), opt, p)
+    updates, opt = optimizer.update(fns.names_dict(jax.tree.unflatten(fns.p_tree, g)), opt, p)
     p = optax.apply_updates(p, updates)
     out = (jax.tree.leaves(tuple(p[n] for n in fns.spec.layer_names)), jax.tree.leaves(opt),
            [jnp.zeros_like(a) for a in acc])
@@ -381,7 +386,7 @@ def opt_init_fn(optimizer: optax.GradientTransformation, fns: StageFns) -> Calla
   """``opt_init(*p) -> opt``: the stage's optimizer state (``optimizer.init`` of its dict)."""
 
   def stage_opt_init(*p):
-    return jax.tree.leaves(optimizer.init(fns.names_dict(fns.p_tree.unflatten(p))))
+    return jax.tree.leaves(optimizer.init(fns.names_dict(jax.tree.unflatten(fns.p_tree, p))))
 
   return stage_opt_init
 

@@ -94,18 +94,24 @@ class _Ctx:
                "partner", "sq", "metrics", "scale", "new_p", "new_opt", "new_acc")
 
   def __init__(self, num_stages: int):
-    self.p = self.opt = self.acc = self.rng = self.step = self.xin = self.tgt = None
-    self.loss = None
+    self.p: list = []             # per stage: parameter leaves
+    self.opt: list = []           # per stage: optimizer-state leaves
+    self.acc: list = []           # per stage: gradient accumulator leaves
+    self.rng: list = []           # per rank: the base key
+    self.step: list = []          # per rank: the step number
+    self.xin: list = []           # per microbatch: input leaves (first rank)
+    self.tgt: list = []           # per microbatch: target leaves (last rank)
+    self.loss: Any = None
     self.acts: dict = {}
     self.cts: dict = {}
     self.stash: dict = {}
     self.partner: dict = {}
-    self.sq = [None] * num_stages
-    self.new_p = [None] * num_stages
-    self.new_opt = [None] * num_stages
-    self.new_acc = [None] * num_stages
-    self.metrics = None
-    self.scale = None
+    self.sq: list = [None] * num_stages
+    self.new_p: list = [None] * num_stages
+    self.new_opt: list = [None] * num_stages
+    self.new_acc: list = [None] * num_stages
+    self.metrics: Any = None
+    self.scale: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +242,7 @@ class _Setup:
   def stage_dict(self, stage: int, leaves: Sequence[Any]) -> dict:
     """Inverse of :meth:`stage_leaves`."""
     f = self.fns[stage]
-    return f.names_dict(f.p_tree.unflatten(leaves))
+    return f.names_dict(jax.tree.unflatten(f.p_tree, leaves))
 
   def canonical(self, per_stage: Sequence[Sequence[Any]]) -> dict:
     """``{layer_name: tree}`` from per-stage flat leaves (params or gradients)."""
@@ -263,16 +269,44 @@ class _Setup:
     if sig is None:
       return build()
     key = (sig, name, extra, self._context)
-    memo = self.backend.cache.memo
-    if key in memo:
-      base, res = memo[key]
+    refs = (self.model, self.backend.optimizer)
+    hit = self._memo_get(key, refs)
+    if hit is not None:
+      base, res = hit
       placed = self.backend.cache.place(base, self.rank_devices(self.rank_of[s]))
       if placed is not None:
         if res is not None:
           self.fns[s].res = res            # identical stages have identical residual layouts
         return placed
     program = build()
-    memo.setdefault(key, (program, self.fns[s].res if name in ("fwd", "last_fwd_i") else None))
+    if hit is None:
+      self._memo_put(key, refs, (program, self.fns[s].res if name in ("fwd", "last_fwd_i")
+                                 else None))
+    return program
+
+  def _memo_get(self, key: Any, refs: Sequence[Any]) -> Any:
+    """A memo entry whose key names ``refs`` by ``id``: valid only if it still holds exactly
+    those objects (it keeps them alive, so their ids cannot be reused meanwhile)."""
+    hit = self.backend.cache.memo.get(key)
+    if hit is None or len(hit[0]) != len(refs) or any(a is not b for a, b in zip(hit[0], refs)):
+      return None
+    return hit[1]
+
+  def _memo_put(self, key: Any, refs: Sequence[Any], value: Any) -> None:
+    self.backend.cache.memo[key] = (tuple(refs), value)
+
+  def _placed_or_built(self, key: Any, refs: Sequence[Any], rank: int,
+                       build: Callable[[], _mpmd_compile.Program]) -> _mpmd_compile.Program:
+    """A program memoised by the identity of the objects it was built from (e.g. the same layer
+    of the same model in another pipeline sharing the cache), placed on ``rank``'s devices."""
+    hit = self._memo_get(key, refs)
+    if hit is not None:
+      placed = self.backend.cache.place(hit, self.rank_devices(rank))
+      if placed is not None:
+        return placed
+    program = build()
+    if hit is None:
+      self._memo_put(key, refs, program)
     return program
 
   def find_signatures(self, rng: Any) -> None:
@@ -282,9 +316,21 @@ class _Setup:
     if self._sig is not None:
       return
     kinds = {(a.stage, a.kind) for row in _mpmd_plan.compute_actions(self.schedule) for a in row}
-    self._sig = [self._signature(f, rng, tuple(k for k in (Kind.B, Kind.W)
-                                                if (f.spec.index, k) in kinds))
-                 for f in self.fns]
+    self._sig = []
+    for f in self.fns:
+      stage_kinds = tuple(k for k in (Kind.B, Kind.W) if (f.spec.index, k) in kinds)
+      # The same layers of the same model (e.g. another pipeline sharing the cache): reuse.
+      key = ("signature", tuple(id(l) for l in f.layers), f.is_first, f.is_last, stage_kinds,
+             self._tie_key(f.spec.index), tuple(f.x_leaves), rng.shape, str(rng.dtype))
+      sig = self._memo_get(key, f.layers)
+      if sig is None:
+        sig = self._signature(f, rng, stage_kinds)
+        self._memo_put(key, f.layers, sig)
+      self._sig.append(sig)
+
+  def _tie_key(self, s: int) -> tuple:
+    same, incoming, _ = self._tie_plan(s)
+    return tuple(same), tuple(leaf for _, leaf in incoming)
 
   def _signature(self, f: progs.StageFns, rng: Any, kinds: tuple) -> Any:
     key = jax.ShapeDtypeStruct(rng.shape, rng.dtype)
@@ -352,10 +398,20 @@ class _Setup:
       s, r = f.spec.index, self.rank_of[f.spec.index]
       rep = self.rep[r]
       index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-      inits = [self._compile(f.layer_init(j), [_spec(rng, rep), index], r,
-                             out_shardings=rep) for j in range(len(f.layers))]
-      opt = self._compile(progs.opt_init_fn(self.backend.optimizer, f), self._param_specs(s), r,
-                          out_shardings=rep)
+      inits = []
+      for j, layer in enumerate(f.layers):
+        layer_key: tuple = ("layer_init", id(layer),
+                            tuple(jax.tree.leaves(f.shapes.layer_inputs[j])), rng.shape,
+                            str(rng.dtype), self.layout.dp)
+        build: Callable[[], _mpmd_compile.Program] = functools.partial(
+            self._compile, f.layer_init(j), [_spec(rng, rep), index], r, out_shardings=rep)
+        inits.append(self._placed_or_built(layer_key, (layer,), r, build))
+      key: tuple = ("opt_init", id(self.backend.optimizer), tuple(id(l) for l in f.layers),
+                    f.spec.layer_names, tuple(f.p_leaves), self.layout.dp)
+      opt = self._placed_or_built(
+          key, (self.backend.optimizer,) + f.layers, r,
+          lambda: self._compile(progs.opt_init_fn(self.backend.optimizer, f),
+                                self._param_specs(s), r, out_shardings=rep))
       out.append((inits, opt))
     return _Family(programs=tuple(out))
 
@@ -425,7 +481,7 @@ class _Setup:
             for x, sh in zip(leaves, shard)]
     return self._families[key].programs.fn(*args)
 
-  def scalars_on_ranks(self, value: np.ndarray) -> list:
+  def scalars_on_ranks(self, value: Any) -> list:
     """``value`` (a host scalar) placed on every rank, replicated."""
     try:
       aval = jax.core.ShapedArray((), value.dtype)
@@ -474,7 +530,8 @@ class _Setup:
     return _Family(programs=programs,
                    ops=self._train_ops(p["stages"], fin, p["metrics"], updates))
 
-  def _build_update(self, s: int, opt_tree: Any, opt_leaves: Sequence[Any]) -> Callable:
+  def _build_update(self, s: int, opt_tree: Any,
+                    opt_leaves: Sequence[Any]) -> _mpmd_compile.Program:
     f, r = self.fns[s], self.rank_of[s]
     rep = self.rep[r]
     clip = self.options.max_grad_norm is not None
@@ -616,7 +673,8 @@ class _Setup:
     _, incoming, _ = self._tie_plan(s)
     keys = [(s, k) for k, _ in incoming]
     r, lr = self.rank_of[s], self.last_rank
-    to_metrics = (lambda sq: sq) if r == lr else (lambda sq, m=_transfer([self.rep[lr]]): m([sq])[0])
+    move = _transfer([self.rep[lr]])
+    to_metrics = (lambda sq: sq) if r == lr else (lambda sq: move([sq])[0])
     if fin is not None:
       finalize = fin.fn
 
@@ -626,6 +684,7 @@ class _Setup:
         ctx.sq[s] = to_metrics(sq)
         return g, sq
       return _Op(fn=op, rank=r)
+    assert updates is not None
     update = updates[s].fn
 
     def fused(ctx):
@@ -664,7 +723,7 @@ class _Setup:
   def _train_ops(self, stage_progs, fin, metrics, updates) -> tuple[_Op, ...]:
     split = {(a.stage, a.mb) for _, a in self.order if a.kind is Kind.W}
     last_grad = _mpmd_plan.last_backward_index(self.order, self.num_stages)
-    partners = {s: set() for s in range(self.num_stages)}
+    partners: dict[int, set[int]] = {s: set() for s in range(self.num_stages)}
     for link in self.ties:
       if link.stage_a != link.stage_b:
         partners[link.stage_a].add(link.stage_b)
