@@ -17,10 +17,10 @@ see ``shared/notes/environment.md``); the single-device reference runs under the
    microbatches, AdamW; 2 stages on 2 devices with 1F1B and GPipe. Target: MPMD <= 1.1x single.
 3. Compile: first-step time (``train_step`` on a fresh pipeline: tracing + compilation + one step,
    and ``init``) of each row. Target: MPMD <= 1.5x single.
-4. Memory: for every registered schedule (4 ranks, 8 microbatches, case-1 model), the most
-   (stage, microbatch) residual stashes the driver held at once per rank, measured while the step
-   runs (``record_timeline=True``), against ``hkpipe.schedules.peak_activations``; plus the bytes
-   those stashes held at that moment.
+4. Memory: for every registered schedule (4 ranks, 8 microbatches, the case-1 model with 6 blocks
+   so that 8-stage schedules fit), the most (stage, microbatch) residual stashes the driver held
+   at once per rank, measured while the step runs (``record_timeline=True``), against
+   ``hkpipe.schedules.peak_activations``; plus the bytes those stashes held at that moment.
 
 Warm step times are measured in interleaved rounds (each round times ``--steps`` steps of every
 row in turn), so background load on the shared machine hits all rows alike; medians and minima
@@ -151,9 +151,13 @@ def speed_case(name: str, spec: dict, rounds: int, steps: int) -> dict[str, Any]
 
 
 def memory_case() -> list[dict[str, Any]]:
-  """Case 4: measured stash peaks per rank vs the simulator, for every registered schedule."""
+  """Case 4: measured stash peaks per rank vs the simulator, for every registered schedule.
+
+  The case-1 model with 6 blocks (8 layers), so that V and interleaved schedules (8 stages on 4
+  ranks) get one layer per stage.
+  """
   spec = CASES["dispatch"]
-  config = models.GPTConfig(**spec["config"])
+  config = models.GPTConfig(**dict(spec["config"], n_layers=6))
   model = models.build(config)
   batch = _batch(spec["batch"], config.seq_len, config.vocab_size)
   out = []
