@@ -23,6 +23,7 @@ import hkpipe
 from hkpipe import models
 from hkpipe import schedules
 from hkpipe._src.backends import _mpmd_compile
+from hkpipe._src.backends import _mpmd_plan
 
 from tests import helpers
 
@@ -32,6 +33,7 @@ STEPS = 2            # optimizer steps compared per configuration
 RANKS = (2, 4)
 SCHEDULES = schedules.names()
 KEY = jax.random.key(42)
+Kind = schedules.Kind
 
 
 # -- models and references -------------------------------------------------------------------
@@ -198,6 +200,39 @@ def check_against(pipe: hkpipe.Pipeline, ref: Reference, batch) -> None:
     helpers.assert_trees_close(metrics["grad_norm"], ref.step_norms[i])
   helpers.assert_trees_close(pipe.params(state), ref.final_params, rtol=1e-4, atol=1e-5)
   assert_on_owners(pipe, state)
+
+
+# -- issue order -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("ranks, microbatches", [(2, 3), (4, 8)])
+def test_issue_order_keeps_rank_order_and_dependencies(name, ranks, microbatches):
+  sched = schedules.get(name, num_stages=ranks, num_microbatches=microbatches,
+                        virtual_stages=2 if name == "interleaved_1f1b" else None)
+  order = _mpmd_plan.issue_order(sched)
+  assert sorted(map(str, (a for _, a in order))) == sorted(
+      str(a) for r in range(ranks) for a in sched.compute_actions(r))
+  for r in range(ranks):
+    assert [a for rank, a in order if rank == r] == list(sched.compute_actions(r))
+  position = {(a.kind, a.stage, a.mb): i for i, (_, a) in enumerate(order)}
+  last = sched.num_stages - 1
+  for i, (_, a) in enumerate(order):
+    grad = lambda s: position.get((Kind.B, s, a.mb), position.get((Kind.I, s, a.mb)))
+    if a.kind is Kind.F and a.stage > 0:
+      assert position[(Kind.F, a.stage - 1, a.mb)] < i
+    if a.kind in (Kind.B, Kind.I):
+      assert position[(Kind.F, a.stage, a.mb)] < i
+      assert a.stage == last or grad(a.stage + 1) < i
+    if a.kind is Kind.W:
+      assert position[(Kind.I, a.stage, a.mb)] < i
+
+
+def test_issue_order_reports_deadlock():
+  # Rank 1 starts with 1F1, which needs 0F1; rank 0 runs 0F1 only after 0B0, which needs 1B0.
+  sched = schedules.from_text("0F0 0B0 0F1 0B1\n1F1 1B1 1F0 1B0\n")
+  with pytest.raises(ValueError, match=r"deadlocks.*rank 0: 0B0; rank 1: 1F1"):
+    _mpmd_plan.issue_order(sched)
 
 
 # -- the equivalence matrix ------------------------------------------------------------------

@@ -17,7 +17,6 @@ real multi-host run too, and is reported here, before anything is compiled.
 
 from __future__ import annotations
 
-import collections
 from typing import Sequence
 
 from hkpipe.schedules import _ir
@@ -37,41 +36,6 @@ def compute_actions(schedule: _ir.Schedule) -> tuple[tuple[Action, ...], ...]:
   return tuple(tuple(a for a in row if a.kind.is_compute) for row in schedule.actions)
 
 
-def check_schedule(schedule: _ir.Schedule) -> None:
-  """Checks the compute actions cover every (stage, microbatch) exactly once, on the right rank.
-
-  Raises:
-    ValueError: naming the first offending action and what is wrong with it.
-  """
-  s_count, m = schedule.num_stages, schedule.num_microbatches
-  if len(schedule.stage_to_rank) != s_count:
-    raise ValueError(f"Schedule {schedule.name!r}: stage_to_rank has {len(schedule.stage_to_rank)} "
-                     f"entries but the schedule has {s_count} stages.")
-  if len(schedule.actions) != schedule.num_ranks:
-    raise ValueError(f"Schedule {schedule.name!r}: {len(schedule.actions)} action lists for "
-                     f"{schedule.num_ranks} ranks.")
-  seen: collections.Counter = collections.Counter()
-  for rank, row in enumerate(compute_actions(schedule)):
-    for a in row:
-      if not (0 <= a.stage < s_count and 0 <= a.mb < m):
-        raise ValueError(f"Schedule {schedule.name!r}: action {a} on rank {rank} is out of range "
-                         f"({s_count} stages, {m} microbatches).")
-      if schedule.stage_to_rank[a.stage] != rank:
-        raise ValueError(f"Schedule {schedule.name!r}: action {a} is on rank {rank} but stage "
-                         f"{a.stage} belongs to rank {schedule.stage_to_rank[a.stage]}.")
-      seen[(a.kind, a.stage, a.mb)] += 1
-  for s in range(s_count):
-    for mb in range(m):
-      f, b = seen[(Kind.F, s, mb)], seen[(Kind.B, s, mb)]
-      i, w = seen[(Kind.I, s, mb)], seen[(Kind.W, s, mb)]
-      if f != 1:
-        raise ValueError(f"Schedule {schedule.name!r}: forward {s}F{mb} appears {f} times "
-                         "(expected exactly once).")
-      if not ((b == 1 and i == 0 and w == 0) or (b == 0 and i == 1 and w == 1)):
-        raise ValueError(f"Schedule {schedule.name!r}: stage {s} microbatch {mb} needs exactly one "
-                         f"B, or one I and one W; got B x{b}, I x{i}, W x{w}.")
-
-
 def _deps(a: Action, num_stages: int, grad_kind: dict) -> tuple[tuple[Kind, int, int], ...]:
   """Actions whose outputs ``a`` consumes, as (kind, stage, mb)."""
   s, mb = a.stage, a.mb
@@ -88,10 +52,13 @@ def _deps(a: Action, num_stages: int, grad_kind: dict) -> tuple[tuple[Kind, int,
 def issue_order(schedule: _ir.Schedule) -> tuple[tuple[int, Action], ...]:
   """A global issue order of all compute actions as ``(rank, action)`` pairs (see module doc).
 
+  Args:
+    schedule: a schedule that passed ``hkpipe.schedules.validate`` (every (stage, microbatch)
+      has one F and one B, or one I and one W, on the rank that owns the stage).
+
   Raises:
-    ValueError: if the schedule is malformed or deadlocks (naming each rank's blocked action).
+    ValueError: if the schedule deadlocks (naming each rank's blocked action).
   """
-  check_schedule(schedule)
   rows = compute_actions(schedule)
   n_stages = schedule.num_stages
   grad_kind = {(a.stage, a.mb): a.kind for row in rows for a in row
@@ -124,25 +91,6 @@ def issue_order(schedule: _ir.Schedule) -> tuple[tuple[int, Action], ...]:
     pos[rank] += 1
     order.append((rank, a))
   return tuple(order)
-
-
-def stash_peaks(schedule: _ir.Schedule) -> tuple[int, ...]:
-  """Per rank, the most (stage, microbatch) stashes alive at once in the driver.
-
-  A stash is created by F and released by B (or by W for a split backward), so this follows from
-  each rank's own action order.
-  """
-  peaks = []
-  for row in compute_actions(schedule):
-    live = peak = 0
-    for a in row:
-      if a.kind is Kind.F:
-        live += 1
-        peak = max(peak, live)
-      elif a.kind in (Kind.B, Kind.W):
-        live -= 1
-    peaks.append(peak)
-  return tuple(peaks)
 
 
 def last_backward_index(order: Sequence[tuple[int, Action]], num_stages: int) -> list[int]:

@@ -10,8 +10,8 @@ issues every program through JAX's asynchronous dispatch:
 - a forward returns its output and the ``jax.vjp`` residuals the backward needs (minus those that
   are just its inputs); the driver stashes them per (stage, microbatch) until the backward;
 - the last stage fuses forward, loss and backward in one program;
-- activations and cotangents move to the next rank's devices with ``jax.device_put`` right after
-  they are produced (stages on the same rank pass them on directly);
+- activations and cotangents move to the next rank's devices right after they are produced, by
+  the runtime's batched device-to-device copy (stages on the same rank pass them on directly);
 - gradients accumulate on the owning devices; tied weights on different stages exchange their
   gradients; each stage measures its squared gradient norm; the global norm (and the clipping
   factor) is computed on the last rank and sent back; each stage applies the optimizer on its own
@@ -53,10 +53,6 @@ def _spec(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
 
-def _abstract(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
-
-
 def _microbatch_shapes(batch: pl.Batch, m: int) -> tuple[Any, Any]:
   return tuple(jax.tree.map(  # type: ignore[return-value]
       lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] // m,) + tuple(np.shape(x)[1:]), x.dtype),
@@ -91,7 +87,7 @@ class _Ctx:
   """Mutable state of one driver call (a train step, a gradient or an evaluation)."""
 
   __slots__ = ("p", "opt", "acc", "loss", "rng", "step", "xin", "tgt", "acts", "cts", "stash",
-               "partner", "sq", "metrics", "scale", "new_p", "new_opt", "new_acc")
+               "partner", "sq", "metrics", "new_p", "new_opt", "new_acc")
 
   def __init__(self, num_stages: int):
     self.p: list = []             # per stage: parameter leaves
@@ -111,7 +107,6 @@ class _Ctx:
     self.new_opt: list = [None] * num_stages
     self.new_acc: list = [None] * num_stages
     self.metrics: Any = None
-    self.scale: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
