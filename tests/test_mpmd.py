@@ -162,6 +162,8 @@ def mpmd(name: str, cache, *, schedule="1f1b", ranks=2, optimizer=None, **kw) ->
     v = kw["virtual_stages"] or (2 if schedule in ("zbv", "dualpipev") else 1)
     kw["partition"] = c.boundaries(ranks * v)
   kw.setdefault("devices", jax.devices()[:ranks] if "mesh" not in kw else None)
+  if kw["devices"] is None:
+    kw.pop("devices")
   kw.setdefault("donate", False)
   pipe = hkpipe.Pipeline(c.model, optimizer or optax.sgd(LR), backend="mpmd",
                          num_microbatches=M, schedule=schedule, **kw)
@@ -517,8 +519,11 @@ def test_bad_boundaries():
 
 
 def test_timeline_is_drawable(cache):
-  pipe = mpmd("hetero", cache, schedule="zb_h1", record_timeline=True)
+  # num_stages=2 (pipeline ranks) without devices: the first two devices.
+  pipe = mpmd("hetero", cache, schedule="zb_h1", record_timeline=True, devices=None,
+              num_stages=2)
   state = pipe.init(KEY, case("hetero").batch)
+  assert pipe.backend.layout.rank_devices(1) == (jax.devices()[1],)
   pipe.train_step(state, case("hetero").batch)
   picture = schedules.ascii_grid(pipe.backend.last_timeline)
   assert "rank 0" in picture and "W3" in picture
