@@ -17,8 +17,9 @@ leaves, ``*t`` = target leaves, last stage only):
   mode ``last_fwd_i(inputs, loss) -> (loss', dx, res)`` plus ``bwd_w`` with a constant cotangent.
 - ``dx`` holds only the inexact (float) leaves of ``x``; integer leaves have no gradient.
 
-Outputs are tuples of flat lists (groups), so that shardings can be given per group (residuals
-are left to the compiler) and the driver picks groups without slicing.
+Outputs are tuples of flat lists (groups), so that shardings can be given per group (residual
+shardings are left to the compiler when a stage spans several devices) and the driver picks
+groups without slicing.
 """
 
 from __future__ import annotations
