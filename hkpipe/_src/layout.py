@@ -75,12 +75,50 @@ def device_grid(options: pl.PipelineOptions) -> np.ndarray:
                          f"but {len(devices)} are visible. On CPU, simulate more with "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N (or "
                          "launch/train.py --host_devices=N).")
-      devices = devices[:options.num_stages]
+      devices = default_rank_devices(options.num_stages)
   if not devices:
     raise ValueError("devices=... is empty; pass at least one device.")
   if len(set(devices)) != len(devices):
     raise ValueError(f"devices=... lists a device twice: {devices}.")
   return np.asarray(devices, dtype=object).reshape(len(devices), 1)
+
+
+def default_rank_devices(num_ranks: int) -> list:
+  """One device per rank, ranks in process order, spread evenly over the processes.
+
+  In one process: the first ``num_ranks`` devices. With ``P`` processes and ``num_ranks`` a
+  multiple of ``P`` (each process having enough devices): the first ``num_ranks / P`` local
+  devices of every process, so that e.g. 2 ranks over 2 processes put rank 0 on process 0 and
+  rank 1 on process 1. Otherwise the first ``num_ranks`` devices of ``jax.devices()`` (which
+  lists the devices process by process).
+  """
+  devices = jax.devices()
+  procs = jax.process_count()
+  if procs == 1 or num_ranks % procs:
+    return list(devices[:num_ranks])
+  per = num_ranks // procs
+  local = [jax.local_devices(process_index=p) for p in range(procs)]
+  if any(len(d) < per for d in local):
+    return list(devices[:num_ranks])
+  return [d for p in range(procs) for d in local[p][:per]]
+
+
+def check_ranks_within_processes(layout: Layout) -> None:
+  """Raises if a pipeline rank's devices belong to several processes (MPMD drives each rank
+  from the one process that owns its devices).
+
+  Raises:
+    ValueError: naming the rank, the processes of its devices and the fix.
+  """
+  for r in range(layout.num_ranks):
+    devices = layout.rank_devices(r)
+    procs = sorted({int(d.process_index) for d in devices})
+    if len(procs) > 1:
+      raise ValueError(
+          f"Pipeline rank {r} has devices {list(devices)} of processes {procs}, but an MPMD rank "
+          "must live on one process. Build the ('pp', 'dp') mesh so that each 'pp' row holds "
+          "devices of a single process (e.g. rows of jax.local_devices(process_index=i)), or "
+          "use a 'dp' width that divides each process's local device count.")
 
 
 def resolve(model: layers_lib.SequentialModel, options: pl.PipelineOptions,

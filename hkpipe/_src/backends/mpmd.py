@@ -19,6 +19,11 @@ issues every program through JAX's asynchronous dispatch:
 
 Nothing blocks except reading metrics (or ``record_timeline=True``, which blocks after each action
 to time it).
+
+Across processes (``jax.distributed``), each process drives only the ranks whose devices it owns:
+it compiles their programs, runs the global issue order filtered to them, and exchanges values
+with other processes' ranks through ``_mpmd_transfer`` (uuid-keyed transfers; see docs/mpmd.md,
+"Across processes"). Every process must make the same driver calls in the same order.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from hkpipe._src import pipeline as pl
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_plan
 from hkpipe._src.backends import _mpmd_programs as progs
+from hkpipe._src.backends import _mpmd_transfer as xfer_lib
 
 Kind = schedules.Kind
 
@@ -87,9 +93,9 @@ class _Ctx:
   """Mutable state of one driver call (a train step, a gradient or an evaluation)."""
 
   __slots__ = ("p", "opt", "acc", "loss", "rng", "step", "xin", "tgt", "acts", "cts", "stash",
-               "partner", "sq", "metrics", "new_p", "new_opt", "new_acc")
+               "partner", "sq", "metrics", "new_p", "new_opt", "new_acc", "call", "scale")
 
-  def __init__(self, num_stages: int):
+  def __init__(self, num_stages: int, call: int = 0):
     self.p: list = []             # per stage: parameter leaves
     self.opt: list = []           # per stage: optimizer-state leaves
     self.acc: list = []           # per stage: gradient accumulator leaves
@@ -107,6 +113,25 @@ class _Ctx:
     self.new_opt: list = [None] * num_stages
     self.new_acc: list = [None] * num_stages
     self.metrics: Any = None
+    self.call = call              # the backend's driver-call number (transfer ids)
+    self.scale: dict = {}         # per rank: the clipping factor received from another process
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recv:
+  """A message this process pulls from another one at the start of a driver call.
+
+  Attributes:
+    key: the message key (with the call number, it makes the transfer id).
+    process: the sending process.
+    specs: shape, dtype and sharding (here) of each array.
+    put: ``put(ctx, arrays)`` stores the (not yet ready) arrays where the consumer looks.
+  """
+
+  key: tuple
+  process: int
+  specs: tuple
+  put: Callable[[Any, list], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +190,16 @@ class _Setup:
     self.bat = [NamedSharding(mesh, P("dp")) for mesh in self.meshes]
     self.rank_device_lists = [tuple(mesh.devices.flat) for mesh in self.meshes]
     self.first_rank, self.last_rank = self.rank_of[0], self.rank_of[-1]
+    # Across processes each process drives only the ranks whose devices it owns.
+    self.multi = backend.multi_process
+    self.process = jax.process_index()
+    self.rank_process = tuple(int(layout.rank_devices(r)[0].process_index)
+                              for r in range(self.num_ranks))
+    self.owned = frozenset(r for r in range(self.num_ranks)
+                           if not self.multi or self.rank_process[r] == self.process)
+    self.other_processes = (tuple(q for q in range(jax.process_count()) if q != self.process)
+                            if self.multi else ())
+    self.local0 = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     self.mb_inputs, self.mb_targets = mb_inputs, mb_targets
     io = partition_lib.layer_io_shapes(self.model, mb_inputs)
     out_shape = jax.eval_shape(
@@ -181,10 +216,12 @@ class _Setup:
     self.order = _mpmd_plan.issue_order(self.schedule)
     self.ties = self._tie_links()
     self.lidx = [jax.device_put(np.arange(s.start, s.stop, dtype=np.int32),
-                                self.rep[self.rank_of[s.index]]) for s in self.stages]
+                                self.rep[self.rank_of[s.index]])
+                 if self.owns_stage(s.index) else None for s in self.stages]
     self.mb_ids = [[jax.device_put(np.int32(i), self.rep[r]) for i in range(self.m)]
-                   for r in range(self.num_ranks)]
-    self.loss0 = jax.device_put(np.float32(0.0), self.rep[self.last_rank])
+                   if r in self.owned else None for r in range(self.num_ranks)]
+    self.loss0 = (jax.device_put(np.float32(0.0), self.rep[self.last_rank])
+                  if self.last_rank in self.owned else None)
     self._families: dict[Any, _Family] = {}
     self._programs: dict[tuple[int, str], _mpmd_compile.Program] = {}
     self._sig: list[Any] | None = None
@@ -195,6 +232,131 @@ class _Setup:
                      tuple(jax.tree.leaves(mb_targets)))
 
   # -- placement helpers -----------------------------------------------------------------------
+
+  def owns_stage(self, s: int) -> bool:
+    """Whether this process drives stage ``s`` (always, in a single-process run)."""
+    return self.rank_of[s] in self.owned
+
+  def remote_leaves(self, s: int, shapes: Sequence[Any]) -> list:
+    """Stand-ins (global arrays without a shard here) for leaves of another process's stage."""
+    rep = self.rep[self.rank_of[s]]
+    return [xfer_lib.remote_array(_spec(a, rep)) for a in shapes]
+
+  # -- cross-process messages ------------------------------------------------------------------
+
+  def post(self, ctx: _Ctx, key: tuple, arrays: Sequence[Any],
+           first_shard_only: bool = False) -> None:
+    """Offers ``arrays`` as message ``key`` of this driver call to the process that pulls it."""
+    b = self.backend
+    b.transport.post(xfer_lib.uuid(b.namespace, ctx.call, key), arrays, first_shard_only)
+
+  def pull(self, ctx: _Ctx, key: tuple, process: int, specs: Sequence[Any]) -> list:
+    """Pulls message ``key`` of this driver call from ``process`` (returns at once)."""
+    b = self.backend
+    return b.transport.pull(process, xfer_lib.uuid(b.namespace, ctx.call, key), specs,
+                            what=f"{key[0]} {key[1:]}")
+
+  def recv_op(self, recvs: Sequence[_Recv]) -> _Op:
+    """The first op of a multi-process call: pulls every message this process will receive.
+
+    Pulls wait for their posts without blocking the host, so issuing them all at once lets each
+    transfer start as soon as its sender has posted it.
+    """
+    recvs = tuple(recvs)
+
+    def op(ctx):
+      for r in recvs:
+        r.put(ctx, self.pull(ctx, r.key, r.process, r.specs))
+      return ()
+    return _Op(fn=op)
+
+  def _recv(self, store: str, src_rank: int, dst_stage: int, mb: int,
+            shapes: Sequence[Any]) -> _Recv:
+    """Receipt of activations (``store="acts"``) or cotangents (``"cts"``) for ``dst_stage``."""
+    r = self.rank_of[dst_stage]
+    specs = tuple(_spec(a, sh) for a, sh in zip(shapes, self.act_shardings(r, shapes)))
+    key = (dst_stage, mb)
+
+    def put(ctx, arrays):
+      getattr(ctx, store)[key] = arrays
+    return _Recv((store, dst_stage, mb), self.rank_process[src_rank], specs, put)
+
+  def _action_recvs(self, rank: int, a: schedules.Action) -> list[_Recv]:
+    """What another process's action ``a`` (on ``rank``) sends to this process's ranks."""
+    s, mb = a.stage, a.mb
+    f = self.fns[s]
+    if a.kind is Kind.F and not f.is_last:
+      dst, store, shapes = s + 1, "acts", list(f.y_leaves)
+    elif a.kind in (Kind.B, Kind.I) and not f.is_first:
+      dst, store = s - 1, "cts"
+      shapes = [x for x, fl in zip(f.x_leaves, f.x_float) if fl]
+    else:
+      return []
+    if not self.owns_stage(dst):
+      return []
+    return [self._recv(store, rank, dst, mb, shapes)]
+
+  def _tie_recvs(self, s: int) -> list[_Recv]:
+    """Tied gradient leaves that another process's stage ``s`` sends to this process."""
+    out = []
+    for leaf, key, sharding in self._tie_sends(s):
+      if not self.owns_stage(key[0]):
+        continue
+
+      def put(ctx, arrays, key=key):
+        ctx.partner[key] = arrays[0]
+      out.append(_Recv(("tie",) + key, self.rank_process[self.rank_of[s]],
+                       (_spec(self.fns[s].p_leaves[leaf], sharding),), put))
+    return out
+
+  def _sq_recv(self, s: int) -> _Recv:
+    """Stage ``s``'s squared gradient norm, received by the metrics rank's process."""
+
+    def put(ctx, arrays):
+      ctx.sq[s] = arrays[0]
+    return _Recv(("sq", s), self.rank_process[self.rank_of[s]],
+                 (self._scalar(self.last_rank),), put)
+
+  def _scale_recv(self, rank: int) -> _Recv:
+    """The clipping factor for ``rank``, sent by the metrics rank's process."""
+
+    def put(ctx, arrays):
+      ctx.scale[rank] = arrays[0]
+    return _Recv(("scale", rank), self.rank_process[self.last_rank], (self._scalar(rank),), put)
+
+  def scalar_here(self) -> jax.ShapeDtypeStruct:
+    """A float32 scalar on this process's first local device."""
+    return jax.ShapeDtypeStruct((), jnp.float32, sharding=self.local0)
+
+  def _metrics_recv(self) -> _Recv:
+    """(loss, grad_norm) of the step, sent by the metrics rank's process to every other."""
+
+    def put(ctx, arrays):
+      ctx.metrics = (arrays[0], arrays[1], None)
+    return _Recv(("metrics", self.process), self.rank_process[self.last_rank],
+                 (self.scalar_here(), self.scalar_here()), put)
+
+  def gather(self, ctx: _Ctx, what: str, per_stage: Sequence[Sequence[Any] | None]) -> list:
+    """Per stage, its leaves on this process's first local device (every process calls this).
+
+    Owned stages' leaves are copied to the first local device and posted (copies, so a later
+    donation cannot free them before the peer pulled them) to every other process; other
+    stages' leaves are pulled from their owner.
+    """
+    out: list = []
+    for s in range(self.num_stages):
+      if self.owns_stage(s):
+        leaves = list(per_stage[s] or ())
+        here = jax.device_put(leaves, [self.local0] * len(leaves), may_alias=False)
+        for q in self.other_processes:
+          self.post(ctx, ("gather", what, s, q), here)
+        out.append(here)
+      else:
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.local0)
+                 for a in self.fns[s].p_leaves]
+        out.append(self.pull(ctx, ("gather", what, s, self.process),
+                             self.rank_process[self.rank_of[s]], specs))
+    return out
 
   def _check_dp(self) -> None:
     dp = self.layout.dp
@@ -388,10 +550,13 @@ class _Setup:
     Init is compiled per layer, so identical layers (and the same layer under another
     partition) share one compile; XLA's threefry code makes init programs slow to compile.
     """
-    out = []
+    out: list = []
     for f in self.fns:
       s, r = f.spec.index, self.rank_of[f.spec.index]
       rep = self.rep[r]
+      if r not in self.owned:
+        out.append(None)
+        continue
       index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
       inits = []
       for j, layer in enumerate(f.layers):
@@ -477,7 +642,10 @@ class _Setup:
     return self._families[key].programs.fn(*args)
 
   def scalars_on_ranks(self, value: Any) -> list:
-    """``value`` (a host scalar) placed on every rank, replicated."""
+    """``value`` (a host scalar) placed on every rank this process owns (None elsewhere)."""
+    if self.multi:
+      return [jax.device_put(value, self.rep[r]) if r in self.owned else None
+              for r in range(self.num_ranks)]
     try:
       aval = jax.core.ShapedArray((), value.dtype)
       return [pxla.batched_device_put(aval, self.rep[r], [value] * len(devs), list(devs))
@@ -489,11 +657,14 @@ class _Setup:
     """Forward/backward and metrics programs (shared by train and grads)."""
     self.find_signatures(rng)
     kinds = {(a.stage, a.kind) for row in _mpmd_plan.compute_actions(self.schedule) for a in row}
-    stage_progs = [self._build_stage_train(s, rng, kinds) for s in range(self.num_stages)]
+    stage_progs = [self._build_stage_train(s, rng, kinds) if self.owns_stage(s) else None
+                   for s in range(self.num_stages)]
     lr = self.last_rank
-    metrics = self._compile(
-        progs.metrics_fn(self.num_stages, self.m, self.options.max_grad_norm),
-        [self._scalar(lr)] * (1 + self.num_stages), lr, out_shardings=self.rep[lr])
+    metrics = None
+    if lr in self.owned:
+      metrics = self._compile(
+          progs.metrics_fn(self.num_stages, self.m, self.options.max_grad_norm),
+          [self._scalar(lr)] * (1 + self.num_stages), lr, out_shardings=self.rep[lr])
     return _Family(programs=dict(stages=stage_progs, metrics=metrics))
 
   def _build_finalize(self, s: int) -> _mpmd_compile.Program:
@@ -517,9 +688,11 @@ class _Setup:
     updates = fin = None
     clip = self.options.max_grad_norm is not None
     if opt is None or clip:
-      fin = [self._build_finalize(s) for s in range(self.num_stages)]
+      fin = [self._build_finalize(s) if self.owns_stage(s) else None
+             for s in range(self.num_stages)]
     if opt is not None:
-      updates = [self._build_update(s, *opt[s]) for s in range(self.num_stages)]
+      updates = [self._build_update(s, *opt[s]) if self.owns_stage(s) else None
+                 for s in range(self.num_stages)]
     p = core.programs
     programs = dict(p, updates=updates, finalize=fin)
     return _Family(programs=programs,
@@ -569,6 +742,13 @@ class _Setup:
         getattr(ctx, store)[key] = leaves
         return leaves
       return put_local
+    if dst_rank not in self.owned:   # another process pulls it (see _action_recvs)
+      msg = (store, dst_stage, mb)
+
+      def put_post(ctx, leaves):
+        self.post(ctx, msg, leaves)
+        return leaves
+      return put_post
     move = _transfer(self.act_shardings(dst_rank, shapes))
 
     def put_remote(ctx, leaves):
@@ -669,14 +849,21 @@ class _Setup:
     keys = [(s, k) for k, _ in incoming]
     r, lr = self.rank_of[s], self.last_rank
     move = _transfer([self.rep[lr]])
-    to_metrics = (lambda sq: sq) if r == lr else (lambda sq: move([sq])[0])
+
+    def to_metrics(ctx, sq):
+      if r == lr:
+        return sq
+      if lr in self.owned:
+        return move([sq])[0]
+      self.post(ctx, ("sq", s), [sq])   # the metrics rank is on another process
+      return None
     if fin is not None:
       finalize = fin.fn
 
       def op(ctx):
         g, sq = finalize(*ctx.acc[s], *[ctx.partner.pop(k) for k in keys])
         ctx.acc[s] = g
-        ctx.sq[s] = to_metrics(sq)
+        ctx.sq[s] = to_metrics(ctx, sq)
         return g, sq
       return _Op(fn=op, rank=r)
     assert updates is not None
@@ -686,20 +873,26 @@ class _Setup:
       p, o, zeros, sq = update(*ctx.p[s], *ctx.opt[s], *ctx.acc[s],
                                *[ctx.partner.pop(k) for k in keys])
       ctx.new_p[s], ctx.new_opt[s], ctx.new_acc[s] = p, o, zeros
-      ctx.sq[s] = to_metrics(sq)
+      ctx.sq[s] = to_metrics(ctx, sq)
       return p, o, zeros, sq
     return _Op(fn=fused, rank=r)
 
   def _tie_send_op(self, s: int) -> _Op:
     """Copies stage ``s``'s tied gradient leaves to their partner stages."""
-    sends = self._tie_sends(s)
-    # Always a copy: a partner on the same rank must not share a buffer that it donates.
+    sends = [x for x in self._tie_sends(s) if self.owns_stage(x[1][0])]
+    remote = [x for x in self._tie_sends(s) if not self.owns_stage(x[1][0])]
+    # Always a copy: a partner on the same rank must not share a buffer that it donates (and a
+    # posted leaf must outlive the accumulator, which the finalize program donates).
     move = _transfer([sharding for _, _, sharding in sends])
+    copy = _transfer([self.rep[self.rank_of[s]]] * len(remote))
 
     def op(ctx):
-      moved = move([ctx.acc[s][leaf] for leaf, _, _ in sends])
+      moved = move([ctx.acc[s][leaf] for leaf, _, _ in sends]) if sends else []
       for value, (_, key, _) in zip(moved, sends):
         ctx.partner[key] = value
+      if remote:
+        for value, (_, key, _) in zip(copy([ctx.acc[s][leaf] for leaf, _, _ in remote]), remote):
+          self.post(ctx, ("tie",) + key, [value])
       return moved
     return _Op(fn=op, rank=self.rank_of[s])
 
@@ -726,42 +919,72 @@ class _Setup:
     complete: set[int] = set()
     finalized: set[int] = set()
     ops: list[_Op] = []
+    recvs: list[_Recv] = []       # messages from other processes (multi-process runs only)
+    lr = self.last_rank
     for i, (rank, a) in enumerate(self.order):
-      ops.append(self._action_op(rank, a, stage_progs[a.stage], (a.stage, a.mb) in split))
+      # The global order filtered to this process's ranks; another process's actions only
+      # tell which messages to expect from it.
+      if rank in self.owned:
+        ops.append(self._action_op(rank, a, stage_progs[a.stage], (a.stage, a.mb) in split))
+      else:
+        recvs.extend(self._action_recvs(rank, a))
       if last_grad[a.stage] != i:
         continue
       complete.add(a.stage)
       if partners[a.stage]:
-        ops.append(self._tie_send_op(a.stage))
+        if rank in self.owned:
+          ops.append(self._tie_send_op(a.stage))
+        else:
+          recvs.extend(self._tie_recvs(a.stage))
       for t in sorted({a.stage} | partners[a.stage]):
         if t not in finalized and t in complete and partners[t] <= complete:
-          ops.append(self._finalize_op(t, fin[t] if fin is not None else None, updates))
+          if self.owns_stage(t):
+            ops.append(self._finalize_op(t, fin[t] if fin is not None else None, updates))
+          elif lr in self.owned:
+            recvs.append(self._sq_recv(t))
           finalized.add(t)
-    lr = self.last_rank
-    metrics = metrics.fn
+    if lr in self.owned:
+      metrics_fn = metrics.fn
+      others = self.other_processes
 
-    def metrics_op(ctx):
-      ctx.metrics = metrics(ctx.loss, *ctx.sq)
-      return ctx.metrics
-    ops.append(_Op(fn=metrics_op, rank=lr))
+      def metrics_op(ctx):
+        ctx.metrics = metrics_fn(ctx.loss, *ctx.sq)
+        for q in others:   # every process can read the step's loss and norm
+          self.post(ctx, ("metrics", q), ctx.metrics[:2], first_shard_only=True)
+        return ctx.metrics
+      ops.append(_Op(fn=metrics_op, rank=lr))
+    else:
+      recvs.append(self._metrics_recv())
     if updates is not None and self.options.max_grad_norm is not None:
+      if lr not in self.owned:
+        recvs.extend(self._scale_recv(r) for r in sorted(self.owned))
       ops.append(self._clipped_update_op(updates))
+    if recvs:
+      ops.insert(0, self.recv_op(recvs))
     return tuple(ops)
 
   def _clipped_update_op(self, updates: Sequence[Any]) -> _Op:
     """Sends the clipping factor to every rank, then updates every stage."""
-    updates = [u.fn for u in updates]
+    updates = [u.fn if u is not None else None for u in updates]
     lr = self.last_rank
-    others = [r for r in range(self.num_ranks) if r != lr]
+    owns_lr = lr in self.owned
+    others = [r for r in range(self.num_ranks) if r != lr and r in self.owned]
+    remote = [r for r in range(self.num_ranks) if r not in self.owned] if owns_lr else []
     shardings = [self.rep[r] for r in others]
+    stages = [s for s in range(self.num_stages) if self.owns_stage(s)]
 
     move = _transfer(shardings)
 
     def op(ctx):
-      scale = ctx.metrics[2]
-      moved = dict(zip(others, move([scale] * len(others))))
-      moved[lr] = scale
-      for s in range(self.num_stages):
+      if owns_lr:
+        scale = ctx.metrics[2]
+        moved = dict(zip(others, move([scale] * len(others)))) if others else {}
+        moved[lr] = scale
+        for r in remote:
+          self.post(ctx, ("scale", r), [scale])
+      else:
+        moved = ctx.scale                # received from the metrics rank's process
+      for s in stages:
         ctx.new_p[s], ctx.new_opt[s], ctx.new_acc[s] = updates[s](
             *ctx.p[s], *ctx.opt[s], *ctx.acc[s], moved[self.rank_of[s]])
       return ctx.new_p, ctx.new_opt
@@ -770,10 +993,13 @@ class _Setup:
   def build_eval(self, rng: Any) -> _Family:
     """Forward-only programs (no dropout) and their ops, microbatch by microbatch."""
     self.find_signatures(rng)
-    evals = []
+    evals: list = []
     for f in self.fns:
       s, r = f.spec.index, self.rank_of[f.spec.index]
       rep = self.rep[r]
+      if r not in self.owned:
+        evals.append(None)
+        continue
       lidx = jax.ShapeDtypeStruct((len(f.layers),), jnp.int32, sharding=rep)
       args = self._param_specs(s)
       args += [_spec(a, sh) for a, sh in zip(f.x_leaves, self.act_shardings(r, f.x_leaves))]
@@ -786,12 +1012,18 @@ class _Setup:
                                       out_shardings=self.act_shardings(r, f.y_leaves))
       evals.append(self._stage_program(s, "eval", build))
     lr = self.last_rank
-    mean = self._compile(progs.mean_fn(self.m), [self._scalar(lr)], lr,
-                         out_shardings=self.rep[lr])
-    ops = []
+    mean = (self._compile(progs.mean_fn(self.m), [self._scalar(lr)], lr,
+                          out_shardings=self.rep[lr]) if lr in self.owned else None)
+    ops, recvs = [], []
     for mb in range(self.m):
       for s in range(self.num_stages):
-        ops.append(self._eval_op(s, mb, evals[s]))
+        r = self.rank_of[s]
+        if r in self.owned:
+          ops.append(self._eval_op(s, mb, evals[s]))
+        elif not self.fns[s].is_last and self.owns_stage(s + 1):
+          recvs.append(self._recv("acts", r, s + 1, mb, self.fns[s].y_leaves))
+    if recvs:
+      ops.insert(0, self.recv_op(recvs))
     return _Family(programs=dict(evals=evals, mean=mean), ops=tuple(ops))
 
   def _eval_op(self, s: int, mb: int, prog: Any) -> _Op:
@@ -838,6 +1070,16 @@ class MpmdBackend(pl.Backend):
     self._setups: dict[Any, _Setup] = {}
     self._rng_copies: tuple[Any, list] | None = None
     self._acc_pool: dict[int, list] = {}      # id(setup) -> zeroed accumulators for next step
+    # Across processes (jax.distributed with several processes): transfers between ranks of
+    # different processes go through this process's transfer server; every driver call has a
+    # number, equal on every process, that (with the message) makes each transfer's id.
+    self.multi_process = jax.process_count() > 1
+    self.transport: xfer_lib.Transport | None = None
+    self.namespace = 0
+    if self.multi_process:
+      self.transport = xfer_lib.transport()
+      self.namespace = self.transport.new_namespace()
+    self._calls = 0
 
   # -- layout ----------------------------------------------------------------------------------
 
@@ -857,6 +1099,7 @@ class MpmdBackend(pl.Backend):
                        "boundaries as partition=[...].")
     layout = layout_lib.resolve(self.model, self.options, mb_inputs)
     schedules.validate(layout.schedule)
+    layout_lib.check_ranks_within_processes(layout)
     return layout
 
   def _setup(self, batch: pl.Batch) -> _Setup:
@@ -879,16 +1122,26 @@ class MpmdBackend(pl.Backend):
 
   def _rng_on_ranks(self, setup: _Setup, rng: jax.Array) -> list:
     if self._rng_copies is None or self._rng_copies[0] is not rng:
-      self._rng_copies = (rng, jax.device_put([rng] * setup.num_ranks, setup.rep))
+      owned = sorted(setup.owned)
+      copies = jax.device_put([rng] * len(owned), [setup.rep[r] for r in owned])
+      by_rank = dict(zip(owned, copies))
+      self._rng_copies = (rng, [by_rank.get(r) for r in range(setup.num_ranks)])
     return self._rng_copies[1]
+
+  def _next_call(self) -> int:
+    """Numbers a driver call (multi-process: raises a transfer failure seen meanwhile)."""
+    if self.transport is not None:
+      self.transport.check()
+    self._calls += 1
+    return self._calls
 
   def _context(self, setup: _Setup, state: pl.TrainState, batch: pl.Batch, programs: dict,
                training: bool) -> _Ctx:
-    ctx = _Ctx(setup.num_stages)
+    ctx = _Ctx(setup.num_stages, self._next_call())
     ctx.p = [setup.stage_leaves(s, state.params[s]) for s in range(setup.num_stages)]
     inputs, targets = (jax.tree.leaves(part) for part in batch)
-    ctx.xin = setup.split(setup.first_rank, inputs)
-    ctx.tgt = setup.split(setup.last_rank, targets)
+    ctx.xin = setup.split(setup.first_rank, inputs) if setup.first_rank in setup.owned else []
+    ctx.tgt = setup.split(setup.last_rank, targets) if setup.last_rank in setup.owned else []
     ctx.loss = setup.loss0
     if training:
       ctx.opt = [jax.tree.leaves(o) for o in state.opt_state]
@@ -904,7 +1157,8 @@ class MpmdBackend(pl.Backend):
     if recycled is not None:
       return recycled
     return [jax.device_put([np.zeros(a.shape, a.dtype) for a in f.p_leaves],
-                           setup.rep[setup.rank_of[s]]) for s, f in enumerate(setup.fns)]
+                           setup.rep[setup.rank_of[s]]) if setup.owns_stage(s) else None
+            for s, f in enumerate(setup.fns)]
 
   def _run(self, setup: _Setup, ops: Sequence[_Op], ctx: _Ctx) -> None:
     if not self.options.record_timeline:
@@ -919,7 +1173,8 @@ class MpmdBackend(pl.Backend):
         if paused:
           gc.enable()
       return
-    jax.block_until_ready([ctx.p, ctx.xin, ctx.tgt, ctx.acc])
+    jax.block_until_ready([[ctx.p[s] for s in range(setup.num_stages) if setup.owns_stage(s)],
+                           ctx.xin, ctx.tgt, ctx.acc])
     records, peaks, peak_bytes = [], [0] * setup.num_ranks, [0] * setup.num_ranks
     t0 = time.perf_counter()
     for op in ops:
@@ -957,24 +1212,46 @@ class MpmdBackend(pl.Backend):
 
   def init(self, rng, batch):
     setup = self._setup(batch)
+    ctx = _Ctx(setup.num_stages, self._next_call())
     params_rng, state_rng = jax.random.split(rng)
     fam = setup.family("init", lambda: setup.build_init(params_rng))
-    keys = jax.device_put([params_rng] * setup.num_ranks, setup.rep)
-    leaves = []
-    for s, (inits, _) in enumerate(fam.programs):
+    owned = sorted(setup.owned)
+    keys = dict(zip(owned, jax.device_put([params_rng] * len(owned),
+                                          [setup.rep[r] for r in owned])))
+    leaves: list = []
+    for s, programs in enumerate(fam.programs):
+      if programs is None:                  # another process's stage
+        leaves.append(None)
+        continue
+      inits = programs[0]
       r, start = setup.rank_of[s], setup.stages[s].start
       index = jax.device_put([np.int32(start + j) for j in range(len(inits))],
                              [setup.rep[r]] * len(inits))
       leaves.append([leaf for j, init in enumerate(inits) for leaf in init.fn(keys[r], index[j])])
     for link in setup.ties:
-      leaves[link.stage_b][link.leaf_b] = jax.device_put(
-          leaves[link.stage_a][link.leaf_a], setup.rep[setup.rank_of[link.stage_b]],
-          may_alias=False)
+      a, b = link.stage_a, link.stage_b
+      sharding_b = setup.rep[setup.rank_of[b]]
+      if setup.owns_stage(a) and setup.owns_stage(b):
+        leaves[b][link.leaf_b] = jax.device_put(leaves[a][link.leaf_a], sharding_b,
+                                                may_alias=False)
+      elif setup.owns_stage(a):             # a copy: the update may donate the original
+        setup.post(ctx, ("tie_init", b, link.leaf_b),
+                   [jax.device_put(leaves[a][link.leaf_a], leaves[a][link.leaf_a].sharding,
+                                   may_alias=False)])
+      elif setup.owns_stage(b):
+        spec = _spec(setup.fns[b].p_leaves[link.leaf_b], sharding_b)
+        leaves[b][link.leaf_b] = setup.pull(ctx, ("tie_init", b, link.leaf_b),
+                                            setup.rank_process[setup.rank_of[a]], [spec])[0]
     params, opt_state = [], []
-    for s, (_, opt_init) in enumerate(fam.programs):
-      params.append(setup.stage_dict(s, leaves[s]))
+    for s, programs in enumerate(fam.programs):
       shapes = jax.eval_shape(self.optimizer.init, setup.stage_dict(s, setup.fns[s].p_leaves))
-      opt_state.append(jax.tree.structure(shapes).unflatten(opt_init.fn(*leaves[s])))
+      if programs is None:
+        params.append(setup.stage_dict(s, setup.remote_leaves(s, setup.fns[s].p_leaves)))
+        opt_state.append(jax.tree.structure(shapes).unflatten(
+            setup.remote_leaves(s, jax.tree.leaves(shapes))))
+        continue
+      params.append(setup.stage_dict(s, leaves[s]))
+      opt_state.append(jax.tree.structure(shapes).unflatten(programs[1].fn(*leaves[s])))
     return pl.TrainState(step=0, params=tuple(params), opt_state=tuple(opt_state),
                          rng=state_rng)
 
@@ -984,8 +1261,10 @@ class MpmdBackend(pl.Backend):
     ctx = self._context(setup, state, batch, fam.programs, training=True)
     self._run(setup, fam.ops, ctx)
     self._acc_pool[id(setup)] = ctx.new_acc
-    params = tuple(setup.stage_dict(s, p) for s, p in enumerate(ctx.new_p))
-    opt_state = tuple(jax.tree.structure(o).unflatten(n)
+    # Another process's stages keep their stand-ins (same structure on every process).
+    params = tuple(setup.stage_dict(s, p) if p is not None else state.params[s]
+                   for s, p in enumerate(ctx.new_p))
+    opt_state = tuple(jax.tree.structure(o).unflatten(n) if n is not None else o
                       for o, n in zip(state.opt_state, ctx.new_opt))
     loss, norm, _ = ctx.metrics
     return (pl.TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng),
@@ -996,6 +1275,8 @@ class MpmdBackend(pl.Backend):
     fam = self._train_family(setup, state, with_update=False)
     ctx = self._context(setup, state, batch, fam.programs, training=True)
     self._run(setup, fam.ops, ctx)
+    if setup.multi:
+      return ctx.metrics[0], setup.canonical(setup.gather(ctx, "grads", ctx.acc))
     return ctx.metrics[0], setup.canonical(ctx.acc)
 
   def eval_loss(self, state, batch):
@@ -1004,7 +1285,30 @@ class MpmdBackend(pl.Backend):
     ctx = self._context(setup, state, batch, fam.programs, training=False)
     for op in fam.ops:
       op.fn(ctx)
-    return fam.programs["mean"].fn(ctx.loss)
+    lr_process = setup.rank_process[setup.last_rank]
+    if setup.last_rank not in setup.owned:
+      return setup.pull(ctx, ("eval", setup.process), lr_process, [setup.scalar_here()])[0]
+    loss = fam.programs["mean"].fn(ctx.loss)
+    for q in setup.other_processes:
+      setup.post(ctx, ("eval", q), [loss], first_shard_only=True)
+    return loss
+
+  def params(self, state):
+    """Canonical ``{layer_name: params}`` of ``state``.
+
+    Across processes, a collective: every process must call it (in the same order as its other
+    driver calls); each gets the full parameters on its first local device.
+    """
+    if not self.multi_process:
+      return super().params(state)
+    setup = next(iter(self._setups.values()), None)
+    if setup is None:
+      raise ValueError("params(state) across processes needs the pipeline's stage shapes: call "
+                       "init(rng, batch) first.")
+    ctx = _Ctx(setup.num_stages, self._next_call())
+    per_stage = [setup.stage_leaves(s, state.params[s]) if setup.owns_stage(s) else None
+                 for s in range(setup.num_stages)]
+    return setup.canonical(setup.gather(ctx, "params", per_stage))
 
   def to_canonical(self, state):
     names = [spec.layer_names for spec in self.layout.stages]
@@ -1018,10 +1322,19 @@ class MpmdBackend(pl.Backend):
   def from_canonical(self, canonical: Mapping[str, Any], step: int):
     all_names = self.model.layer_names
     params, opt_state = [], []
+    me = jax.process_index()
     for spec in self.layout.stages:
       rep = self._rep(spec.index)
-      params.append(jax.device_put({n: canonical["params"][n] for n in spec.layer_names}, rep))
-      opt_state.append(jax.device_put(
-          pl.restrict(canonical["opt_state"], spec.layer_names, all_names), rep))
+      stage_params = {n: canonical["params"][n] for n in spec.layer_names}
+      stage_opt = pl.restrict(canonical["opt_state"], spec.layer_names, all_names)
+      if self.multi_process and rep.mesh.devices.flat[0].process_index != me:
+        # Another process's stage: stand-ins with its shapes and the owner's sharding.
+        def remote(x, rep=rep):
+          return xfer_lib.remote_array(jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=rep))
+        params.append(jax.tree.map(remote, stage_params))
+        opt_state.append(jax.tree.map(remote, stage_opt))
+        continue
+      params.append(jax.device_put(stage_params, rep))
+      opt_state.append(jax.device_put(stage_opt, rep))
     return pl.TrainState(step=int(step), params=tuple(params), opt_state=tuple(opt_state),
                          rng=canonical["rng"])

@@ -1,0 +1,157 @@
+"""One process of a multi-process MPMD test (started twice by tests/test_multiprocess_mpmd.py).
+
+Usage (flags as ``launch/local.py`` passes them, plus the test's own):
+  python tests/_mp_mpmd_worker.py --coordinator_address=127.0.0.1:P --num_processes=2 \
+      --process_id=I --host_devices=2 --mode=MODE --out=DIR
+
+Modes:
+  pp2:   GPT (tied embedding/head) on 2 ranks, one per process; for schedules 1f1b and zbv:
+         loss_and_grads, 2 SGD steps with clipping, eval, params; then an orbax checkpoint of the
+         1f1b state saved from both processes and restored into a fresh pipeline.
+  pp2dp2: the same model on a (pp=2, dp=2) mesh, each rank's 2 devices on one process (1f1b).
+  kill:  trains pp=2 1f1b until killed, writing DIR/steps_pI (the number of finished steps).
+
+Results go to DIR/<name>_pI.npz (flattened canonical trees, keys "params/<layer>/<...>").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import hkpipe  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hkpipe import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hkpipe._src import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hkpipe._src import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--coordinator_address", required=True)
+  parser.add_argument("--num_processes", type=int, required=True)
+  parser.add_argument("--process_id", type=int, required=True)
+  parser.add_argument("--host_devices", type=int, default=2)
+  parser.add_argument("--mode", required=True, choices=("pp2", "pp2dp2", "kill"))
+  parser.add_argument("--out", required=True)
+  return parser.parse_args(argv)
+
+
+# Shared with the test (the reference must use exactly these).
+M, LR, MAX_NORM, STEPS, SEED = 4, 0.5, 0.05, 2, 42
+
+
+def model() -> hkpipe.SequentialModel:
+  """GPT with tied embedding and head: embed, block_0, block_1, head."""
+  return models.build(models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2,
+                                       n_heads=2))
+
+
+def batch(step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(100 + step)
+  x = rng.integers(0, 32, (8, 8), dtype=np.int32)
+  y = rng.integers(0, 32, (8, 8), dtype=np.int32)
+  return x, y
+
+
+def flat(tree, prefix: str) -> dict:
+  """``{"prefix/a/b": np.ndarray}`` of a nested dict of arrays."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    out[f"{prefix}/{name}"] = np.asarray(leaf)
+  return out
+
+
+def log(*args) -> None:
+  print(f"[worker p{jax.process_index()}]", *args, flush=True)
+
+
+def run_pipeline(pipe: hkpipe.Pipeline) -> tuple[dict, hkpipe.TrainState]:
+  """Every driver call the test checks; returns the results and the final state."""
+  state = pipe.init(jax.random.key(SEED), batch(0))
+  res = flat(pipe.params(state), "init")
+  loss, grads = pipe.loss_and_grads(state, batch(0))
+  res["loss"] = np.asarray(float(loss))
+  res.update(flat(grads, "grads"))
+  losses, norms = [], []
+  for step in range(STEPS):
+    state, metrics = pipe.train_step(state, batch(step))
+    losses.append(float(metrics["loss"]))
+    norms.append(float(metrics["grad_norm"]))
+  res["losses"], res["norms"] = np.asarray(losses), np.asarray(norms)
+  res["eval"] = np.asarray(float(pipe.eval_step(state, batch(5))["loss"]))
+  res.update(flat(pipe.params(state), "params"))
+  return res, state
+
+
+def pipeline(**kw) -> hkpipe.Pipeline:
+  return hkpipe.Pipeline(model(), optax.sgd(LR), backend="mpmd", num_microbatches=M,
+                         max_grad_norm=MAX_NORM, **kw)
+
+
+def main(argv: list[str]) -> None:
+  args = _parse(argv)
+  # Before anything touches a device: simulated CPU devices, then the multi-process runtime.
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", args.host_devices)
+  distributed.initialize(distributed.DistributedConfig(
+      coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+      process_id=args.process_id))
+  t0 = time.time()
+  me = jax.process_index()
+
+  def save(name: str, res: dict) -> None:
+    np.savez(os.path.join(args.out, f"{name}_p{me}.npz"), **res)
+
+  if args.mode == "pp2":
+    for schedule in ("1f1b", "zbv"):
+      pipe = pipeline(schedule=schedule, num_stages=2)
+      res, state = run_pipeline(pipe)
+      ranks = [d.process_index for d in pipe.backend.layout.device_grid[:, 0]]
+      assert ranks == [0, 1], ranks                       # default: ranks in process order
+      save(schedule, res)
+      log(schedule, "done", f"{time.time() - t0:.1f}s")
+      if schedule == "1f1b":
+        ckpt = checkpoint.Checkpointer(os.path.join(args.out, "ckpt"))
+        ckpt.save(STEPS, pipe.to_canonical(state), {"step": STEPS})
+        ckpt.wait()
+        fresh = pipeline(schedule="1f1b", num_stages=2)
+        other = fresh.init(jax.random.key(SEED + 1), batch(0))
+        restored, meta = ckpt.restore(STEPS, fresh.to_canonical(other))
+        back = fresh.from_canonical(restored, meta["step"])
+        res = flat(fresh.params(back), "params")
+        state2, metrics = fresh.train_step(back, batch(STEPS))
+        res["next_loss"] = np.asarray(float(metrics["loss"]))
+        res.update(flat(fresh.params(state2), "next"))
+        save("restored", res)
+        ckpt.close()
+        log("checkpoint done", f"{time.time() - t0:.1f}s")
+  elif args.mode == "pp2dp2":
+    grid = np.asarray([jax.local_devices(process_index=p) for p in range(2)], dtype=object)
+    mesh = jax.sharding.Mesh(grid, ("pp", "dp"))
+    pipe = pipeline(schedule="1f1b", mesh=mesh)
+    res, _ = run_pipeline(pipe)
+    save("dp", res)
+    log("pp2dp2 done", f"{time.time() - t0:.1f}s")
+  else:  # kill: train until the test kills a process
+    pipe = pipeline(schedule="1f1b", num_stages=2)
+    state = pipe.init(jax.random.key(SEED), batch(0))
+    step_file = os.path.join(args.out, f"steps_p{me}")
+    for step in range(100_000):
+      state, metrics = pipe.train_step(state, batch(step % 4))
+      float(metrics["loss"])
+      with open(step_file + ".tmp", "w") as f:
+        f.write(str(step + 1))
+      os.replace(step_file + ".tmp", step_file)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
