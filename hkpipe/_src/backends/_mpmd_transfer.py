@@ -21,8 +21,9 @@ single-device arrays (docs/design/multiprocess.md, section 2b).
 Failures: when the peer process dies, its pending pulls fail at once (``Connection closed``). A
 watcher thread waits on every pulled array and records the first failure; the driver raises it as
 a :class:`TransferError` at the start of its next call. Reading a result derived from a failed
-pull (``float(metrics["loss"])``) raises the runtime's error directly, and the distributed
-runtime's heartbeat ends the process within ``heartbeat_timeout_seconds`` anyway.
+pull (``float(metrics["loss"])``) raises the runtime's error directly (the watcher also prints the
+clear message to stderr at once), and the distributed runtime's heartbeat ends the process within
+``heartbeat_timeout_seconds`` anyway.
 
 The transport is one per process (a listening server bound to the process): :func:`transport`
 creates it lazily after ``jax.distributed`` is initialised and returns the same object afterwards.
@@ -34,6 +35,7 @@ import functools
 import hashlib
 import queue
 import socket
+import sys
 import threading
 from typing import Any, Sequence
 
@@ -85,11 +87,15 @@ def ordered_devices(sharding: Any, shape: Sequence[int]) -> list:
   return sorted(indices, key=lambda d: _index_key(indices[d]))
 
 
-def shard_specs(spec: jax.ShapeDtypeStruct) -> list[jax.ShapeDtypeStruct]:
-  """Per device of ``spec.sharding`` (in :func:`ordered_devices` order), the shard to pull."""
+@functools.lru_cache(maxsize=4096)
+def shard_specs(spec: jax.ShapeDtypeStruct) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """Per device of ``spec.sharding`` (in :func:`ordered_devices` order), the shard to pull.
+
+  Memoised: a driver pulls the same few specs every step.
+  """
   shape = spec.sharding.shard_shape(tuple(spec.shape))
-  return [jax.ShapeDtypeStruct(shape, spec.dtype, sharding=SingleDeviceSharding(d))
-          for d in ordered_devices(spec.sharding, spec.shape)]
+  return tuple(jax.ShapeDtypeStruct(shape, spec.dtype, sharding=SingleDeviceSharding(d))
+               for d in ordered_devices(spec.sharding, spec.shape))
 
 
 def remote_array(spec: jax.ShapeDtypeStruct) -> jax.Array:
@@ -220,6 +226,9 @@ class Transport:
           self._error = TransferError(
               f"Receiving {what} from process {process} failed (did process {process} die?): "
               f"{e}")
+          # Said at once: the main thread may meet the raw runtime error first (reading a
+          # metric computed from the failed transfer) and exit without another driver call.
+          print(f"hkpipe MPMD: {self._error}", file=sys.stderr, flush=True)
 
   def check(self) -> None:
     """Raises the first recorded transfer failure, if any."""

@@ -1073,15 +1073,22 @@ class MpmdBackend(pl.Backend):
     # Across processes (jax.distributed with several processes): transfers between ranks of
     # different processes go through this process's transfer server; every driver call has a
     # number, equal on every process, that (with the message) makes each transfer's id.
-    self.multi_process = jax.process_count() > 1
     self.transport: xfer_lib.Transport | None = None
     self.namespace = 0
-    if self.multi_process:
+    if jax.process_count() > 1:
       self.transport = xfer_lib.transport()
       self.namespace = self.transport.new_namespace()
     self._calls = 0
 
   # -- layout ----------------------------------------------------------------------------------
+
+  @property
+  def multi_process(self) -> bool:
+    """Whether the pipeline's ranks live on devices of several processes (known after
+    ``init``, or at once with explicit stage boundaries)."""
+    if jax.process_count() == 1:
+      return False
+    return len({int(d.process_index) for d in self.layout.device_grid.flat}) > 1
 
   @property
   def layout(self) -> layout_lib.Layout:
@@ -1100,6 +1107,12 @@ class MpmdBackend(pl.Backend):
     layout = layout_lib.resolve(self.model, self.options, mb_inputs)
     schedules.validate(layout.schedule)
     layout_lib.check_ranks_within_processes(layout)
+    procs = {int(d.process_index) for d in layout.device_grid.flat}
+    if len(procs) == 1 and jax.process_index() not in procs:
+      raise ValueError(f"Every device of this pipeline belongs to process {procs.pop()}, so "
+                       f"process {jax.process_index()} cannot run it: build a pipeline on one "
+                       "process's devices only in that process, or spread the ranks over the "
+                       "processes (e.g. num_stages=a multiple of jax.process_count()).")
     return layout
 
   def _setup(self, batch: pl.Batch) -> _Setup:
