@@ -92,6 +92,13 @@ def run_pipeline(pipe: hkpipe.Pipeline) -> tuple[dict, hkpipe.TrainState]:
   return res, state
 
 
+def assert_compiled_only_own_stages(pipe: hkpipe.Pipeline) -> None:
+  """Every program this process compiled (or cloned) runs on its own devices only."""
+  me = jax.process_index()
+  placed = [devs for variants in pipe.backend.cache._by_key.values() for devs in variants]  # pylint: disable=protected-access
+  assert placed and all(d.process_index == me for devs in placed for d in devs), placed
+
+
 def pipeline(**kw) -> hkpipe.Pipeline:
   return hkpipe.Pipeline(model(), optax.sgd(LR), backend="mpmd", num_microbatches=M,
                          max_grad_norm=MAX_NORM, **kw)
@@ -115,6 +122,7 @@ def main(argv: list[str]) -> None:
     for schedule in ("1f1b", "zbv"):
       pipe = pipeline(schedule=schedule, num_stages=2)
       res, state = run_pipeline(pipe)
+      assert_compiled_only_own_stages(pipe)
       ranks = [d.process_index for d in pipe.backend.layout.device_grid[:, 0]]
       assert ranks == [0, 1], ranks                       # default: ranks in process order
       save(schedule, res)
@@ -139,6 +147,7 @@ def main(argv: list[str]) -> None:
     mesh = jax.sharding.Mesh(grid, ("pp", "dp"))
     pipe = pipeline(schedule="1f1b", mesh=mesh)
     res, _ = run_pipeline(pipe)
+    assert_compiled_only_own_stages(pipe)
     save("dp", res)
     log("pp2dp2 done", f"{time.time() - t0:.1f}s")
   else:  # kill: train until the test kills a process
