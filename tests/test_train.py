@@ -121,6 +121,30 @@ def test_bad_configs_raise_before_compiling(tmp_path, data_dir):
     shakespeare_llama.get_config("huge")
 
 
+def test_crash_save_is_bounded():
+  """The save attempted after an exception in a multi-process run waits at most its timeout (a
+  collective whose peer died never returns) and reports instead of raising."""
+  from hkpipe._src import trainer  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  message = trainer._run_bounded(lambda: time.sleep(30), 0.5)  # pylint: disable=protected-access
+  assert time.time() - start < 10 and "gave up after 0s" in message, message
+  error = trainer._run_bounded(lambda: 1 / 0, 10)  # pylint: disable=protected-access
+  assert isinstance(error, ZeroDivisionError)
+  assert trainer._run_bounded(lambda: None, None) is None  # pylint: disable=protected-access
+  assert isinstance(trainer._run_bounded(lambda: 1 / 0, None),  # pylint: disable=protected-access
+                    ZeroDivisionError)
+
+
+def test_pipeline_options_spread_devices_over_processes():
+  """In one process the backends get the first devices, as before."""
+  config = _tiny_config("unused")
+  config.backend, config.pipeline.stages, config.pipeline.dp = "spmd", 2, 2
+  mesh = train_lib.pipeline_options(config)["mesh"]
+  assert list(mesh.devices.flat) == jax.devices()[:4] and mesh.axis_names == ("pp", "dp")
+  config.backend = "pmap"
+  assert train_lib.pipeline_options(config)["devices"] == jax.devices()[:2]
+
+
 def _launch(workdir, *extra, config="experiments/shakespeare_gpt.py:runlocal"):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.Popen(

@@ -77,7 +77,8 @@ def prepare(data_dir: str | os.PathLike, source: str | os.PathLike | None = None
   """Tokenises a text corpus once into ``train.bin``/``val.bin`` under ``data_dir``.
 
   Each work contributes its first ``1 - val_fraction`` to train and its end to val. When the files
-  exist for the same source and fraction, nothing is redone.
+  exist for the same source and fraction, nothing is redone. Safe to call from several processes
+  at once (each process of a multi-process run does).
 
   Args:
     data_dir: output folder (created).
@@ -107,11 +108,14 @@ def prepare(data_dir: str | os.PathLike, source: str | os.PathLike | None = None
           "source": str(src), "val_fraction": val_fraction,
           "train_tokens": int(sum(map(len, train_parts))),
           "val_tokens": int(sum(map(len, val_parts)))}
+  # Temporary names are per process: the processes of a multi-process run on one machine may
+  # prepare the same folder at once; each writes identical content and renames it atomically.
+  suffix = f".tmp.{os.getpid()}"
   for name, parts in (("train", train_parts), ("val", val_parts)):
-    tmp = out / f"{name}.bin.tmp"
+    tmp = out / f"{name}.bin{suffix}"
     np.concatenate(parts).astype(np.uint8).tofile(tmp)
     os.replace(tmp, out / f"{name}.bin")  # atomic: a crash never leaves a half-written file
-  tmp = out / "meta.json.tmp"
+  tmp = out / f"meta.json{suffix}"
   tmp.write_text(json.dumps(meta, indent=1))
   os.replace(tmp, meta_path)
   return meta

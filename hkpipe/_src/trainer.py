@@ -5,6 +5,11 @@ defines the run comes from ``config`` (an ``ml_collections.ConfigDict`` built by
 ``get_config``; the fields are documented in ``docs/training.md``). A workdir that already holds a
 checkpoint is resumed: parameters, optimizer state, step and data position (batches are a pure
 function of (seed, step)), so a resumed run reproduces an uninterrupted one.
+
+Multi-process runs (``jax.distributed`` initialised, every process calling ``train`` with the same
+config) feed each process its rows of the global batch or the full batch, as the backend's
+``batch_is_process_local`` says; only process 0 writes ``config.json``, ``metrics.jsonl`` and
+``samples.txt`` and prints; every process takes part in checkpoints and in ``pipe.params``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import time
 from typing import Any, Callable, Mapping, TextIO
 
@@ -84,31 +90,62 @@ def optimizer_config(config: Any) -> optim.OptimizerConfig:
   return optim.OptimizerConfig(total_steps=config.num_steps, **fields)
 
 
+def spread_devices(count: int) -> list[Any]:
+  """``count`` devices for a pipeline, spread evenly over the processes in process order.
+
+  One process: the first ``count`` devices. ``P`` processes: the first ``count / P`` local devices
+  of every process, process by process (every process must own part of a pipeline that takes
+  each process's batch rows, and a ``(pp, dp)`` mesh built from this list row by row puts
+  ``pp`` ranks on processes in order).
+
+  Raises:
+    ValueError: when ``count`` is not a multiple of the process count, or a process has too few
+      devices (with the fix).
+  """
+  procs = jax.process_count()
+  if procs == 1:
+    return list(jax.devices()[:count])
+  if count % procs:
+    raise ValueError(f"The pipeline needs {count} devices, which cannot be spread evenly over "
+                     f"{procs} processes; use a device count (pipeline.stages x pipeline.dp, or "
+                     f"pipeline.dp for pmap) that is a multiple of {procs}.")
+  per = count // procs
+  local = [jax.local_devices(process_index=p) for p in range(procs)]
+  short = [p for p in range(procs) if len(local[p]) < per]
+  if short:
+    raise ValueError(f"The pipeline needs {per} devices on each of the {procs} processes, but "
+                     f"processes {short} have fewer; simulate more with --host_devices={per}.")
+  return [d for p in range(procs) for d in local[p][:per]]
+
+
 def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   """``Pipeline`` keyword options for ``config.backend`` and ``config.pipeline``.
 
   ``pipeline.stages`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
-  data-parallel width; the pipelined backends get a ``(pp, dp)`` mesh of the first ``stages * dp``
-  devices, ``pmap`` gets ``dp`` devices, ``single`` one device.
+  data-parallel width; the pipelined backends get a ``(pp, dp)`` mesh of ``stages * dp`` devices,
+  ``pmap`` gets ``dp`` devices, ``single`` one device. Without ``devices``, they are the first ones
+  of the run, spread evenly over the processes (see :func:`spread_devices`).
   """
-  devices = list(devices if devices is not None else jax.devices())
   pipe = config.pipeline
   backend = config.backend
   opts: dict = {"num_microbatches": int(pipe.num_microbatches),
                 "max_grad_norm": config.optim.get("max_grad_norm"), "remat": bool(pipe.remat)}
   if backend == "single":
-    return {**opts, "devices": devices[:1]}
+    first = devices[0] if devices is not None else jax.local_devices()[0]
+    return {**opts, "devices": [first]}
   if backend == "pmap":
     need = int(pipe.dp)
   else:
     need = int(pipe.stages) * int(pipe.dp)
-  if need > len(devices):
+  visible = len(devices) if devices is not None else jax.device_count()
+  if need > visible:
     raise ValueError(f"backend={backend!r} with pipeline.stages={pipe.stages}, pipeline.dp="
-                     f"{pipe.dp} needs {need} devices but {len(devices)} are visible. On CPU, "
+                     f"{pipe.dp} needs {need} devices but {visible} are visible. On CPU, "
                      f"simulate more with --host_devices={need} (launch/train.py).")
+  chosen = list(devices[:need]) if devices is not None else spread_devices(need)
   if backend == "pmap":
-    return {**opts, "devices": devices[:need]}
-  mesh = jax.sharding.Mesh(np.asarray(devices[:need]).reshape(int(pipe.stages), int(pipe.dp)),
+    return {**opts, "devices": chosen}
+  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(int(pipe.stages), int(pipe.dp)),
                            ("pp", "dp"))
   opts.update(mesh=mesh, schedule=pipe.schedule, virtual_stages=pipe.get("virtual_stages"))
   boundaries = pipe.get("boundaries")
@@ -158,6 +195,49 @@ class MetricsWriter:
     self._file.close()
 
 
+class _NoWriter:
+  """The metrics writer of processes other than 0 (only process 0 writes ``metrics.jsonl``)."""
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    del record
+
+  def close(self) -> None:
+    pass
+
+
+# How long a multi-process run waits for the checkpoint it attempts after an exception.
+CRASH_SAVE_TIMEOUT_S = 60.0
+
+
+def _run_bounded(fn: Callable[[], None], timeout_s: float | None) -> BaseException | str | None:
+  """Runs ``fn``; returns None on success, its exception, or a message if it ran out of time.
+
+  With ``timeout_s`` it runs on a daemon thread that is abandoned after ``timeout_s`` seconds
+  (a collective waiting for a dead peer never returns; the process can still exit).
+  """
+  if timeout_s is None:
+    try:
+      fn()
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+    return None
+  box: dict = {}
+
+  def run():
+    try:
+      fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      box["error"] = e
+
+  thread = threading.Thread(target=run, name="hkpipe-crash-save", daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  if thread.is_alive():
+    return (f"gave up after {timeout_s:.0f}s (another process probably died or is not saving; "
+            "the last periodic checkpoint is kept)")
+  return box.get("error")
+
+
 def _fmt_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -173,7 +253,7 @@ def evaluate(pipe: pl.Pipeline, state: pl.TrainState, batch_fn: Callable[[int], 
 def sample_text(model: Any, params: Any, prompt: str, *, num_tokens: int, seed: int,
                 temperature: float, top_k: int | None) -> str:
   """Generated continuation of ``prompt`` (byte-level tokens)."""
-  params = jax.device_put(params, jax.devices()[0])
+  params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
   prompt_tokens = jnp.asarray(data_lib.encode(prompt), jnp.int32)[None]
   out = models.generate(model, params, prompt_tokens, max_new_tokens=num_tokens,
                         rng=jax.random.key(seed), temperature=temperature, top_k=top_k)
@@ -190,17 +270,19 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
     A summary: first/last train loss, last val loss, steps run, resume step, sample text.
   """
   t_start = time.time()
-  if jax.process_count() > 1:
-    raise ValueError(f"This run joined {jax.process_count()} processes, but hkpipe 0.1's backends "
-                     "drive the devices of one process only; launch a single process (use "
-                     "--host_devices or the local accelerators for several devices).")
+  lead = jax.process_index() == 0  # writes metrics, config, samples and prints
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
-  (work / "config.json").write_text(config.to_json_best_effort(indent=1))
+  if lead:
+    (work / "config.json").write_text(config.to_json_best_effort(indent=1))
 
   def say(msg: str) -> None:
-    if jax.process_index() == 0:
+    if lead:
       print(msg, file=log, flush=True)
+
+  def say_everywhere(msg: str) -> None:  # for what only this process may know (crash saves)
+    prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+    print(prefix + msg, file=log if lead else sys.stderr, flush=True)
 
   # Data.
   data_dir = config.data.dir or str(work / "data")
@@ -212,23 +294,26 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
                      f"vocabulary ({tokens.vocab_size}); set it to at least {tokens.vocab_size}.")
   seq_len, batch_size = mcfg.seq_len, int(config.batch_size)
 
-  def train_batch(step: int):
-    return data_lib.sample_batch(tokens.train, batch_size=batch_size, seq_len=seq_len,
-                                 seed=config.seed, step=step, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-
-  def val_batch(i: int):
-    return data_lib.sample_batch(tokens.val, batch_size=batch_size, seq_len=seq_len,
-                                 seed=config.seed, step=i, split="val",
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-
   # Model, optimizer, pipeline.
   model = models.build(mcfg)
   ocfg = optimizer_config(config)
   lr_at = optim.lr_schedule(ocfg)
   pipe = pl.Pipeline(model, optim.adamw(ocfg), backend=config.backend,
                      **pipeline_options(config))
+  # Each process feeds its own rows of the global batch, or the whole batch (MPMD).
+  if getattr(pipe.backend, "batch_is_process_local", True):
+    shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  else:
+    shard = {"process_index": 0, "process_count": 1}
+
+  def train_batch(step: int):
+    return data_lib.sample_batch(tokens.train, batch_size=batch_size, seq_len=seq_len,
+                                 seed=config.seed, step=step, **shard)
+
+  def val_batch(i: int):
+    return data_lib.sample_batch(tokens.val, batch_size=batch_size, seq_len=seq_len,
+                                 seed=config.seed, step=i, split="val", **shard)
+
   first = train_batch(0)
   state = pipe.init(jax.random.key(config.seed), first)
   n_params = models.param_count(model, pipe.params(state))  # tied weights counted once
@@ -245,7 +330,8 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
     canonical, _ = ckpt.restore(resume_step, pipe.to_canonical(state))
     state = pipe.from_canonical(canonical, resume_step)
     say(f"Resumed from checkpoint at step {resume_step} in {ckpt.directory}")
-  writer = MetricsWriter(work / "metrics.jsonl", resume_step or 0)
+  writer = (MetricsWriter(work / "metrics.jsonl", resume_step or 0) if lead
+            else _NoWriter())
   flops_tok = models.flops_per_token(mcfg)
   peak = config.get("peak_tflops")
   tokens_per_step = batch_size * seq_len
@@ -293,12 +379,20 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
         t_window, steps_window = time.time(), 0
   except BaseException:
     if state.step != last_saved and state.step > 0:
-      try:  # nothing lost on a crash: keep the last completed step
-        ckpt.save(state.step, pipe.to_canonical(state), {**meta, "step": state.step})
+      # Nothing lost on a crash: keep the last completed step. Across processes the save is
+      # collective, so it only completes if every process got here too (a peer that died or is
+      # still training cannot join): bounded, so that this process exits instead of hanging.
+      crashed_at = state.step
+
+      def save_last():
+        ckpt.save(crashed_at, pipe.to_canonical(state), {**meta, "step": crashed_at})
         ckpt.wait()
-        say(f"Interrupted: saved step {state.step} to {ckpt.directory}")
-      except Exception as e:  # pylint: disable=broad-except
-        say(f"Interrupted: could not save step {state.step}: {e}")
+
+      error = _run_bounded(save_last, None if jax.process_count() == 1 else CRASH_SAVE_TIMEOUT_S)
+      if error is None:
+        say_everywhere(f"Interrupted: saved step {crashed_at} to {ckpt.directory}")
+      else:
+        say_everywhere(f"Interrupted: could not save step {crashed_at}: {error}")
     writer.close()
     raise
   if state.step != last_saved:
@@ -307,12 +401,14 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   writer.close()
   summary["steps"] = state.step
 
-  if config.sample_tokens and jax.process_index() == 0:
-    text = sample_text(model, pipe.params(state), config.sample_prompt,
-                       num_tokens=config.sample_tokens, seed=config.seed,
-                       temperature=config.sample_temperature, top_k=config.get("sample_top_k"))
-    (work / "samples.txt").write_text(text)
-    say("---- sample ----\n" + text + "\n----------------")
-    summary["sample"] = text
+  if config.sample_tokens:
+    params = pipe.params(state)  # every process: it may gather parameters across processes
+    if lead:
+      text = sample_text(model, params, config.sample_prompt, num_tokens=config.sample_tokens,
+                         seed=config.seed, temperature=config.sample_temperature,
+                         top_k=config.get("sample_top_k"))
+      (work / "samples.txt").write_text(text)
+      say("---- sample ----\n" + text + "\n----------------")
+      summary["sample"] = text
   say(f"Done in {time.time() - t_start:.1f}s; checkpoints in {ckpt.directory}")
   return summary

@@ -21,6 +21,14 @@ single backend, and each microbatch is split evenly across the ``dp`` replicas, 
 must be a multiple of ``num_microbatches * dp``. Loss and gradients equal the single backend's (all
 losses are means over equally sized examples). With ``dp > 1`` each replica folds its ``dp`` index
 into the microbatch dropout key (independent masks, not the reference's draws).
+
+Multi-process: the mesh may span the devices of every process (each process runs the same
+program). Each process passes its own rows of the global batch; they are placed on its own devices
+as a global ``[B, ...]`` array (``pipeline.process_batch_spec``), and the jitted step itself
+reshapes them into microbatches, so XLA moves rows between processes where a rank needs rows
+another process fed. Parameters, optimizer state and tables are placed per process from host data
+(no collective); ``params``/``loss_and_grads`` all-gather the per-rank buffers so every process
+gets the full canonical tree; ``to_canonical`` returns it replicated over the mesh as global arrays.
 """
 
 from __future__ import annotations
@@ -145,6 +153,9 @@ class SpmdBackend(pl.Backend):
     _check_schedule(options.schedule)
     self._grid = layout_lib.device_grid(options)
     self.mesh = Mesh(self._grid, ("pp", "dp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    # Where process-local batch rows land (P() in one process); raises early on meshes that
+    # leave a process out or do not follow process order.
+    self._feed = NamedSharding(self.mesh, pl.process_batch_spec(self.mesh))
     self._plan: _Plan | None = None
     self._programs: dict[Any, tuple[_Program, dict]] = {}
 
@@ -166,7 +177,7 @@ class SpmdBackend(pl.Backend):
   # -- static planning -------------------------------------------------------------------------
 
   def _check_batch(self, batch: pl.Batch) -> int:
-    size = pl.validate_batch(batch, self.options.num_microbatches)
+    size = self.global_batch_size(batch)
     m, dp = self.options.num_microbatches, self.dp
     if size % (m * dp):
       raise ValueError(f"The spmd backend splits each of the num_microbatches={m} microbatches "
@@ -267,8 +278,15 @@ class SpmdBackend(pl.Backend):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // div,) + tuple(x.shape[1:]),
                                                        x.dtype), tree)
 
+  def _global_avals(self, batch: pl.Batch) -> Any:
+    """Shapes of the global batch assembled from this process's ``batch``."""
+    count = self.batch_process_count()
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (np.shape(x)[0] * count,) + tuple(np.shape(x)[1:]), x.dtype), tuple(batch))
+
   def _program(self, batch: pl.Batch, rng: jax.Array) -> tuple[_Program, dict]:
-    """The program for this batch shape (built and cached on first use) and its device tables."""
+    """The program for this (global) batch shape (built and cached on first use) and its device
+    tables."""
     key = (_shape_key(batch), _shape_key(rng))
     if key not in self._programs:
       prog = self._build_program(batch, rng)
@@ -276,8 +294,7 @@ class SpmdBackend(pl.Backend):
     return self._programs[key]
 
   def _put_tables(self, tables: tables_lib.TickTables) -> dict:
-    sharding = NamedSharding(self.mesh, P("pp"))
-    return {k: jax.device_put(v, sharding) for k, v in tables.arrays().items()}
+    return pl.put_global(dict(tables.arrays()), NamedSharding(self.mesh, P("pp")))
 
   def _build_program(self, batch: pl.Batch, rng: jax.Array) -> _Program:
     plan = self.plan
@@ -477,74 +494,103 @@ class SpmdBackend(pl.Backend):
     return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)
 
+  def _microbatches(self, tree: Any) -> Any:
+    """Inside the jitted step: global ``[B, ...]`` -> ``[m, dp, B/(m dp), ...]`` sharded over
+    ``dp`` (microbatch ``i`` = the reference's rows ``i*B/m ..``, split evenly over ``dp``).
+
+    Doing it in the program lets XLA move rows between processes when a process's own rows are
+    not the ones its devices need (e.g. ``pp`` across processes: every rank needs every row)."""
+    m, dp = self.options.num_microbatches, self.dp
+    sharding = NamedSharding(self.mesh, P(None, "dp"))
+
+    def split(x):
+      x = x.reshape((m, dp, x.shape[0] // (m * dp)) + tuple(x.shape[1:]))
+      return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split, tree)
+
   @functools.cached_property
   def _jitted(self) -> dict:
-    """The three jitted programs; ``prog`` is static (hashable by identity)."""
+    """The three jitted programs; ``prog`` is static (hashable by identity). Batches come in as
+    global ``[B, ...]`` arrays (see ``_put_batch``)."""
     pp, data = P("pp"), P(None, "dp")
 
     def train(prog, params, opt, rng, step, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._train_body, prog),
                            (pp, pp, P(), P(), data, data, pp), (pp, pp, P()))
-      return fn(params, opt, rng, step, inputs, targets, tabs)
+      return fn(params, opt, rng, step, *self._microbatches((inputs, targets)), tabs)
 
     def grads(prog, params, rng, step, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._loss_grads_body, prog),
                            (pp, P(), P(), data, data, pp), (P(), pp))
-      return fn(params, rng, step, inputs, targets, tabs)
+      return fn(params, rng, step, *self._microbatches((inputs, targets)), tabs)
 
     def evaluate(prog, params, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._eval_body, prog),
                            (pp, data, data, pp), P())
-      return fn(params, inputs, targets, tabs)
+      return fn(params, *self._microbatches((inputs, targets)), tabs)
 
     donate = (1, 2) if self.options.donate else ()
     return {"train": jax.jit(train, static_argnums=0, donate_argnums=donate),
             "grads": jax.jit(grads, static_argnums=0),
             "eval": jax.jit(evaluate, static_argnums=0)}
 
+  @functools.cached_property
+  def _all_gather(self) -> Any:
+    """Replicates (possibly process-spanning) buffers on every device of the mesh."""
+    return jax.jit(lambda tree: tree, out_shardings=NamedSharding(self.mesh, P()))
+
   # -- placement -------------------------------------------------------------------------------
 
   def _put_batch(self, batch: pl.Batch) -> tuple[Any, Any]:
-    """``[B, ...] -> [m, dp, B/(m dp), ...]`` sharded over ``dp`` (from any placement)."""
+    """This process's batch (its rows, or the whole batch in one process) as global ``[B, ...]``
+    arrays: each process places its own rows on its own devices, no data crosses processes here
+    (the program reshuffles; see ``_microbatches``). Inputs may start anywhere."""
     self._check_batch(batch)
-    m, dp = self.options.num_microbatches, self.dp
-    sharding = NamedSharding(self.mesh, P(None, "dp"))
-
-    def put(x):
-      x = x.reshape((m, dp, x.shape[0] // (m * dp)) + tuple(x.shape[1:]))
-      return jax.device_put(x, sharding)
-
     inputs, targets = batch
-    return jax.tree.map(put, inputs), jax.tree.map(put, targets)
+    return (pl.put_process_batch(inputs, self._feed), pl.put_process_batch(targets, self._feed))
 
   def _put_rows(self, rows: Mapping[str, np.ndarray]) -> dict:
-    sharding = NamedSharding(self.mesh, P("pp"))
-    return {k: jax.device_put(v, sharding) for k, v in rows.items()}
+    return pl.put_global(dict(rows), NamedSharding(self.mesh, P("pp")))
 
   def _put_replicated(self, x: Any) -> Any:
-    return jax.device_put(x, NamedSharding(self.mesh, P()))
+    return pl.put_global(x, NamedSharding(self.mesh, P()))
 
   def _get_rows(self, bufs: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+    """Every rank's row of the buffers, on the host (an all-gather across processes: every
+    process must call it)."""
+    bufs = dict(bufs)
+    if not all(v.is_fully_addressable for v in bufs.values()):
+      bufs = {k: v.addressable_data(0) for k, v in self._all_gather(bufs).items()}
     return {k: np.asarray(jax.device_get(v)) for k, v in bufs.items()}
 
   # -- canonical conversion ----------------------------------------------------------------------
 
-  def _params_to_canonical(self, bufs: Mapping[str, jax.Array]) -> dict:
+  def _place_canonical(self, tree: Any, replicate: bool) -> Any:
+    """Host leaves -> global arrays replicated over the mesh (``replicate``: what checkpoints
+    save from every process) or arrays on this process's default device."""
+    if replicate:
+      return pl.put_global(tree, NamedSharding(self.mesh, P()))
+    return jax.tree.map(jnp.asarray, tree)
+
+  def _params_to_canonical(self, bufs: Mapping[str, jax.Array], replicate: bool = False) -> dict:
     plan, rows = self.plan, self._get_rows(bufs)
     out = {}
     for s, lay in enumerate(plan.stage_layouts):
       r = plan.rank_of(s)
       out.update(_unpack_row(lay, rows, r))
-    return {n: jax.tree.map(jnp.asarray, out[n]) for n in self.model.layer_names}
+    return self._place_canonical({n: out[n] for n in self.model.layer_names}, replicate)
 
-  def _opt_to_canonical(self, bufs: Mapping[str, jax.Array]) -> Any:
+  def _opt_to_canonical(self, bufs: Mapping[str, jax.Array], replicate: bool = False) -> Any:
     plan, rows = self.plan, self._get_rows(bufs)
     parts = [_unpack_row(plan.opt_layouts[r], rows, r) for r in range(plan.num_ranks)]
     names = [plan.rank_names(r) for r in range(plan.num_ranks)]
-    return jax.tree.map(jnp.asarray, pl.merge(parts, names))
+    return self._place_canonical(pl.merge(parts, names), replicate)
 
   def _canonical_rows(self, canonical: Mapping[str, Any]) -> tuple[dict, dict]:
     plan = self.plan
+    canonical = {"params": pl.gather(canonical["params"]),
+                 "opt_state": pl.gather(canonical["opt_state"])}
     params = canonical["params"]
     missing = set(self.model.layer_names) - set(params)
     if missing:
@@ -594,7 +640,7 @@ class SpmdBackend(pl.Backend):
     """
     self._check_batch(batch)
     plan = self.plan
-    prog, _ = self._program(batch, jax.random.key(0) if rng is None else rng)
+    prog, _ = self._program(self._global_avals(batch), jax.random.key(0) if rng is None else rng)
     nbytes = lambda avals: sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in avals)
     sized = lambda sizes: sum(n * jnp.dtype(k).itemsize for k, n in sizes.items())
     tables = plan.tables
@@ -622,7 +668,7 @@ class SpmdBackend(pl.Backend):
     memory profile.
     """
     inputs, targets = self._put_batch(batch)
-    prog, tabs = self._program(batch, state.rng)
+    prog, tabs = self._program((inputs, targets), state.rng)
     lowered = self._jitted["train"].lower(prog, state.params, state.opt_state, state.rng,
                                           np.int32(state.step), inputs, targets, tabs)
     return lowered.compile().memory_analysis()
@@ -630,9 +676,9 @@ class SpmdBackend(pl.Backend):
   # -- Backend API -----------------------------------------------------------------------------
 
   def init(self, rng, batch):
-    self._check_batch(batch)
+    size = self._check_batch(batch)
     inputs, _ = batch
-    one = jax.tree.map(lambda x: x[: x.shape[0] // self.options.num_microbatches], inputs)
+    one = pl.example_microbatch(inputs, size, self.options.num_microbatches)
     params_rng, state_rng = jax.random.split(rng)
     # Resolve (and validate) the layout from shapes alone: errors come before any compile.
     self._ensure_plan(jax.eval_shape(self.model.init, params_rng, one), one)
@@ -642,14 +688,14 @@ class SpmdBackend(pl.Backend):
 
   def loss_and_grads(self, state, batch):
     inputs, targets = self._put_batch(batch)
-    prog, arrays = self._program(batch, state.rng)
+    prog, arrays = self._program((inputs, targets), state.rng)
     loss, grads = self._jitted["grads"](prog, state.params, state.rng, np.int32(state.step),
                                         inputs, targets, arrays)
     return loss, self._params_to_canonical(grads)
 
   def train_step(self, state, batch):
     inputs, targets = self._put_batch(batch)
-    prog, arrays = self._program(batch, state.rng)
+    prog, arrays = self._program((inputs, targets), state.rng)
     params, opt, metrics = self._jitted["train"](prog, state.params, state.opt_state, state.rng,
                                                  np.int32(state.step), inputs, targets,
                                                  arrays)
@@ -658,12 +704,19 @@ class SpmdBackend(pl.Backend):
 
   def eval_loss(self, state, batch):
     inputs, targets = self._put_batch(batch)
-    prog, arrays = self._program(batch, state.rng)
+    prog, arrays = self._program((inputs, targets), state.rng)
     return self._jitted["eval"](prog, state.params, inputs, targets, arrays)
 
+  def params(self, state):
+    """Canonical params on this process's default device (an all-gather across processes)."""
+    return self._params_to_canonical(state.params)
+
   def to_canonical(self, state):
-    return {"params": self._params_to_canonical(state.params),
-            "opt_state": self._opt_to_canonical(state.opt_state), "rng": state.rng}
+    """Canonical state as global arrays replicated over the mesh (so that every process holds
+    them and checkpoints save them from every process)."""
+    return {"params": self._params_to_canonical(state.params, replicate=True),
+            "opt_state": self._opt_to_canonical(state.opt_state, replicate=True),
+            "rng": state.rng}
 
   def from_canonical(self, canonical: Mapping[str, Any], step: int):
     if self._plan is None:
