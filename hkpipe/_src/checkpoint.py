@@ -25,6 +25,7 @@ from one layout or process count restores into another.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Mapping
 
@@ -55,13 +56,19 @@ def _spans_all_processes(x: Any) -> bool:
   """Whether ``x`` is a host value, or a global array with devices on every process."""
   if not isinstance(x, jax.Array) or jax.process_count() == 1:
     return True
-  return len({d.process_index for d in x.sharding.device_set}) == jax.process_count()
+  devices: set[Any] = set(x.sharding.device_set)
+  return len({d.process_index for d in devices}) == jax.process_count()
 
 
 def _process_mesh() -> Mesh:
   """A mesh of the first local device of every process, in process order: ``("proc",)``."""
   devices = [jax.local_devices(process_index=p)[0] for p in range(jax.process_count())]
   return Mesh(np.asarray(devices, dtype=object), ("proc",))
+
+
+def _own_slot(mine: np.ndarray, index: tuple) -> np.ndarray:
+  """This process's slot ``[1, ...]`` of a ``[P, ...]`` array (the callback's index selects it)."""
+  return mine[(slice(None),) + tuple(index[1:])]
 
 
 def _sum_slots(slots: list) -> list:
@@ -95,7 +102,7 @@ def _widen(tree: Any) -> Any:
         mine[shard.index] = np.asarray(shard.data)
     slots.append(jax.make_array_from_callback(
         (count,) + tuple(x.shape), NamedSharding(mesh, P("proc")),
-        lambda index, mine=mine: mine[None][(slice(None),) + tuple(index[1:])]))
+        functools.partial(_own_slot, mine[None])))
   summed = jax.jit(_sum_slots, out_shardings=NamedSharding(mesh, P()))(slots)
   for i, value in zip(partial, summed):
     leaves[i] = value
@@ -110,6 +117,11 @@ def _narrow(value: jax.Array, like: jax.Array) -> jax.Array:
   shards = [jax.device_put(host[index], device)
             for device, index in sharding.addressable_devices_indices_map(host.shape).items()]
   return jax.make_array_from_single_device_arrays(host.shape, sharding, shards, dtype=like.dtype)
+
+
+def _placed_like(value: Any, want: Any) -> Any:
+  """A restored leaf with the target's placement (see ``_abstract``)."""
+  return value if _spans_all_processes(want) else _narrow(value, want)
 
 
 def _abstract(tree: Any) -> Any:
@@ -178,9 +190,7 @@ class Checkpointer:
     target = _to_storable(like)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
-    state = jax.tree.map(
-        lambda value, want: value if _spans_all_processes(want) else _narrow(value, want),
-        dict(restored["state"]), target)
+    state = jax.tree.map(_placed_like, dict(restored["state"]), target)
     if _is_key(pl.local_value(like["rng"])):
       state["rng"] = jax.random.wrap_key_data(state["rng"],
                                               impl=jax.random.key_impl(pl.local_value(like["rng"])))

@@ -257,6 +257,8 @@ def process_batch_spec(mesh: Any, process_count: int | None = None) -> Any:
         "own devices of the pipeline: build the mesh/devices from jax.devices() (all processes), "
         "e.g. the first k of jax.local_devices(process_index=i) for every i.")
   rank = {p: i for i, p in enumerate(procs)}
+  cells: dict[tuple[int, ...], Any] = {i: grid[i] for i in np.ndindex(*grid.shape)}
+  owner = {i: rank[int(d.process_index)] for i, d in cells.items()}
   candidates: list[tuple[int, ...]] = [()]
   for size in range(1, len(names) + 1):
     candidates += list(itertools.permutations(range(len(names)), size))
@@ -267,9 +269,9 @@ def process_batch_spec(mesh: Any, process_count: int | None = None) -> Any:
       continue
     per = blocks // count
     ok = True
-    for index in np.ndindex(*grid.shape):
+    for index, process in owner.items():
       block = int(np.ravel_multi_index([index[a] for a in axes], sizes)) if axes else 0
-      if rank[int(grid[index].process_index)] != block // per:
+      if process != block // per:
         ok = False
         break
     if ok:
