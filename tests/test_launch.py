@@ -1,6 +1,9 @@
 """The multi-process launcher and distributed start-up configuration."""
 
+import io
+import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -69,3 +72,65 @@ def test_launcher_timeout_kills_everything(tmp_path):
                          f"--script={script}"], cwd=ROOT, capture_output=True, text=True,
                         timeout=60)
   assert proc.returncode == 124 and "timeout" in proc.stdout
+
+
+def _metrics(workdir: pathlib.Path) -> tuple[dict, dict]:
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+             if line.strip()]
+  return ({r["step"]: r["loss"] for r in records if "loss" in r},
+          {r["step"]: r["val_loss"] for r in records if "val_loss" in r})
+
+
+@pytest.mark.slow
+def test_local_sh_trains_shakespeare_across_two_processes_with_mpmd(tmp_path):
+  """``launch/local.sh 2`` trains the Shakespeare experiment with MPMD ranks on two processes:
+  the per-step losses equal a single-process single-device run; checkpoints written by both
+  processes resume the run (after the newest one is deleted) with the same losses."""
+  import hkpipe  # pylint: disable=import-outside-toplevel
+  from hkpipe import train as train_lib  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, str(ROOT))
+  from experiments import shakespeare_gpt  # pylint: disable=import-outside-toplevel
+
+  data = tmp_path / "data"
+  hkpipe.data.prepare(data)
+  overrides = {"num_steps": 6, "log_every": 1, "eval_every": 3, "checkpoint_every": 2,
+               "sample_tokens": 8}
+  config = shakespeare_gpt.get_config("runlocal")
+  config.data.dir = str(data)
+  config.update(overrides)
+  config.pipeline.num_microbatches = 2
+  train_lib.train(config, tmp_path / "ref", log=io.StringIO())
+  ref_loss, ref_val = _metrics(tmp_path / "ref")
+
+  work = tmp_path / "mpmd"
+  flags = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={work}",
+           f"--config.data.dir={data}", "--config.backend=mpmd", "--config.pipeline.stages=2",
+           "--config.pipeline.num_microbatches=2",
+           *[f"--config.{k}={v}" for k, v in overrides.items()]]
+
+  def launch() -> str:
+    proc = subprocess.run(["bash", "launch/local.sh", "2", "--devices_per_process=1",
+                           "--timeout=400", "--", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=450)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+  out = launch()
+  assert "[p0] step      6/6" in out and "[p1] step" not in out  # process 0 prints
+  loss, val = _metrics(work)
+  assert sorted(loss) == list(range(1, 7)) and sorted(val) == [3, 6]
+  for step in ref_loss:
+    assert loss[step] == pytest.approx(ref_loss[step], rel=1e-5), step
+  for step in ref_val:
+    assert val[step] == pytest.approx(ref_val[step], rel=1e-5), step
+  assert (work / "samples.txt").read_text()  # sampled after gathering both ranks' params
+
+  ckpts = work / "checkpoints"
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4, 6]
+  shutil.rmtree(ckpts / "6")
+  out = launch()
+  assert "[p0] Resumed from checkpoint at step 4" in out
+  loss, _ = _metrics(work)
+  assert sorted(loss) == list(range(1, 7))
+  for step in (5, 6):
+    assert loss[step] == pytest.approx(ref_loss[step], rel=1e-5), step

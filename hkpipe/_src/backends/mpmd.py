@@ -1058,7 +1058,11 @@ class MpmdBackend(pl.Backend):
       residual stashes the driver held at once during the last step.
     last_stash_peak_bytes: with ``record_timeline=True``, per rank, the most bytes those
       stashes held at once (stage inputs, residuals and waiting cotangents).
+    batch_is_process_local: False: in a multi-process run every process passes the full global
+      batch (the first rank's process reads its inputs, the last rank's process its targets).
   """
+
+  batch_is_process_local = False
 
   def __init__(self, model, optimizer, options):
     super().__init__(model, optimizer, options)
@@ -1329,8 +1333,40 @@ class MpmdBackend(pl.Backend):
     for stage_params in state.params:
       params.update(stage_params)
     params = {layer.name: params[layer.name] for layer in self.model.layers}
-    return {"params": params, "opt_state": pl.merge(list(state.opt_state), names),
-            "rng": state.rng}
+    opt_state = pl.merge(list(state.opt_state), names)
+    if self.multi_process:
+      opt_state = self._shared_leaves_everywhere(state.opt_state, names, opt_state)
+    return {"params": params, "opt_state": opt_state, "rng": state.rng}
+
+  def _shared_leaves_everywhere(self, parts: Sequence[Any], names: Sequence[Sequence[str]],
+                                merged: Any) -> Any:
+    """Makes the optimizer-state leaves every stage holds a copy of (step counters...) global.
+
+    ``pl.merge`` takes those leaves from stage 0, whose process may not be this one. Every stage
+    updates its copy in lockstep, so the copies are equal: each process contributes the copy of
+    a stage it owns to an array replicated over one device per process, which checkpoints save
+    once and restore on every process (see :meth:`from_canonical`).
+    """
+    # Which merged leaves are shared: merging stage markers forwards and backwards gives the
+    # same stage for a layer's leaf, but the first part's for a shared leaf.
+    marks = [jax.tree.map(lambda _, s=s: s, part) for s, part in enumerate(parts)]
+    first = jax.tree.leaves(pl.merge(marks, names))
+    last = jax.tree.leaves(pl.merge(marks[::-1], names[::-1]))
+    me = jax.process_index()
+    mine = next(s for s, spec in enumerate(self.layout.stages)
+                if self._rep(spec.index).mesh.devices.flat[0].process_index == me)
+    order = [mine] + [s for s in range(len(parts)) if s != mine]
+    local = jax.tree.leaves(pl.merge([parts[s] for s in order], [names[s] for s in order]))
+    devices = [jax.local_devices(process_index=q)[0] for q in range(jax.process_count())]
+    everywhere = NamedSharding(Mesh(np.asarray(devices, dtype=object), ("process",)), P())
+    here = jax.local_devices()[0]
+
+    def widen(x):
+      copy = jax.device_put(x.addressable_shards[0].data, here)
+      return jax.make_array_from_single_device_arrays(x.shape, everywhere, [copy])
+    leaves, treedef = jax.tree.flatten(merged)
+    leaves = [widen(local[i]) if first[i] != last[i] else x for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, leaves)
 
   def from_canonical(self, canonical: Mapping[str, Any], step: int):
     all_names = self.model.layer_names
@@ -1347,7 +1383,8 @@ class MpmdBackend(pl.Backend):
         params.append(jax.tree.map(remote, stage_params))
         opt_state.append(jax.tree.map(remote, stage_opt))
         continue
+      # Shared optimizer leaves (counters) may be replicated over every process: the copy here.
       params.append(jax.device_put(stage_params, rep))
-      opt_state.append(jax.device_put(stage_opt, rep))
+      opt_state.append(jax.device_put(jax.tree.map(pl.local_value, stage_opt), rep))
     return pl.TrainState(step=int(step), params=tuple(params), opt_state=tuple(opt_state),
                          rng=canonical["rng"])
