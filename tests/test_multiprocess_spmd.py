@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -159,7 +160,7 @@ def data_dir(tmp_path_factory):
 
 
 STEPS = 3
-OVERRIDES = {"num_steps": STEPS, "log_every": 1, "eval_every": STEPS, "checkpoint_every": STEPS}
+OVERRIDES = {"num_steps": STEPS, "log_every": 1, "eval_every": STEPS, "checkpoint_every": 2}
 
 
 def _losses(workdir: pathlib.Path) -> tuple[list, list]:
@@ -186,22 +187,33 @@ def one_process_run(tmp_path_factory, data_dir):
 @pytest.mark.parametrize("backend,stages,dp", [("spmd", 2, 2), ("pmap", 1, 4)])
 def test_trainer_across_two_processes(tmp_path, data_dir, one_process_run, backend, stages, dp):
   """``launch/local.py 2`` trains the Shakespeare runlocal config with the per-step losses of a
-  single-process run; only process 0 writes metrics and samples; both save the checkpoint."""
+  single-process run; only process 0 writes metrics and samples; both save the checkpoints, and
+  (spmd) a second launch resumes from one and replays the last step."""
   work = tmp_path / "run"
   flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  out = _launch("--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={work}",
-                f"--config.data.dir={data_dir}", f"--config.backend={backend}",
-                f"--config.pipeline.stages={stages}", f"--config.pipeline.dp={dp}",
-                "--config.pipeline.num_microbatches=2", *flags)
-  losses, val = _losses(work)
+  args = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={work}",
+          f"--config.data.dir={data_dir}", f"--config.backend={backend}",
+          f"--config.pipeline.stages={stages}", f"--config.pipeline.dp={dp}",
+          "--config.pipeline.num_microbatches=2", *flags]
+  out = _launch(*args)
   want_losses, want_val = one_process_run
-  assert [s for s, _ in losses] == [s for s, _ in want_losses] == [1, 2, 3]  # written once
-  for (step, got), (_, want) in zip(losses + val, want_losses + want_val):
-    assert got == pytest.approx(want, rel=RTOL), (step, got, want)
+
+  def check_losses():
+    losses, val = _losses(work)
+    assert [s for s, _ in losses] == [s for s, _ in want_losses] == [1, 2, 3]  # written once
+    for (step, got), (_, want) in zip(losses + val, want_losses + want_val):
+      assert got == pytest.approx(want, rel=RTOL), (step, got, want)
+
+  check_losses()
   assert f"[p0] step      {STEPS}/{STEPS}" in out and "[p1] step" not in out, out
   assert "[p0] ---- sample ----" in out
   assert (work / "samples.txt").read_text().startswith("ROMEO:")
-  assert (work / "checkpoints" / str(STEPS)).is_dir()
+  assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2", str(STEPS)]
+  if backend == "spmd":
+    shutil.rmtree(work / "checkpoints" / str(STEPS))
+    out = _launch(*args, "--config.sample_tokens=0")
+    assert "[p0] Resumed from checkpoint at step 2" in out, out
+    check_losses()  # step 3 replayed from the restored state: the same loss
 
 
 # -- placement rules, without processes ------------------------------------------------------------
