@@ -13,6 +13,8 @@ AdamW, fp32. Rows, all measured in this one run, one after the other:
   the pipeline's 8 microbatches (m=8, gradient accumulation).
 - ``1 proc, 2 cores``: one unpinned process, XLA's default threading over both cores, the whole
   model on one device (m=1 and m=8).
+- ``mpmd 1 proc, core 0, 2 devices``: a control: the same 2-rank MPMD pipeline (1F1B) in one
+  process pinned to one core, so its stage programs run without any overlap.
 - ``mpmd 2 procs, cores 0+1``: two processes (``launch/local.py --pin``), one device and one XLA
   thread each, ``backend="mpmd"`` with 2 ranks and m=8, one row per schedule.
 
@@ -49,7 +51,7 @@ def _worker(args: argparse.Namespace) -> None:
   """Times ``train_step`` of one row in this process (one of several for MPMD rows)."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", 1)
+  jax.config.update("jax_num_cpu_devices", args.devices or 1)
   from hkpipe._src import distributed  # pylint: disable=g-import-not-at-top
   if args.coordinator_address:
     distributed.initialize(distributed.DistributedConfig(
@@ -124,7 +126,8 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   for name, kind in (("result", str), ("backend", str), ("microbatches", int), ("schedule", str),
                      ("ranks", int), ("virtual_stages", int), ("coordinator_address", str),
-                     ("num_processes", int), ("process_id", int), ("host_devices", int)):
+                     ("num_processes", int), ("process_id", int), ("host_devices", int),
+                     ("devices", int)):
     parser.add_argument(f"--{name}", type=kind, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
@@ -156,6 +159,13 @@ def main(argv: list[str]) -> None:
       result = os.path.join(tmp, f"unpinned_m{m}.json")
       row(f"1 proc, 2 cores, m={m}", "unpinned", [*me, *_worker_flags(args, result, "single", m)],
           base_env, result, microbatches=m)
+    # Control: the same 2-rank MPMD pipeline (1F1B) in one process on one core, two simulated
+    # devices: the per-stage programs without any overlap.
+    result = os.path.join(tmp, "mpmd_one_core.json")
+    row("mpmd 1 proc, core 0, 2 devices, 1f1b", "control",
+        ["taskset", "-c", "0", *me, "--devices=2",
+         *_worker_flags(args, result, "mpmd", MICROBATCHES, "1f1b", 2)],
+        one_thread_env, result, schedule="1f1b", microbatches=MICROBATCHES)
     for schedule in [s for s in args.schedules.split(",") if s]:
       virtual = 2 if schedule in ("interleaved_1f1b", "zbv", "dualpipev") else 0
       result = os.path.join(tmp, f"mpmd_{schedule}.json")
@@ -169,7 +179,7 @@ def main(argv: list[str]) -> None:
           microbatches=MICROBATCHES, virtual_stages=virtual or 1)
   load_after = os.getloadavg()
 
-  ref = {r["label"]: r["median_ms"] for r in rows if r["kind"] != "mpmd"}
+  ref = {r["label"]: r["median_ms"] for r in rows if r["kind"] in ("pinned", "unpinned")}
   pinned_best = min(v for k, v in ref.items() if k.startswith("1 proc, core 0"))
   free_best = min(v for k, v in ref.items() if k.startswith("1 proc, 2 cores"))
   for r in rows:
