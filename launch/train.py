@@ -17,6 +17,7 @@ Example:
 
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -62,7 +63,19 @@ def main(argv):
     dist = distributed.from_env()
   distributed.initialize(dist)  # before any backend touches devices
   from hkpipe import train as train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.train(_CONFIG.value, _WORKDIR.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    train_lib.train(_CONFIG.value, _WORKDIR.value)
+  except BaseException as e:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    # A failing process of a multi-process run must not wait in jax.distributed's shutdown
+    # barrier (up to its timeout) while its peers wait on transfers or collectives with it:
+    # exiting at once makes theirs fail at once. (train() already tried a bounded crash save.)
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 import io
 import json
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -130,7 +132,61 @@ def test_local_sh_trains_shakespeare_across_two_processes_with_mpmd(tmp_path):
   shutil.rmtree(ckpts / "6")
   out = launch()
   assert "[p0] Resumed from checkpoint at step 4" in out
+  first = next(line for line in out.splitlines() if line.startswith("[p0] step      5/6"))
+  assert "(incl. compile)" in first  # the resumed run's first step is timed on its own
   loss, _ = _metrics(work)
   assert sorted(loss) == list(range(1, 7))
   for step in (5, 6):
     assert loss[step] == pytest.approx(ref_loss[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_a_raising_process_ends_the_other_within_60s(tmp_path):
+  """Process 1 of a 2-process MPMD training run raises (SIGINT: KeyboardInterrupt) mid-run: both
+  processes exit non-zero within 60 s, none waits for the other forever."""
+  import hkpipe  # pylint: disable=import-outside-toplevel
+  data = tmp_path / "data"
+  hkpipe.data.prepare(data)
+  port = local.free_port()
+  flags = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={tmp_path / 'w'}",
+           f"--config.data.dir={data}", "--config.backend=mpmd", "--config.pipeline.stages=2",
+           "--config.num_steps=100000", "--config.optim.warmup_steps=1", "--config.log_every=1",
+           "--config.eval_every=0", "--config.checkpoint_every=0", "--config.sample_tokens=0"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  logs = [open(tmp_path / f"p{i}.txt", "w") for i in range(2)]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen(
+      [sys.executable, "-u", "launch/train.py", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}", "--host_devices=1", *flags], cwd=ROOT, env=env,
+      stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+  metrics = tmp_path / "w" / "metrics.jsonl"
+
+  def output(i: int) -> str:
+    logs[i].flush()
+    return (tmp_path / f"p{i}.txt").read_text()[-4000:]
+
+  try:
+    deadline = time.time() + 300
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+      assert all(p.poll() is None for p in procs), output(0) + output(1)
+      assert time.time() < deadline, "no progress\n" + output(0) + output(1)
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)
+    raised = time.time()
+    codes, took = [], []
+    for p in procs:
+      try:
+        codes.append(p.wait(timeout=max(1.0, raised + 90 - time.time())))
+      except subprocess.TimeoutExpired:
+        pytest.fail("a process was still running 90 s after process 1 raised\n" + output(0))
+      took.append(time.time() - raised)
+    print(f"exit codes {codes} after {took[0]:.1f} s (p0) and {took[1]:.1f} s (p1)")
+    assert codes[0] != 0 and codes[1] != 0, output(0) + output(1)
+    assert max(took) < 60, (took, output(0), output(1))
+    assert "KeyboardInterrupt" in output(1)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for f in logs:
+      f.close()

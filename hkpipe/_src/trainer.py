@@ -206,7 +206,7 @@ class _NoWriter:
 
 
 # How long a multi-process run waits for the checkpoint it attempts after an exception.
-CRASH_SAVE_TIMEOUT_S = 60.0
+CRASH_SAVE_TIMEOUT_S = 20.0
 
 
 def _run_bounded(fn: Callable[[], None], timeout_s: float | None) -> BaseException | str | None:
@@ -341,6 +341,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
                    "last_val_loss": None}
   last_saved = resume_step
   t_window, steps_window = time.time(), 0
+  first_done = (resume_step or 0) + 1  # this run's first step compiles: logged on its own
   try:
     while state.step < config.num_steps:
       step = state.step
@@ -348,10 +349,11 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
       state, metrics = pipe.train_step(state, train_batch(step))
       done = state.step
       steps_window += 1
-      if done == 1 or done % config.log_every == 0 or done == config.num_steps:
+      compiled = done == first_done
+      if compiled or done % config.log_every == 0 or done == config.num_steps:
         loss = float(metrics["loss"])  # blocks on this step
         now = time.time()
-        step_time = (now - t_window) / steps_window if done > 1 else now - t0
+        step_time = now - t0 if compiled else (now - t_window) / steps_window
         record = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
                   "lr": float(lr_at(step)), "step_time_s": step_time,
                   "tokens_per_s": tokens_per_step / step_time,
@@ -364,7 +366,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
         eta = step_time * (config.num_steps - done)
         say(f"step {done:>6}/{config.num_steps} | loss {loss:.4f} | gnorm "
             f"{record['grad_norm']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} "
-            f"tok/s | {1000 * step_time:.1f} ms/step{' (incl. compile)' if done == 1 else ''}"
+            f"tok/s | {1000 * step_time:.1f} ms/step{' (incl. compile)' if compiled else ''}"
             f" | ETA {_fmt_eta(eta)}")
         t_window, steps_window = time.time(), 0
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
