@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 
@@ -86,7 +86,7 @@ def initialize(config: DistributedConfig | None = None) -> bool:
     True when ``jax.distributed`` was initialised, False for a single process.
   """
   config = config if config is not None else from_env()
-  timeouts = {"initialization_timeout": config.initialization_timeout,
+  timeouts: dict[str, Any] = {"initialization_timeout": config.initialization_timeout,
               "heartbeat_timeout_seconds": config.heartbeat_timeout_seconds,
               "shutdown_timeout_seconds": config.shutdown_timeout_seconds}
   if config.coordinator_address is not None:

@@ -248,11 +248,13 @@ class _Setup:
            first_shard_only: bool = False) -> None:
     """Offers ``arrays`` as message ``key`` of this driver call to the process that pulls it."""
     b = self.backend
+    assert b.transport is not None  # multi-process pipelines only
     b.transport.post(xfer_lib.uuid(b.namespace, ctx.call, key), arrays, first_shard_only)
 
   def pull(self, ctx: _Ctx, key: tuple, process: int, specs: Sequence[Any]) -> list:
     """Pulls message ``key`` of this driver call from ``process`` (returns at once)."""
     b = self.backend
+    assert b.transport is not None  # multi-process pipelines only
     return b.transport.pull(process, xfer_lib.uuid(b.namespace, ctx.call, key), specs,
                             what=f"{key[0]} {key[1:]}")
 
@@ -762,7 +764,9 @@ class _Setup:
     s, mb = a.stage, a.mb
     f = self.fns[s]
     key = (s, mb)
-    mb_id, lidx = self.mb_ids[rank][mb], self.lidx[s]
+    ids = self.mb_ids[rank]
+    assert ids is not None  # actions of this process's ranks only
+    mb_id, lidx = ids[mb], self.lidx[s]
     first, last = f.is_first, f.is_last
     dx_shapes = [x for x, fl in zip(f.x_leaves, f.x_float) if fl]
     send_dx = None if first else self._deliver("cts", rank, s - 1, mb, dx_shapes)

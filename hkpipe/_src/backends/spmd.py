@@ -209,7 +209,9 @@ class SpmdBackend(pl.Backend):
       rank_params = {n: param_avals[n] for s in schedule.stages_of_rank(r)
                      for n in layout.stages[s].layer_names}
       opt_layouts.append(pack.FlatLayout.of(jax.eval_shape(self.optimizer.init, rank_params)))
-    plan = _Plan(layout=layout, stage_layouts=tuple(stage_layouts), param_sizes=param_sizes,
+    assert all(lay is not None for lay in stage_layouts)
+    plan = _Plan(layout=layout, stage_layouts=tuple(stage_layouts),  # type: ignore[arg-type]
+                 param_sizes=param_sizes,
                  opt_layouts=tuple(opt_layouts), opt_sizes=pack.padded_sizes(opt_layouts),
                  ties=(), tables=tables_lib.build(schedule))
     return dataclasses.replace(plan, ties=self._locate_ties(plan))
@@ -267,6 +269,7 @@ class SpmdBackend(pl.Backend):
 
   def _microbatch_key(self, rng: jax.Array, step: jax.Array, mb: jax.Array) -> jax.Array:
     key = layers_lib.microbatch_rng(rng, step, mb)
+    assert key is not None
     if self.dp > 1:
       key = jax.random.fold_in(key, jax.lax.axis_index("dp"))
     return key
@@ -314,7 +317,7 @@ class SpmdBackend(pl.Backend):
     payload = max([c.nbytes for c in act_codecs + cot_codecs] + [1])
     backward = []
     for s in range(num_stages):
-      box = {}
+      box: dict[str, Any] = {}
 
       def record(p, v, k, t, s=s, box=box):
         _, treedef, kinds, stash = self._stage_vjp(s, p, v, k, t)
