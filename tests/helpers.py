@@ -96,3 +96,13 @@ def assert_matches_reference(model: hkpipe.SequentialModel, batch, *, num_microb
     assert_trees_close(metrics["loss"], ref_metrics["loss"])
   assert_trees_close(pipe.params(state), ref.params(ref_state), rtol=1e-4, atol=1e-5)
   return pipe, state
+
+
+def stop_processes(procs: list, logs: list) -> None:
+  """Kills the still-running test subprocesses ``procs`` and closes their log files."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  for f in logs:
+    f.close()

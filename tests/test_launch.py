@@ -13,6 +13,7 @@ import time
 import pytest
 
 from hkpipe._src import distributed
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
@@ -184,9 +185,4 @@ def test_a_raising_process_ends_the_other_within_60s(tmp_path):
     assert max(took) < 60, (took, output(0), output(1))
     assert "KeyboardInterrupt" in output(1)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    for f in logs:
-      f.close()
+    helpers.stop_processes(procs, logs)

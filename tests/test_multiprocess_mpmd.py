@@ -27,6 +27,7 @@ from hkpipe._src import layout as layout_lib
 from hkpipe._src.backends import _mpmd_transfer as xfer
 
 from tests import _mp_mpmd_worker as worker
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = "tests/_mp_mpmd_worker.py"
@@ -157,12 +158,7 @@ def test_killed_peer_ends_the_survivor_within_60s(tmp_path):
     # The clear message of the transfer watcher: which value from which process failed.
     assert "hkpipe MPMD: Receiving" in text and "from process 1 failed" in text, output(0)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    for f in logs:
-      f.close()
+    helpers.stop_processes(procs, logs)
 
 
 # -- one process (fast) ----------------------------------------------------------------------
