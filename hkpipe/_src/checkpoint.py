@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -60,12 +59,6 @@ def _spans_all_processes(x: Any) -> bool:
   return len({d.process_index for d in devices}) == jax.process_count()
 
 
-def _process_mesh() -> Mesh:
-  """A mesh of the first local device of every process, in process order: ``("proc",)``."""
-  devices = [jax.local_devices(process_index=p)[0] for p in range(jax.process_count())]
-  return Mesh(np.asarray(devices, dtype=object), ("proc",))
-
-
 def _own_slot(mine: np.ndarray, index: tuple) -> np.ndarray:
   """This process's slot ``[1, ...]`` of a ``[P, ...]`` array (the callback's index selects it)."""
   return mine[(slice(None),) + tuple(index[1:])]
@@ -87,7 +80,7 @@ def _widen(tree: Any) -> Any:
   partial = [i for i, x in enumerate(leaves) if not _spans_all_processes(x)]
   if not partial:
     return tree
-  mesh = _process_mesh()
+  mesh = pl.process_mesh()
   count = jax.process_count()
   slots = []
   for i in partial:
@@ -127,7 +120,7 @@ def _placed_like(value: Any, want: Any) -> Any:
 def _abstract(tree: Any) -> Any:
   """Restore targets: host leaves as they are (restored as numpy), arrays as shape/dtype/sharding
   (arrays on some processes only: replicated on one device of every process, see ``_narrow``)."""
-  mesh = _process_mesh() if jax.process_count() > 1 else None
+  mesh = pl.process_mesh() if jax.process_count() > 1 else None
 
   def one(a):
     if not isinstance(a, jax.Array):

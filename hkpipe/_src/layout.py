@@ -92,14 +92,36 @@ def default_rank_devices(num_ranks: int) -> list:
   rank 1 on process 1. Otherwise the first ``num_ranks`` devices of ``jax.devices()`` (which
   lists the devices process by process).
   """
-  devices = jax.devices()
+  try:
+    return spread_devices(num_ranks)
+  except ValueError:
+    return list(jax.devices()[:num_ranks])
+
+
+def spread_devices(count: int) -> list:
+  """``count`` devices spread evenly over the processes, in process order.
+
+  One process: the first ``count`` devices. ``P`` processes: the first ``count / P`` local
+  devices of every process, process by process (a ``(pp, dp)`` mesh built from this list row by
+  row puts ``pp`` ranks on processes in order).
+
+  Raises:
+    ValueError: when ``count`` is not a multiple of the process count, or a process has too few
+      devices (with the fix).
+  """
   procs = jax.process_count()
-  if procs == 1 or num_ranks % procs:
-    return list(devices[:num_ranks])
-  per = num_ranks // procs
+  if procs == 1:
+    return list(jax.devices()[:count])
+  if count % procs:
+    raise ValueError(f"{count} devices cannot be spread evenly over {procs} processes; use a "
+                     f"device count (pipeline stages x dp, or dp for pmap) that is a multiple of "
+                     f"{procs}.")
+  per = count // procs
   local = [jax.local_devices(process_index=p) for p in range(procs)]
-  if any(len(d) < per for d in local):
-    return list(devices[:num_ranks])
+  short = [p for p in range(procs) if len(local[p]) < per]
+  if short:
+    raise ValueError(f"{count} devices over {procs} processes need {per} on each, but processes "
+                     f"{short} have fewer; simulate more with --host_devices={per}.")
   return [d for p in range(procs) for d in local[p][:per]]
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import layers as layers_lib
@@ -349,6 +350,12 @@ def put_global(tree: Any, sharding: Any) -> Any:
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
   return jax.tree.map(put, tree)
+
+
+def process_mesh() -> Mesh:
+  """A mesh of the first local device of every process, in process order: ``("proc",)``."""
+  devices = [jax.local_devices(process_index=p)[0] for p in range(jax.process_count())]
+  return Mesh(np.asarray(devices, dtype=object), ("proc",))
 
 
 def local_value(x: Any) -> Any:

@@ -30,6 +30,7 @@ import numpy as np
 from hkpipe import models
 from hkpipe._src import checkpoint as ckpt_lib
 from hkpipe._src import data as data_lib
+from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pl
 
@@ -90,41 +91,13 @@ def optimizer_config(config: Any) -> optim.OptimizerConfig:
   return optim.OptimizerConfig(total_steps=config.num_steps, **fields)
 
 
-def spread_devices(count: int) -> list[Any]:
-  """``count`` devices for a pipeline, spread evenly over the processes in process order.
-
-  One process: the first ``count`` devices. ``P`` processes: the first ``count / P`` local devices
-  of every process, process by process (every process must own part of a pipeline that takes
-  each process's batch rows, and a ``(pp, dp)`` mesh built from this list row by row puts
-  ``pp`` ranks on processes in order).
-
-  Raises:
-    ValueError: when ``count`` is not a multiple of the process count, or a process has too few
-      devices (with the fix).
-  """
-  procs = jax.process_count()
-  if procs == 1:
-    return list(jax.devices()[:count])
-  if count % procs:
-    raise ValueError(f"The pipeline needs {count} devices, which cannot be spread evenly over "
-                     f"{procs} processes; use a device count (pipeline.stages x pipeline.dp, or "
-                     f"pipeline.dp for pmap) that is a multiple of {procs}.")
-  per = count // procs
-  local = [jax.local_devices(process_index=p) for p in range(procs)]
-  short = [p for p in range(procs) if len(local[p]) < per]
-  if short:
-    raise ValueError(f"The pipeline needs {per} devices on each of the {procs} processes, but "
-                     f"processes {short} have fewer; simulate more with --host_devices={per}.")
-  return [d for p in range(procs) for d in local[p][:per]]
-
-
 def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   """``Pipeline`` keyword options for ``config.backend`` and ``config.pipeline``.
 
   ``pipeline.stages`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
   data-parallel width; the pipelined backends get a ``(pp, dp)`` mesh of ``stages * dp`` devices,
   ``pmap`` gets ``dp`` devices, ``single`` one device. Without ``devices``, they are the first ones
-  of the run, spread evenly over the processes (see :func:`spread_devices`).
+  of the run, spread evenly over the processes (see ``layout.spread_devices``).
   """
   pipe = config.pipeline
   backend = config.backend
@@ -142,7 +115,7 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
     raise ValueError(f"backend={backend!r} with pipeline.stages={pipe.stages}, pipeline.dp="
                      f"{pipe.dp} needs {need} devices but {visible} are visible. On CPU, "
                      f"simulate more with --host_devices={need} (launch/train.py).")
-  chosen = list(devices[:need]) if devices is not None else spread_devices(need)
+  chosen = list(devices[:need]) if devices is not None else layout_lib.spread_devices(need)
   if backend == "pmap":
     return {**opts, "devices": chosen}
   mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(int(pipe.stages), int(pipe.dp)),

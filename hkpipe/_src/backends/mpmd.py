@@ -1361,8 +1361,7 @@ class MpmdBackend(pl.Backend):
                 if self._rep(spec.index).mesh.devices.flat[0].process_index == me)
     order = [mine] + [s for s in range(len(parts)) if s != mine]
     local = jax.tree.leaves(pl.merge([parts[s] for s in order], [names[s] for s in order]))
-    devices = [jax.local_devices(process_index=q)[0] for q in range(jax.process_count())]
-    everywhere = NamedSharding(Mesh(np.asarray(devices, dtype=object), ("process",)), P())
+    everywhere = NamedSharding(pl.process_mesh(), P())
     here = jax.local_devices()[0]
 
     def widen(x):
