@@ -5,6 +5,7 @@ Public API (everything else is private):
 - Model layer: :class:`Layer`, :class:`SequentialModel`, :class:`Tie`, :func:`count_params`,
   :func:`with_compute_dtype`; models in :mod:`hkpipe.models`.
 - Partitioning: :func:`partition`, :class:`StageSpec`.
+- Errors: :class:`ConfigError` (bad config values, options and inputs).
 - Training: :class:`Pipeline`, :class:`PipelineOptions`, :class:`TrainState`,
   :func:`available_backends`.
 - Submodules: :mod:`hkpipe.models` (GPT, Llama), :mod:`hkpipe.data` (text data),
@@ -12,6 +13,7 @@ Public API (everything else is private):
   (training loop, optimizer, checkpoints; imported on demand since it loads orbax).
 """
 
+from hkpipe._src.errors import ConfigError
 from hkpipe._src.layers import Layer
 from hkpipe._src.layers import SequentialModel
 from hkpipe._src.layers import Tie
@@ -31,6 +33,7 @@ from hkpipe import schedules
 __version__ = "0.1.0"
 
 __all__ = (
+    "ConfigError",
     "Layer",
     "Pipeline",
     "PipelineOptions",

@@ -1,7 +1,8 @@
 """Training: the loop, its config, the optimizer and checkpoints.
 
 - :func:`train` runs (or resumes) a run from a config into a workdir.
-- :func:`default_config` lists every config field with its default.
+- :func:`default_config` lists every config field with its default; :func:`validate_config`
+  rejects unknown fields and impossible values (``hkpipe.ConfigError``) before anything runs.
 - :class:`OptimizerConfig`, :func:`adamw`, :func:`lr_schedule`: AdamW + warmup-cosine.
 - :class:`Checkpointer`: orbax checkpoints of the canonical (layout-independent) state.
 """
@@ -14,6 +15,7 @@ from hkpipe._src.trainer import default_config
 from hkpipe._src.trainer import model_config
 from hkpipe._src.trainer import pipeline_options
 from hkpipe._src.trainer import train
+from hkpipe._src.trainer import validate_config
 
 __all__ = ("Checkpointer", "OptimizerConfig", "adamw", "default_config", "lr_schedule",
-           "model_config", "pipeline_options", "train")
+           "model_config", "pipeline_options", "train", "validate_config")

@@ -8,8 +8,11 @@ Flags:
   --host_devices    simulate N CPU devices (for pipelines on a machine without accelerators);
                     must be set before JAX starts, which this launcher does for you.
   --coordinator_address, --num_processes, --process_id
-                    join a multi-process run (see launch/local.py, docs/launch.md); SLURM and
-                    Cloud TPU pods are auto-detected.
+                    join a multi-process run (see launch/local.py, docs/launch.md): give all
+                    three or none; SLURM and Cloud TPU pods are auto-detected.
+
+A bad config value or flag prints one line, ``hkpipe: error: ...``, and exits with status 2;
+other errors keep their traceback.
 
 Example:
   python launch/train.py --config=experiments/shakespeare_gpt.py:cpu --workdir=workdirs/gpt_cpu
@@ -53,19 +56,26 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
-  _setup_devices(_HOST_DEVICES.value)
-  from hkpipe._src import distributed  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value is not None:
-    dist = distributed.DistributedConfig(coordinator_address=_COORDINATOR.value,
-                                         num_processes=_NUM_PROCESSES.value,
-                                         process_id=_PROCESS_ID.value)
-  else:
-    dist = distributed.from_env()
-  distributed.initialize(dist)  # before any backend touches devices
+  from hkpipe._src import errors  # pylint: disable=g-import-not-at-top
+  try:
+    _setup_devices(_HOST_DEVICES.value)
+    from hkpipe._src import distributed  # pylint: disable=g-import-not-at-top
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(v is not None for v in explicit):  # partial flags are an error, never ignored
+      dist = distributed.DistributedConfig(coordinator_address=_COORDINATOR.value,
+                                           num_processes=_NUM_PROCESSES.value,
+                                           process_id=_PROCESS_ID.value)
+    else:
+      dist = distributed.from_env()
+    distributed.initialize(dist)  # before any backend touches devices
+  except errors.ConfigError as e:
+    _config_error(e, multi_process=False)
   from hkpipe import train as train_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train(_CONFIG.value, _WORKDIR.value)
+  except errors.ConfigError as e:
+    _config_error(e, multi_process=jax.process_count() > 1)
   except BaseException as e:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise
@@ -77,6 +87,14 @@ def main(argv):
     sys.stderr.flush()
     os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
+
+def _config_error(error: Exception, *, multi_process: bool) -> None:
+  """A bad config or flag: one line on stderr, no traceback, exit status 2."""
+  print(f"hkpipe: error: {error}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  if multi_process:
+    os._exit(2)  # do not wait for the other processes in jax.distributed's shutdown barrier
+  sys.exit(2)
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

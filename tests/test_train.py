@@ -141,8 +141,10 @@ def test_pipeline_options_spread_devices_over_processes():
   config.backend, config.pipeline.stages, config.pipeline.dp = "spmd", 2, 2
   mesh = train_lib.pipeline_options(config)["mesh"]
   assert list(mesh.devices.flat) == jax.devices()[:4] and mesh.axis_names == ("pp", "dp")
-  config.backend = "pmap"
+  config.backend, config.pipeline.stages = "pmap", None
   assert train_lib.pipeline_options(config)["devices"] == jax.devices()[:2]
+  config.pipeline.dp = None  # pmap's default: every device
+  assert train_lib.pipeline_options(config)["devices"] == jax.devices()
 
 
 def _launch(workdir, *extra, config="experiments/shakespeare_gpt.py:runlocal"):

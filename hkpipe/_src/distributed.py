@@ -22,10 +22,15 @@ from typing import Any, Mapping
 
 import jax
 
+from hkpipe._src.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
   """How to join a multi-process run.
+
+  Either all of ``coordinator_address``, ``num_processes`` and ``process_id`` are given, or none
+  (auto-detect); anything else raises ``ConfigError``.
 
   Attributes:
     coordinator_address: ``host:port`` of process 0's coordinator; None to auto-detect.
@@ -47,14 +52,20 @@ class DistributedConfig:
   def __post_init__(self):
     explicit = (self.coordinator_address, self.num_processes, self.process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
-      raise ValueError("Give all of coordinator_address, num_processes and process_id, or none "
-                       f"(to auto-detect); got {explicit}.")
+      names = ("coordinator_address", "num_processes", "process_id")
+      given = {n: v for n, v in zip(names, explicit) if v is not None}
+      missing = [n for n, v in zip(names, explicit) if v is None]
+      raise ConfigError(f"Multi-process runs need all of coordinator_address, num_processes and "
+                        f"process_id (or none of them, to auto-detect SLURM / TPU pods); got "
+                        f"{given} without {missing}: add --{' --'.join(missing)} (launch/local.sh "
+                        "sets all three).")
     if self.num_processes is not None and self.num_processes < 1:
-      raise ValueError(f"num_processes must be >= 1, got {self.num_processes}.")
+      raise ConfigError(f"num_processes must be >= 1, got {self.num_processes}.")
     if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or 0):
-      raise ValueError(f"process_id={self.process_id} must be in [0, {self.num_processes}).")
+      raise ConfigError(f"process_id={self.process_id} must be in [0, {self.num_processes}); "
+                        "number the processes 0 .. num_processes - 1.")
     if self.coordinator_address is not None and ":" not in self.coordinator_address:
-      raise ValueError(f"coordinator_address={self.coordinator_address!r} needs the form "
+      raise ConfigError(f"coordinator_address={self.coordinator_address!r} needs the form "
                        "host:port, e.g. 127.0.0.1:12345.")
 
 

@@ -1,7 +1,7 @@
 """Layers and sequential models: the unit every partitioner and backend works on.
 
 A model is an ordered tuple of :class:`Layer` objects plus a loss. Each layer wraps a pure
-``hk.Transformed`` whose ``apply(params, rng, x, is_training=...)`` maps one activation to the next.
+``hk.Transformed`` of ``fn(x)`` or ``fn(x, is_training)`` that maps one activation to the next.
 Parameters always live in the *canonical layout* ``dict[layer_name, hk.Params]``, whatever the
 pipeline layout, so checkpoints move freely between backends and stage counts.
 """
@@ -9,6 +9,7 @@ pipeline layout, so checkpoints move freely between backends and stage counts.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import haiku as hk
@@ -19,6 +20,43 @@ Params = Mapping[str, Any]  # canonical: {layer_name: hk.Params}
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def _takes_is_training(name: str, transformed: Any) -> bool:
+  """Whether a layer's Haiku function takes ``is_training``; rejects any other signature.
+
+  ``hk.transform`` keeps the user function's signature on ``apply`` (after ``params, rng``), so
+  ``fn(x)`` and ``fn(x, is_training)`` are told apart here, when the layer is built.
+
+  Raises:
+    TypeError: for anything that is not an ``hk.Transformed`` of ``fn(x)`` or
+      ``fn(x, is_training)``, with the expected signatures in the message.
+  """
+  expected = ("a Haiku function fn(x) or fn(x, is_training) -> y wrapped by hk.transform "
+              "(or hkpipe.Layer.from_fn(name, fn))")
+  if isinstance(transformed, hk.TransformedWithState) or not isinstance(transformed,
+                                                                        hk.Transformed):
+    raise TypeError(f"Layer {name!r}: transformed must be {expected}; got "
+                    f"{type(transformed).__name__}. Layers are stateless: use hk.transform, not "
+                    "hk.transform_with_state.")
+  try:
+    sig = inspect.signature(transformed.apply)
+  except (TypeError, ValueError):  # no signature to read: call it the documented way
+    return True
+  params = list(sig.parameters.values())[2:]  # after (params, rng)
+  kinds = inspect.Parameter
+  positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD,
+                                                kinds.VAR_POSITIONAL)]
+  required = [p.name for p in params if p.default is p.empty
+              and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
+  # x is the first positional parameter; is_training the only other one that may be required.
+  extra = [n for n in required if n != "is_training" and (not positional or n != positional[0].name)]
+  if not positional or positional[0].name == "is_training" or extra:
+    raise TypeError(f"Layer {name!r}: the function must be {expected}; got "
+                    f"fn({', '.join(str(p) for p in params)}). Bind other arguments with "
+                    "functools.partial or a closure.")
+  takes = any(p.name == "is_training" or p.kind == kinds.VAR_KEYWORD for p in params)
+  return takes
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """One pure step of a model: ``x -> y`` with its own Haiku parameters.
@@ -26,25 +64,37 @@ class Layer:
   Attributes:
     name: unique name of the layer inside its model; the key of its parameters in the canonical
       layout.
-    transformed: a ``hk.Transformed`` (from ``hk.transform``) whose function has the signature
-      ``fn(x, is_training: bool) -> y``. Shapes and dtypes may change (tokens -> hidden -> logits).
+    transformed: a ``hk.Transformed`` (from ``hk.transform``) of a function ``fn(x) -> y`` or
+      ``fn(x, is_training) -> y`` (``is_training`` is passed only to functions that take it, e.g.
+      for dropout). Shapes and dtypes may change (tokens -> hidden -> logits). Any other signature
+      is rejected when the layer is built.
   """
 
   name: str
   transformed: hk.Transformed
+  takes_is_training: bool = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise TypeError(f"Layer name must be a non-empty str, got {self.name!r}.")
+    object.__setattr__(self, "takes_is_training",
+                       _takes_is_training(self.name, self.transformed))
 
   @classmethod
-  def from_fn(cls, name: str, fn: Callable[[Any, bool], Any]) -> "Layer":
-    """Builds a layer from a Haiku function ``fn(x, is_training) -> y``."""
+  def from_fn(cls, name: str, fn: Callable[..., Any]) -> "Layer":
+    """Builds a layer from a Haiku function ``fn(x) -> y`` or ``fn(x, is_training) -> y``."""
     return cls(name, hk.transform(fn))
+
+  def _kwargs(self, is_training: bool) -> dict:
+    return {"is_training": is_training} if self.takes_is_training else {}
 
   def init(self, rng: jax.Array, x: Any) -> hk.Params:
     """Initialises this layer's parameters for an example input ``x``."""
-    return self.transformed.init(rng, x, is_training=False)
+    return self.transformed.init(rng, x, **self._kwargs(False))
 
   def apply(self, params: hk.Params, rng: jax.Array | None, x: Any, *, is_training: bool) -> Any:
     """Applies the layer. ``rng`` may be ``None`` when ``is_training`` is False."""
-    return self.transformed.apply(params, rng, x, is_training=is_training)
+    return self.transformed.apply(params, rng, x, **self._kwargs(is_training))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from hkpipe._src import errors
 from hkpipe._src import layers as layers_lib
 
 Batch = tuple[Any, Any]  # (inputs, targets), leading axis = batch
@@ -59,35 +60,59 @@ class TrainState:
   rng: jax.Array
 
 
+# Options each backend does not use: giving one (a value other than the default) is an error.
+_UNUSED_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "single": ("schedule", "num_stages", "virtual_stages", "partition", "mesh", "record_timeline"),
+    "pmap": ("schedule", "num_stages", "virtual_stages", "partition", "record_timeline"),
+    "spmd": ("record_timeline",),
+    "mpmd": (),
+}
+_PIPELINED_DEFAULTS: Mapping[str, Any] = {"schedule": "1f1b", "partition": "params"}
+
+
+def _positive_int(name: str, value: Any, fix: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise errors.ConfigError(f"{name} must be a positive int, got {value!r}; {fix}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineOptions:
   """Everything a backend needs besides the model and the optimizer.
 
+  Every option is used by the backend or rejected: giving an option that ``backend`` does not use
+  (``schedule``, ``num_stages``, ``virtual_stages``, ``partition`` on ``single``/``pmap``; ``mesh``
+  on ``single``; ``record_timeline`` anywhere but ``mpmd``) raises a ``ConfigError``.
+
   Attributes:
     backend: one of :func:`available_backends`.
-    num_microbatches: microbatches per step (gradient accumulation on the single backend).
-    schedule: schedule name (see ``hkpipe.schedules``) or a ``Schedule`` object.
+    num_microbatches: microbatches per step (gradient accumulation on the single backend);
+      default: the ``schedule`` object's, else 1.
+    schedule: schedule name (see ``hkpipe.schedules``) or a ``Schedule`` object (then its ranks
+      and microbatches are the pipeline's); pipelined backends only; default ``"1f1b"``.
     num_stages: number of pipeline ranks ``p`` (as in ``hkpipe.schedules.get``); default from
-      ``devices``/``mesh``; without either, the first ``num_stages`` devices are used. The model is
-      cut into ``p * virtual_stages`` stages.
+      ``devices``/``mesh`` or the ``schedule`` object; without any, the first ``num_stages``
+      devices are used. The model is cut into ``p * virtual_stages`` stages.
     virtual_stages: stages per rank ``v`` (interleaved/V schedules); default from the schedule.
     partition: stage boundaries (layer indices where stages 1.. start), or a cost name
-      (``"params"``, ``"flops"``) or a callable ``cost(layer, example_input) -> float``.
-    devices: devices for the pipeline ranks (one per rank), default ``jax.devices()``.
-    mesh: alternatively a mesh with axes ``("pp",)`` or ``("pp", "dp")``.
-    max_grad_norm: clip the global gradient norm (over all stages) to this value; None: no clip.
+      (``"params"``, ``"flops"``) or a callable ``cost(layer, example_input) -> float``;
+      pipelined backends only; default ``"params"``.
+    devices: devices for the pipeline ranks (one per rank; ``pmap``: the data-parallel devices;
+      ``single``: one device), default ``jax.devices()``.
+    mesh: alternatively a mesh with axes ``("pp",)`` or ``("pp", "dp")`` (``pmap``: its devices).
+    max_grad_norm: clip the global gradient norm (over all stages) to this value; None or 0: no
+      clipping.
     remat: recompute each stage's forward in backward (activation checkpointing).
-    record_timeline: record the executed per-rank actions with their times (MPMD).
+    record_timeline: record the executed per-rank actions with their times (``mpmd`` only).
     donate: donate parameter and optimizer buffers to the update (saves memory; the old state
       becomes invalid after ``train_step``).
   """
 
   backend: str = "single"
-  num_microbatches: int = 1
-  schedule: Any = "1f1b"
+  num_microbatches: int | None = None
+  schedule: Any = None
   num_stages: int | None = None
   virtual_stages: int | None = None
-  partition: Any = "params"
+  partition: Any = None
   devices: Sequence[Any] | None = None
   mesh: Any = None
   max_grad_norm: float | None = None
@@ -97,11 +122,50 @@ class PipelineOptions:
 
   def __post_init__(self):
     if self.backend not in _BACKENDS:
-      raise ValueError(f"Unknown backend {self.backend!r}; choose one of {list(_BACKENDS)}.")
-    if not isinstance(self.num_microbatches, int) or self.num_microbatches < 1:
-      raise ValueError(f"num_microbatches must be a positive int, got {self.num_microbatches!r}.")
-    if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-      raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}.")
+      raise errors.ConfigError(f"Unknown backend {self.backend!r}; choose one of "
+                               f"{list(_BACKENDS)}.")
+    unused = [n for n in _UNUSED_OPTIONS[self.backend] if getattr(self, n) not in (None, False)]
+    if unused:
+      shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
+      raise errors.ConfigError(
+          f"backend={self.backend!r} does not use {shown}; drop "
+          f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
+          f"({'mpmd' if 'record_timeline' in unused else 'mpmd or spmd'}).")
+    if self.backend == "single" and self.devices is not None and len(self.devices) != 1:
+      raise errors.ConfigError(f"backend='single' runs on one device, but devices= lists "
+                               f"{len(self.devices)}; pass one device (or use backend='pmap', "
+                               "'spmd' or 'mpmd' for several).")
+    sched = self.schedule
+    if sched is not None and not isinstance(sched, str):
+      for name, value in (("num_microbatches", sched.num_microbatches),
+                          ("num_stages", sched.num_ranks)):
+        given = getattr(self, name)
+        if given is None and (name == "num_microbatches" or (self.devices is None
+                                                             and self.mesh is None)):
+          object.__setattr__(self, name, int(value))
+        elif given is not None and given != value:
+          raise errors.ConfigError(
+              f"{name}={given} but the schedule object {getattr(sched, 'name', sched)!r} has "
+              f"{value}; drop {name} (the schedule's is used) or make them equal.")
+    if self.num_microbatches is None:
+      object.__setattr__(self, "num_microbatches", 1)
+    _positive_int("num_microbatches", self.num_microbatches,
+                  "pass the number of microbatches per step, e.g. num_microbatches=4")
+    for name in ("num_stages", "virtual_stages"):
+      if getattr(self, name) is not None:
+        _positive_int(name, getattr(self, name), f"pass {name}=N with N >= 1, or leave it unset")
+    if self.max_grad_norm is not None:
+      norm = self.max_grad_norm
+      if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm >= 0 or (
+          norm == float("inf")):
+        raise errors.ConfigError(f"max_grad_norm must be a finite number >= 0 (0 or None: no "
+                                 f"clipping), got {norm!r}.")
+      if norm == 0:
+        object.__setattr__(self, "max_grad_norm", None)  # documented: 0 disables clipping
+    if self.backend in ("spmd", "mpmd"):
+      for name, default in _PIPELINED_DEFAULTS.items():
+        if getattr(self, name) is None:
+          object.__setattr__(self, name, default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +195,9 @@ def validate_batch(batch: Any, num_microbatches: int, *, process_count: int = 1)
   if len(sizes) != 1:
     raise ValueError(f"All batch arrays need the same leading (batch) size; got sizes {sorted(sizes)}.")
   local = sizes.pop()
+  if local == 0:
+    raise errors.ConfigError(f"The batch has 0 rows; pass at least num_microbatches="
+                             f"{num_microbatches} rows (one per microbatch).")
   size = local * process_count
   if size % num_microbatches:
     if process_count > 1:

@@ -14,6 +14,7 @@ config) feed each process its rows of the global batch or the full batch, as the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -29,7 +30,9 @@ import numpy as np
 
 from hkpipe import models
 from hkpipe._src import checkpoint as ckpt_lib
+from hkpipe._src import config_checks
 from hkpipe._src import data as data_lib
+from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pl
@@ -46,6 +49,11 @@ def default_config() -> ml_collections.ConfigDict:
   ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
   ``remat``); ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
   ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported).
+
+  Unset ``pipeline`` fields take the backend's defaults: ``stages`` = every device / ``dp`` and
+  ``dp`` = 1 on ``spmd``/``mpmd``, ``dp`` = every device on ``pmap``, ``schedule`` = ``"1f1b"``,
+  ``partition_cost`` = ``"params"``; a field the backend does not use is an error (see
+  :func:`validate_config`).
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -59,10 +67,12 @@ def default_config() -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.95, "eps": 1e-8, "max_grad_norm": 1.0})
   c.backend = "single"
   c.pipeline = ml_collections.ConfigDict({
-      "stages": 1, "dp": 1, "num_microbatches": 1, "schedule": "1f1b",
+      "stages": ml_collections.config_dict.placeholder(int),
+      "dp": ml_collections.config_dict.placeholder(int), "num_microbatches": 1,
+      "schedule": ml_collections.config_dict.placeholder(str),
       "virtual_stages": ml_collections.config_dict.placeholder(int),
       "boundaries": ml_collections.config_dict.placeholder(tuple),
-      "partition_cost": "params", "remat": False})
+      "partition_cost": ml_collections.config_dict.placeholder(str), "remat": False})
   c.log_every = 10
   c.eval_every = 100
   c.eval_batches = 4
@@ -76,13 +86,39 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def validate_config(config: Any) -> None:
+  """Rejects unknown fields and impossible values before anything is built or compiled.
+
+  Raises:
+    ConfigError: naming the field, its value and the fix.
+  """
+  from hkpipe import schedules  # pylint: disable=g-import-not-at-top
+  config_checks.validate(config, default_config(), backends=pl.available_backends(),
+                         schedule_names=schedules.names())
+  model_config(config)
+
+
 def model_config(config: Any) -> Any:
-  """The frozen model config (``GPTConfig`` or ``LlamaConfig``) described by ``config.model``."""
+  """The frozen model config (``GPTConfig`` or ``LlamaConfig``) described by ``config.model``.
+
+  Raises:
+    ConfigError: for an unknown model name, unknown or missing fields, or invalid values.
+  """
   fields = dict(config.model)
-  name = fields.pop("name")
+  name = fields.pop("name", None)
   if name not in _MODEL_CONFIGS:
-    raise ValueError(f"config.model.name={name!r} is unknown; use one of {list(_MODEL_CONFIGS)}.")
-  return getattr(models, _MODEL_CONFIGS[name])(**fields)
+    raise errors.ConfigError(f"config.model.name={name!r} is unknown; use one of "
+                             f"{list(_MODEL_CONFIGS)}.")
+  cls = getattr(models, _MODEL_CONFIGS[name])
+  known = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(fields) - set(known))
+  if unknown:
+    raise errors.ConfigError(f"config.model has fields {unknown} that {cls.__name__} does not "
+                             f"know; its fields are {known}.")
+  try:
+    return cls(**fields)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"config.model ({name}): {e}") from e
 
 
 def optimizer_config(config: Any) -> optim.OptimizerConfig:
@@ -95,34 +131,33 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   """``Pipeline`` keyword options for ``config.backend`` and ``config.pipeline``.
 
   ``pipeline.stages`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
-  data-parallel width; the pipelined backends get a ``(pp, dp)`` mesh of ``stages * dp`` devices,
-  ``pmap`` gets ``dp`` devices, ``single`` one device. Without ``devices``, they are the first ones
-  of the run, spread evenly over the processes (see ``layout.spread_devices``).
+  data-parallel width (unset: see :func:`default_config`); the pipelined backends get a
+  ``(pp, dp)`` mesh of ``stages * dp`` devices, ``pmap`` gets ``dp`` devices, ``single`` one
+  device. Without ``devices``, they are the first ones of the run, spread evenly over the
+  processes (see ``layout.spread_devices``).
+
+  Raises:
+    ConfigError: for fields the backend does not use and sizes that do not fit (see
+      ``config_checks.pipeline_sizes``).
   """
   pipe = config.pipeline
   backend = config.backend
   opts: dict = {"num_microbatches": int(pipe.num_microbatches),
                 "max_grad_norm": config.optim.get("max_grad_norm"), "remat": bool(pipe.remat)}
+  visible = len(devices) if devices is not None else jax.device_count()
+  stages, dp = config_checks.pipeline_sizes(config, device_count=visible,
+                                            process_count=jax.process_count())
   if backend == "single":
     first = devices[0] if devices is not None else jax.local_devices()[0]
     return {**opts, "devices": [first]}
-  if backend == "pmap":
-    need = int(pipe.dp)
-  else:
-    need = int(pipe.stages) * int(pipe.dp)
-  visible = len(devices) if devices is not None else jax.device_count()
-  if need > visible:
-    raise ValueError(f"backend={backend!r} with pipeline.stages={pipe.stages}, pipeline.dp="
-                     f"{pipe.dp} needs {need} devices but {visible} are visible. On CPU, "
-                     f"simulate more with --host_devices={need} (launch/train.py).")
-  chosen = list(devices[:need]) if devices is not None else layout_lib.spread_devices(need)
+  chosen = list(devices[:stages * dp]) if devices is not None else layout_lib.spread_devices(
+      stages * dp)
   if backend == "pmap":
     return {**opts, "devices": chosen}
-  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(int(pipe.stages), int(pipe.dp)),
-                           ("pp", "dp"))
-  opts.update(mesh=mesh, schedule=pipe.schedule, virtual_stages=pipe.get("virtual_stages"))
+  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(stages, dp), ("pp", "dp"))
+  opts.update(mesh=mesh, schedule=pipe.get("schedule"), virtual_stages=pipe.get("virtual_stages"))
   boundaries = pipe.get("boundaries")
-  opts["partition"] = tuple(boundaries) if boundaries else pipe.get("partition_cost", "params")
+  opts["partition"] = tuple(boundaries) if boundaries else pipe.get("partition_cost")
   return opts
 
 
@@ -243,6 +278,8 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
     A summary: first/last train loss, last val loss, steps run, resume step, sample text.
   """
   t_start = time.time()
+  validate_config(config)  # before anything is prepared, built or compiled
+  pipe_options = pipeline_options(config)  # checks the sizes against the devices
   lead = jax.process_index() == 0  # writes metrics, config, samples and prints
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
@@ -263,8 +300,9 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   tokens = data_lib.load(data_dir)
   mcfg = model_config(config)
   if mcfg.vocab_size < tokens.vocab_size:
-    raise ValueError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the data's "
-                     f"vocabulary ({tokens.vocab_size}); set it to at least {tokens.vocab_size}.")
+    raise errors.ConfigError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
+                             f"data's vocabulary ({tokens.vocab_size}); set it to at least "
+                             f"{tokens.vocab_size}.")
   seq_len, batch_size = mcfg.seq_len, int(config.batch_size)
 
   # Model, optimizer, pipeline.
@@ -272,7 +310,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   ocfg = optimizer_config(config)
   lr_at = optim.lr_schedule(ocfg)
   pipe = pl.Pipeline(model, optim.adamw(ocfg), backend=config.backend,
-                     **pipeline_options(config))
+                     **pipe_options)
   # Each process feeds its own rows of the global batch, or the whole batch (MPMD).
   if getattr(pipe.backend, "batch_is_process_local", True):
     shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}

@@ -1,0 +1,201 @@
+"""Checks of a training config before anything is built or compiled.
+
+``validate(config, defaults)`` rejects unknown fields and every value that cannot work, each with a
+:class:`~hkpipe._src.errors.ConfigError` naming the field, the value and the fix, so a bad flag
+fails in a second instead of deep inside tracing. ``pipeline_sizes`` resolves how many pipeline
+ranks and data-parallel replicas a backend gets and rejects the ``pipeline.*`` fields the backend
+does not use. Both are pure functions of the config and the device/process counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hkpipe._src.errors import ConfigError
+
+# pipeline.* fields that only the pipelined backends (spmd, mpmd) use.
+PIPELINE_ONLY = ("schedule", "virtual_stages", "boundaries", "partition_cost")
+PIPELINED = ("spmd", "mpmd")
+
+
+def _flag(path: str, value: Any) -> str:
+  return f"config.{path}={value!r}"
+
+
+def _int(config: Any, path: str, *, minimum: int, fix: str, optional: bool = False) -> None:
+  value = _get(config, path)
+  if value is None and optional:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f"{_flag(path, value)} must be an int >= {minimum}; {fix}.")
+
+
+def _number(config: Any, path: str, *, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False, fix: str, optional: bool = False) -> None:
+  value = _get(config, path)
+  if value is None and optional:
+    return
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high))
+  if not ok:
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    raise ConfigError(f"{_flag(path, value)} must be a finite number in {lo}{low}, {high}{hi}; "
+                      f"{fix}.")
+
+
+def _get(config: Any, path: str) -> Any:
+  node = config
+  for part in path.split("."):
+    node = node[part]
+  return node
+
+
+def _unknown_fields(config: Any, defaults: Any, prefix: str = "") -> list[str]:
+  """Dotted names of fields in ``config`` that ``defaults`` lacks (``model.*`` is checked by the
+  model config class, which knows its own fields)."""
+  out = []
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    if key not in defaults:
+      out.append(path)
+    elif path != "model" and hasattr(defaults[key], "keys") and hasattr(config[key], "keys"):
+      out.extend(_unknown_fields(config[key], defaults[key], path + "."))
+  return out
+
+
+def validate(config: Any, defaults: Any, *, backends: tuple[str, ...],
+             schedule_names: tuple[str, ...]) -> None:
+  """Rejects unknown fields and impossible values of a training config.
+
+  Args:
+    config: the run's ``ml_collections.ConfigDict``.
+    defaults: ``hkpipe.train.default_config()`` (the known fields).
+    backends: accepted ``config.backend`` values.
+    schedule_names: accepted ``config.pipeline.schedule`` names.
+
+  Raises:
+    ConfigError: naming the first bad field, its value and the fix.
+  """
+  unknown = _unknown_fields(config, defaults)
+  if unknown:
+    raise ConfigError(f"Unknown config fields {unknown}; check the spelling against "
+                      "hkpipe.train.default_config() (docs/training.md lists every field).")
+  if config.backend not in backends:
+    raise ConfigError(f"{_flag('backend', config.backend)} is unknown; use one of "
+                      f"{list(backends)}.")
+  _int(config, "seed", minimum=0, fix="use a non-negative seed, e.g. --config.seed=0")
+  _int(config, "batch_size", minimum=1, fix="use a positive global batch size, e.g. "
+       "--config.batch_size=32")
+  _int(config, "num_steps", minimum=1, fix="use a positive step count")
+  _int(config, "log_every", minimum=1, fix="log every N >= 1 steps")
+  _int(config, "eval_every", minimum=0, fix="use 0 to disable evaluation, else N >= 1")
+  _int(config, "eval_batches", minimum=1, fix="evaluate on N >= 1 batches")
+  _int(config, "checkpoint_every", minimum=0, fix="use 0 to checkpoint only at the end, else "
+       "N >= 1")
+  _int(config, "keep_checkpoints", minimum=1, fix="keep N >= 1 checkpoints")
+  _int(config, "sample_tokens", minimum=0, fix="use 0 to skip the sample")
+  _number(config, "sample_temperature", low=0.0, low_open=True, fix="use e.g. 0.8")
+  _int(config, "sample_top_k", minimum=1, optional=True, fix="leave it unset for no top-k, or "
+       "use k >= 1")
+  _number(config, "peak_tflops", low=0.0, low_open=True, optional=True,
+          fix="give the device's peak TFLOP/s, or leave it unset")
+  _number(config, "data.val_fraction", low=0.0, high=1.0, low_open=True, high_open=True,
+          fix="use e.g. 0.1")
+  _number(config, "optim.learning_rate", low=0.0, low_open=True, fix="use e.g. 1e-3")
+  _int(config, "optim.warmup_steps", minimum=0, fix="use 0 for no warmup")
+  _number(config, "optim.min_lr_ratio", low=0.0, high=1.0, fix="use e.g. 0.1")
+  _number(config, "optim.weight_decay", low=0.0, fix="use 0 for none")
+  _number(config, "optim.b1", low=0.0, high=1.0, high_open=True, fix="use e.g. 0.9")
+  _number(config, "optim.b2", low=0.0, high=1.0, high_open=True, fix="use e.g. 0.95")
+  _number(config, "optim.eps", low=0.0, low_open=True, fix="use e.g. 1e-8")
+  _number(config, "optim.max_grad_norm", low=0.0, optional=True,
+          fix="use 0 (or leave it unset) to disable clipping, else a positive norm")
+  if config.optim.warmup_steps >= config.num_steps:
+    raise ConfigError(f"{_flag('optim.warmup_steps', config.optim.warmup_steps)} must be below "
+                      f"{_flag('num_steps', config.num_steps)}; lower the warmup or train longer.")
+  _int(config, "pipeline.num_microbatches", minimum=1, fix="use e.g. "
+       "--config.pipeline.num_microbatches=4")
+  _int(config, "pipeline.stages", minimum=1, optional=True,
+       fix="give the number of pipeline ranks, e.g. --config.pipeline.stages=4, or leave it unset")
+  _int(config, "pipeline.dp", minimum=1, optional=True,
+       fix="give the data-parallel width, e.g. --config.pipeline.dp=2, or leave it unset")
+  _int(config, "pipeline.virtual_stages", minimum=1, optional=True,
+       fix="give the stages per rank, e.g. 2, or leave it unset (the schedule's default)")
+  pipe = config.pipeline
+  if pipe.schedule is not None and pipe.schedule not in schedule_names:
+    raise ConfigError(f"{_flag('pipeline.schedule', pipe.schedule)} is unknown; use one of "
+                      f"{list(schedule_names)}.")
+  if pipe.partition_cost is not None and pipe.partition_cost not in ("params", "flops"):
+    raise ConfigError(f"{_flag('pipeline.partition_cost', pipe.partition_cost)} is unknown; use "
+                      "'params' or 'flops', or give pipeline.boundaries.")
+  if pipe.boundaries is not None:
+    bounds = list(pipe.boundaries)
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in bounds) or bounds != sorted(
+        set(bounds)) or (bounds and bounds[0] < 1):
+      raise ConfigError(f"{_flag('pipeline.boundaries', pipe.boundaries)} must be strictly "
+                        "increasing layer indices >= 1 (where stages 1, 2, ... start), e.g. "
+                        "(2, 4, 6).")
+  if config.batch_size % pipe.num_microbatches:
+    raise ConfigError(f"{_flag('batch_size', config.batch_size)} is not divisible by "
+                      f"{_flag('pipeline.num_microbatches', pipe.num_microbatches)}; use a batch "
+                      f"size that is a multiple of {pipe.num_microbatches}.")
+
+
+def pipeline_sizes(config: Any, *, device_count: int, process_count: int) -> tuple[int, int]:
+  """The ``(pipeline ranks, data-parallel width)`` that ``config.backend`` runs with.
+
+  - ``single``: ``(1, 1)``; ``pipeline.stages``/``dp`` other than 1 and the pipeline-only fields
+    are rejected.
+  - ``pmap``: ``(1, dp)``, ``dp`` defaulting to every device of the run; ``pipeline.stages``
+    other than 1 and the pipeline-only fields are rejected.
+  - ``spmd``/``mpmd``: ``dp`` defaults to 1 and ``stages`` to every device divided by ``dp``.
+
+  Raises:
+    ConfigError: for a field the backend does not use, sizes that do not fit the devices, or a
+      batch the sizes cannot split (naming the fields and the fix).
+  """
+  backend, pipe = config.backend, config.pipeline
+  if backend not in PIPELINED:
+    given = [f for f in PIPELINE_ONLY if pipe[f] is not None]
+    if pipe.stages not in (None, 1):
+      given.insert(0, "stages")
+    if backend == "single" and pipe.dp not in (None, 1):
+      given.append("dp")
+    if given:
+      shown = ", ".join(_flag(f"pipeline.{f}", pipe[f]) for f in given)
+      use = "pipeline.dp for data parallelism or " if backend == "single" else ""
+      raise ConfigError(f"backend={backend!r} does not use {shown}; drop "
+                        f"{'it' if len(given) == 1 else 'them'}, or use {use}"
+                        "--config.backend=mpmd (or spmd) to pipeline the model.")
+  if backend == "single":
+    return 1, 1
+  if backend == "pmap":
+    stages, dp = 1, (device_count if pipe.dp is None else int(pipe.dp))
+  else:
+    dp = 1 if pipe.dp is None else int(pipe.dp)
+    stages = device_count // dp if pipe.stages is None else int(pipe.stages)
+    if stages < 1:
+      raise ConfigError(f"{_flag('pipeline.dp', pipe.dp)} leaves no device for the pipeline "
+                        f"({device_count} visible); lower it or simulate more devices with "
+                        f"--host_devices.")
+  need = stages * dp
+  if need > device_count:
+    raise ConfigError(f"backend={backend!r} with pipeline.stages={stages}, pipeline.dp={dp} needs "
+                      f"{need} devices but {device_count} are visible; lower them, or on CPU "
+                      f"simulate more with --host_devices={need} (launch/train.py).")
+  if process_count > 1 and need % process_count:
+    raise ConfigError(f"pipeline.stages={stages} x pipeline.dp={dp} = {need} devices cannot be "
+                      f"spread evenly over {process_count} processes; use a multiple of "
+                      f"{process_count}.")
+  m = int(pipe.num_microbatches)
+  rows = config.batch_size // m
+  if rows % dp:
+    raise ConfigError(f"Each of the {m} microbatches of batch_size={config.batch_size} has {rows} "
+                      f"rows, not divisible by the data-parallel width dp={dp}; use a batch size "
+                      f"that is a multiple of {m * dp} (num_microbatches x dp).")
+  if backend != "mpmd" and process_count > 1 and config.batch_size % process_count:
+    raise ConfigError(f"batch_size={config.batch_size} cannot be split into {process_count} equal "
+                      f"process-local parts; use a multiple of {process_count}.")
+  return stages, dp

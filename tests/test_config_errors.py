@@ -1,0 +1,262 @@
+"""Bad inputs fail early and clearly: every option is used or rejected, sizes are validated before
+anything compiles, and each message names the value and the fix (issue "Nothing lost, nothing
+silent")."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hkpipe
+from hkpipe import train as train_lib
+from tests import helpers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import shakespeare_gpt  # pylint: disable=wrong-import-position
+
+
+def _config(**pipeline):
+  c = shakespeare_gpt.get_config("runlocal")
+  c.pipeline.update(pipeline)
+  return c
+
+
+# -- trainer config --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["pmap", "single"])
+def test_stages_on_a_backend_without_stages_is_an_error(backend):
+  config = _config(stages=4)
+  config.backend = backend
+  with pytest.raises(hkpipe.ConfigError, match=r"config\.pipeline\.stages=4.*mpmd"):
+    train_lib.pipeline_options(config)
+
+
+@pytest.mark.parametrize("field,value", [("schedule", "gpipe"), ("virtual_stages", 2),
+                                         ("boundaries", (2, 4)), ("partition_cost", "flops")])
+def test_pipeline_only_fields_on_pmap_are_errors(field, value):
+  config = _config(**{field: value})
+  config.backend = "pmap"
+  with pytest.raises(hkpipe.ConfigError, match=rf"config\.pipeline\.{field}=.*drop it"):
+    train_lib.pipeline_options(config)
+
+
+def test_dp_on_single_is_an_error():
+  with pytest.raises(hkpipe.ConfigError, match=r"config\.pipeline\.dp=2.*pipeline\.dp for data"):
+    train_lib.pipeline_options(_config(dp=2))
+
+
+@pytest.mark.parametrize("field,value,fix", [
+    ("pipeline.stages", -1, "number of pipeline ranks"),
+    ("pipeline.stages", 0, "number of pipeline ranks"),
+    ("pipeline.dp", 0, "data-parallel width"),
+    ("batch_size", 0, "positive global batch size"),
+    ("pipeline.num_microbatches", 0, "num_microbatches=4"),
+    ("pipeline.virtual_stages", 0, "stages per rank"),
+    ("num_steps", 0, "positive step count"),
+    ("keep_checkpoints", 0, "keep N >= 1"),
+    ("eval_batches", 0, "N >= 1 batches"),
+    ("log_every", 0, "log every"),
+    ("sample_temperature", 0.0, "0.8"),
+    ("data.val_fraction", 1.0, "0.1"),
+    ("optim.learning_rate", -1.0, "1e-3"),
+    ("optim.max_grad_norm", -1.0, "0 (or leave it unset) to disable"),
+])
+def test_bad_sizes_are_rejected_before_anything_runs(tmp_path, field, value, fix):
+  config = _config()
+  config.backend, config.pipeline.stages = "mpmd", 2
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(hkpipe.ConfigError, match=rf"config\.{field}={value!r}") as e:
+    train_lib.train(config, tmp_path / "w")
+  assert fix in str(e.value)
+  assert not (tmp_path / "w").exists()  # nothing prepared, written or compiled
+
+
+def test_sizes_that_do_not_divide_name_the_multiple():
+  config = _config(num_microbatches=3)
+  with pytest.raises(hkpipe.ConfigError, match=r"batch_size=8.*multiple of 3"):
+    train_lib.validate_config(config)
+  config = _config(stages=2, dp=4, num_microbatches=4)  # 8 rows / 4 microbatches = 2 rows; dp 4
+  config.backend = "spmd"
+  with pytest.raises(hkpipe.ConfigError, match=r"dp=4.*multiple of 16"):
+    train_lib.pipeline_options(config)
+  config = _config(stages=3, dp=3)
+  config.backend = "mpmd"
+  with pytest.raises(hkpipe.ConfigError, match=r"needs 9 devices but 8.*--host_devices=9"):
+    train_lib.pipeline_options(config)
+
+
+def test_unknown_fields_and_bad_names_are_rejected():
+  config = _config()
+  with config.unlocked():
+    config.pipeline.stage = 2  # a typo of stages
+  with pytest.raises(hkpipe.ConfigError, match=r"Unknown config fields \['pipeline.stage'\]"):
+    train_lib.validate_config(config)
+  config = _config(schedule="1f1f")
+  config.backend = "mpmd"
+  with pytest.raises(hkpipe.ConfigError, match=r"pipeline\.schedule='1f1f'.*'gpipe'"):
+    train_lib.validate_config(config)
+  config = _config()
+  config.model.d_modle = 8
+  with pytest.raises(hkpipe.ConfigError, match=r"\['d_modle'\].*'d_model'"):
+    train_lib.validate_config(config)
+
+
+def test_pmap_uses_every_device_unless_told():
+  config = _config()
+  config.backend = "pmap"
+  assert train_lib.pipeline_options(config)["devices"] == jax.devices()
+  config.pipeline.dp = 2
+  assert train_lib.pipeline_options(config)["devices"] == jax.devices()[:2]
+
+
+def test_pipelined_backends_default_to_every_device():
+  config = _config(dp=2)
+  config.backend = "spmd"
+  options = train_lib.pipeline_options(config)
+  assert options["mesh"].devices.shape == (4, 2)
+  assert options["schedule"] is None and options["partition"] is None  # the backend's defaults
+  pipe_options = hkpipe.PipelineOptions(backend="spmd", **options)
+  assert (pipe_options.schedule, pipe_options.partition) == ("1f1b", "params")
+
+
+def test_zero_max_grad_norm_disables_clipping():
+  """max_grad_norm=0 is documented as 'no clipping': the step equals plain SGD on the gradient
+  computed from the layers alone (a clip at 0 would leave the parameters unchanged)."""
+  model = helpers.hetero_model()
+  batch = helpers.token_batch()
+  pipe = hkpipe.Pipeline(model, optax.sgd(0.5), max_grad_norm=0, donate=False)
+  assert pipe.options.max_grad_norm is None
+  state = pipe.init(jax.random.key(0), batch)
+  new, metrics = pipe.train_step(state, batch)
+  grads = jax.grad(lambda p: model.loss(p, *batch))(state.params)
+  want = jax.tree.map(lambda p, g: p - 0.5 * g, state.params, grads)
+  helpers.assert_trees_close(new.params, want)
+  assert float(metrics["grad_norm"]) > 0.1
+
+
+# -- Pipeline options ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,option,value", [
+    ("single", "schedule", "gpipe"), ("single", "num_stages", 2), ("single", "partition", "flops"),
+    ("single", "record_timeline", True), ("single", "virtual_stages", 2),
+    ("pmap", "schedule", "1f1b"), ("pmap", "num_stages", 2), ("pmap", "partition", (2,)),
+    ("pmap", "record_timeline", True), ("spmd", "record_timeline", True)])
+def test_options_a_backend_does_not_use_are_errors(backend, option, value):
+  with pytest.raises(hkpipe.ConfigError, match=rf"backend='{backend}' does not use {option}=.*drop"):
+    hkpipe.Pipeline(helpers.hetero_model(), optax.sgd(0.1), backend=backend, **{option: value})
+
+
+def test_single_with_several_devices_is_an_error():
+  with pytest.raises(hkpipe.ConfigError, match="lists 2; pass one device"):
+    hkpipe.Pipeline(helpers.hetero_model(), optax.sgd(0.1), devices=jax.devices()[:2])
+
+
+@pytest.mark.parametrize("option,value", [("num_microbatches", 0), ("num_stages", -1),
+                                          ("virtual_stages", 0), ("max_grad_norm", -1.0),
+                                          ("max_grad_norm", float("nan"))])
+def test_bad_option_values_name_the_value(option, value):
+  with pytest.raises(hkpipe.ConfigError, match=rf"{option} must be .*got {value!r}"):
+    hkpipe.Pipeline(helpers.hetero_model(), optax.sgd(0.1), backend="mpmd", **{option: value})
+
+
+def test_zero_row_batch_is_rejected():
+  pipe = hkpipe.Pipeline(helpers.hetero_model(), optax.sgd(0.1))
+  x, y = helpers.token_batch()
+  with pytest.raises(hkpipe.ConfigError, match="0 rows; pass at least num_microbatches=1"):
+    pipe.init(jax.random.key(0), (x[:0], y[:0]))
+
+
+def test_mpmd_takes_ranks_and_microbatches_from_a_schedule_object():
+  """On an 8-device machine a 2-rank schedule object gives a 2-rank pipeline whose loss and
+  gradients equal the single-device reference."""
+  model = helpers.hetero_model()
+  batch = helpers.token_batch()
+  schedule = hkpipe.schedules.get("1f1b", num_stages=2, num_microbatches=4)
+  pipe = hkpipe.Pipeline(model, optax.sgd(0.1), backend="mpmd", schedule=schedule)
+  assert pipe.options.num_microbatches == 4 and pipe.options.num_stages == 2
+  ref = hkpipe.Pipeline(model, optax.sgd(0.1), num_microbatches=4)
+  state, ref_state = pipe.init(jax.random.key(0), batch), ref.init(jax.random.key(0), batch)
+  loss, grads = pipe.loss_and_grads(state, batch)
+  ref_loss, ref_grads = ref.loss_and_grads(ref_state, batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=helpers.RTOL)
+  helpers.assert_trees_close(grads, ref_grads)
+  with pytest.raises(hkpipe.ConfigError, match="num_microbatches=2 but the schedule object"):
+    hkpipe.Pipeline(model, optax.sgd(0.1), backend="mpmd", schedule=schedule, num_microbatches=2)
+
+
+# -- layers ----------------------------------------------------------------------------------
+
+
+def test_a_plain_haiku_function_of_x_is_a_layer():
+  """``Layer(name, hk.transform(fn))`` with ``fn(x)`` trains like the same math written by hand."""
+  model = hkpipe.SequentialModel(
+      [hkpipe.Layer("dense", hk.transform(lambda x: jnp.tanh(hk.Linear(4)(x)))),  # [B, 4]
+       hkpipe.Layer.from_fn("head", lambda x, is_training: hk.Linear(1)(x))],     # [B, 1]
+      lambda out, y: jnp.mean((out[:, 0] - y) ** 2))
+  x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(8, 3)
+  y = np.arange(8, dtype=np.float32)
+  pipe = hkpipe.Pipeline(model, optax.sgd(0.1), num_microbatches=2, donate=False)
+  state = pipe.init(jax.random.key(0), (x, y))
+  loss, _ = pipe.loss_and_grads(state, (x, y))
+  p = state.params
+  hidden = jnp.tanh(x @ p["dense"]["linear"]["w"] + p["dense"]["linear"]["b"])
+  out = hidden @ p["head"]["linear"]["w"] + p["head"]["linear"]["b"]
+  np.testing.assert_allclose(loss, jnp.mean((out[:, 0] - y) ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [lambda x, y: x, lambda x, is_training, scale: x,
+                                lambda: 0, lambda *, is_training: 0])
+def test_a_function_with_a_wrong_signature_is_rejected_at_construction(fn):
+  with pytest.raises(TypeError, match=r"Layer 'bad': the function must be .*fn\(x\) or "
+                                      r"fn\(x, is_training\)"):
+    hkpipe.Layer("bad", hk.transform(fn))
+
+
+def test_transform_with_state_is_rejected():
+  with pytest.raises(TypeError, match="use hk.transform, not hk.transform_with_state"):
+    hkpipe.Layer("s", hk.transform_with_state(lambda x: x))
+
+
+# -- launcher --------------------------------------------------------------------------------
+
+
+def _launch(*flags, timeout=120):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "launch/train.py", *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+def test_launcher_config_error_is_one_line_with_status_2(tmp_path):
+  out = _launch("--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={tmp_path}",
+                "--config.backend=mpmd", "--config.pipeline.stages=-1")
+  assert out.returncode == 2, out
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "hkpipe: error: config.pipeline.stages=-1 must be an int >= 1"), out.stderr
+  assert "Traceback" not in out.stderr + out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,missing", [
+    (["--num_processes=2", "--process_id=0"], "coordinator_address"),
+    (["--coordinator_address=127.0.0.1:1234"], "num_processes"),
+])
+def test_launcher_partial_multi_process_flags_are_an_error(tmp_path, flags, missing):
+  out = _launch("--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={tmp_path}",
+                *flags)
+  assert out.returncode == 2, out
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith("hkpipe: error: Multi-process runs need all of") and missing in line, line
+  assert "Traceback" not in out.stderr
