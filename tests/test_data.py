@@ -1,5 +1,6 @@
 """Data: tokenisation, prepared files, deterministic and process-sharded batch sampling."""
 
+import io
 import json
 import os
 import pathlib
@@ -160,10 +161,14 @@ def test_train_runs_on_user_folder_without_touching_it(user_corpus, tmp_path):
                   "n_heads": 2})
   c.data.dir, c.data.source = str(folder), ""
   c.batch_size, c.num_steps, c.log_every = 4, 2, 1
-  c.eval_every, c.eval_batches, c.checkpoint_every, c.sample_tokens = 2, 1, 0, 0
+  c.eval_every, c.eval_batches, c.checkpoint_every, c.sample_tokens = 2, 1, 0, 5
   c.optim.warmup_steps = 1
-  summary = train_lib.train(c, tmp_path / "run")
+  log = io.StringIO()
+  summary = train_lib.train(c, tmp_path / "run", log=log)
   assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
+  # Byte-level samples of uint16 data would be garbage: skipped with one warning.
+  assert "warning: sample_tokens=5 is ignored" in log.getvalue() and "50257" in log.getvalue()
+  assert "sample" not in summary and not (tmp_path / "run" / "samples.txt").exists()
   # train() read the user's meta.json (vocabulary 50257), not bytes: a byte-sized model is refused.
   c.model.vocab_size = 256
   with pytest.raises(ValueError, match="smaller than the data's vocabulary \\(50257\\)"):

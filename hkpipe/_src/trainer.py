@@ -303,6 +303,12 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
     raise errors.ConfigError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
                              f"data's vocabulary ({tokens.vocab_size}); set it to at least "
                              f"{tokens.vocab_size}.")
+  sample_tokens = int(config.sample_tokens)
+  if sample_tokens and tokens.vocab_size != data_lib.BYTE_VOCAB_SIZE:
+    say(f"hkpipe: warning: sample_tokens={sample_tokens} is ignored: text samples need byte-level "
+        f"data (vocabulary {data_lib.BYTE_VOCAB_SIZE}) and this data's vocabulary is "
+        f"{tokens.vocab_size}; set --config.sample_tokens=0 to silence this.")
+    sample_tokens = 0
   seq_len, batch_size = mcfg.seq_len, int(config.batch_size)
 
   # Model, optimizer, pipeline.
@@ -414,10 +420,10 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   writer.close()
   summary["steps"] = state.step
 
-  if config.sample_tokens:
+  if sample_tokens:
     params = pipe.params(state)  # every process: it may gather parameters across processes
     if lead:
-      text = sample_text(model, params, config.sample_prompt, num_tokens=config.sample_tokens,
+      text = sample_text(model, params, config.sample_prompt, num_tokens=sample_tokens,
                          seed=config.seed, temperature=config.sample_temperature,
                          top_k=config.get("sample_top_k"))
       (work / "samples.txt").write_text(text)
