@@ -5,6 +5,8 @@
   rejects unknown fields and impossible values (``hkpipe.ConfigError``) before anything runs.
 - :class:`OptimizerConfig`, :func:`adamw`, :func:`lr_schedule`: AdamW + warmup-cosine.
 - :class:`Checkpointer`: orbax checkpoints of the canonical (layout-independent) state.
+- :class:`Progress`, :class:`Watchdog`, :class:`WatchdogConfig`: the hang watchdog (where a
+  process is in the run; it exits with that position when it stops moving).
 """
 
 from hkpipe._src.checkpoint import Checkpointer
@@ -16,6 +18,10 @@ from hkpipe._src.trainer import model_config
 from hkpipe._src.trainer import pipeline_options
 from hkpipe._src.trainer import train
 from hkpipe._src.trainer import validate_config
+from hkpipe._src.watchdog import Progress
+from hkpipe._src.watchdog import Watchdog
+from hkpipe._src.watchdog import WatchdogConfig
 
-__all__ = ("Checkpointer", "OptimizerConfig", "adamw", "default_config", "lr_schedule",
-           "model_config", "pipeline_options", "train", "validate_config")
+__all__ = ("Checkpointer", "OptimizerConfig", "Progress", "Watchdog", "WatchdogConfig", "adamw",
+           "default_config", "lr_schedule", "model_config", "pipeline_options", "train",
+           "validate_config")

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import errors
 from hkpipe._src import layers as layers_lib
+from hkpipe._src import watchdog
 
 Batch = tuple[Any, Any]  # (inputs, targets), leading axis = batch
 Metrics = dict[str, jax.Array]
@@ -105,6 +106,8 @@ class PipelineOptions:
     record_timeline: record the executed per-rank actions with their times (``mpmd`` only).
     donate: donate parameter and optimizer buffers to the update (saves memory; the old state
       becomes invalid after ``train_step``).
+    progress: a ``hkpipe.train.Progress`` the backend keeps up to date (the MPMD driver: the
+      last op issued and the message awaited), for a hang ``Watchdog``; None: a private one.
   """
 
   backend: str = "single"
@@ -119,6 +122,7 @@ class PipelineOptions:
   remat: bool = False
   record_timeline: bool = False
   donate: bool = True
+  progress: Any = None
 
   def __post_init__(self):
     if self.backend not in _BACKENDS:
@@ -529,6 +533,7 @@ class Backend(abc.ABC):
     self.model = model
     self.optimizer = optimizer
     self.options = options
+    self.progress = options.progress if options.progress is not None else watchdog.Progress()
 
   @abc.abstractmethod
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:

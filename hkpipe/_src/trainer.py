@@ -36,6 +36,7 @@ from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pl
+from hkpipe._src import watchdog as watchdog_lib
 
 _MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig"}
 
@@ -48,7 +49,12 @@ def default_config() -> ml_collections.ConfigDict:
   (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``stages``, ``dp``,
   ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
   ``remat``); ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
-  ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported).
+  ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported);
+  ``watchdog`` (the hang watchdog, see ``hkpipe/_src/watchdog.py`` and docs/launch.md):
+  ``timeout_s`` (seconds a train step may make no progress; None: automatic,
+  ``max(floor_s, multiple x median step time)``, on in multi-process runs only; a number > 0: that
+  deadline, also in a single process; 0: off), ``multiple`` (10.0) and ``floor_s`` (120.0).
+  Negative values raise ``ConfigError``.
 
   Unset ``pipeline`` fields take the backend's defaults: ``stages`` = every device / ``dp`` and
   ``dp`` = 1 on ``spmd``/``mpmd``, ``dp`` = every device on ``pmap``, ``schedule`` = ``"1f1b"``,
@@ -83,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_temperature = 0.8
   c.sample_top_k = ml_collections.config_dict.placeholder(int)
   c.peak_tflops = ml_collections.config_dict.placeholder(float)
+  c.watchdog = ml_collections.ConfigDict({
+      "timeout_s": ml_collections.config_dict.placeholder(float), "multiple": 10.0,
+      "floor_s": 120.0})
   return c
 
 
@@ -272,13 +281,28 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   """Trains (or resumes) the run described by ``config`` in ``workdir``.
 
   Writes ``config.json``, ``metrics.jsonl`` (train/eval records), ``checkpoints/`` and
-  ``samples.txt`` under ``workdir``.
+  ``samples.txt`` under ``workdir``. A hang watchdog (``config.watchdog``) watches the run while
+  it trains: a process that makes no progress for its deadline prints where it is and exits.
 
   Returns:
     A summary: first/last train loss, last val loss, steps run, resume step, sample text.
   """
-  t_start = time.time()
   validate_config(config)  # before anything is prepared, built or compiled
+  wd_config = watchdog_lib.WatchdogConfig.from_config(config.get("watchdog"))
+  progress = watchdog_lib.Progress(jax.process_index(), jax.process_count())
+  dog = (watchdog_lib.Watchdog(progress, wd_config).start()
+         if wd_config.enabled(jax.process_count()) else None)
+  try:
+    return _train(config, workdir, log, progress, dog)
+  finally:
+    if dog is not None:
+      dog.stop()
+
+
+def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
+           progress: watchdog_lib.Progress, dog: watchdog_lib.Watchdog | None) -> dict:
+  """The body of :func:`train`; reports its position to ``progress``."""
+  t_start = time.time()
   pipe_options = pipeline_options(config)  # checks the sizes against the devices
   lead = jax.process_index() == 0  # writes metrics, config, samples and prints
   work = pathlib.Path(workdir)
@@ -315,7 +339,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   model = models.build(mcfg)
   ocfg = optimizer_config(config)
   lr_at = optim.lr_schedule(ocfg)
-  pipe = pl.Pipeline(model, optim.adamw(ocfg), backend=config.backend,
+  pipe = pl.Pipeline(model, optim.adamw(ocfg), backend=config.backend, progress=progress,
                      **pipe_options)
   # Each process feeds its own rows of the global batch, or the whole batch (MPMD).
   if getattr(pipe.backend, "batch_is_process_local", True):
@@ -363,6 +387,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
     while state.step < config.num_steps:
       step = state.step
       t0 = time.time()
+      progress.begin_step(step + 1)
       state, metrics = pipe.train_step(state, train_batch(step))
       done = state.step
       steps_window += 1
@@ -377,6 +402,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
                   "model_tflops": flops_tok * tokens_per_step / step_time / 1e12}
         if peak:
           record["mfu"] = record["model_tflops"] / peak
+        progress.steps_finished(None if compiled else step_time)
         writer.write(record)
         summary["first_loss"] = summary["first_loss"] or loss
         summary["last_loss"] = loss
@@ -387,16 +413,21 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
             f" | ETA {_fmt_eta(eta)}")
         t_window, steps_window = time.time(), 0
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
+        progress.enter(watchdog_lib.EVAL)
         val = evaluate(pipe, state, val_batch, config.eval_batches)
+        progress.end()
         writer.write({"step": done, "val_loss": val})
         summary["last_val_loss"] = val
         say(f"step {done:>6}/{config.num_steps} | val loss {val:.4f}")
         t_window, steps_window = time.time(), 0
       if config.checkpoint_every and done % config.checkpoint_every == 0:
+        progress.enter(watchdog_lib.CHECKPOINT)
         ckpt.save(done, pipe.to_canonical(state), {**meta, "step": done})
+        progress.end()
         last_saved = done
         t_window, steps_window = time.time(), 0
   except BaseException:
+    progress.enter(watchdog_lib.CHECKPOINT)  # the crash save below: a save's deadline
     if state.step != last_saved and state.step > 0:
       # Nothing lost on a crash: keep the last completed step. Across processes the save is
       # collective, so it only completes if every process got here too (a peer that died or is
@@ -414,6 +445,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
         say_everywhere(f"Interrupted: could not save step {crashed_at}: {error}")
     writer.close()
     raise
+  progress.enter(watchdog_lib.FINISH)
   if state.step != last_saved:
     ckpt.save(state.step, pipe.to_canonical(state), {**meta, "step": state.step})
   ckpt.close()
@@ -422,6 +454,8 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
 
   if sample_tokens:
     params = pipe.params(state)  # every process: it may gather parameters across processes
+    if dog is not None:
+      dog.stop()                 # the rest is local to this process
     if lead:
       text = sample_text(model, params, config.sample_prompt, num_tokens=sample_tokens,
                          seed=config.seed, temperature=config.sample_temperature,

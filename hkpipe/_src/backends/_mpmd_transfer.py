@@ -68,6 +68,28 @@ def uuid(namespace: int, call: int, key: tuple) -> int:
   return int.from_bytes(digest, "little") >> 1
 
 
+_NOUNS = {"acts": "activations", "cts": "cotangents", "tie": "tied-weight gradients",
+          "sq": "the squared gradient norm", "scale": "the clipping factor",
+          "metrics": "the step's loss and gradient norm"}
+
+
+def describe(key: tuple, src_rank: int, process: int) -> str:
+  """What message ``key`` is, for people: ``"cotangents of microbatch 3 for stage 0 from rank 1
+  (process 1)"`` (``src_rank``, ``process``: the sender)."""
+  kind = key[0]
+  if kind in ("acts", "cts"):
+    what = f"{_NOUNS[kind]} of microbatch {key[2]} for stage {key[1]}"
+  elif kind == "tie":
+    what = f"{_NOUNS[kind]} for stage {key[1]}"
+  elif kind == "sq":
+    what = f"{_NOUNS[kind]} of stage {key[1]}"
+  elif kind == "scale":
+    what = f"{_NOUNS[kind]} for rank {key[1]}"
+  else:
+    what = _NOUNS.get(kind, f"{kind} {key[1:]}")
+  return f"{what} from rank {src_rank} (process {process})"
+
+
 def _index_key(index: tuple) -> tuple:
   return tuple((sl.start or 0) if isinstance(sl, slice) else 0 for sl in index)
 
@@ -187,7 +209,8 @@ class Transport:
     self._server.await_pull(uid, shards)
 
   def pull(self, process: int, uid: int, specs: Sequence[jax.ShapeDtypeStruct],
-           what: str) -> list[jax.Array]:
+           what: str, progress: Any = None, label: tuple[str, str] | None = None
+           ) -> list[jax.Array]:
     """Requests message ``uid`` from ``process``; returns its arrays at once (not ready yet).
 
     Args:
@@ -196,6 +219,10 @@ class Transport:
       specs: per array: shape, dtype and the sharding it gets here. Its devices must number
         the sender's shards (or one, for ``first_shard_only`` posts).
       what: a description for error messages.
+      progress: a ``watchdog.Progress``: while the watcher waits for this message it sets
+        ``progress.awaiting`` to ``(progress.step, *label)`` and counts ``progress.received``.
+      label: ``(receiver, message)`` texts for the watchdog (see :func:`describe`); default
+        from ``what`` and ``process``.
     """
     self.check()
     per = [shard_specs(s) for s in specs]
@@ -213,14 +240,23 @@ class Transport:
       else:
         out.append(jax.make_array_from_single_device_arrays(tuple(spec.shape), spec.sharding,
                                                             part))
-    self._watch.put((shards, process, what))
+    if progress is not None:
+      label = label or (f"process {self.process_index}", f"{what} from process {process}")
+      self._watch.put((shards, process, what, progress, (progress.step, *label)))
+    else:
+      self._watch.put((shards, process, what, None, None))
     return out
 
   def _watcher(self) -> None:
     while True:
-      shards, process, what = self._watch.get()
+      shards, process, what, progress, awaiting = self._watch.get()
       try:
+        if progress is not None:
+          progress.awaiting = awaiting
         jax.block_until_ready(shards)
+        if progress is not None:
+          progress.received += 1
+          progress.awaiting = None
       except Exception as e:  # pylint: disable=broad-except
         if self._error is None:
           self._error = TransferError(

@@ -126,24 +126,34 @@ class _Recv:
     process: the sending process.
     specs: shape, dtype and sharding (here) of each array.
     put: ``put(ctx, arrays)`` stores the (not yet ready) arrays where the consumer looks.
+    label: ``(receiver, message)`` texts for the hang watchdog (``xfer_lib.describe``).
   """
 
   key: tuple
   process: int
   specs: tuple
   put: Callable[[Any, list], None]
+  label: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Op:
   """One driver step: ``fn(ctx)`` issues work and returns the arrays it produced.
 
-  ``action`` is the schedule action it executes on ``rank`` (None for transfers and helpers).
+  ``action`` is the schedule action it executes on ``rank`` (None for transfers and helpers,
+  which ``what`` describes); ``str(op)`` is the position the hang watchdog prints.
   """
 
   fn: Callable[[_Ctx], Any]
   rank: int = -1
   action: schedules.Action | None = None
+  what: str = ""
+
+  def __str__(self) -> str:
+    a = self.action
+    if a is None:
+      return f"rank {self.rank}: {self.what}" if self.rank >= 0 else self.what
+    return f"rank {self.rank}: {a.kind.name} of stage {a.stage}, microbatch {a.mb}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,12 +261,13 @@ class _Setup:
     assert b.transport is not None  # multi-process pipelines only
     b.transport.post(xfer_lib.uuid(b.namespace, ctx.call, key), arrays, first_shard_only)
 
-  def pull(self, ctx: _Ctx, key: tuple, process: int, specs: Sequence[Any]) -> list:
+  def pull(self, ctx: _Ctx, key: tuple, process: int, specs: Sequence[Any],
+           label: tuple[str, str] | None = None) -> list:
     """Pulls message ``key`` of this driver call from ``process`` (returns at once)."""
     b = self.backend
     assert b.transport is not None  # multi-process pipelines only
     return b.transport.pull(process, xfer_lib.uuid(b.namespace, ctx.call, key), specs,
-                            what=f"{key[0]} {key[1:]}")
+                            what=f"{key[0]} {key[1:]}", progress=b.progress, label=label)
 
   def recv_op(self, recvs: Sequence[_Recv]) -> _Op:
     """The first op of a multi-process call: pulls every message this process will receive.
@@ -268,9 +279,10 @@ class _Setup:
 
     def op(ctx):
       for r in recvs:
-        r.put(ctx, self.pull(ctx, r.key, r.process, r.specs))
+        r.put(ctx, self.pull(ctx, r.key, r.process, r.specs, r.label))
       return ()
-    return _Op(fn=op)
+    return _Op(fn=op, what=f"process {self.process}: request this call's messages from other "
+                           "processes")
 
   def _recv(self, store: str, src_rank: int, dst_stage: int, mb: int,
             shapes: Sequence[Any]) -> _Recv:
@@ -281,7 +293,8 @@ class _Setup:
 
     def put(ctx, arrays):
       getattr(ctx, store)[key] = arrays
-    return _Recv((store, dst_stage, mb), self.rank_process[src_rank], specs, put)
+    return _Recv((store, dst_stage, mb), self.rank_process[src_rank], specs, put,
+                 self._label((store, dst_stage, mb), src_rank, r))
 
   def _action_recvs(self, rank: int, a: schedules.Action) -> list[_Recv]:
     """What another process's action ``a`` (on ``rank``) sends to this process's ranks."""
@@ -308,7 +321,8 @@ class _Setup:
       def put(ctx, arrays, key=key):
         ctx.partner[key] = arrays[0]
       out.append(_Recv(("tie",) + key, self.rank_process[self.rank_of[s]],
-                       (_spec(self.fns[s].p_leaves[leaf], sharding),), put))
+                       (_spec(self.fns[s].p_leaves[leaf], sharding),), put,
+                       self._label(("tie",) + key, self.rank_of[s], self.rank_of[key[0]])))
     return out
 
   def _sq_recv(self, s: int) -> _Recv:
@@ -317,14 +331,16 @@ class _Setup:
     def put(ctx, arrays):
       ctx.sq[s] = arrays[0]
     return _Recv(("sq", s), self.rank_process[self.rank_of[s]],
-                 (self._scalar(self.last_rank),), put)
+                 (self._scalar(self.last_rank),), put,
+                 self._label(("sq", s), self.rank_of[s], self.last_rank))
 
   def _scale_recv(self, rank: int) -> _Recv:
     """The clipping factor for ``rank``, sent by the metrics rank's process."""
 
     def put(ctx, arrays):
       ctx.scale[rank] = arrays[0]
-    return _Recv(("scale", rank), self.rank_process[self.last_rank], (self._scalar(rank),), put)
+    return _Recv(("scale", rank), self.rank_process[self.last_rank], (self._scalar(rank),), put,
+                 self._label(("scale", rank), self.last_rank, rank))
 
   def scalar_here(self) -> jax.ShapeDtypeStruct:
     """A float32 scalar on this process's first local device."""
@@ -336,7 +352,14 @@ class _Setup:
     def put(ctx, arrays):
       ctx.metrics = (arrays[0], arrays[1], None)
     return _Recv(("metrics", self.process), self.rank_process[self.last_rank],
-                 (self.scalar_here(), self.scalar_here()), put)
+                 (self.scalar_here(), self.scalar_here()), put,
+                 self._label(("metrics", self.process), self.last_rank, None))
+
+  def _label(self, key: tuple, src_rank: int, dst_rank: int | None) -> tuple[str, str]:
+    """``(receiver, message)`` texts of a message this process receives (for the watchdog)."""
+    me = f"process {self.process}"
+    receiver = f"rank {dst_rank} ({me})" if dst_rank is not None else me
+    return receiver, xfer_lib.describe(key, src_rank, self.rank_process[src_rank])
 
   def gather(self, ctx: _Ctx, what: str, per_stage: Sequence[Sequence[Any] | None]) -> list:
     """Per stage, its leaves on this process's first local device (every process calls this).
@@ -869,7 +892,7 @@ class _Setup:
         ctx.acc[s] = g
         ctx.sq[s] = to_metrics(ctx, sq)
         return g, sq
-      return _Op(fn=op, rank=r)
+      return _Op(fn=op, rank=r, what=f"finalize the gradients of stage {s}")
     assert updates is not None
     update = updates[s].fn
 
@@ -879,7 +902,7 @@ class _Setup:
       ctx.new_p[s], ctx.new_opt[s], ctx.new_acc[s] = p, o, zeros
       ctx.sq[s] = to_metrics(ctx, sq)
       return p, o, zeros, sq
-    return _Op(fn=fused, rank=r)
+    return _Op(fn=fused, rank=r, what=f"finalize and update stage {s}")
 
   def _tie_send_op(self, s: int) -> _Op:
     """Copies stage ``s``'s tied gradient leaves to their partner stages."""
@@ -898,7 +921,7 @@ class _Setup:
         for value, (_, key, _) in zip(copy([ctx.acc[s][leaf] for leaf, _, _ in remote]), remote):
           self.post(ctx, ("tie",) + key, [value])
       return moved
-    return _Op(fn=op, rank=self.rank_of[s])
+    return _Op(fn=op, rank=self.rank_of[s], what=f"send the tied gradients of stage {s}")
 
   def _tie_sends(self, s: int) -> list:
     """(leaf of stage ``s``, (partner stage, tie index), partner sharding) per cross-stage tie."""
@@ -956,7 +979,7 @@ class _Setup:
         for q in others:   # every process can read the step's loss and norm
           self.post(ctx, ("metrics", q), ctx.metrics[:2], first_shard_only=True)
         return ctx.metrics
-      ops.append(_Op(fn=metrics_op, rank=lr))
+      ops.append(_Op(fn=metrics_op, rank=lr, what="global gradient norm and metrics"))
     else:
       recvs.append(self._metrics_recv())
     if updates is not None and self.options.max_grad_norm is not None:
@@ -992,7 +1015,7 @@ class _Setup:
         ctx.new_p[s], ctx.new_opt[s], ctx.new_acc[s] = updates[s](
             *ctx.p[s], *ctx.opt[s], *ctx.acc[s], moved[self.rank_of[s]])
       return ctx.new_p, ctx.new_opt
-    return _Op(fn=op, rank=lr)
+    return _Op(fn=op, what=f"process {self.process}: clip and update its stages {stages}")
 
   def build_eval(self, rng: Any) -> _Family:
     """Forward-only programs (no dropout) and their ops, microbatch by microbatch."""
@@ -1187,8 +1210,10 @@ class MpmdBackend(pl.Backend):
       # counting frees; Python's cycle collector would only rescan them, so it pauses meanwhile.
       paused = gc.isenabled()
       gc.disable()
+      pos = self.progress           # the hang watchdog's position record
       try:
         for op in ops:
+          pos.op = op
           op.fn(ctx)
       finally:
         if paused:
@@ -1199,6 +1224,7 @@ class MpmdBackend(pl.Backend):
     records, peaks, peak_bytes = [], [0] * setup.num_ranks, [0] * setup.num_ranks
     t0 = time.perf_counter()
     for op in ops:
+      self.progress.op = op
       start = time.perf_counter()
       jax.block_until_ready(op.fn(ctx))
       end = time.perf_counter()
@@ -1305,6 +1331,7 @@ class MpmdBackend(pl.Backend):
     fam = setup.family("eval", lambda: setup.build_eval(state.rng))
     ctx = self._context(setup, state, batch, fam.programs, training=False)
     for op in fam.ops:
+      self.progress.op = op
       op.fn(ctx)
     lr_process = setup.rank_process[setup.last_rank]
     if setup.last_rank not in setup.owned:
