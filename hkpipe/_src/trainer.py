@@ -104,6 +104,7 @@ def validate_config(config: Any) -> None:
   from hkpipe import schedules  # pylint: disable=g-import-not-at-top
   config_checks.validate(config, default_config(), backends=pl.available_backends(),
                          schedule_names=schedules.names())
+  watchdog_lib.WatchdogConfig.from_config(config.get("watchdog"))
   model_config(config)
 
 
