@@ -40,6 +40,7 @@ from hkpipe.schedules._draw import ascii_grid
 from hkpipe.schedules._draw import svg_compare
 from hkpipe.schedules._draw import svg_timeline
 from hkpipe.schedules._draw import svg_timelines
+from hkpipe.schedules._engine import Interval
 from hkpipe.schedules._ir import Action
 from hkpipe.schedules._ir import Kind
 from hkpipe.schedules._ir import Schedule
@@ -47,7 +48,6 @@ from hkpipe.schedules._ir import ScheduleError
 from hkpipe.schedules._lower import lower
 from hkpipe.schedules._lower import merge_backward
 from hkpipe.schedules._simulate import Costs
-from hkpipe.schedules._simulate import Interval
 from hkpipe.schedules._simulate import Record
 from hkpipe.schedules._simulate import SimResult
 from hkpipe.schedules._simulate import peak_activations

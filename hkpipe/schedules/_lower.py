@@ -1,96 +1,45 @@
-"""Dependencies between actions, the lowering pass (adds SEND/RECV) and the I+W merge pass.
+"""The lowering pass (adds SEND/RECV), its inverse and the I+W merge pass.
 
-Data flow between stages:
-
-- ``F(s, mb)`` needs the activation of ``F(s - 1, mb)``;
-- ``B(s, mb)`` / ``I(s, mb)`` need the stash of ``F(s, mb)`` and the cotangent of
-  ``B(s + 1, mb)`` / ``I(s + 1, mb)``;
-- ``W(s, mb)`` needs ``I(s, mb)`` (and the stash of ``F(s, mb)``).
+Data flow between stages follows the dependency rule of ``_engine``: ``F(s, mb)`` needs the
+activation of ``F(s - 1, mb)``; ``B(s, mb)``/``I(s, mb)`` need the stash of ``F(s, mb)`` and the
+cotangent of ``B(s + 1, mb)``/``I(s + 1, mb)``; ``W(s, mb)`` needs ``I(s, mb)``.
 
 When producer and consumer live on different ranks, lowering inserts ``SEND_*`` right after the
-producer and ``RECV_*`` right before the consumer. When they live on the same rank (the V turn of
-ZBV: stages ``p - 1`` and ``p`` on the last rank; or ``p = 1``) nothing is inserted: the driver
-hands the value over locally.
+producer and ``RECV_*`` right before the consumer; the pair shares ``_engine.message_key``, the
+completion key it carries. When they live on the same rank (the V turn of ZBV: stages ``p - 1``
+and ``p`` on the last rank; or ``p = 1``) nothing is inserted: the driver hands the value over
+locally.
 """
 
 from __future__ import annotations
 
+from hkpipe.schedules import _engine
 from hkpipe.schedules._ir import Action
 from hkpipe.schedules._ir import Kind
 from hkpipe.schedules._ir import Schedule
 
-# Completion keys: ("F", s, mb) when the forward is done, ("G", s, mb) when the input gradient is
-# done (by B or I), ("W", s, mb) when the weight gradient is done (by B or W).
-Key = tuple[str, int, int]
-
-
-def done_keys(a: Action) -> tuple[Key, ...]:
-  """What finishing compute action ``a`` makes available."""
-  if a.kind is Kind.F:
-    return (("F", a.stage, a.mb),)
-  if a.kind is Kind.B:
-    return (("G", a.stage, a.mb), ("W", a.stage, a.mb))
-  if a.kind is Kind.I:
-    return (("G", a.stage, a.mb),)
-  if a.kind is Kind.W:
-    return (("W", a.stage, a.mb),)
-  return ()
-
-
-def dependencies(a: Action, num_stages: int) -> tuple[Key, ...]:
-  """The completion keys compute action ``a`` needs before it may start."""
-  if a.kind is Kind.F:
-    return (("F", a.stage - 1, a.mb),) if a.stage > 0 else ()
-  if a.kind in (Kind.B, Kind.I):
-    deps = [("F", a.stage, a.mb)]
-    if a.stage < num_stages - 1:
-      deps.append(("G", a.stage + 1, a.mb))
-    return tuple(deps)
-  if a.kind is Kind.W:
-    return (("G", a.stage, a.mb),)
-  return ()
-
-
-_KEY_TEXT = {"F": "F", "G": "B/I", "W": "B/W"}
-
-
-def key_text(key: Key) -> str:
-  """Human text for a completion key, e.g. ``'2F1'`` or ``'3B/I0'``."""
-  what, stage, mb = key
-  return f"{stage}{_KEY_TEXT[what]}{mb}"
-
 
 def recv_before(s: Schedule, a: Action) -> Action | None:
   """The RECV that must precede compute action ``a`` on its rank, or None if the input is local."""
-  if a.kind is Kind.F and a.stage > 0 and s.rank_of(a.stage - 1) != s.rank_of(a.stage):
-    return Action(a.stage, Kind.RECV_F, a.mb)
-  if (a.kind in (Kind.B, Kind.I) and a.stage < s.num_stages - 1
-      and s.rank_of(a.stage + 1) != s.rank_of(a.stage)):
-    return Action(a.stage, Kind.RECV_B, a.mb)
+  for what, stage, mb in _engine.dependencies(a, s.num_stages):
+    if s.rank_of(stage) != s.rank_of(a.stage):
+      return Action(a.stage, _engine.COMM[what][1], mb)
   return None
 
 
 def send_after(s: Schedule, a: Action) -> Action | None:
   """The SEND that must follow compute action ``a`` on its rank, or None for a local consumer."""
-  if (a.kind is Kind.F and a.stage < s.num_stages - 1
-      and s.rank_of(a.stage + 1) != s.rank_of(a.stage)):
-    return Action(a.stage, Kind.SEND_F, a.mb)
-  if a.kind in (Kind.B, Kind.I) and a.stage > 0 and s.rank_of(a.stage - 1) != s.rank_of(a.stage):
-    return Action(a.stage, Kind.SEND_B, a.mb)
+  for key in _engine.done_keys(a):
+    other = _engine.consumer_stage(key, s.num_stages)
+    if other is not None and s.rank_of(other) != s.rank_of(a.stage):
+      return Action(a.stage, _engine.COMM[key[0]][0], a.mb)
   return None
 
 
-def message_key(a: Action) -> tuple[str, int, int]:
-  """Identifies the message a SEND posts or a RECV waits for: (direction, receiving stage, mb)."""
-  if a.kind is Kind.SEND_F:
-    return ("F", a.stage + 1, a.mb)
-  if a.kind is Kind.SEND_B:
-    return ("B", a.stage - 1, a.mb)
-  if a.kind is Kind.RECV_F:
-    return ("F", a.stage, a.mb)
-  if a.kind is Kind.RECV_B:
-    return ("B", a.stage, a.mb)
-  raise ValueError(f"{a} is not a communication action.")
+def strip_comm(schedule: Schedule) -> Schedule:
+  """``schedule`` without its SEND/RECV actions (undoes :func:`lower`)."""
+  return schedule.replace(actions=tuple(tuple(a for a in row if a.kind.is_compute)
+                                        for row in schedule.actions))
 
 
 def lower(schedule: Schedule) -> Schedule:

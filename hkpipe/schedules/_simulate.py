@@ -1,4 +1,5 @@
-"""The simulator: runs a schedule's lowered program under given costs and measures its timeline.
+"""The simulator: runs a schedule's lowered program in the engine under given costs and measures
+its timeline.
 
 Definitions (all computed from the simulated timeline, never from formulas):
 
@@ -19,21 +20,13 @@ from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 
-from hkpipe.schedules import _lower
 from hkpipe.schedules import _validate
+from hkpipe.schedules._engine import Interval
 from hkpipe.schedules._ir import Action
 from hkpipe.schedules._ir import Kind
 from hkpipe.schedules._ir import Schedule
 
 Cost = Union[float, Sequence[float]]
-
-
-class Interval(NamedTuple):
-  """One executed action on the simulated timeline."""
-
-  action: Action
-  start: float
-  end: float
 
 
 class Record(NamedTuple):
@@ -174,18 +167,11 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> SimResult:
   if not isinstance(costs, Costs):
     raise ValueError(f"costs must be a hkpipe.schedules.Costs, got {type(costs).__name__}.")
   table = costs.per_stage(schedule.num_stages)
-  _validate.check_compute(schedule)
-  if schedule.is_lowered:
-    _validate.check_comm(schedule)
-    lowered, origin = schedule, None
-  else:
-    lowered, origin = _lower.lower_with_origin(schedule)
 
   def duration(a: Action) -> float:
     return table[a.kind][a.stage]
 
-  events = _validate.execute(lowered, duration, duration, origin=origin, source=schedule)
-  program = tuple(tuple(Interval(*e) for e in row) for row in events)
+  program = _validate.run(schedule, duration, duration).rows
   timeline = tuple(tuple(iv for iv in row if iv.action.kind.is_compute) for row in program)
   makespan = max((iv.end for row in timeline for iv in row), default=0.0)
   busy = tuple(float(sum(iv.end - iv.start for iv in row)) for row in timeline)

@@ -1,4 +1,4 @@
-"""The validator and the execution engine that proves a lowered program cannot deadlock.
+"""The validator: static checks, then the lowered program must finish in the engine (``_engine``).
 
 Every error is a :class:`ScheduleError` (a ``ValueError``) whose message starts with the rank, the
 position in that rank's list and the action text, e.g.
@@ -9,18 +9,12 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from hkpipe.schedules import _engine
 from hkpipe.schedules import _lower
 from hkpipe.schedules._ir import Action
 from hkpipe.schedules._ir import Kind
 from hkpipe.schedules._ir import Schedule
 from hkpipe.schedules._ir import ScheduleError
-
-# One executed action: (action, start, end).
-Event = tuple[Action, float, float]
-
-
-def _producer_rank(s: Schedule, key: _lower.Key) -> int:
-  return s.rank_of(key[1])
 
 
 def check_compute(s: Schedule) -> None:
@@ -69,14 +63,14 @@ def check_compute(s: Schedule) -> None:
                               rank=owner, action=missing)
 
   for rank, row in enumerate(s.actions):
-    done: set[_lower.Key] = set()
+    done: set[_engine.Key] = set()
     for pos, a in enumerate(row):
-      for dep in _lower.dependencies(a, s.num_stages):
-        if _producer_rank(s, dep) == rank and dep not in done:
-          later = next(i for i, b in enumerate(row) if dep in _lower.done_keys(b))
-          raise ScheduleError(f"needs {_lower.key_text(dep)} earlier on rank {rank}, but it comes "
+      for dep in _engine.dependencies(a, s.num_stages):
+        if s.rank_of(dep[1]) == rank and dep not in done:
+          later = next(i for i, b in enumerate(row) if dep in _engine.done_keys(b))
+          raise ScheduleError(f"needs {_engine.key_text(dep)} earlier on rank {rank}, but it comes "
                               f"later (position {later}).", rank=rank, position=pos, action=a)
-      done.update(_lower.done_keys(a))
+      done.update(_engine.done_keys(a))
 
 
 def check_comm(s: Schedule) -> None:
@@ -116,93 +110,50 @@ def check_comm(s: Schedule) -> None:
                             rank=rank, position=compute_pos, action=row[compute_pos])
 
 
-def execute(s: Schedule, duration: Callable[[Action], float], latency: Callable[[Action], float],
-            origin: Sequence[Sequence[int]] | None = None,
-            source: Schedule | None = None) -> tuple[tuple[Event, ...], ...]:
-  """Runs a lowered program: each rank executes its list in order, sends never block, a receive
-  blocks until its message arrives (``latency(send)`` after the send), a compute action blocks
-  until its inputs are complete.
+def run(schedule: Schedule, duration: Callable[[Action], float],
+        latency: Callable[[Action], float] = _engine.no_latency) -> _engine.Run:
+  """Checks ``schedule`` and runs its lowered program in the engine (a lowered one runs as given).
 
   Args:
-    s: a lowered schedule.
+    schedule: a compute-only or a lowered schedule.
     duration: cost of a compute action.
-    latency: transfer time of a SEND action's message.
-    origin: optional per-rank map from lowered position to the position in ``source``'s rows, so
-      that a deadlock is reported in the user's own (compute-only) list.
-    source: the schedule ``origin`` refers to.
+    latency: transfer time of a SEND action's message; default none.
 
   Returns:
-    Per rank, the executed ``(action, start, end)`` events in order (a RECV's span is the wait).
+    The finished :class:`_engine.Run` of the lowered program.
 
   Raises:
-    ScheduleError: on deadlock, naming every blocked rank and what it waits for.
+    ScheduleError: from the static checks, or on deadlock naming every blocked rank and what it
+      waits for (pointing into ``schedule``'s own rows).
   """
-  num_ranks = s.num_ranks
-  pos = [0] * num_ranks
-  clock = [0.0] * num_ranks
-  arrival: dict[tuple[str, int, int], float] = {}
-  finish: dict[_lower.Key, float] = {}
-  events: list[list[Event]] = [[] for _ in range(num_ranks)]
-
-  def blocker(a: Action) -> str | None:
-    if a.kind in (Kind.RECV_F, Kind.RECV_B):
-      return None if _lower.message_key(a) in arrival else "message"
-    for dep in _lower.dependencies(a, s.num_stages):
-      if dep not in finish:
-        return _lower.key_text(dep)
-    return None
-
-  progress = True
-  while progress:
-    progress = False
-    for rank in range(num_ranks):
-      row = s.actions[rank]
-      while pos[rank] < len(row):
-        a = row[pos[rank]]
-        if a.kind.is_compute:
-          if blocker(a) is not None:
-            break
-          start = clock[rank]
-          end = start + float(duration(a))
-          for key in _lower.done_keys(a):
-            finish[key] = end
-        elif a.kind in (Kind.SEND_F, Kind.SEND_B):
-          start = end = clock[rank]
-          arrival[_lower.message_key(a)] = end + float(latency(a))
-        else:
-          if blocker(a) is not None:
-            break
-          start = clock[rank]
-          end = max(start, arrival[_lower.message_key(a)])
-        events[rank].append((a, start, end))
-        clock[rank] = end
-        pos[rank] += 1
-        progress = True
-
-  stuck = [r for r in range(num_ranks) if pos[r] < len(s.actions[r])]
-  if stuck:
-    raise _deadlock(s, stuck, pos, blocker, origin, source)
-  return tuple(tuple(e) for e in events)
+  check_compute(schedule)
+  if schedule.is_lowered:
+    check_comm(schedule)
+    lowered, origin = schedule, None
+  else:
+    lowered, origin = _lower.lower_with_origin(schedule)
+  result = _engine.run(lowered, duration, latency)
+  if result.stuck:
+    raise _deadlock(result, schedule, origin)
+  return result
 
 
-def _deadlock(s: Schedule, stuck: list[int], pos: list[int],
-              blocker: Callable[[Action], str | None], origin: Sequence[Sequence[int]] | None,
-              source: Schedule | None) -> ScheduleError:
-  """Builds the error naming every blocked rank; points at the first one's action."""
+def _deadlock(result: _engine.Run, source: Schedule,
+              origin: Sequence[Sequence[int]] | None) -> ScheduleError:
+  """The error naming every blocked rank; points at the first one's action in ``source``'s rows
+  (``origin`` maps a lowered position to it)."""
+  s = result.schedule
   parts, first = [], None
-  for rank in stuck:
-    a = s.actions[rank][pos[rank]]
+  for rank in result.stuck:
+    pos, a = result.blocked(rank)
+    key = result.waiting_for(rank)
     if a.kind.is_comm:
-      peer_stage = a.stage - 1 if a.kind is Kind.RECV_F else a.stage + 1
-      what = (f"{'activation' if a.kind is Kind.RECV_F else 'cotangent'} of stage {peer_stage} "
-              f"microbatch {a.mb} from rank {s.rank_of(peer_stage)}")
+      what = (f"{'activation' if key[0] == 'F' else 'cotangent'} of stage {key[1]} "
+              f"microbatch {key[2]} from rank {s.rank_of(key[1])}")
     else:
-      what = blocker(a) or "a dependency"
-    if origin is not None and source is not None:
-      p = origin[rank][pos[rank]]
-      shown = source.actions[rank][p]
-    else:
-      p, shown = pos[rank], a
+      what = _engine.key_text(key)
+    p = pos if origin is None else origin[rank][pos]
+    shown = source.actions[rank][p]
     parts.append(f"rank {rank} blocks at position {p} ({shown}) waiting for {what}")
     if first is None:
       first = (rank, p, shown)
@@ -214,11 +165,6 @@ def _deadlock(s: Schedule, stuck: list[int], pos: list[int],
 
 def _unit_duration(a: Action) -> float:
   return 2.0 if a.kind is Kind.B else 1.0
-
-
-def _zero_latency(a: Action) -> float:
-  del a
-  return 0.0
 
 
 def validate(schedule: Schedule) -> None:
@@ -238,10 +184,4 @@ def validate(schedule: Schedule) -> None:
   Raises:
     ScheduleError: (a ``ValueError``) whose message starts with ``rank R, position P, action A:``.
   """
-  check_compute(schedule)
-  if schedule.is_lowered:
-    check_comm(schedule)
-    execute(schedule, _unit_duration, _zero_latency)
-  else:
-    lowered, origin = _lower.lower_with_origin(schedule)
-    execute(lowered, _unit_duration, _zero_latency, origin=origin, source=schedule)
+  run(schedule, _unit_duration)

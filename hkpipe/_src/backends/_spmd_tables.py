@@ -3,13 +3,14 @@
 The executor runs the schedule in lock-step *ticks*: in every tick each ``pp`` rank performs at
 most one compute action (``F``, ``B``, ``I`` or ``W``), then every rank's outgoing payload (the
 activation an ``F`` produced, or the cotangent a ``B``/``I`` produced) moves to its destination
-rank with ``lax.ppermute``. Ticks are the start times of ``hkpipe.schedules.simulate`` with unit
-costs and no latency: every rank runs its action list *in its own order*, and an action starts at
-the first tick after the actions it depends on have finished, so each dependency is satisfied at
-a tick boundary, where the transfer happens. The schedule's per-rank order, and therefore its memory
-profile, is kept: buffer slots are allocated by interval colouring over the ticks at which each
-activation, cotangent or stash is live, so the number of stash slots is the schedule's peak
-number of live activations on the busiest rank.
+rank with ``lax.ppermute``. Ticks are the start times of ``hkpipe.schedules.simulate`` (the
+schedule engine, ``hkpipe/schedules/_engine.py``) with unit costs and no latency: every rank runs
+its action list *in its own order*, and an action starts at the first tick after the actions it
+depends on have finished, so each dependency is satisfied at a tick boundary, where the transfer
+happens. The schedule's per-rank order, and therefore its memory profile, is kept: buffer slots
+are allocated by interval colouring over the ticks at which each activation, cotangent or stash
+is live, so the number of stash slots is the schedule's peak number of live activations on the
+busiest rank.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from hkpipe import schedules
+from hkpipe.schedules import _engine
 from hkpipe.schedules import _ir
 
 Kind = _ir.Kind
-Key = tuple[int, int]  # (stage, microbatch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,44 +76,18 @@ class TickTables:
             "recv_act": self.recv_act, "recv_cot": self.recv_cot}
 
 
-def _deps(a: _ir.Action, num_stages: int, split: set[Key]) -> list[tuple[Kind, int, int]]:
-  """Actions whose results ``a`` consumes: they must finish in an earlier tick."""
-  s, mb = a.stage, a.mb
-  back = lambda st: (Kind.I if (st, mb) in split else Kind.B, st, mb)
-  if a.kind == Kind.F:
-    return [(Kind.F, s - 1, mb)] if s > 0 else []
-  if a.kind in (Kind.B, Kind.I):
-    return [(Kind.F, s, mb)] + ([back(s + 1)] if s < num_stages - 1 else [])
-  return [(Kind.I, s, mb)]  # W
+_UNIT = schedules.Costs(forward=1.0, input_grad=1.0, weight_grad=1.0, backward=1.0, comm=0.0)
 
 
-def assign_ticks(schedule: _ir.Schedule) -> dict[tuple[Kind, int, int], int]:
-  """Start tick of every compute action: the schedule simulated with unit costs, no latency.
+def assign_ticks(schedule: _ir.Schedule) -> tuple[tuple[schedules.Interval, ...], ...]:
+  """Per rank, its compute actions with their start ticks: the schedule simulated (by the schedule
+  engine) with unit costs and no latency, so every start is an integer and each input is ready at
+  a tick boundary.
 
   Raises:
     ScheduleError: (a ``ValueError``) for an invalid or deadlocking schedule.
   """
-  schedules.validate(schedule)
-  unit = schedules.Costs(forward=1.0, input_grad=1.0, weight_grad=1.0, backward=1.0, comm=0.0)
-  result = schedules.simulate(schedule, unit)
-  ticks, split = {}, set()
-  for rank, row in enumerate(result.timeline):
-    used = set()
-    for iv in row:
-      a, t = iv.action, int(iv.start)
-      if t != iv.start or t in used:
-        raise RuntimeError(f"Unit-cost simulation put {a} on rank {rank} at {iv.start}, which is "
-                           "not a free integer tick.")
-      used.add(t)
-      ticks[(a.kind, a.stage, a.mb)] = t
-      if a.kind == Kind.I:
-        split.add((a.stage, a.mb))
-  for (kind, s, mb), t in ticks.items():
-    for dep in _deps(_ir.Action(s, kind, mb), schedule.num_stages, split):
-      if ticks[dep] >= t:
-        raise RuntimeError(f"Unit-cost simulation starts {s}{kind.value}{mb} at tick {t} before "
-                           f"its input from {dep} (tick {ticks[dep]}) is ready.")
-  return ticks
+  return schedules.simulate(schedule, _UNIT).timeline
 
 
 def _allocate(items: Sequence[tuple[int, int, int, Any]], num_ranks: int
@@ -147,46 +122,42 @@ def build(schedule: _ir.Schedule) -> TickTables:
   Raises:
     ScheduleError: (a ``ValueError``) for an invalid or deadlocking schedule.
   """
-  ticks = assign_ticks(schedule)
-  rows = tuple(schedule.compute_actions(r) for r in range(schedule.num_ranks))
+  timeline = assign_ticks(schedule)
   p, num_stages, m = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
   rank = schedule.stage_to_rank
-  split = {(a.stage, a.mb) for row in rows for a in row if a.kind == Kind.I}
-
-  def first_backward(s: int, mb: int) -> int:
-    return ticks[(Kind.I if (s, mb) in split else Kind.B, s, mb)]
-
-  def last_backward(s: int, mb: int) -> int:
-    return ticks[(Kind.W if (s, mb) in split else Kind.B, s, mb)]
+  # Start tick of the action producing each completion key: "F" the forward, "G" the first
+  # backward (B or I: the cotangent), "W" the last (B or W: the stash is then free).
+  key_tick = {key: int(iv.start) for row in timeline for iv in row
+              for key in _engine.done_keys(iv.action)}
 
   act_items, cot_items, stash_items = [], [], []
   transfers = []  # (src rank, dst rank, tick, "act" | "cot", (stage, mb) of the receiver)
   for s in range(num_stages):
     for mb in range(m):
-      f = ticks[(Kind.F, s, mb)]
-      stash_items.append((rank[s], 2 * f, 2 * last_backward(s, mb), (s, mb)))
+      f = key_tick[("F", s, mb)]
+      stash_items.append((rank[s], 2 * f, 2 * key_tick[("W", s, mb)], (s, mb)))
       if s > 0:  # the activation of (s, mb) comes from stage s-1
-        src = ticks[(Kind.F, s - 1, mb)]
+        src = key_tick[("F", s - 1, mb)]
         act_items.append((rank[s], 2 * src + 1, 2 * f, (s, mb)))
         transfers.append((rank[s - 1], rank[s], src, "act", (s, mb)))
       if s < num_stages - 1:  # the cotangent of (s, mb)'s output comes from stage s+1
-        src = first_backward(s + 1, mb)
-        cot_items.append((rank[s], 2 * src + 1, 2 * last_backward(s, mb), (s, mb)))
+        src = key_tick[("G", s + 1, mb)]
+        cot_items.append((rank[s], 2 * src + 1, 2 * key_tick[("W", s, mb)], (s, mb)))
         transfers.append((rank[s + 1], rank[s], src, "cot", (s, mb)))
   act_slots, act_peaks = _allocate(act_items, p)
   cot_slots, cot_peaks = _allocate(cot_items, p)
   stash_slots, stash_peaks = _allocate(stash_items, p)
   num_act, num_cot, num_stash = (max(peaks + [1]) for peaks in (act_peaks, cot_peaks, stash_peaks))
 
-  used = sorted({(a.kind.value, a.stage) for row in rows for a in row},
+  used = sorted({(iv.action.kind.value, iv.action.stage) for row in timeline for iv in row},
                 key=lambda ks: (ks[1], "FBIW".index(ks[0])))
   branches = ((None, -1),) + tuple((Kind(k), s) for k, s in used)
   index = {b: i for i, b in enumerate(branches)}
-  shape = (p, 1 + max(ticks.values()))
+  shape = (p, 1 + max(key_tick.values()))
   branch, mbs, act_slot, cot_slot, stash_slot = (np.zeros(shape, np.int32) for _ in range(5))
-  for r, row in enumerate(rows):
-    for a in row:
-      t = ticks[(a.kind, a.stage, a.mb)]
+  for r, row in enumerate(timeline):
+    for a, start, _ in row:
+      t = int(start)
       branch[r, t] = index[(a.kind, a.stage)]
       mbs[r, t] = a.mb
       stash_slot[r, t] = stash_slots[(a.stage, a.mb)]
