@@ -101,7 +101,8 @@ class StageFns:
     self.x_leaves, self.x_tree = jax.tree.flatten(shapes.x)
     self.y_leaves, self.y_tree = jax.tree.flatten(shapes.y)
     self.t_leaves, self.t_tree = jax.tree.flatten(shapes.targets)
-    self.x_float = tuple(_is_float(a) for a in self.x_leaves)
+    # Float inputs of later stages get a cotangent; the model's own inputs (stage 0) get none.
+    self.x_float = tuple(_is_float(a) and not self.is_first for a in self.x_leaves)
     self.y_float = tuple(_is_float(a) for a in self.y_leaves)
     self.np = len(self.p_leaves)
     self.nx = len(self.x_leaves)
