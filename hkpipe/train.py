@@ -4,16 +4,19 @@
 - :func:`default_config` lists every config field with its default.
 - :class:`OptimizerConfig`, :func:`adamw`, :func:`lr_schedule`: AdamW + warmup-cosine.
 - :class:`Checkpointer`: orbax checkpoints of the canonical (layout-independent) state.
+- :class:`NonFiniteStepsError`: ``train`` stopped after ``config.max_consecutive_skips`` steps in a
+  row had a non-finite loss or gradient norm.
 """
 
 from hkpipe._src.checkpoint import Checkpointer
 from hkpipe._src.optim import OptimizerConfig
 from hkpipe._src.optim import adamw
 from hkpipe._src.optim import lr_schedule
+from hkpipe._src.step_guard import NonFiniteStepsError
 from hkpipe._src.trainer import default_config
 from hkpipe._src.trainer import model_config
 from hkpipe._src.trainer import pipeline_options
 from hkpipe._src.trainer import train
 
-__all__ = ("Checkpointer", "OptimizerConfig", "adamw", "default_config", "lr_schedule",
-           "model_config", "pipeline_options", "train")
+__all__ = ("Checkpointer", "NonFiniteStepsError", "OptimizerConfig", "adamw", "default_config",
+           "lr_schedule", "model_config", "pipeline_options", "train")

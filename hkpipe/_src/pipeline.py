@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import layers as layers_lib
+from hkpipe._src.errors import ConfigError
 
 Batch = tuple[Any, Any]  # (inputs, targets), leading axis = batch
 Metrics = dict[str, jax.Array]
@@ -80,6 +81,12 @@ class PipelineOptions:
     record_timeline: record the executed per-rank actions with their times (MPMD).
     donate: donate parameter and optimizer buffers to the update (saves memory; the old state
       becomes invalid after ``train_step``).
+    skip_nonfinite: skip a step whose loss or global gradient norm is NaN/Inf: parameters and
+      optimizer state stay bit-identical (the decision is global: every stage, replica and
+      process skips), ``TrainState.step`` still advances, and ``metrics["skipped"]`` is 1.0
+      (0.0 otherwise; always 0.0 when False). The check is one scalar per step, fused with the
+      update; on ``mpmd`` it makes every stage's update wait for the global decision, as
+      clipping does (see ``hkpipe._src.step_guard``).
   """
 
   backend: str = "single"
@@ -94,6 +101,7 @@ class PipelineOptions:
   remat: bool = False
   record_timeline: bool = False
   donate: bool = True
+  skip_nonfinite: bool = True
 
   def __post_init__(self):
     if self.backend not in _BACKENDS:
@@ -102,6 +110,8 @@ class PipelineOptions:
       raise ValueError(f"num_microbatches must be a positive int, got {self.num_microbatches!r}.")
     if self.max_grad_norm is not None and not self.max_grad_norm > 0:
       raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}.")
+    if not isinstance(self.skip_nonfinite, bool):
+      raise ConfigError(f"skip_nonfinite must be True or False, got {self.skip_nonfinite!r}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +483,8 @@ class Backend(abc.ABC):
 
   @abc.abstractmethod
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    """One optimizer step. Metrics hold at least ``loss`` and ``grad_norm`` (pre-clip)."""
+    """One optimizer step. Metrics hold at least ``loss``, ``grad_norm`` (pre-clip) and
+    ``skipped`` (see ``PipelineOptions.skip_nonfinite``)."""
 
   @abc.abstractmethod
   def eval_loss(self, state: TrainState, batch: Batch) -> jax.Array:
@@ -558,7 +569,8 @@ class Pipeline:
     return self.backend.init(rng, batch)
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    """One optimizer step; returns the new state and metrics (``loss``, ``grad_norm``).
+    """One optimizer step; returns the new state and metrics (``loss``, ``grad_norm``,
+    ``skipped``: 1.0 if the step was skipped for a non-finite loss or gradient norm).
 
     Multi-process: every process calls it with its batch (see :class:`Backend`); the metrics are
     the global ones on every process.

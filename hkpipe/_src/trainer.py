@@ -33,6 +33,7 @@ from hkpipe._src import data as data_lib
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pl
+from hkpipe._src import step_guard
 
 _MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig"}
 
@@ -45,7 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
   (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``stages``, ``dp``,
   ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
   ``remat``); ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
-  ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported).
+  ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported);
+  ``max_consecutive_skips`` (the run stops after this many steps in a row were skipped for a
+  non-finite loss or gradient norm; >= 1).
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -73,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_temperature = 0.8
   c.sample_top_k = ml_collections.config_dict.placeholder(int)
   c.peak_tflops = ml_collections.config_dict.placeholder(float)
+  c.max_consecutive_skips = step_guard.DEFAULT_MAX_CONSECUTIVE_SKIPS
   return c
 
 
@@ -243,6 +247,10 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
     A summary: first/last train loss, last val loss, steps run, resume step, sample text.
   """
   t_start = time.time()
+  # Validates config.max_consecutive_skips before anything runs.
+  skips = step_guard.SkipCounter(
+      config.get("max_consecutive_skips", step_guard.DEFAULT_MAX_CONSECUTIVE_SKIPS),
+      checkpoints=str(pathlib.Path(workdir) / "checkpoints"))
   lead = jax.process_index() == 0  # writes metrics, config, samples and prints
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
@@ -315,6 +323,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   last_saved = resume_step
   t_window, steps_window = time.time(), 0
   first_done = (resume_step or 0) + 1  # this run's first step compiles: logged on its own
+  stop: step_guard.NonFiniteStepsError | None = None
   try:
     while state.step < config.num_steps:
       step = state.step
@@ -323,6 +332,15 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
       done = state.step
       steps_window += 1
       compiled = done == first_done
+      skips.push(done, metrics["skipped"])
+      # Skip flags are read for the steps already done (not this one, still in flight), and for
+      # this one where the loop waits for it anyway (log, eval) or must (checkpoint, last step).
+      waits = (compiled or done % config.log_every == 0 or done == config.num_steps
+               or bool(config.eval_every and done % config.eval_every == 0)
+               or bool(config.checkpoint_every and done % config.checkpoint_every == 0))
+      stop = skips.settle(keep_newest=not waits)
+      if stop is not None:  # raised below, after the loop: no checkpoint of this state
+        break
       if compiled or done % config.log_every == 0 or done == config.num_steps:
         loss = float(metrics["loss"])  # blocks on this step
         now = time.time()
@@ -330,7 +348,8 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
         record = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
                   "lr": float(lr_at(step)), "step_time_s": step_time,
                   "tokens_per_s": tokens_per_step / step_time,
-                  "model_tflops": flops_tok * tokens_per_step / step_time / 1e12}
+                  "model_tflops": flops_tok * tokens_per_step / step_time / 1e12,
+                  "skipped_steps": skips.total}
         if peak:
           record["mfu"] = record["model_tflops"] / peak
         writer.write(record)
@@ -340,7 +359,7 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
         say(f"step {done:>6}/{config.num_steps} | loss {loss:.4f} | gnorm "
             f"{record['grad_norm']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} "
             f"tok/s | {1000 * step_time:.1f} ms/step{' (incl. compile)' if compiled else ''}"
-            f" | ETA {_fmt_eta(eta)}")
+            f"{f' | skipped {skips.total}' if skips.total else ''} | ETA {_fmt_eta(eta)}")
         t_window, steps_window = time.time(), 0
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
         val = evaluate(pipe, state, val_batch, config.eval_batches)
@@ -370,6 +389,11 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
         say_everywhere(f"Interrupted: could not save step {crashed_at}: {error}")
     writer.close()
     raise
+  if stop is not None:
+    say(str(stop))
+    ckpt.close()
+    writer.close()
+    raise stop
   if state.step != last_saved:
     ckpt.save(state.step, pipe.to_canonical(state), {**meta, "step": state.step})
   ckpt.close()
