@@ -10,6 +10,8 @@ Modes:
          1f1b state saved from both processes and restored into a fresh pipeline.
   pp2dp2: the same model on a (pp=2, dp=2) mesh, each rank's 2 devices on one process (1f1b).
   kill:  trains pp=2 1f1b until killed, writing DIR/steps_pI (the number of finished steps).
+  nan:   helpers.float_model on 2 ranks, one per process, Adam without clipping: a finite step,
+         a NaN-input step, an inf-loss step (both skipped), a finite step.
 
 Results go to DIR/<name>_pI.npz (flattened canonical trees, keys "params/<layer>/<...>").
 """
@@ -31,6 +33,7 @@ import hkpipe  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hkpipe import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hkpipe._src import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hkpipe._src import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -39,13 +42,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--process_id", type=int, required=True)
   parser.add_argument("--host_devices", type=int, default=2)
-  parser.add_argument("--mode", required=True, choices=("pp2", "pp2dp2", "kill"))
+  parser.add_argument("--mode", required=True, choices=("pp2", "pp2dp2", "kill", "nan"))
   parser.add_argument("--out", required=True)
   return parser.parse_args(argv)
 
 
 # Shared with the test (the reference must use exactly these).
 M, LR, MAX_NORM, STEPS, SEED = 4, 0.5, 0.05, 2, 42
+NAN_M, NAN_LR = 2, 1e-2   # mode "nan"
 
 
 def model() -> hkpipe.SequentialModel:
@@ -150,6 +154,22 @@ def main(argv: list[str]) -> None:
     assert_compiled_only_own_stages(pipe)
     save("dp", res)
     log("pp2dp2 done", f"{time.time() - t0:.1f}s")
+  elif args.mode == "nan":
+    pipe = hkpipe.Pipeline(helpers.float_model(), optax.adam(NAN_LR), backend="mpmd",
+                           num_microbatches=NAN_M, num_stages=2)
+    batches = helpers.float_batches()
+    state = pipe.init(jax.random.key(SEED), batches[0])
+    res = flat(pipe.params(state), "init")
+    skipped = []
+    for i, b in enumerate(batches):
+      state, metrics = pipe.train_step(state, b)
+      skipped.append(float(metrics["skipped"]))
+      if i in (0, 2):   # before and after the two bad steps
+        res.update(flat(pipe.params(state), f"after{i + 1}"))
+    res["skipped"], res["steps"] = np.asarray(skipped), np.asarray(state.step)
+    res.update(flat(pipe.params(state), "final"))
+    save("nan", res)
+    log("nan done", f"{time.time() - t0:.1f}s")
   else:  # kill: train until the test kills a process
     pipe = pipeline(schedule="1f1b", num_stages=2)
     state = pipe.init(jax.random.key(SEED), batch(0))

@@ -106,3 +106,60 @@ def stop_processes(procs: list, logs: list) -> None:
       p.wait()
   for f in logs:
     f.close()
+
+
+# -- non-finite steps (tests/test_step_guard.py, the "nan" multi-process MPMD worker) -------------
+
+NAN_ROW, INF_ROW = 3, 5
+
+
+def _mse_plus_offset(y, targets):
+  """MSE plus a term of the targets alone: ``c`` = inf makes the loss, not the gradients, inf."""
+  t, c = targets
+  return jnp.mean((y - t) ** 2) + jnp.mean(c)
+
+
+def float_model() -> hkpipe.SequentialModel:
+  """Float inputs [B, 5] -> 4 x tanh(linear(6)); targets ``(t [B, 6], c [B])``."""
+
+  def layer(x, is_training):
+    del is_training
+    return jnp.tanh(hk.Linear(6)(x))
+
+  return hkpipe.SequentialModel([hkpipe.Layer.from_fn(f"l{i}", layer) for i in range(4)],
+                                _mse_plus_offset)
+
+
+def float_batches():
+  """Four batches of 8 rows for :func:`float_model`: finite, a NaN input (loss and gradients NaN),
+  an infinite target offset (only the loss inf), finite."""
+
+  def batch(seed):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(8, 5)).astype(np.float32),
+            (rng.normal(size=(8, 6)).astype(np.float32), np.zeros((8,), np.float32)))
+
+  good_a, nan_in, inf_loss, good_b = (batch(s) for s in range(4))
+  nan_in[0][NAN_ROW, 1] = np.nan
+  inf_loss[1][1][INF_ROW] = np.inf
+  return good_a, nan_in, inf_loss, good_b
+
+
+def adam_reference(model: hkpipe.SequentialModel, params, batches, *, num_microbatches: int,
+                   lr: float, max_grad_norm: float | None = None):
+  """Plain JAX + optax, from the layers alone: Adam on the mean of per-microbatch gradients
+  (``jax.grad`` of ``model.loss``), optionally clipped by the global norm. Returns
+  ``(params, opt_state)``."""
+  opt = optax.adam(lr)
+  state = opt.init(params)
+  m = num_microbatches
+  for batch in batches:
+    size = jax.tree.leaves(batch)[0].shape[0] // m
+    parts = [jax.tree.map(lambda a, i=i: a[i * size:(i + 1) * size], batch) for i in range(m)]
+    grads = [jax.grad(model.loss)(params, *part) for part in parts]
+    g = jax.tree.map(lambda *gs: sum(gs) / m, *grads)
+    if max_grad_norm is not None:
+      g, _ = optax.clip_by_global_norm(max_grad_norm).update(g, optax.EmptyState())
+    updates, state = opt.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state

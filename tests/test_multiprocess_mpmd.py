@@ -116,6 +116,42 @@ def test_pp2_dp2_across_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_nonfinite_steps_skipped_on_both_processes(tmp_path):
+  """Rank 0 on process 0, rank 1 (loss, global norm) on process 1, no clipping: the skip decision
+  reaches rank 0 as a NaN factor from the other process. Both processes read skipped = [0, 1, 1, 0],
+  the parameters after the two bad steps equal those before them bit for bit, and the final ones
+  equal the plain-JAX reference that applied only the finite batches."""
+  launch("nan", tmp_path)
+  good_a, _, _, good_b = helpers.float_batches()
+  model = helpers.float_model()
+  for process in (0, 1):
+    got = load(tmp_path, "nan", process)
+    np.testing.assert_array_equal(got["skipped"], [0.0, 1.0, 1.0, 0.0])
+    assert int(got["steps"]) == 4
+    before = {k: v for k, v in got.items() if k.startswith("after1/")}
+    assert len(before) == 8, sorted(got)      # 4 layers x (w, b)
+    for key, value in before.items():
+      np.testing.assert_array_equal(got[key.replace("after1/", "after3/")], value, key)
+    init = _unflat(got, "init")
+    ref_params, _ = helpers.adam_reference(model, init, [good_a, good_b],
+                                           num_microbatches=worker.NAN_M, lr=worker.NAN_LR)
+    helpers.assert_trees_close(_unflat(got, "final"), ref_params)
+
+
+def _unflat(flat: dict, prefix: str) -> dict:
+  """``{"prefix/layer/module/name": array}`` -> ``{layer: {module: {name: array}}}``."""
+  out: dict = {}
+  for key, value in flat.items():
+    if key.startswith(prefix + "/"):
+      node = out
+      *path, leaf = key[len(prefix) + 1:].split("/")
+      for part in path:
+        node = node.setdefault(part, {})
+      node[leaf] = value
+  return out
+
+
+@pytest.mark.slow
 def test_killed_peer_ends_the_survivor_within_60s(tmp_path):
   """kill -9 of process 1 mid-training: process 0 exits non-zero within 60 s, with an error
   naming the failed transfer or the dead peer."""

@@ -108,6 +108,12 @@ class PipelineOptions:
       becomes invalid after ``train_step``).
     progress: a ``hkpipe.train.Progress`` the backend keeps up to date (the MPMD driver: the
       last op issued and the message awaited), for a hang ``Watchdog``; None: a private one.
+    skip_nonfinite: skip a step whose loss or global gradient norm is NaN/Inf: parameters and
+      optimizer state stay bit-identical (the decision is global: every stage, replica and
+      process skips), ``TrainState.step`` still advances, and ``metrics["skipped"]`` is 1.0
+      (0.0 otherwise; always 0.0 when False). The check is one scalar per step, fused with the
+      update; on ``mpmd`` it makes every stage's update wait for the global decision, as
+      clipping does (see ``hkpipe._src.step_guard``).
   """
 
   backend: str = "single"
@@ -123,6 +129,7 @@ class PipelineOptions:
   record_timeline: bool = False
   donate: bool = True
   progress: Any = None
+  skip_nonfinite: bool = True
 
   def __post_init__(self):
     if self.backend not in _BACKENDS:
@@ -135,6 +142,9 @@ class PipelineOptions:
           f"backend={self.backend!r} does not use {shown}; drop "
           f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
           f"({'mpmd' if 'record_timeline' in unused else 'mpmd or spmd'}).")
+    if not isinstance(self.skip_nonfinite, bool):
+      raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
+                               f"{self.skip_nonfinite!r}.")
     if self.backend == "single" and self.devices is not None and len(self.devices) != 1:
       raise errors.ConfigError(f"backend='single' runs on one device, but devices= lists "
                                f"{len(self.devices)}; pass one device (or use backend='pmap', "
@@ -545,7 +555,8 @@ class Backend(abc.ABC):
 
   @abc.abstractmethod
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    """One optimizer step. Metrics hold at least ``loss`` and ``grad_norm`` (pre-clip)."""
+    """One optimizer step. Metrics hold at least ``loss``, ``grad_norm`` (pre-clip) and
+    ``skipped`` (see ``PipelineOptions.skip_nonfinite``)."""
 
   @abc.abstractmethod
   def eval_loss(self, state: TrainState, batch: Batch) -> jax.Array:
@@ -630,7 +641,8 @@ class Pipeline:
     return self.backend.init(rng, batch)
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    """One optimizer step; returns the new state and metrics (``loss``, ``grad_norm``).
+    """One optimizer step; returns the new state and metrics (``loss``, ``grad_norm``,
+    ``skipped``: 1.0 if the step was skipped for a non-finite loss or gradient norm).
 
     Multi-process: every process calls it with its batch (see :class:`Backend`); the metrics are
     the global ones on every process.

@@ -36,6 +36,7 @@ from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pl
+from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
 
 _MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig"}
@@ -54,7 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   ``timeout_s`` (seconds a train step may make no progress; None: automatic,
   ``max(floor_s, multiple x median step time)``, on in multi-process runs only; a number > 0: that
   deadline, also in a single process; 0: off), ``multiple`` (10.0) and ``floor_s`` (120.0).
-  Negative values raise ``ConfigError``.
+  Negative values raise ``ConfigError``. 
+  ``max_consecutive_skips`` (the run stops after this many steps in a row were skipped for a
+  non-finite loss or gradient norm; >= 1).
 
   Unset ``pipeline`` fields take the backend's defaults: ``stages`` = every device / ``dp`` and
   ``dp`` = 1 on ``spmd``/``mpmd``, ``dp`` = every device on ``pmap``, ``schedule`` = ``"1f1b"``,
@@ -92,6 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.watchdog = ml_collections.ConfigDict({
       "timeout_s": ml_collections.config_dict.placeholder(float), "multiple": 10.0,
       "floor_s": 120.0})
+  c.max_consecutive_skips = step_guard.DEFAULT_MAX_CONSECUTIVE_SKIPS
   return c
 
 
@@ -105,6 +109,7 @@ def validate_config(config: Any) -> None:
   config_checks.validate(config, default_config(), backends=pl.available_backends(),
                          schedule_names=schedules.names())
   watchdog_lib.WatchdogConfig.from_config(config.get("watchdog"))
+  step_guard.SkipCounter(config.max_consecutive_skips)  # validates it
   model_config(config)
 
 
@@ -305,6 +310,9 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   """The body of :func:`train`; reports its position to ``progress``."""
   t_start = time.time()
   pipe_options = pipeline_options(config)  # checks the sizes against the devices
+  skips = step_guard.SkipCounter(
+      config.get("max_consecutive_skips", step_guard.DEFAULT_MAX_CONSECUTIVE_SKIPS),
+      checkpoints=str(pathlib.Path(workdir) / "checkpoints"))
   lead = jax.process_index() == 0  # writes metrics, config, samples and prints
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
@@ -384,6 +392,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   last_saved = resume_step
   t_window, steps_window = time.time(), 0
   first_done = (resume_step or 0) + 1  # this run's first step compiles: logged on its own
+  stop: step_guard.NonFiniteStepsError | None = None
   try:
     while state.step < config.num_steps:
       step = state.step
@@ -393,6 +402,15 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
       done = state.step
       steps_window += 1
       compiled = done == first_done
+      skips.push(done, metrics["skipped"])
+      # Skip flags are read for the steps already done (not this one, still in flight), and for
+      # this one where the loop waits for it anyway (log, eval) or must (checkpoint, last step).
+      waits = (compiled or done % config.log_every == 0 or done == config.num_steps
+               or bool(config.eval_every and done % config.eval_every == 0)
+               or bool(config.checkpoint_every and done % config.checkpoint_every == 0))
+      stop = skips.settle(keep_newest=not waits)
+      if stop is not None:  # raised below, after the loop: no checkpoint of this state
+        break
       if compiled or done % config.log_every == 0 or done == config.num_steps:
         loss = float(metrics["loss"])  # blocks on this step
         now = time.time()
@@ -400,7 +418,8 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         record = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
                   "lr": float(lr_at(step)), "step_time_s": step_time,
                   "tokens_per_s": tokens_per_step / step_time,
-                  "model_tflops": flops_tok * tokens_per_step / step_time / 1e12}
+                  "model_tflops": flops_tok * tokens_per_step / step_time / 1e12,
+                  "skipped_steps": skips.total}
         if peak:
           record["mfu"] = record["model_tflops"] / peak
         progress.steps_finished(None if compiled else step_time)
@@ -411,7 +430,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         say(f"step {done:>6}/{config.num_steps} | loss {loss:.4f} | gnorm "
             f"{record['grad_norm']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} "
             f"tok/s | {1000 * step_time:.1f} ms/step{' (incl. compile)' if compiled else ''}"
-            f" | ETA {_fmt_eta(eta)}")
+            f"{f' | skipped {skips.total}' if skips.total else ''} | ETA {_fmt_eta(eta)}")
         t_window, steps_window = time.time(), 0
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
         progress.enter(watchdog_lib.EVAL)
@@ -446,6 +465,11 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         say_everywhere(f"Interrupted: could not save step {crashed_at}: {error}")
     writer.close()
     raise
+  if stop is not None:
+    say(str(stop))
+    ckpt.close()
+    writer.close()
+    raise stop
   progress.enter(watchdog_lib.FINISH)
   if state.step != last_saved:
     ckpt.save(state.step, pipe.to_canonical(state), {**meta, "step": state.step})

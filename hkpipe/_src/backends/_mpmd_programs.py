@@ -35,6 +35,7 @@ import optax
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import pipeline as pl
+from hkpipe._src import step_guard
 
 
 def _is_float(a: Any) -> bool:
@@ -101,7 +102,8 @@ class StageFns:
     self.x_leaves, self.x_tree = jax.tree.flatten(shapes.x)
     self.y_leaves, self.y_tree = jax.tree.flatten(shapes.y)
     self.t_leaves, self.t_tree = jax.tree.flatten(shapes.targets)
-    self.x_float = tuple(_is_float(a) for a in self.x_leaves)
+    # Float inputs of later stages get a cotangent; the model's own inputs (stage 0) get none.
+    self.x_float = tuple(_is_float(a) and not self.is_first for a in self.x_leaves)
     self.y_float = tuple(_is_float(a) for a in self.y_leaves)
     self.np = len(self.p_leaves)
     self.nx = len(self.x_leaves)
@@ -340,12 +342,20 @@ def _tie_sums(g: list, same_stage: Sequence[tuple[int, int]], incoming: Sequence
   return g
 
 
-def metrics_fn(num_stages: int, num_microbatches: int, max_grad_norm: float | None) -> Callable:
-  """``metrics(loss_sum, *sq) -> (loss, grad_norm, clip_scale)``."""
+def metrics_fn(num_stages: int, num_microbatches: int, max_grad_norm: float | None,
+               skip_nonfinite: bool = False) -> Callable:
+  """``metrics(loss_sum, *sq) -> (loss, grad_norm, clip_scale, skipped)``.
+
+  With ``skip_nonfinite`` the clip factor is NaN when the step must be skipped (see
+  ``step_guard.flag_scale``): it is the one scalar every stage's update receives.
+  """
 
   def pipeline_metrics(loss_sum, *sqs):
     norm = jnp.sqrt(sum(sqs[1:], sqs[0]))
-    return loss_sum / num_microbatches, norm, pl.clip_scale(norm, max_grad_norm)
+    loss = loss_sum / num_microbatches
+    scale, skipped = step_guard.flag_scale(skip_nonfinite, pl.clip_scale(norm, max_grad_norm),
+                                           loss, norm)
+    return loss, norm, scale, skipped
 
   del num_stages
   return pipeline_metrics
@@ -353,16 +363,19 @@ def metrics_fn(num_stages: int, num_microbatches: int, max_grad_norm: float | No
 
 def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: Any,
               clip: bool, same_stage: Sequence[tuple[int, int]] = (),
-              incoming: Sequence[int] = ()) -> Callable:
+              incoming: Sequence[int] = (), skip_nonfinite: bool = False) -> Callable:
   """One optimizer step of one stage, handing back a zeroed accumulator for the next step.
 
-  With clipping: ``update(*p, *opt, *g, scale) -> (p', opt', zeros)`` on finalized gradients
-  ``g`` (the clip factor needs every stage's norm first). Without: the finalize step is fused in,
+  With clipping or ``skip_nonfinite``: ``update(*p, *opt, *g, scale) -> (p', opt', zeros)`` on
+  finalized gradients ``g``, once every stage's norm is known: ``scale`` is the clip factor (1
+  without clipping), NaN when the step is skipped (``p``, ``opt`` then come back unchanged; see
+  ``step_guard``). Otherwise the finalize step is fused in,
   ``update(*p, *opt, *acc, *partner) -> (p', opt', zeros, sq)`` (see :func:`finalize_fn`), so a
   stage updates as soon as its own backward is done. The accumulator is donated, so the zeros
   reuse its buffers.
   """
   n_p, n_opt = fns.np, opt_tree.num_leaves
+  scaled = clip or skip_nonfinite
 
   def stage_update(*args):
     p = fns.names_dict(jax.tree.unflatten(fns.p_tree, args[:n_p]))
@@ -372,13 +385,21 @@ def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: 
     if clip:
       scale = args[-1]
       g = [x * scale.astype(x.dtype) for x in g]
-    else:
+    elif not scaled:
       g = _tie_sums(g, same_stage, incoming, args[n_p + n_opt + n_p:])
-    updates, opt = optimizer.update(fns.names_dict(jax.tree.unflatten(fns.p_tree, g)), opt, p)
-    p = optax.apply_updates(p, updates)
+    grads = fns.names_dict(jax.tree.unflatten(fns.p_tree, g))
+
+    def apply(state):
+      updates, new_opt = optimizer.update(grads, state[1], state[0])
+      return optax.apply_updates(state[0], updates), new_opt
+
+    if skip_nonfinite:
+      p, opt = step_guard.apply_if(step_guard.scale_ok(args[-1]), apply, (p, opt))
+    else:
+      p, opt = apply((p, opt))
     out = (jax.tree.leaves(tuple(p[n] for n in fns.spec.layer_names)), jax.tree.leaves(opt),
            [jnp.zeros_like(a) for a in acc])
-    return out if clip else out + (pl.sq_norm(g),)
+    return out if scaled else out + (pl.sq_norm(g),)
 
   return stage_update
 

@@ -14,8 +14,9 @@ issues every program through JAX's asynchronous dispatch:
   the runtime's batched device-to-device copy (stages on the same rank pass them on directly);
 - gradients accumulate on the owning devices; tied weights on different stages exchange their
   gradients; each stage measures its squared gradient norm; the global norm (and the clipping
-  factor) is computed on the last rank and sent back; each stage applies the optimizer on its own
-  devices. Parameters and optimizer state never leave their stage.
+  factor, NaN when a non-finite loss or norm skips the step) is computed on the last rank and sent
+  back; each stage applies the optimizer on its own devices. Parameters and optimizer state never
+  leave their stage.
 
 Nothing blocks except reading metrics (or ``record_timeline=True``, which blocks after each action
 to time it).
@@ -238,10 +239,15 @@ class _Setup:
     # Everything besides a stage's own signature that its programs depend on.
     o = self.options
     self._context = (id(self.model), id(backend.optimizer), self.m, o.remat, o.max_grad_norm,
-                     o.donate, layout.dp, jax.tree.structure(mb_targets),
+                     o.donate, o.skip_nonfinite, layout.dp, jax.tree.structure(mb_targets),
                      tuple(jax.tree.leaves(mb_targets)))
 
   # -- placement helpers -----------------------------------------------------------------------
+
+  @property
+  def scaled_update(self) -> bool:
+    """Whether updates wait for the factor the metrics rank sends (clipping or skip guard)."""
+    return self.options.max_grad_norm is not None or self.options.skip_nonfinite
 
   def owns_stage(self, s: int) -> bool:
     """Whether this process drives stage ``s`` (always, in a single-process run)."""
@@ -347,12 +353,12 @@ class _Setup:
     return jax.ShapeDtypeStruct((), jnp.float32, sharding=self.local0)
 
   def _metrics_recv(self) -> _Recv:
-    """(loss, grad_norm) of the step, sent by the metrics rank's process to every other."""
+    """(loss, grad_norm, skipped) of the step, sent by the metrics rank's process to the others."""
 
     def put(ctx, arrays):
-      ctx.metrics = (arrays[0], arrays[1], None)
+      ctx.metrics = (arrays[0], arrays[1], None, arrays[2])
     return _Recv(("metrics", self.process), self.rank_process[self.last_rank],
-                 (self.scalar_here(), self.scalar_here()), put,
+                 (self.scalar_here(),) * 3, put,
                  self._label(("metrics", self.process), self.last_rank, None))
 
   def _label(self, key: tuple, src_rank: int, dst_rank: int | None) -> tuple[str, str]:
@@ -688,7 +694,8 @@ class _Setup:
     metrics = None
     if lr in self.owned:
       metrics = self._compile(
-          progs.metrics_fn(self.num_stages, self.m, self.options.max_grad_norm),
+          progs.metrics_fn(self.num_stages, self.m, self.options.max_grad_norm,
+                           self.options.skip_nonfinite),
           [self._scalar(lr)] * (1 + self.num_stages), lr, out_shardings=self.rep[lr])
     return _Family(programs=dict(stages=stage_progs, metrics=metrics))
 
@@ -703,16 +710,15 @@ class _Setup:
   def build_steps(self, core: _Family, opt: Sequence[tuple[Any, list]] | None) -> _Family:
     """Driver ops of a gradient computation, plus optimizer updates when ``opt`` is given.
 
-    Without clipping the tied-gradient sums and the norm are fused into each stage's update;
-    with clipping (or for gradients only) a separate finalize program comes first.
+    Without clipping or skip guard the tied-gradient sums and the norm are fused into each stage's
+    update; otherwise (or for gradients only) a separate finalize program comes first.
 
     Args:
       core: the :meth:`build_core` programs.
       opt: per stage, (treedef, leaves) of its optimizer state; None: gradients only.
     """
     updates = fin = None
-    clip = self.options.max_grad_norm is not None
-    if opt is None or clip:
+    if opt is None or self.scaled_update:
       fin = [self._build_finalize(s) if self.owns_stage(s) else None
              for s in range(self.num_stages)]
     if opt is not None:
@@ -731,13 +737,13 @@ class _Setup:
     opt_specs = [_spec(a, rep) for a in opt_leaves]
     same, incoming, partner_specs = self._tie_plan(s)
     args = self._param_specs(s) + opt_specs + self._acc_specs(s)
-    args += [self._scalar(r)] if clip else partner_specs
+    args += [self._scalar(r)] if self.scaled_update else partner_specs
     n = f.np + len(opt_specs)
     # The accumulator is always donated: the fresh zeros for the next step reuse it.
     donate = (list(range(n)) if self.options.donate else []) + list(range(n, n + f.np))
     return self._stage_program(s, "update", lambda: self._compile(
         progs.update_fn(self.backend.optimizer, f, opt_tree, clip, same,
-                        [leaf for _, leaf in incoming]), args, r,
+                        [leaf for _, leaf in incoming], self.options.skip_nonfinite), args, r,
         out_shardings=rep, donate=donate),
         extra=(opt_tree, tuple((a.shape, jnp.dtype(a.dtype)) for a in opt_leaves)))
 
@@ -976,13 +982,14 @@ class _Setup:
 
       def metrics_op(ctx):
         ctx.metrics = metrics_fn(ctx.loss, *ctx.sq)
-        for q in others:   # every process can read the step's loss and norm
-          self.post(ctx, ("metrics", q), ctx.metrics[:2], first_shard_only=True)
+        for q in others:   # every process can read the step's loss, norm and skip flag
+          self.post(ctx, ("metrics", q), [ctx.metrics[0], ctx.metrics[1], ctx.metrics[3]],
+                    first_shard_only=True)
         return ctx.metrics
       ops.append(_Op(fn=metrics_op, rank=lr, what="global gradient norm and metrics"))
     else:
       recvs.append(self._metrics_recv())
-    if updates is not None and self.options.max_grad_norm is not None:
+    if updates is not None and self.scaled_update:
       if lr not in self.owned:
         recvs.extend(self._scale_recv(r) for r in sorted(self.owned))
       ops.append(self._clipped_update_op(updates))
@@ -991,7 +998,7 @@ class _Setup:
     return tuple(ops)
 
   def _clipped_update_op(self, updates: Sequence[Any]) -> _Op:
-    """Sends the clipping factor to every rank, then updates every stage."""
+    """Sends the clipping factor (NaN: skip the step) to every rank, then updates every stage."""
     updates = [u.fn if u is not None else None for u in updates]
     lr = self.last_rank
     owns_lr = lr in self.owned
@@ -1313,9 +1320,9 @@ class MpmdBackend(pl.Backend):
                    for s, p in enumerate(ctx.new_p))
     opt_state = tuple(jax.tree.structure(o).unflatten(n) if n is not None else o
                       for o, n in zip(state.opt_state, ctx.new_opt))
-    loss, norm, _ = ctx.metrics
+    loss, norm, _, skipped = ctx.metrics
     return (pl.TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng),
-            {"loss": loss, "grad_norm": norm})
+            {"loss": loss, "grad_norm": norm, "skipped": skipped})
 
   def loss_and_grads(self, state, batch):
     setup = self._setup(batch)

@@ -15,6 +15,7 @@ import optax
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import pipeline as pl
+from hkpipe._src import step_guard
 
 
 class SingleBackend(pl.Backend):
@@ -59,9 +60,14 @@ class SingleBackend(pl.Backend):
     norm = jnp.sqrt(pl.sq_norm(grads))
     scale = pl.clip_scale(norm, self.options.max_grad_norm)
     grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-    updates, opt_state = self.optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": norm}
+
+    def update(state):
+      updates, opt = self.optimizer.update(grads, state[1], state[0])
+      return optax.apply_updates(state[0], updates), opt
+
+    (params, opt_state), skipped = step_guard.guard(self.options.skip_nonfinite, loss, norm,
+                                                    update, (params, opt_state))
+    return params, opt_state, {"loss": loss, "grad_norm": norm, "skipped": skipped}
 
   def _eval_impl(self, params, batch):
     m = self.options.num_microbatches

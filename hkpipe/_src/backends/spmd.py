@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import pipeline as pl
+from hkpipe._src import step_guard
 from hkpipe._src.backends import _spmd_pack as pack
 from hkpipe._src.backends import _spmd_tables as tables_lib
 from hkpipe.schedules import _ir
@@ -475,9 +476,12 @@ class SpmdBackend(pl.Backend):
     scale = pl.clip_scale(norm, self.options.max_grad_norm)
     grads = {k: g * scale.astype(g.dtype) for k, g in grads.items()}
     updates = [functools.partial(self._update_rank, r) for r in range(self.num_ranks)]
-    params, opt = jax.lax.switch(jax.lax.axis_index("pp"), updates, params, grads, opt)
+    update = lambda s: jax.lax.switch(jax.lax.axis_index("pp"), updates, s[0], grads, s[1])
+    # loss and norm are global (psum over pp, pmean over dp): every shard decides alike.
+    (params, opt), skipped = step_guard.guard(self.options.skip_nonfinite, loss, norm, update,
+                                              (params, opt))
     expand = lambda d: {k: v[None] for k, v in d.items()}
-    return expand(params), expand(opt), {"loss": loss, "grad_norm": norm}
+    return expand(params), expand(opt), {"loss": loss, "grad_norm": norm, "skipped": skipped}
 
   def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
     params = {k: v[0] for k, v in params.items()}
