@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   ``timeout_s`` (seconds a train step may make no progress; None: automatic,
   ``max(floor_s, multiple x median step time)``, on in multi-process runs only; a number > 0: that
   deadline, also in a single process; 0: off), ``multiple`` (10.0) and ``floor_s`` (120.0).
-  Negative values raise ``ConfigError``. 
+  Negative values raise ``ConfigError``;
   ``max_consecutive_skips`` (the run stops after this many steps in a row were skipped for a
   non-finite loss or gradient norm; >= 1).
 
