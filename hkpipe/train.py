@@ -4,7 +4,8 @@
 - :func:`default_config` lists every config field with its default; :func:`validate_config`
   rejects unknown fields and impossible values (``hkpipe.ConfigError``) before anything runs.
 - :class:`OptimizerConfig`, :func:`adamw`, :func:`lr_schedule`: AdamW + warmup-cosine.
-- :class:`Checkpointer`: orbax checkpoints of the canonical (layout-independent) state.
+- :class:`Checkpointer`: orbax checkpoints of the canonical (layout-independent) state;
+  :class:`CorruptCheckpointError` when one is damaged.
 - :class:`Progress`, :class:`Watchdog`, :class:`WatchdogConfig`: the hang watchdog (where a
   process is in the run; it exits with that position when it stops moving).
 - :class:`NonFiniteStepsError`: ``train`` stopped after ``config.max_consecutive_skips`` steps in a
@@ -12,6 +13,7 @@
 """
 
 from hkpipe._src.checkpoint import Checkpointer
+from hkpipe._src.checkpoint import CorruptCheckpointError
 from hkpipe._src.optim import OptimizerConfig
 from hkpipe._src.optim import adamw
 from hkpipe._src.optim import lr_schedule
@@ -25,6 +27,6 @@ from hkpipe._src.watchdog import Progress
 from hkpipe._src.watchdog import Watchdog
 from hkpipe._src.watchdog import WatchdogConfig
 
-__all__ = ("Checkpointer", "NonFiniteStepsError", "OptimizerConfig", "Progress", "Watchdog",
-           "WatchdogConfig", "adamw", "default_config", "lr_schedule", "model_config",
-           "pipeline_options", "train", "validate_config")
+__all__ = ("Checkpointer", "CorruptCheckpointError", "NonFiniteStepsError", "OptimizerConfig",
+           "Progress", "Watchdog", "WatchdogConfig", "adamw", "default_config", "lr_schedule",
+           "model_config", "pipeline_options", "train", "validate_config")

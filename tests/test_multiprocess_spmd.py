@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -188,8 +187,9 @@ def one_process_run(tmp_path_factory, data_dir):
 def test_trainer_across_two_processes(tmp_path, data_dir, one_process_run, backend, stages, dp):
   """``launch/local.py 2`` trains the Shakespeare runlocal config with the per-step losses of a
   single-process run; only process 0 writes metrics and samples; both save the checkpoints, and
-  (spmd) a second launch resumes from one and replays the last step. pmap is given no sizes: it
-  uses every device of both processes (dp=4)."""
+  (spmd) with the newest one damaged, a second launch moves it aside, resumes from the one before
+  and replays the last step. pmap is given no sizes: it uses every device of both processes
+  (dp=4)."""
   work = tmp_path / "run"
   flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   args = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={work}",
@@ -211,9 +211,17 @@ def test_trainer_across_two_processes(tmp_path, data_dir, one_process_run, backe
   assert (work / "samples.txt").read_text().startswith("ROMEO:")
   assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2", str(STEPS)]
   if backend == "spmd":
-    shutil.rmtree(work / "checkpoints" / str(STEPS))
+    # The newest checkpoint damaged (its array files cut short): both processes agree, it is moved
+    # aside (not deleted) and the run resumes from the one before.
+    for f in (work / "checkpoints" / str(STEPS) / "state").rglob("*"):
+      if f.is_file() and f.parent.name == "d":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     out = _launch(*args, "--config.sample_tokens=0")
     assert "[p0] Resumed from checkpoint at step 2" in out, out
+    assert f"[p0] [process 0] Warning: checkpoint step {STEPS} in " in out, out
+    assert "is damaged: its arrays cannot be read" in out, out
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [
+        "2", str(STEPS), f"{STEPS}.corrupt"]
     check_losses()  # step 3 replayed from the restored state: the same loss
 
 

@@ -36,6 +36,7 @@ from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pl
+from hkpipe._src import resume as resume_lib
 from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
 
@@ -364,6 +365,22 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
     return data_lib.sample_batch(tokens.val, batch_size=batch_size, seq_len=seq_len,
                                  seed=config.seed, step=i, split="val", **shard)
 
+  # A checkpoint of another model or vocabulary is an error here, before anything compiles.
+  ckpt = ckpt_lib.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
+  meta = resume_lib.run_meta(json.loads(config.to_json_best_effort()), tokens.vocab_size)
+  said: set[str] = set()
+
+  def check_saved(step: int, saved: dict) -> None:
+    where = f"checkpoint step {step} in {ckpt.directory}"
+    for line in resume_lib.check_resume(saved, meta, where=where):
+      if line not in said:
+        said.add(line)
+        say(line)
+
+  newest = ckpt.newest_meta()
+  if newest is not None:
+    check_saved(*newest)
+
   first = train_batch(0)
   state = pipe.init(jax.random.key(config.seed), first)
   n_params = models.param_count(model, pipe.params(state))  # tied weights counted once
@@ -374,18 +391,21 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   if layout is not None:
     say(describe_layout(layout))
 
-  ckpt = ckpt_lib.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
-  resume_step = ckpt.latest_step()
-  if resume_step is not None:
-    canonical, _ = ckpt.restore(resume_step, pipe.to_canonical(state))
-    state = pipe.from_canonical(canonical, resume_step)
+  # The newest good checkpoint; damaged ones are reported and moved aside to <step>.corrupt.
+  had_checkpoints = ckpt.latest_step() is not None
+  resumed = ckpt.restore_latest(pipe.to_canonical(state), check_meta=check_saved,
+                                report=say_everywhere)
+  resume_step = None if resumed is None else resumed.step
+  if resumed is not None:
+    state = pipe.from_canonical(resumed.state, resumed.step)
     say(f"Resumed from checkpoint at step {resume_step} in {ckpt.directory}")
+  elif had_checkpoints:
+    say(f"No usable checkpoint left in {ckpt.directory}; starting from step 0.")
   writer = (MetricsWriter(work / "metrics.jsonl", resume_step or 0) if lead
             else _NoWriter())
   flops_tok = models.flops_per_token(mcfg)
   peak = config.get("peak_tflops")
   tokens_per_step = batch_size * seq_len
-  meta = {"config": json.loads(config.to_json_best_effort())}
 
   summary: dict = {"resumed_from": resume_step, "first_loss": None, "last_loss": None,
                    "last_val_loss": None}

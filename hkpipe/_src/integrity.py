@@ -1,0 +1,164 @@
+"""Per-leaf fingerprints and finiteness of a state tree, computed where its arrays live.
+
+A checkpoint records, for every leaf, its path, shape, dtype and a fingerprint of its bits; a
+restore recomputes the fingerprints and compares. The fingerprint of a leaf is two wrapping
+``uint32`` sums over its elements' bit patterns: the plain sum and the sum weighted by
+``2 * flat_index + 1``. Integer sums are exact and independent of the order of summation, so the
+result does not depend on the sharding, the device count or the process count, and one jitted
+reduction computes it for global arrays of a multi-process run without gathering them (each
+process sums its shards, the compiler adds the partial sums). Any change to a single element
+changes both sums; a change to several is missed only if it happens to cancel in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSummary:
+  """What a checkpoint records about one leaf (``finite`` is checked at save, not stored)."""
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  fingerprint: tuple[int, int]
+  finite: bool = True
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The elements' bit patterns as ``uint32`` (8-byte and complex elements: a trailing axis)."""
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    x = jnp.stack([x.real, x.imag], axis=-1)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size < 4:
+    return lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+  return lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _odd_weights(shape: tuple[int, ...]) -> jax.Array:
+  """``2 * flat_index + 1`` (mod 2**32) for every element of an array of ``shape``."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
+    stride = (stride * shape[dim]) % 2**32
+  return index * np.uint32(2) + np.uint32(1)
+
+
+def _summaries(leaves: list) -> jax.Array:
+  """``[n, 3]`` uint32: per leaf the plain sum, the weighted sum and 1 if every value is finite."""
+  rows = []
+  for x in leaves:
+    bits = _bits(x)
+    finite = (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+              else jnp.bool_(True))
+    rows.append(jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                           jnp.sum(bits * _odd_weights(bits.shape), dtype=jnp.uint32),
+                           finite.astype(jnp.uint32)]))
+  return jnp.stack(rows)
+
+
+def _group_key(x: Any) -> Any:
+  """Leaves with the same key go into one computation: their devices, in the order the compiler
+  assigns them (it refuses arguments whose device orders differ); None for host values."""
+  if not isinstance(x, jax.Array):
+    return None
+  if isinstance(x.sharding, NamedSharding):
+    return tuple(x.sharding.mesh.devices.flat)
+  devices = tuple(x.sharding.device_set)
+  return devices if len(devices) == 1 else ("own", id(x))  # another kind: a computation of its own
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(devices: tuple | None) -> Any:
+  """The jitted ``_summaries`` for leaves on ``devices`` (None: host values), result replicated."""
+  if devices is None:
+    return jax.jit(_summaries)
+  mesh = Mesh(np.asarray(devices, dtype=object), ("all",))
+  return jax.jit(_summaries, out_shardings=NamedSharding(mesh, P()))
+
+
+def summarize(tree: Any) -> list[LeafSummary]:
+  """Path, shape, dtype, fingerprint and finiteness of every leaf of ``tree``, in flatten order.
+
+  Leaves are host values or ``jax.Array`` s (global arrays included). One jitted reduction runs
+  per device assignment (mesh) the leaves live on; in a multi-process run every process must call
+  this with the same tree, and every array must have devices on every process (a collective).
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  groups: dict[Any, list[int]] = {}
+  for i, (_, leaf) in enumerate(flat):
+    groups.setdefault(_group_key(leaf), []).append(i)
+  rows: list[Any] = [None] * len(flat)
+  for key, members in groups.items():
+    leaves = [flat[i][1] if key is not None else np.asarray(flat[i][1]) for i in members]
+    out = _jitted(None if key is None or key[0] == "own" else key)(leaves)
+    if not out.is_fully_replicated:
+      raise ValueError(f"Cannot fingerprint leaves with sharding {flat[members[0]][1].sharding}.")
+    values = np.asarray(out.addressable_data(0))
+    for row, i in zip(values, members):
+      rows[i] = row
+  summaries = []
+  for (path, leaf), row in zip(flat, rows):
+    summaries.append(LeafSummary(path=jax.tree_util.keystr(path), shape=tuple(np.shape(leaf)),
+                                 dtype=str(np.dtype(leaf.dtype)),
+                                 fingerprint=(int(row[0]), int(row[1])), finite=bool(row[2])))
+  return summaries
+
+
+def describe(tree: Any) -> list[tuple[str, tuple[int, ...], str]]:
+  """Path, shape and dtype of every leaf (leaves may be abstract), in flatten order."""
+  return [(jax.tree_util.keystr(path), tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def to_json(summaries: Sequence[LeafSummary]) -> dict:
+  """The record a checkpoint stores (JSON-serialisable)."""
+  return {"format": _FORMAT, "leaves": [[s.path, list(s.shape), s.dtype, *s.fingerprint]
+                                        for s in summaries]}
+
+
+def from_json(record: Any) -> list[LeafSummary]:
+  """The summaries of a stored record.
+
+  Raises:
+    ValueError: the record is not one this version wrote.
+  """
+  if not isinstance(record, dict) or record.get("format") != _FORMAT:
+    raise ValueError(f"unknown integrity record format: {str(record)[:200]}")
+  return [LeafSummary(path=str(p), shape=tuple(int(d) for d in shape), dtype=str(dtype),
+                      fingerprint=(int(a), int(b)))
+          for p, shape, dtype, a, b in record["leaves"]]
+
+
+def layout_mismatches(saved: Sequence[LeafSummary], target: Any) -> list[str]:
+  """One line per leaf whose path, shape or dtype differs between ``saved`` and ``target``."""
+  want = {path: (shape, dtype) for path, shape, dtype in describe(target)}
+  have = {s.path: (s.shape, s.dtype) for s in saved}
+  lines = []
+  paths = list(have) + [p for p in want if p not in have]
+  for path in sorted(paths, key=lambda p: not p.startswith("['params']")):  # parameters first
+    old, new = have.get(path), want.get(path)
+    if old != new:
+      fmt = lambda v: "absent" if v is None else f"{v[1]}{list(v[0])}"
+      lines.append(f"{path}: {fmt(old)} in the checkpoint, {fmt(new)} here")
+  return lines
+
+
+def changed_leaves(saved: Sequence[LeafSummary], now: Sequence[LeafSummary]) -> list[str]:
+  """Paths of the leaves whose fingerprint differs (``now`` from :func:`summarize`)."""
+  stored = {s.path: s.fingerprint for s in saved}
+  return [s.path for s in now if stored.get(s.path) != s.fingerprint]
