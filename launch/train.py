@@ -11,8 +11,9 @@ Flags:
                     join a multi-process run (see launch/local.py, docs/launch.md): give all
                     three or none; SLURM and Cloud TPU pods are auto-detected.
 
-A bad config value or flag prints one line, ``hkpipe: error: ...``, and exits with status 2;
-other errors keep their traceback.
+A bad config value or flag prints one line, ``hkpipe: error: ...``, and exits with status 2; a
+run stopped after ``config.max_consecutive_skips`` non-finite steps in a row does the same with
+status 3; other errors keep their traceback.
 
 Example:
   python launch/train.py --config=experiments/shakespeare_gpt.py:cpu --workdir=workdirs/gpt_cpu
@@ -69,13 +70,15 @@ def main(argv):
       dist = distributed.from_env()
     distributed.initialize(dist)  # before any backend touches devices
   except errors.ConfigError as e:
-    _config_error(e, multi_process=False)
+    _exit_with_message(e, multi_process=False)
   from hkpipe import train as train_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train(_CONFIG.value, _WORKDIR.value)
   except errors.ConfigError as e:
-    _config_error(e, multi_process=jax.process_count() > 1)
+    _exit_with_message(e, multi_process=jax.process_count() > 1)
+  except train_lib.NonFiniteStepsError as e:  # an explained stop: its message is the report
+    _exit_with_message(e, multi_process=jax.process_count() > 1, status=3)
   except BaseException as e:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise
@@ -88,13 +91,14 @@ def main(argv):
     os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
-def _config_error(error: Exception, *, multi_process: bool) -> None:
-  """A bad config or flag: one line on stderr, no traceback, exit status 2."""
+def _exit_with_message(error: Exception, *, multi_process: bool, status: int = 2) -> None:
+  """A bad config or flag (status 2), or too many non-finite steps in a row (status 3): one line
+  on stderr, no traceback."""
   print(f"hkpipe: error: {error}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   if multi_process:
-    os._exit(2)  # do not wait for the other processes in jax.distributed's shutdown barrier
-  sys.exit(2)
+    os._exit(status)  # do not wait for the other processes in jax.distributed's shutdown barrier
+  sys.exit(status)
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

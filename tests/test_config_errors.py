@@ -260,3 +260,17 @@ def test_launcher_partial_multi_process_flags_are_an_error(tmp_path, flags, miss
   line = out.stderr.strip().splitlines()[-1]
   assert line.startswith("hkpipe: error: Multi-process runs need all of") and missing in line, line
   assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_launcher_non_finite_stop_is_one_line_with_status_3(tmp_path):
+  """A learning rate of 1e38 drives the parameters to NaN after a few steps; with
+  max_consecutive_skips=1 the run stops at the first skipped step with one explained line."""
+  out = _launch("--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={tmp_path}",
+                "--config.optim.learning_rate=1e38", "--config.max_consecutive_skips=1",
+                "--config.checkpoint_every=0", "--config.eval_every=0",
+                "--config.sample_tokens=0", timeout=300)
+  assert out.returncode == 3, out
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith("hkpipe: error: Training stopped at step") and "learning rate" in line, line
+  assert "Traceback" not in out.stderr
