@@ -21,7 +21,7 @@ import numpy as np
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import partition as partition_lib
-from hkpipe._src import pipeline as pl
+from hkpipe._src import options as options_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Layout:
     return self.rank_devices(self.schedule.stage_to_rank[stage])
 
 
-def device_grid(options: pl.PipelineOptions) -> np.ndarray:
+def device_grid(options: options_lib.PipelineOptions) -> np.ndarray:
   """The ``[p, dp]`` device grid of the options (see module docstring)."""
   if options.mesh is not None and options.devices is not None:
     raise ValueError("Pass either devices=... or mesh=..., not both.")
@@ -143,7 +143,7 @@ def check_ranks_within_processes(layout: Layout) -> None:
           "use a 'dp' width that divides each process's local device count.")
 
 
-def resolve(model: layers_lib.SequentialModel, options: pl.PipelineOptions,
+def resolve(model: layers_lib.SequentialModel, options: options_lib.PipelineOptions,
             example_microbatch: Any) -> Layout:
   """Builds the schedule, the stages and the device grid, validating them against each other.
 
