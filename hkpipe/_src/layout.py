@@ -14,7 +14,7 @@ Shared by the pipelined backends (MPMD, SPMD) so they agree on what ``devices``,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import jax
 import numpy as np
@@ -159,7 +159,7 @@ def resolve(model: layers_lib.SequentialModel, options: options_lib.PipelineOpti
 
   grid = device_grid(options)
   p = int(grid.shape[0])
-  m = options.num_microbatches
+  m = cast(int, options.num_microbatches)  # PipelineOptions always sets it
   if isinstance(options.schedule, str):
     # virtual_stages=None lets the registry apply the schedule's own default (2 for V schedules,
     # 1 for flat ones; interleaved_1f1b asks for it explicitly).

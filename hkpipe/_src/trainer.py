@@ -352,7 +352,8 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
                      **pipe_options)
   # Each process feeds its own rows of the global batch, or the whole batch (MPMD).
   feed = pipe.data_layout(batch_size)
-  shard = {"process_index": feed.process_index, "process_count": feed.process_count}
+  shard: dict[str, Any] = {"process_index": feed.process_index,
+                           "process_count": feed.process_count}
 
   def train_batch(step: int):
     return data_lib.sample_batch(tokens.train, batch_size=batch_size, seq_len=seq_len,
