@@ -289,7 +289,7 @@ def test_dropout_matches_single_device(cache):
   """Dropout keys depend on (step, microbatch, layer) only, as on the single device."""
   pipe = mpmd("dropout", cache, schedule="zb_h1", ranks=2)
   check_against(pipe, reference("dropout"), case("dropout").batch)
-  assert pipe.layout.stages[1].start < 4           # dropout layers on both ranks
+  assert pipe.layout.stages[1].start < 4                   # dropout layers on both ranks
 
 
 def test_tied_embeddings_on_different_stages_stay_identical(cache):

@@ -167,6 +167,8 @@ class Backend(abc.ABC):
   of the canonical tree, ``to_canonical`` gives global arrays that checkpoints save from every
   process.
 
+  Callers read the rule through :meth:`Pipeline.data_layout`.
+
   Attributes:
     batch_is_process_local: whether each process passes its own rows of the global batch (True)
       or the whole global batch (False) in a multi-process run.

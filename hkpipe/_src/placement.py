@@ -220,4 +220,4 @@ def check_same_batch_on_every_process(batch: Any) -> None:
     raise ValueError(f"Process {jax.process_index()} passed a batch {signature} that differs in "
                      "structure, shapes or dtypes from another process's. Every process must "
                      "pass batches of the same shapes (its own rows of the global batch, or the "
-                     "full global batch, as the backend's batch_is_process_local says).") from e
+                     "full global batch, as Pipeline.data_layout says).") from e
