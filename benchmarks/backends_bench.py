@@ -121,12 +121,12 @@ def _spmd_memory(model, batch, m: int, devices: list[Any]) -> dict:
     pipe = hkpipe.Pipeline(model, optax.adamw(3e-4), backend="spmd", num_microbatches=m,
                            schedule=schedule, devices=devices[:2])
     state = pipe.init(jax.random.key(0), batch)
-    analysis = pipe.backend.memory_analysis(state, batch)
+    analysis = pipe.memory_analysis(state, batch)
     out[schedule] = {
         "xla_per_device": {k: int(getattr(analysis, k)) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
             "temp_size_in_bytes")},
-        "layout": pipe.backend.layout_report(batch),
+        "layout": pipe.layout_report(batch),
     }
   return out
 

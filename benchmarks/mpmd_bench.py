@@ -113,9 +113,8 @@ class Row:
                step_median_s=statistics.median(self.steps), step_min_s=min(self.steps),
                dispatch_median_s=statistics.median(self.dispatch), loss_step1=self.loss_step1,
                n_steps=len(self.steps))
-    cache = getattr(self.pipe.backend, "cache", None)
-    if cache is not None:
-      s = cache.stats
+    s = self.pipe.compile_stats
+    if s is not None:
       out.update(xla_compiles=s.compiled, clones=s.cloned, traced=s.traced,
                  trace_s=s.trace_s, compile_s=s.compile_s, clone_s=s.clone_s)
     return out
@@ -142,7 +141,7 @@ def speed_case(name: str, spec: dict, rounds: int, steps: int) -> dict[str, Any]
     row["first_step_ratio"] = row["first_step_s"] / single["first_step_s"]
     row["init_plus_first_step_ratio"] = ((row["init_s"] + row["first_step_s"]) /
                                          (single["init_s"] + single["first_step_s"]))
-  stages = rows[1].pipe.backend.layout.stages
+  stages = rows[1].pipe.layout.stages
   return dict(case=name, config=spec["config"], batch=spec["batch"], microbatches=M,
               ranks=spec["ranks"], params=hkpipe.count_params(rows[0].pipe.params(rows[0].state),
                                                               model.ties),
@@ -168,12 +167,12 @@ def memory_case() -> list[dict[str, Any]]:
                            record_timeline=True)
     state = pipe.init(jax.random.key(0), batch)
     pipe.train_step(state, batch)
-    sched = pipe.backend.layout.schedule
+    sched = pipe.layout.schedule
     predicted = schedules.peak_activations(sched)
-    measured = pipe.backend.last_stash_peaks
+    measured = pipe.last_stash_peaks
     out.append(dict(schedule=name, stages=sched.num_stages, measured=list(measured),
                     simulated=list(predicted), equal=tuple(measured) == tuple(predicted),
-                    peak_bytes=list(pipe.backend.last_stash_peak_bytes)))
+                    peak_bytes=list(pipe.last_stash_peak_bytes)))
   return out
 
 

@@ -83,7 +83,7 @@ def _worker(args: argparse.Namespace) -> None:
       times.append(time.perf_counter() - t0)
   if jax.process_index() == 0:
     stages = None
-    layout = getattr(pipe.backend, "layout", None)
+    layout = pipe.layout
     if layout is not None:
       stages = [list(s.layer_names) for s in layout.stages]
     pathlib.Path(args.result).write_text(json.dumps(

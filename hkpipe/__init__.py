@@ -7,7 +7,7 @@ Public API (everything else is private):
 - Partitioning: :func:`partition`, :class:`StageSpec`.
 - Errors: :class:`ConfigError` (bad config values, options and inputs).
 - Training: :class:`Pipeline`, :class:`PipelineOptions`, :class:`TrainState`,
-  :func:`available_backends`.
+  :class:`DataLayout` (which batch rows a process feeds), :func:`available_backends`.
 - Submodules: :mod:`hkpipe.models` (GPT, Llama), :mod:`hkpipe.data` (text data),
   :mod:`hkpipe.schedules` (schedule IR, validator, simulator, pictures) and :mod:`hkpipe.train`
   (training loop, optimizer, checkpoints; imported on demand since it loads orbax).
@@ -21,10 +21,11 @@ from hkpipe._src.layers import count_params
 from hkpipe._src.layers import with_compute_dtype
 from hkpipe._src.partition import StageSpec
 from hkpipe._src.partition import partition
+from hkpipe._src.pipeline import DataLayout
 from hkpipe._src.pipeline import Pipeline
-from hkpipe._src.pipeline import PipelineOptions
+from hkpipe._src.options import PipelineOptions
 from hkpipe._src.pipeline import TrainState
-from hkpipe._src.pipeline import available_backends
+from hkpipe._src.options import available_backends
 
 from hkpipe import data
 from hkpipe import models
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "ConfigError",
+    "DataLayout",
     "Layer",
     "Pipeline",
     "PipelineOptions",

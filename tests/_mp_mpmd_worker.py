@@ -127,7 +127,7 @@ def main(argv: list[str]) -> None:
       pipe = pipeline(schedule=schedule, num_stages=2)
       res, state = run_pipeline(pipe)
       assert_compiled_only_own_stages(pipe)
-      ranks = [d.process_index for d in pipe.backend.layout.device_grid[:, 0]]
+      ranks = [d.process_index for d in pipe.layout.device_grid[:, 0]]
       assert ranks == [0, 1], ranks                       # default: ranks in process order
       save(schedule, res)
       log(schedule, "done", f"{time.time() - t0:.1f}s")

@@ -173,7 +173,7 @@ def mpmd(name: str, cache, *, schedule="1f1b", ranks=2, optimizer=None, **kw) ->
 
 def assert_on_owners(pipe: hkpipe.Pipeline, state) -> None:
   """Every parameter and optimizer-state leaf of stage s lives exactly on its rank's devices."""
-  layout = pipe.backend.layout
+  layout = pipe.layout
   for s, spec in enumerate(layout.stages):
     owner = set(layout.stage_devices(s))
     assert set(state.params[s]) == set(spec.layer_names)
@@ -248,12 +248,12 @@ def test_matches_single_device(schedule, model_name, ranks, cache):
   order equals the schedule; the driver's peak stash per rank equals the simulator's."""
   pipe = mpmd(model_name, cache, schedule=schedule, ranks=ranks, record_timeline=True)
   check_against(pipe, reference(model_name), case(model_name).batch)
-  sched = pipe.backend.layout.schedule
+  sched = pipe.layout.schedule
   expected = [[str(a) for a in sched.compute_actions(r)] for r in range(ranks)]
-  assert executed_order(pipe.backend.last_timeline, ranks) == expected
-  assert pipe.backend.last_stash_peaks == schedules.peak_activations(sched)
+  assert executed_order(pipe.last_timeline, ranks) == expected
+  assert pipe.last_stash_peaks == schedules.peak_activations(sched)
   if model_name == "uneven":
-    sizes = [s.stop - s.start for s in pipe.backend.layout.stages]
+    sizes = [s.stop - s.start for s in pipe.layout.stages]
     assert len(set(sizes)) > 1, sizes
 
 
@@ -289,7 +289,7 @@ def test_dropout_matches_single_device(cache):
   """Dropout keys depend on (step, microbatch, layer) only, as on the single device."""
   pipe = mpmd("dropout", cache, schedule="zb_h1", ranks=2)
   check_against(pipe, reference("dropout"), case("dropout").batch)
-  assert pipe.backend.layout.stages[1].start < 4           # dropout layers on both ranks
+  assert pipe.layout.stages[1].start < 4                   # dropout layers on both ranks
 
 
 def test_tied_embeddings_on_different_stages_stay_identical(cache):
@@ -384,7 +384,7 @@ def test_no_recompilation_after_the_first_step(cache):
   state = pipe.init(KEY, c.batch)
   state, metrics = pipe.train_step(state, c.batch)
   jax.block_until_ready(metrics)
-  built = pipe.backend.cache.stats.traced
+  built = pipe.compile_stats.traced
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     for _ in range(3):
@@ -393,7 +393,7 @@ def test_no_recompilation_after_the_first_step(cache):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiles, compiles
-  assert pipe.backend.cache.stats.traced == built
+  assert pipe.compile_stats.traced == built
 
 
 def test_identical_stages_share_one_compile(cache):
@@ -401,7 +401,7 @@ def test_identical_stages_share_one_compile(cache):
   c = case("gpt")
   pipe = mpmd("gpt", cache, schedule="interleaved_1f1b", ranks=4)
   state = pipe.init(KEY, c.batch)
-  stats = pipe.backend.cache.stats
+  stats = pipe.compile_stats
   before, traced = len(stats.log), dict(stats.traced_by_name)
   pipe.loss_and_grads(state, c.batch)
   log = stats.log[before:]
@@ -523,8 +523,8 @@ def test_timeline_is_drawable(cache):
   pipe = mpmd("hetero", cache, schedule="zb_h1", record_timeline=True, devices=None,
               num_stages=2)
   state = pipe.init(KEY, case("hetero").batch)
-  assert pipe.backend.layout.rank_devices(1) == (jax.devices()[1],)
+  assert pipe.layout.rank_devices(1) == (jax.devices()[1],)
   pipe.train_step(state, case("hetero").batch)
-  picture = schedules.ascii_grid(pipe.backend.last_timeline)
+  picture = schedules.ascii_grid(pipe.last_timeline)
   assert "rank 0" in picture and "W3" in picture
-  assert "<svg" in schedules.svg_timeline(pipe.backend.last_timeline)
+  assert "<svg" in schedules.svg_timeline(pipe.last_timeline)

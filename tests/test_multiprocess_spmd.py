@@ -21,6 +21,7 @@ import pytest
 import hkpipe
 from hkpipe import models
 from hkpipe._src import pipeline as pl
+from hkpipe._src import placement
 from hkpipe import train as train_lib
 from tests import _mp_worker as worker
 
@@ -240,7 +241,7 @@ class _Mesh:
 
 
 def test_process_batch_spec_finds_the_axes_that_follow_process_order():
-  spec = pl.process_batch_spec
+  spec = placement.process_batch_spec
   one = _Mesh([[0, 0], [0, 0]], ("pp", "dp"))
   assert spec(one, process_count=1) == jax.sharding.PartitionSpec()
   # pp across processes (a rank per process), dp within: split over pp.
@@ -266,8 +267,8 @@ def test_global_batch_rules_name_the_processes():
   with pytest.raises(ValueError, match=r"2 processes x 3 process-local rows = 6\) is not "
                      r"divisible by num_microbatches=4"):
     pl.validate_batch((x, x), 4, process_count=2)
-  assert jax.tree.map(np.shape, pl.example_microbatch((x, x), 6, 2)) == ((3, 4), (3, 4))
-  assert jax.tree.map(np.shape, pl.example_microbatch((x, x), 12, 6)) == ((2, 4), (2, 4))
+  assert jax.tree.map(np.shape, placement.example_microbatch((x, x), 6, 2)) == ((3, 4), (3, 4))
+  assert jax.tree.map(np.shape, placement.example_microbatch((x, x), 12, 6)) == ((2, 4), (2, 4))
 
 
 def test_one_process_placement_helpers():
@@ -276,10 +277,10 @@ def test_one_process_placement_helpers():
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1), ("pp", "dp"))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   rows = np.arange(12).reshape(6, 2)
-  placed = pl.put_process_batch((rows,), sharding)[0]
+  placed = placement.put_process_batch((rows,), sharding)[0]
   assert placed.sharding == sharding
   np.testing.assert_array_equal(placed, rows)
-  key = pl.put_global(jax.random.key(3), sharding)
-  np.testing.assert_array_equal(jax.random.key_data(pl.local_value(key)),
+  key = placement.put_global(jax.random.key(3), sharding)
+  np.testing.assert_array_equal(jax.random.key_data(placement.local_value(key)),
                                 jax.random.key_data(jax.random.key(3)))
-  assert pl.gather({"k": placed})["k"] is placed
+  assert placement.gather({"k": placed})["k"] is placed

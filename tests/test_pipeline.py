@@ -9,8 +9,11 @@ import optax
 import pytest
 
 import hkpipe
+from hkpipe._src import canonical
 from hkpipe._src import layers as layers_lib
+from hkpipe._src import layout as layout_lib
 from hkpipe._src import pipeline as pl
+from hkpipe._src import watchdog
 from tests import helpers
 
 
@@ -129,9 +132,9 @@ def test_restrict_and_merge_round_trip_optax_state(model, batch):
   state = opt.init(params)
   names = model.layer_names
   parts = [names[:3], names[3:]]
-  pieces = [pl.restrict(state, p, names) for p in parts]
+  pieces = [canonical.restrict(state, p, names) for p in parts]
   chex.assert_trees_all_equal_structs(pieces[0], opt.init({k: params[k] for k in parts[0]}))
-  merged = pl.merge(pieces, parts)
+  merged = canonical.merge(pieces, parts)
   chex.assert_trees_all_equal_structs(merged, state)
   chex.assert_trees_all_equal(merged, state)
 
@@ -168,3 +171,67 @@ def test_bf16_compute_keeps_fp32_params(batch):
   chex.assert_type(jax.tree.leaves(grads), jnp.float32)
   ref_loss, _ = hkpipe.Pipeline(model, optax.sgd(0.1), donate=False).loss_and_grads(state, batch)
   np.testing.assert_allclose(loss, ref_loss, rtol=2e-2)
+
+
+# -- the facade: what callers read instead of ``pipe.backend`` ------------------------------------
+
+
+def test_facade_layout_is_the_resolved_stages_or_none(model, batch):
+  """``Pipeline.layout``: None without stages; spmd's after init; mpmd's at once with explicit
+  boundaries. The stages are checked against the boundaries given, not against the backend."""
+  names = model.layer_names
+  for backend in ("single", "pmap"):
+    assert hkpipe.Pipeline(model, optax.sgd(0.1), backend=backend).layout is None
+  devices = jax.devices()[:2]
+  mpmd = hkpipe.Pipeline(model, optax.sgd(0.1), backend="mpmd", devices=devices, partition=[2])
+  spmd = hkpipe.Pipeline(model, optax.sgd(0.1), backend="spmd", devices=devices,
+                         num_microbatches=2)
+  with pytest.raises(ValueError, match="call init"):
+    spmd.layout  # pylint: disable=pointless-statement
+  spmd.init(jax.random.key(0), batch)
+  for pipe in (mpmd, spmd):
+    layout = pipe.layout
+    assert isinstance(layout, layout_lib.Layout)
+    assert sum((s.layer_names for s in layout.stages), ()) == tuple(names)
+    assert list(layout.device_grid[:, 0]) == devices
+    assert layout.schedule.name == "1f1b"
+  assert [s.layer_names for s in mpmd.layout.stages] == [tuple(names[:2]), tuple(names[2:])]
+
+
+def test_facade_data_layout_matches_the_data_sampler(model):
+  """``data_layout`` names the rows ``hkpipe.data.sample_batch`` draws for a process: checked
+  against slicing the sampler's full global batch."""
+  single = hkpipe.Pipeline(model, optax.sgd(0.1)).data_layout(8)
+  assert single == hkpipe.DataLayout(global_batch=8, process_index=0, process_count=1)
+  assert single.rows == slice(0, 8) and single.local_batch == 8
+  tokens = np.arange(200, dtype=np.int32)
+  full = hkpipe.data.sample_batch(tokens, batch_size=12, seq_len=4, seed=0, step=3)
+  for index in range(3):
+    part = pl.split_global_batch(12, 3, index)
+    assert part.local_batch == 4 and part.rows == slice(4 * index, 4 * index + 4)
+    mine = hkpipe.data.sample_batch(tokens, batch_size=12, seq_len=4, seed=0, step=3,
+                                    process_index=part.process_index,
+                                    process_count=part.process_count)
+    np.testing.assert_array_equal(mine[0], full[0][part.rows])
+  assert pl.split_global_batch(12, 1, 5).process_index == 0   # one share: the whole batch
+  with pytest.raises(hkpipe.ConfigError, match="multiple of 3"):
+    pl.split_global_batch(10, 3, 0)
+  with pytest.raises(hkpipe.ConfigError, match="positive int, got 0"):
+    hkpipe.Pipeline(model, optax.sgd(0.1)).data_layout(0)
+
+
+def test_facade_stats_outside_mpmd_and_spmd_only_reports(model, batch):
+  """Timeline/compile statistics are empty on backends that do not record them; the
+  spmd-only reports name the backend to use instead."""
+  pipe = hkpipe.Pipeline(model, optax.sgd(0.1), num_microbatches=2, donate=False)
+  state = pipe.init(jax.random.key(0), batch)
+  pipe.train_step(state, batch)
+  assert (pipe.last_timeline, pipe.last_stash_peaks, pipe.last_stash_peak_bytes) == ((), (), ())
+  assert pipe.compile_stats is None
+  with pytest.raises(hkpipe.ConfigError, match="backend='spmd' only; this pipeline uses "
+                     "backend='single'"):
+    pipe.layout_report(batch)
+  with pytest.raises(hkpipe.ConfigError, match="memory_analysis is available on backend='spmd'"):
+    pipe.memory_analysis(state, batch)
+  progress = watchdog.Progress()
+  assert hkpipe.Pipeline(model, optax.sgd(0.1), progress=progress).progress is progress

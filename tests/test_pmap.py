@@ -34,8 +34,9 @@ def test_matches_reference_on_a_mesh_with_committed_inputs(model, batch):
   elsewhere = jax.device_put(batch, jax.devices()[7])
   pipe, state = helpers.assert_matches_reference(model, elsewhere, num_microbatches=2,
                                                  backend="pmap", mesh=mesh)
-  assert pipe.backend.devices == tuple(jax.devices()[2:6])
-  for leaf in jax.tree.leaves(state.params):  # every device holds an identical replica
+  assert pipe.layout is None                  # data parallel only: no pipeline stages
+  for leaf in jax.tree.leaves(state.params):  # every mesh device holds an identical replica
+    assert {s.device for s in leaf.addressable_shards} == set(jax.devices()[2:6])
     shards = [np.asarray(s.data) for s in leaf.addressable_shards]
     assert len(shards) == 4
     for other in shards[1:]:

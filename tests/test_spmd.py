@@ -81,8 +81,8 @@ def test_schedule_matches_reference(model, batch, reference, trained, name, v, p
                          schedule=name, virtual_stages=v, devices=jax.devices()[:pp],
                          donate=False)
   state = _check(pipe, batch, reference)
-  plan = pipe.backend.plan
-  assert plan.num_stages == pp * v and plan.layout.schedule.name == name
+  layout = pipe.layout
+  assert len(layout.stages) == pp * v and layout.schedule.name == name
   # Stage s's parameters live only on its pp slice: one row of the stacked buffer per rank.
   for buf in state.params.values():
     assert buf.shape[0] == pp and buf.sharding.spec[0] == "pp"
@@ -98,8 +98,8 @@ def test_compiled_memory_follows_the_schedule(model, batch, trained):
                              schedule=name, devices=jax.devices()[:2], donate=False)
       trained[(name, 2)] = (pipe, pipe.init(jax.random.key(42), batch))
     pipe, state = trained[(name, 2)]
-    temp[name] = pipe.backend.memory_analysis(state, batch).temp_size_in_bytes
-    report[name] = pipe.backend.layout_report(batch)
+    temp[name] = pipe.memory_analysis(state, batch).temp_size_in_bytes
+    report[name] = pipe.layout_report(batch)
   assert report["gpipe"]["stash_slots"] == M and report["1f1b"]["stash_slots"] == 2
   assert report["gpipe"]["per_rank_peak_stash"] == [M, M]
   assert report["1f1b"]["per_rank_peak_stash"] == [2, 1]
@@ -146,7 +146,7 @@ def test_llama_pp3_one_layer_per_stage():
   pipe, _ = helpers.assert_matches_reference(model, _tokens(6), num_microbatches=3, steps=2,
                                              backend="spmd", schedule="1f1b",
                                              devices=jax.devices()[:3])
-  assert [st.layer_names for st in pipe.backend.plan.layout.stages] == [
+  assert [st.layer_names for st in pipe.layout.stages] == [
       ("embed",), ("block_0",), ("head",)]
 
 
@@ -169,7 +169,7 @@ def test_gpt_dropout_with_remat_reproduces_reference_masks():
   helpers.assert_trees_close(grads, ref_grads)
   no_dropout = ref.eval_step(ref_state, batch)["loss"]
   assert abs(float(ref_loss) - float(no_dropout)) > 1e-3  # dropout is really active
-  assert [st.layer_names for st in pipe.backend.plan.layout.stages] == [
+  assert [st.layer_names for st in pipe.layout.stages] == [
       ("embed", "block_0"), ("head",)]
   prog, _ = next(iter(pipe.backend._programs.values()))
   stash = [leaf.dtype for b in prog.backward for leaf in b.layout.avals]

@@ -249,7 +249,7 @@ def test_mpmd_driver_reports_every_op_it_issues():
   pipe = hkpipe.Pipeline(helpers.hetero_model(n_mid=1), optax.sgd(0.1), backend="mpmd",
                          num_microbatches=m, devices=jax.devices()[:ranks], progress=progress,
                          max_grad_norm=1.0)
-  assert pipe.backend.progress is progress
+  assert pipe.progress is progress
   batch = helpers.token_batch()
   state = pipe.init(jax.random.key(0), batch)
   progress.seen.clear()
@@ -262,7 +262,7 @@ def test_mpmd_driver_reports_every_op_it_issues():
   assert actions == expected
   assert texts[-1] == "process 0: clip and update its stages [0, 1]"
   assert any(t.endswith("finalize the gradients of stage 1") for t in texts)
-  assert progress.seen[-1] is pipe.backend.progress.op
+  assert progress.seen[-1] is pipe.progress.op
 
 
 # -- a stopped process (slow) ----------------------------------------------------------------------

@@ -14,14 +14,14 @@ Shared by the pipelined backends (MPMD, SPMD) so they agree on what ``devices``,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import jax
 import numpy as np
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import partition as partition_lib
-from hkpipe._src import pipeline as pl
+from hkpipe._src import options as options_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Layout:
     return self.rank_devices(self.schedule.stage_to_rank[stage])
 
 
-def device_grid(options: pl.PipelineOptions) -> np.ndarray:
+def device_grid(options: options_lib.PipelineOptions) -> np.ndarray:
   """The ``[p, dp]`` device grid of the options (see module docstring)."""
   if options.mesh is not None and options.devices is not None:
     raise ValueError("Pass either devices=... or mesh=..., not both.")
@@ -143,7 +143,7 @@ def check_ranks_within_processes(layout: Layout) -> None:
           "use a 'dp' width that divides each process's local device count.")
 
 
-def resolve(model: layers_lib.SequentialModel, options: pl.PipelineOptions,
+def resolve(model: layers_lib.SequentialModel, options: options_lib.PipelineOptions,
             example_microbatch: Any) -> Layout:
   """Builds the schedule, the stages and the device grid, validating them against each other.
 
@@ -159,7 +159,7 @@ def resolve(model: layers_lib.SequentialModel, options: pl.PipelineOptions,
 
   grid = device_grid(options)
   p = int(grid.shape[0])
-  m = options.num_microbatches
+  m = cast(int, options.num_microbatches)  # PipelineOptions always sets it
   if isinstance(options.schedule, str):
     # virtual_stages=None lets the registry apply the schedule's own default (2 for V schedules,
     # 1 for flat ones; interleaved_1f1b asks for it explicitly).

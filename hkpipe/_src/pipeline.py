@@ -1,46 +1,60 @@
-"""The ``Pipeline`` object and the abstract backend adapter every backend subclasses.
+"""The ``Pipeline`` facade, its ``TrainState`` and the abstract backend adapter.
 
 ``Pipeline(model, optimizer=..., backend=...)`` is the one object the training loop, launcher and
-tests use. A backend is a small subclass of :class:`Backend` (the way t5x has one base partitioner
-and small concrete ones); what all backends share (batch validation, microbatch splitting,
-global-norm clipping, canonical-state conversion helpers) lives here once.
+tests use; everything a caller needs (steps, canonical state, the resolved layout, which batch
+rows this process feeds, timeline and compile statistics) is a ``Pipeline`` method or property,
+so no caller reads ``pipe.backend``. A backend is a small subclass of :class:`Backend` (the way
+t5x has one base partitioner and small concrete ones); what all backends share (batch validation,
+microbatch splitting, global-norm clipping) lives here once.
+
+Neighbouring modules: ``options`` (:class:`PipelineOptions` and its validation), ``placement``
+(multi-host placement of batches and replicated values) and ``canonical`` (cutting canonical
+trees into per-stage pieces and joining them back).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
-import itertools
-import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import errors
 from hkpipe._src import layers as layers_lib
+from hkpipe._src import options as options_lib
+from hkpipe._src import placement
 from hkpipe._src import watchdog
+from hkpipe._src.options import PipelineOptions
+from hkpipe._src.options import available_backends
+
+# Temporary re-exports: the backends (and checkpoint.py) still reach these as ``pl.<name>``.
+# TODO(lead): switch those call sites to ``placement.`` / ``canonical.`` and drop these lines.
+from hkpipe._src.canonical import merge  # pylint: disable=unused-import
+from hkpipe._src.canonical import restrict  # pylint: disable=unused-import
+from hkpipe._src.placement import example_microbatch  # pylint: disable=unused-import
+from hkpipe._src.placement import gather  # pylint: disable=unused-import
+from hkpipe._src.placement import local_value  # pylint: disable=unused-import
+from hkpipe._src.placement import process_batch_spec  # pylint: disable=unused-import
+from hkpipe._src.placement import process_mesh  # pylint: disable=unused-import
+from hkpipe._src.placement import put_global  # pylint: disable=unused-import
+from hkpipe._src.placement import put_process_batch  # pylint: disable=unused-import
+
+if TYPE_CHECKING:
+  from hkpipe import schedules
+  from hkpipe._src import layout as layout_lib
+
+__all__ = ("Backend", "Batch", "DataLayout", "Metrics", "Pipeline", "PipelineOptions",
+           "TrainState", "available_backends", "clip_scale", "example_microbatch", "gather",
+           "local_value", "merge", "process_batch_spec", "process_mesh", "put_global",
+           "put_process_batch", "restrict", "split_global_batch", "split_microbatches", "sq_norm",
+           "validate_batch")
 
 Batch = tuple[Any, Any]  # (inputs, targets), leading axis = batch
 Metrics = dict[str, jax.Array]
-
-# name -> "module:Class"; imported lazily so a backend's dependencies load only when used.
-_BACKENDS: Mapping[str, str] = {
-    "single": "hkpipe._src.backends.single:SingleBackend",
-    "mpmd": "hkpipe._src.backends.mpmd:MpmdBackend",
-    "spmd": "hkpipe._src.backends.spmd:SpmdBackend",
-    "pmap": "hkpipe._src.backends.pmap:PmapBackend",
-}
-
-
-def available_backends() -> tuple[str, ...]:
-  """Names accepted by ``Pipeline(backend=...)``."""
-  return tuple(_BACKENDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,126 +74,6 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
 
-
-# Options each backend does not use: giving one (a value other than the default) is an error.
-_UNUSED_OPTIONS: Mapping[str, tuple[str, ...]] = {
-    "single": ("schedule", "num_stages", "virtual_stages", "partition", "mesh", "record_timeline"),
-    "pmap": ("schedule", "num_stages", "virtual_stages", "partition", "record_timeline"),
-    "spmd": ("record_timeline",),
-    "mpmd": (),
-}
-_PIPELINED_DEFAULTS: Mapping[str, Any] = {"schedule": "1f1b", "partition": "params"}
-
-
-def _positive_int(name: str, value: Any, fix: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise errors.ConfigError(f"{name} must be a positive int, got {value!r}; {fix}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineOptions:
-  """Everything a backend needs besides the model and the optimizer.
-
-  Every option is used by the backend or rejected: giving an option that ``backend`` does not use
-  (``schedule``, ``num_stages``, ``virtual_stages``, ``partition`` on ``single``/``pmap``; ``mesh``
-  on ``single``; ``record_timeline`` anywhere but ``mpmd``) raises a ``ConfigError``.
-
-  Attributes:
-    backend: one of :func:`available_backends`.
-    num_microbatches: microbatches per step (gradient accumulation on the single backend);
-      default: the ``schedule`` object's, else 1.
-    schedule: schedule name (see ``hkpipe.schedules``) or a ``Schedule`` object (then its ranks
-      and microbatches are the pipeline's); pipelined backends only; default ``"1f1b"``.
-    num_stages: number of pipeline ranks ``p`` (as in ``hkpipe.schedules.get``); default from
-      ``devices``/``mesh`` or the ``schedule`` object; without any, the first ``num_stages``
-      devices are used. The model is cut into ``p * virtual_stages`` stages.
-    virtual_stages: stages per rank ``v`` (interleaved/V schedules); default from the schedule.
-    partition: stage boundaries (layer indices where stages 1.. start), or a cost name
-      (``"params"``, ``"flops"``) or a callable ``cost(layer, example_input) -> float``;
-      pipelined backends only; default ``"params"``.
-    devices: devices for the pipeline ranks (one per rank; ``pmap``: the data-parallel devices;
-      ``single``: one device), default ``jax.devices()``.
-    mesh: alternatively a mesh with axes ``("pp",)`` or ``("pp", "dp")`` (``pmap``: its devices).
-    max_grad_norm: clip the global gradient norm (over all stages) to this value; None or 0: no
-      clipping.
-    remat: recompute each stage's forward in backward (activation checkpointing).
-    record_timeline: record the executed per-rank actions with their times (``mpmd`` only).
-    donate: donate parameter and optimizer buffers to the update (saves memory; the old state
-      becomes invalid after ``train_step``).
-    progress: a ``hkpipe.train.Progress`` the backend keeps up to date (the MPMD driver: the
-      last op issued and the message awaited), for a hang ``Watchdog``; None: a private one.
-    skip_nonfinite: skip a step whose loss or global gradient norm is NaN/Inf: parameters and
-      optimizer state stay bit-identical (the decision is global: every stage, replica and
-      process skips), ``TrainState.step`` still advances, and ``metrics["skipped"]`` is 1.0
-      (0.0 otherwise; always 0.0 when False). The check is one scalar per step, fused with the
-      update; on ``mpmd`` it makes every stage's update wait for the global decision, as
-      clipping does (see ``hkpipe._src.step_guard``).
-  """
-
-  backend: str = "single"
-  num_microbatches: int | None = None
-  schedule: Any = None
-  num_stages: int | None = None
-  virtual_stages: int | None = None
-  partition: Any = None
-  devices: Sequence[Any] | None = None
-  mesh: Any = None
-  max_grad_norm: float | None = None
-  remat: bool = False
-  record_timeline: bool = False
-  donate: bool = True
-  progress: Any = None
-  skip_nonfinite: bool = True
-
-  def __post_init__(self):
-    if self.backend not in _BACKENDS:
-      raise errors.ConfigError(f"Unknown backend {self.backend!r}; choose one of "
-                               f"{list(_BACKENDS)}.")
-    unused = [n for n in _UNUSED_OPTIONS[self.backend] if getattr(self, n) not in (None, False)]
-    if unused:
-      shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
-      raise errors.ConfigError(
-          f"backend={self.backend!r} does not use {shown}; drop "
-          f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
-          f"({'mpmd' if 'record_timeline' in unused else 'mpmd or spmd'}).")
-    if not isinstance(self.skip_nonfinite, bool):
-      raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
-                               f"{self.skip_nonfinite!r}.")
-    if self.backend == "single" and self.devices is not None and len(self.devices) != 1:
-      raise errors.ConfigError(f"backend='single' runs on one device, but devices= lists "
-                               f"{len(self.devices)}; pass one device (or use backend='pmap', "
-                               "'spmd' or 'mpmd' for several).")
-    sched = self.schedule
-    if sched is not None and not isinstance(sched, str):
-      for name, value in (("num_microbatches", sched.num_microbatches),
-                          ("num_stages", sched.num_ranks)):
-        given = getattr(self, name)
-        if given is None and (name == "num_microbatches" or (self.devices is None
-                                                             and self.mesh is None)):
-          object.__setattr__(self, name, int(value))
-        elif given is not None and given != value:
-          raise errors.ConfigError(
-              f"{name}={given} but the schedule object {getattr(sched, 'name', sched)!r} has "
-              f"{value}; drop {name} (the schedule's is used) or make them equal.")
-    if self.num_microbatches is None:
-      object.__setattr__(self, "num_microbatches", 1)
-    _positive_int("num_microbatches", self.num_microbatches,
-                  "pass the number of microbatches per step, e.g. num_microbatches=4")
-    for name in ("num_stages", "virtual_stages"):
-      if getattr(self, name) is not None:
-        _positive_int(name, getattr(self, name), f"pass {name}=N with N >= 1, or leave it unset")
-    if self.max_grad_norm is not None:
-      norm = self.max_grad_norm
-      if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm >= 0 or (
-          norm == float("inf")):
-        raise errors.ConfigError(f"max_grad_norm must be a finite number >= 0 (0 or None: no "
-                                 f"clipping), got {norm!r}.")
-      if norm == 0:
-        object.__setattr__(self, "max_grad_norm", None)  # documented: 0 disables clipping
-    if self.backend in ("spmd", "mpmd"):
-      for name, default in _PIPELINED_DEFAULTS.items():
-        if getattr(self, name) is None:
-          object.__setattr__(self, name, default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,264 +139,6 @@ def clip_scale(global_norm: jax.Array, max_norm: float | None) -> jax.Array:
   return jnp.minimum(1.0, max_norm / jnp.maximum(global_norm, 1e-12))
 
 
-def restrict(tree: Any, names: Sequence[str], all_names: Sequence[str]) -> Any:
-  """Restricts a canonical-layout pytree (params, grads or optimizer state) to some layers.
-
-  Every dict whose keys are exactly ``all_names`` (a canonical params-shaped subtree, as optax
-  states embed them) is cut down to ``names``; everything else (step counters...) is kept.
-  """
-  full, keep = set(all_names), list(names)
-
-  def go(node):
-    if isinstance(node, Mapping) and set(node.keys()) == full:
-      return {k: node[k] for k in keep}
-    if isinstance(node, Mapping):
-      return {k: go(v) for k, v in node.items()}
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-      return type(node)(*(go(v) for v in node))
-    if isinstance(node, (tuple, list)):
-      return type(node)(go(v) for v in node)
-    return node
-
-  return go(tree)
-
-
-def merge(parts: Sequence[Any], part_names: Sequence[Sequence[str]]) -> Any:
-  """Inverse of :func:`restrict`: joins per-stage trees back into the canonical layout.
-
-  Dicts keyed by a stage's layer names are unioned in model order; other leaves (counters) are
-  taken from the first part.
-  """
-  names0 = set(part_names[0])
-
-  def go(nodes):
-    node = nodes[0]
-    if isinstance(node, Mapping) and set(node.keys()) == names0:
-      out: dict = {}
-      for n in nodes:
-        out.update(n)
-      return out
-    if isinstance(node, Mapping):
-      return {k: go([n[k] for n in nodes]) for k in node}
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-      return type(node)(*(go([n[i] for n in nodes]) for i in range(len(node))))
-    if isinstance(node, (tuple, list)):
-      return type(node)(go([n[i] for n in nodes]) for i in range(len(node)))
-    return node
-
-  return go(list(parts))
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-process helpers (pure functions; no collectives unless the docstring says so).
-
-
-def _is_key(x: Any) -> bool:
-  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
-
-
-def example_microbatch(tree: Any, global_size: int, num_microbatches: int) -> Any:
-  """The first rows of a (possibly process-local) batch, at most one global microbatch's worth.
-
-  Only shapes matter (parameter initialisation, cost-balanced partitioning), so a process whose
-  local rows are fewer than a microbatch uses what it has.
-  """
-  rows = max(1, global_size // num_microbatches)
-  return jax.tree.map(lambda x: x[:rows], tree)
-
-
-def process_batch_spec(mesh: Any, process_count: int | None = None) -> Any:
-  """The ``PartitionSpec`` of a batch's leading axis that gives process ``p``'s devices exactly
-  the global rows ``p * b : (p + 1) * b`` (its process-local rows, ``b = B / process_count``).
-
-  The leading axis is split over some of the mesh's axes (in some order) so that, walking the
-  blocks in order, the first ``1 / P`` of them lie on process 0's devices, the next on process
-  1's, and so on; the remaining axes replicate. In one process this is ``P()`` (every device
-  holds the whole batch).
-
-  Args:
-    mesh: a ``jax.sharding.Mesh`` (anything with ``devices`` and ``axis_names``).
-    process_count: processes in the run; default ``jax.process_count()``.
-
-  Raises:
-    ValueError: if some process owns no device of the mesh, or the mesh's devices are not laid
-      out in process order along any combination of its axes (with the fix).
-  """
-  grid = np.asarray(mesh.devices, dtype=object)
-  names = tuple(mesh.axis_names)
-  count = jax.process_count() if process_count is None else process_count
-  procs = sorted({int(d.process_index) for d in grid.flat})
-  if len(procs) != count:
-    raise ValueError(
-        f"The pipeline's devices belong to processes {procs}, but this run has {count} "
-        "processes. Every process passes its own rows of the global batch, so every process must "
-        "own devices of the pipeline: build the mesh/devices from jax.devices() (all processes), "
-        "e.g. the first k of jax.local_devices(process_index=i) for every i.")
-  rank = {p: i for i, p in enumerate(procs)}
-  cells: dict[tuple[int, ...], Any] = {i: grid[i] for i in np.ndindex(*grid.shape)}
-  owner = {i: rank[int(d.process_index)] for i, d in cells.items()}
-  candidates: list[tuple[int, ...]] = [()]
-  for size in range(1, len(names) + 1):
-    candidates += list(itertools.permutations(range(len(names)), size))
-  for axes in candidates:
-    sizes = [grid.shape[a] for a in axes]
-    blocks = int(np.prod(sizes)) if axes else 1
-    if blocks % count:
-      continue
-    per = blocks // count
-    ok = True
-    for index, process in owner.items():
-      block = int(np.ravel_multi_index([index[a] for a in axes], sizes)) if axes else 0
-      if process != block // per:
-        ok = False
-        break
-    if ok:
-      if not axes:
-        return P()
-      chosen = tuple(names[a] for a in axes)
-      return P(chosen[0] if len(chosen) == 1 else chosen)
-  raise ValueError(
-      f"The mesh {dict(zip(names, grid.shape))} does not lay its devices out in process order "
-      "along any of its axes, so process-local batch rows cannot be placed without moving data "
-      "between processes. Order the devices by process (e.g. sorted(devices, key=lambda d: "
-      "(d.process_index, d.id))) before reshaping them into the mesh.")
-
-
-def put_process_batch(tree: Any, sharding: Any) -> Any:
-  """Global arrays from process-local batch rows, without collectives.
-
-  Every leaf ``[b, ...]`` holds this process's rows ``p * b : (p + 1) * b`` of a global
-  ``[P * b, ...]`` array placed with ``sharding`` (from :func:`process_batch_spec`); each process
-  fills only its own devices. In one process this is ``jax.device_put`` (inputs may live anywhere).
-  """
-  if sharding.is_fully_addressable:
-    return jax.device_put(tree, sharding)
-  count, me = jax.process_count(), jax.process_index()
-  spec = tuple(sharding.spec)
-  axes = spec[0] if spec and spec[0] is not None else ()
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  blocks = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
-
-  def put(x):
-    host = np.asarray(x)
-    b = host.shape[0]
-    shape = (count * b,) + host.shape[1:]
-    if shape[0] % blocks:
-      raise ValueError(f"The global batch of {count} x {b} = {shape[0]} rows is split over the "
-                       f"mesh axes {axes} ({blocks} blocks) to place each process's rows on its "
-                       f"devices; use a global batch size that is a multiple of {blocks}.")
-
-    def rows(index):
-      first = index[0]
-      start, stop = (first.start or 0), (shape[0] if first.stop is None else first.stop)
-      if start < me * b or stop > (me + 1) * b:
-        raise ValueError(f"Process {me} holds global rows {me * b}..{(me + 1) * b - 1} but its "
-                         f"devices need rows {start}..{stop - 1}; place the batch with "
-                         "process_batch_spec(mesh).")
-      return host[(slice(start - me * b, stop - me * b),) + tuple(index[1:])]
-
-    return jax.make_array_from_callback(shape, sharding, rows)
-
-  return jax.tree.map(put, tree)
-
-
-def put_global(tree: Any, sharding: Any) -> Any:
-  """Places host values (the same on every process) as global arrays with ``sharding``.
-
-  Each process fills only its addressable devices, so there is no collective and no
-  cross-process check (``jax.device_put`` of host data onto a global sharding runs one). Leaves
-  may be numpy arrays, fully addressable ``jax.Array`` s (including PRNG key arrays), or global
-  arrays that are fully replicated. In one process this is ``jax.device_put``.
-  """
-  if sharding.is_fully_addressable:
-    return jax.device_put(tree, sharding)
-
-  def put(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable and x.sharding == sharding:
-      return x
-    x = local_value(x)
-    impl = jax.random.key_impl(x) if _is_key(x) else None
-    host = np.asarray(jax.random.key_data(x) if impl is not None else x)
-    shape = tuple(np.shape(x))
-    shards = []
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-      shard = jax.device_put(host[index], device)
-      shards.append(jax.random.wrap_key_data(shard, impl=impl) if impl is not None else shard)
-    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
-
-  return jax.tree.map(put, tree)
-
-
-def process_mesh() -> Mesh:
-  """A mesh of the first local device of every process, in process order: ``("proc",)``."""
-  devices = [jax.local_devices(process_index=p)[0] for p in range(jax.process_count())]
-  return Mesh(np.asarray(devices, dtype=object), ("proc",))
-
-
-def local_value(x: Any) -> Any:
-  """A value of ``x`` usable on this process, without collectives.
-
-  Host values and fully addressable arrays are returned as they are; a global array that is fully
-  replicated gives its copy on this process's first device that holds one.
-
-  Raises:
-    ValueError: for a global array that is not fully replicated (use :func:`gather`).
-  """
-  if not isinstance(x, jax.Array) or x.is_fully_addressable:
-    return x
-  if x.is_fully_replicated and x.sharding.has_addressable_devices:
-    return x.addressable_data(0)
-  raise ValueError(f"A global array of shape {x.shape} with sharding {x.sharding} has no full "
-                   "copy on this process; gather it with hkpipe's pipeline.gather (every process "
-                   "must call it).")
-
-
-def gather(tree: Any) -> Any:
-  """Process-local copies of every leaf of ``tree`` (arrays usable on this process).
-
-  Leaves that :func:`local_value` can serve locally are; the others (global arrays sharded across
-  processes) are all-gathered, which is a collective: in a multi-process run every process must
-  call this with the same tree.
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  need = [i for i, x in enumerate(leaves)
-          if isinstance(x, jax.Array) and not x.is_fully_addressable
-          and not (x.is_fully_replicated and x.sharding.has_addressable_devices)]
-  if need:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    got = multihost_utils.process_allgather([leaves[i] for i in need], tiled=True)
-    for i, value in zip(need, got):
-      leaves[i] = value
-  return jax.tree.unflatten(treedef, [local_value(x) for x in leaves])
-
-
-def check_same_batch_on_every_process(batch: Any) -> None:
-  """Checks every process passes a batch of the same structure, shapes and dtypes.
-
-  A collective (a small all-gather): in a multi-process run every process must call it. Without
-  it, processes passing different shapes would build different global arrays and compile
-  mismatched programs, which hangs or aborts inside the collectives instead of raising.
-
-  Raises:
-    ValueError: naming this process's batch signature.
-  """
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  leaves, treedef = jax.tree.flatten(batch)
-  signature = repr((str(treedef), [(tuple(np.shape(x)), str(x.dtype if hasattr(x, "dtype")
-                                                            else np.asarray(x).dtype))
-                                   for x in leaves]))
-  digest = np.array([zlib.crc32(signature.encode())], np.uint32)
-  try:
-    multihost_utils.assert_equal(digest)
-  except AssertionError as e:
-    raise ValueError(f"Process {jax.process_index()} passed a batch {signature} that differs in "
-                     "structure, shapes or dtypes from another process's. Every process must "
-                     "pass batches of the same shapes (its own rows of the global batch, or the "
-                     "full global batch, as the backend's batch_is_process_local says).") from e
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -530,6 +166,8 @@ class Backend(abc.ABC):
   can be read with ``float()`` anywhere, ``params``/``loss_and_grads`` give process-local copies
   of the canonical tree, ``to_canonical`` gives global arrays that checkpoints save from every
   process.
+
+  Callers read the rule through :meth:`Pipeline.data_layout`.
 
   Attributes:
     batch_is_process_local: whether each process passes its own rows of the global batch (True)
@@ -575,7 +213,7 @@ class Backend(abc.ABC):
 
     In a multi-process run this may be a collective (every process must call it).
     """
-    return gather(self.to_canonical(state)["params"])
+    return placement.gather(self.to_canonical(state)["params"])
 
   def batch_process_count(self) -> int:
     """How many processes' batches make up the global batch (see :attr:`batch_is_process_local`)."""
@@ -583,13 +221,64 @@ class Backend(abc.ABC):
 
   def global_batch_size(self, batch: Batch) -> int:
     """Validates ``batch`` (as passed on this process) and returns the global batch size."""
-    return validate_batch(batch, self.options.num_microbatches,
+    # PipelineOptions.__post_init__ always sets num_microbatches (default 1).
+    return validate_batch(batch, cast(int, self.options.num_microbatches),
                           process_count=self.batch_process_count())
 
 
-def _backend_class(name: str) -> Callable[..., Backend]:
-  module_name, cls_name = _BACKENDS[name].split(":")
-  return getattr(importlib.import_module(module_name), cls_name)
+
+@dataclasses.dataclass(frozen=True)
+class DataLayout:
+  """Which rows of the global batch this process passes to the ``Pipeline``'s methods.
+
+  The global batch of ``global_batch`` rows is cut into ``process_count`` equal shares of
+  ``local_batch`` rows; this process passes share ``process_index``, i.e. global rows
+  ``rows``. ``process_index``/``process_count`` are the keyword arguments of
+  ``hkpipe.data.sample_batch`` that draw exactly those rows.
+
+  Attributes:
+    global_batch: rows of one step's global batch (what ``num_microbatches`` divides).
+    process_index: which share this process passes (0 when every process passes the whole
+      global batch).
+    process_count: how many shares the global batch is cut into: ``jax.process_count()`` on
+      backends whose processes each pass their own rows (``spmd``, ``pmap``), 1 on those where
+      every process passes the whole global batch (``mpmd``, ``single``) or in one process.
+  """
+
+  global_batch: int
+  process_index: int
+  process_count: int
+
+  @property
+  def local_batch(self) -> int:
+    """Rows this process passes per step (``global_batch // process_count``)."""
+    return self.global_batch // self.process_count
+
+  @property
+  def rows(self) -> slice:
+    """The global batch rows this process passes, as a slice."""
+    start = self.process_index * self.local_batch
+    return slice(start, start + self.local_batch)
+
+
+def split_global_batch(global_batch: int, process_count: int, process_index: int) -> DataLayout:
+  """The :class:`DataLayout` of ``global_batch`` rows cut into ``process_count`` shares.
+
+  Raises:
+    ConfigError: if ``global_batch`` is not a positive int or not a multiple of
+      ``process_count`` (naming both and the fix).
+  """
+  if isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer)) or (
+      global_batch < 1):
+    raise errors.ConfigError(f"The global batch size must be a positive int, got "
+                             f"{global_batch!r}; pass the number of rows of one step's batch "
+                             "over all processes.")
+  if global_batch % process_count:
+    raise errors.ConfigError(
+        f"The global batch of {global_batch} rows cannot be cut into {process_count} equal "
+        f"process-local shares (every process passes its own rows on this backend); use a "
+        f"global batch size that is a multiple of {process_count}.")
+  return DataLayout(int(global_batch), process_index if process_count > 1 else 0, process_count)
 
 
 class Pipeline:
@@ -602,6 +291,10 @@ class Pipeline:
                            num_microbatches=4)
     state = pipe.init(jax.random.key(0), batch)
     state, metrics = pipe.train_step(state, batch)
+
+  Everything a caller needs is a method or property of this object (:attr:`layout`,
+  :meth:`data_layout`, :attr:`last_timeline`, :attr:`compile_stats`, ...); ``backend`` is the
+  backend adapter and an implementation detail.
 
   Args:
     model: the model (ordered layers + loss).
@@ -627,19 +320,18 @@ class Pipeline:
       raise ValueError(f"backend='single' runs on one device of one process, but this run has "
                        f"{jax.process_count()} processes; use backend='spmd', 'pmap' or 'mpmd' "
                        "(they span every process's devices), or run a single process.")
-    self.backend: Backend = _backend_class(backend)(model, optimizer, self.options)
+    self.backend: Backend = options_lib.backend_class(backend)(model, optimizer, self.options)
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     """Initial state (parameters + optimizer state) for an example batch.
 
     In a multi-process run every process calls it with the same ``rng`` and a batch following
-    the backend's data rule (see :class:`Backend`); the batch shapes are checked to agree across
-    processes.
+    the backend's data rule (see :class:`Backend` and :meth:`data_layout`); the batch shapes are
+    checked to agree across processes.
     """
     self.backend.global_batch_size(batch)
-    check_same_batch_on_every_process(batch)
+    placement.check_same_batch_on_every_process(batch)
     return self.backend.init(rng, batch)
-
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """One optimizer step; returns the new state and metrics (``loss``, ``grad_norm``,
     ``skipped``: 1.0 if the step was skipped for a non-finite loss or gradient norm).
@@ -681,3 +373,108 @@ class Pipeline:
   def from_canonical(self, canonical: Mapping[str, Any], step: int) -> TrainState:
     """Rebuilds a state in this pipeline's layout from a canonical one."""
     return self.backend.from_canonical(canonical, step)
+
+  # -- introspection: what callers need, so that none reads ``backend`` -------------------------
+  # Backend-specific attributes are read here and nowhere else outside the backends.
+  # TODO(lead): once the backend rewrites land, make these overridable hooks of ``Backend``.
+
+  def _only(self, backend: str, what: str) -> Any:
+    """The backend adapter, if it is ``backend``; else a ``ConfigError`` naming ``what``."""
+    if self.options.backend != backend:
+      raise errors.ConfigError(f"{what} is available on backend={backend!r} only; this pipeline "
+                               f"uses backend={self.options.backend!r}.")
+    return self.backend
+
+  @property
+  def layout(self) -> layout_lib.Layout | None:
+    """The resolved pipeline layout (schedule, stages in model order, ``[p, dp]`` device grid).
+
+    ``None`` on backends without pipeline stages (``single``, ``pmap``).
+
+    Raises:
+      ValueError: on ``spmd``/``mpmd`` while the layout is not known yet: call ``init`` (or
+        ``from_canonical``) first; ``mpmd`` with explicit ``partition=[...]`` boundaries knows
+        it at once.
+    """
+    backend: Any = self.backend
+    if self.options.backend == "spmd":
+      return backend.plan.layout
+    if self.options.backend == "mpmd":
+      return backend.layout
+    return None
+
+  def data_layout(self, global_batch: int) -> DataLayout:
+    """Which rows of a ``global_batch``-row batch this process passes to every method.
+
+    In a multi-process run, ``spmd`` and ``pmap`` take each process's own rows (process ``i`` of
+    ``P`` passes rows ``i*b:(i+1)*b``), ``mpmd`` the whole global batch on every process (see
+    :class:`Backend`). In one process the batch is always the whole global batch. Draw this
+    process's rows with ``hkpipe.data.sample_batch(..., batch_size=global_batch,
+    process_index=d.process_index, process_count=d.process_count)``.
+
+    Args:
+      global_batch: rows of one step's batch over all processes.
+
+    Raises:
+      ConfigError: if ``global_batch`` is not a positive multiple of the number of shares.
+    """
+    return split_global_batch(global_batch, self.backend.batch_process_count(),
+                              jax.process_index())
+
+  @property
+  def progress(self) -> watchdog.Progress:
+    """The ``Progress`` the backend keeps up to date (``options.progress`` or a private one),
+    for a hang ``hkpipe.train.Watchdog``."""
+    return self.backend.progress
+
+  @property
+  def last_timeline(self) -> tuple[schedules.Record, ...]:
+    """With ``record_timeline=True`` (``mpmd``), the executed actions of the last step as
+    ``hkpipe.schedules.Record`` (rank, kind, stage, mb, start, end; seconds), drawable with
+    ``hkpipe.schedules.ascii_grid`` / ``svg_timeline``; ``()`` before a step or without it."""
+    if self.options.backend != "mpmd":
+      return ()
+    return self.backend.last_timeline  # type: ignore[attr-defined]
+
+  @property
+  def last_stash_peaks(self) -> tuple[int, ...]:
+    """With ``record_timeline=True`` (``mpmd``), per rank, the most (stage, microbatch) residual
+    stashes held at once during the last step; ``()`` before a step or without it."""
+    if self.options.backend != "mpmd":
+      return ()
+    return self.backend.last_stash_peaks  # type: ignore[attr-defined]
+
+  @property
+  def last_stash_peak_bytes(self) -> tuple[int, ...]:
+    """With ``record_timeline=True`` (``mpmd``), per rank, the most bytes the stashes (stage
+    inputs, residuals, waiting cotangents) held at once in the last step; ``()`` otherwise."""
+    if self.options.backend != "mpmd":
+      return ()
+    return self.backend.last_stash_peak_bytes  # type: ignore[attr-defined]
+
+  @property
+  def compile_stats(self) -> Any:
+    """Compile statistics of the ``mpmd`` program cache (``traced``, ``traced_by_name``,
+    ``compiled``, ``cloned``, their times and a ``log``), updated as programs are built; None on
+    the other backends (they compile one ``jax.jit`` program per step kind)."""
+    if self.options.backend != "mpmd":
+      return None
+    return self.backend.cache.stats  # type: ignore[attr-defined]
+
+  def layout_report(self, batch: Batch, rng: jax.Array | None = None) -> dict:
+    """Bytes of the padded ``spmd`` layout for this batch shape (what padding costs); see
+    ``docs/backends.md``. Compiles nothing new if ``train_step`` already ran for this shape.
+
+    Raises:
+      ConfigError: on a backend other than ``spmd``.
+    """
+    return self._only("spmd", "layout_report").layout_report(batch, rng)
+
+  def memory_analysis(self, state: TrainState, batch: Batch) -> Any:
+    """XLA's memory analysis (per device) of the compiled ``spmd`` ``train_step`` program for
+    this batch shape (``temp_size_in_bytes`` includes the stash).
+
+    Raises:
+      ConfigError: on a backend other than ``spmd``.
+    """
+    return self._only("spmd", "memory_analysis").memory_analysis(state, batch)

@@ -352,10 +352,9 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   pipe = pl.Pipeline(model, optim.adamw(ocfg), backend=config.backend, progress=progress,
                      **pipe_options)
   # Each process feeds its own rows of the global batch, or the whole batch (MPMD).
-  if getattr(pipe.backend, "batch_is_process_local", True):
-    shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  else:
-    shard = {"process_index": 0, "process_count": 1}
+  feed = pipe.data_layout(batch_size)
+  shard: dict[str, Any] = {"process_index": feed.process_index,
+                           "process_count": feed.process_count}
 
   def train_batch(step: int):
     return data_lib.sample_batch(tokens.train, batch_size=batch_size, seq_len=seq_len,
@@ -387,7 +386,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   say(f"hkpipe: model={config.model.name} params={n_params:,} backend={config.backend} "
       f"devices={len(jax.devices())} microbatches={config.pipeline.num_microbatches} "
       f"batch={batch_size}x{seq_len} steps={config.num_steps}")
-  layout = getattr(pipe.backend, "layout", None)
+  layout = pipe.layout
   if layout is not None:
     say(describe_layout(layout))
 
