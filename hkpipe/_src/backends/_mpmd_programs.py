@@ -34,8 +34,7 @@ import optax
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import partition as partition_lib
-from hkpipe._src import pipeline as pl
-from hkpipe._src import step_guard
+from hkpipe._src import step as step_lib
 
 
 def _is_float(a: Any) -> bool:
@@ -312,9 +311,16 @@ class StageFns:
     return dict(zip(self.spec.layer_names, tree))
 
 
+def _tied(g: Sequence[Any], same_stage: Sequence[tuple[int, int]],
+           incoming: Sequence[int]) -> list:
+  """The stage's copies of tied weights among its gradient leaves ``g``."""
+  return [g[i] for pair in same_stage for i in pair] + [g[i] for i in incoming]
+
+
 def finalize_fn(fns: StageFns, same_stage: Sequence[tuple[int, int]],
                 incoming: Sequence[int]) -> Callable:
-  """``finalize(*acc, *partner) -> (g, sq)``: sums tied gradients and measures the stage norm.
+  """``finalize(*acc, *partner) -> (g, sq)``: sums tied gradients and measures the stage's share
+  of the squared global norm (``step.sq_norm_share``: each tied weight counted once overall).
 
   Args:
     fns: the stage.
@@ -325,81 +331,55 @@ def finalize_fn(fns: StageFns, same_stage: Sequence[tuple[int, int]],
   n = fns.np
 
   def stage_finalize(*args):
-    g = _tie_sums(args[:n], same_stage, incoming, args[n:])
-    return g, pl.sq_norm(g)
+    g = step_lib.sum_tie_leaves(args[:n], same_stage, incoming, args[n:])
+    return g, step_lib.sq_norm_share(g, _tied(g, same_stage, incoming))
 
   return stage_finalize
 
 
-def _tie_sums(g: list, same_stage: Sequence[tuple[int, int]], incoming: Sequence[int],
-              partner: Sequence[Any]) -> list:
-  """Gradient leaves with tied pairs summed (``a + b`` on both sides: bit-identical)."""
-  g = list(g)
-  for i, j in same_stage:
-    g[i], g[j] = g[i] + g[j], g[j] + g[i]
-  for k, i in enumerate(incoming):
-    g[i] = g[i] + partner[k]
-  return g
-
-
 def metrics_fn(num_stages: int, num_microbatches: int, max_grad_norm: float | None,
                skip_nonfinite: bool = False) -> Callable:
-  """``metrics(loss_sum, *sq) -> (loss, grad_norm, clip_scale, skipped)``.
+  """``metrics(loss_sum, *sq) -> (loss, grad_norm, global_sq_norm, skipped)``.
 
-  With ``skip_nonfinite`` the clip factor is NaN when the step must be skipped (see
-  ``step_guard.flag_scale``): it is the one scalar every stage's update receives.
+  ``global_sq_norm`` is the one scalar every stage's update receives (it clips by it); with
+  ``skip_nonfinite`` it is NaN when the step must be skipped (see ``step.global_metrics``).
   """
 
   def pipeline_metrics(loss_sum, *sqs):
-    norm = jnp.sqrt(sum(sqs[1:], sqs[0]))
-    loss = loss_sum / num_microbatches
-    scale, skipped = step_guard.flag_scale(skip_nonfinite, pl.clip_scale(norm, max_grad_norm),
-                                           loss, norm)
-    return loss, norm, scale, skipped
+    return step_lib.global_metrics(num_microbatches, skip_nonfinite, loss_sum, sqs)
 
-  del num_stages
+  del num_stages, max_grad_norm
   return pipeline_metrics
 
 
 def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: Any,
-              clip: bool, same_stage: Sequence[tuple[int, int]] = (),
+              max_grad_norm: float | None, same_stage: Sequence[tuple[int, int]] = (),
               incoming: Sequence[int] = (), skip_nonfinite: bool = False) -> Callable:
   """One optimizer step of one stage, handing back a zeroed accumulator for the next step.
 
-  With clipping or ``skip_nonfinite``: ``update(*p, *opt, *g, scale) -> (p', opt', zeros)`` on
-  finalized gradients ``g``, once every stage's norm is known: ``scale`` is the clip factor (1
-  without clipping), NaN when the step is skipped (``p``, ``opt`` then come back unchanged; see
-  ``step_guard``). Otherwise the finalize step is fused in,
+  With clipping or ``skip_nonfinite``: ``update(*p, *opt, *g, sq) -> (p', opt', zeros)`` on
+  finalized gradients ``g``, once every stage's norm is known: ``sq`` is the squared global norm
+  from :func:`metrics_fn` (``g`` is clipped by it), NaN when the step is skipped (``p``, ``opt``
+  then come back unchanged; see ``step.stage_update``). Otherwise the finalize step is fused in,
   ``update(*p, *opt, *acc, *partner) -> (p', opt', zeros, sq)`` (see :func:`finalize_fn`), so a
   stage updates as soon as its own backward is done. The accumulator is donated, so the zeros
   reuse its buffers.
   """
   n_p, n_opt = fns.np, opt_tree.num_leaves
-  scaled = clip or skip_nonfinite
+  scaled = max_grad_norm is not None or skip_nonfinite
 
   def stage_update(*args):
     p = fns.names_dict(jax.tree.unflatten(fns.p_tree, args[:n_p]))
     opt = jax.tree.unflatten(opt_tree, args[n_p:n_p + n_opt])
     acc = args[n_p + n_opt:n_p + n_opt + n_p]
-    g = list(acc)
-    if clip:
-      scale = args[-1]
-      g = [x * scale.astype(x.dtype) for x in g]
-    elif not scaled:
-      g = _tie_sums(g, same_stage, incoming, args[n_p + n_opt + n_p:])
+    g = acc if scaled else step_lib.sum_tie_leaves(acc, same_stage, incoming,
+                                                   args[n_p + n_opt + n_p:])
     grads = fns.names_dict(jax.tree.unflatten(fns.p_tree, g))
-
-    def apply(state):
-      updates, new_opt = optimizer.update(grads, state[1], state[0])
-      return optax.apply_updates(state[0], updates), new_opt
-
-    if skip_nonfinite:
-      p, opt = step_guard.apply_if(step_guard.scale_ok(args[-1]), apply, (p, opt))
-    else:
-      p, opt = apply((p, opt))
+    p, opt = step_lib.stage_update(optimizer, max_grad_norm, skip_nonfinite, p, opt, grads,
+                                   args[-1] if scaled else None)
     out = (jax.tree.leaves(tuple(p[n] for n in fns.spec.layer_names)), jax.tree.leaves(opt),
            [jnp.zeros_like(a) for a in acc])
-    return out if scaled else out + (pl.sq_norm(g),)
+    return out if scaled else out + (step_lib.sq_norm_share(g, _tied(g, same_stage, incoming)),)
 
   return stage_update
 

@@ -733,7 +733,6 @@ class _Setup:
                     opt_leaves: Sequence[Any]) -> _mpmd_compile.Program:
     f, r = self.fns[s], self.rank_of[s]
     rep = self.rep[r]
-    clip = self.options.max_grad_norm is not None
     opt_specs = [_spec(a, rep) for a in opt_leaves]
     same, incoming, partner_specs = self._tie_plan(s)
     args = self._param_specs(s) + opt_specs + self._acc_specs(s)
@@ -742,7 +741,7 @@ class _Setup:
     # The accumulator is always donated: the fresh zeros for the next step reuse it.
     donate = (list(range(n)) if self.options.donate else []) + list(range(n, n + f.np))
     return self._stage_program(s, "update", lambda: self._compile(
-        progs.update_fn(self.backend.optimizer, f, opt_tree, clip, same,
+        progs.update_fn(self.backend.optimizer, f, opt_tree, self.options.max_grad_norm, same,
                         [leaf for _, leaf in incoming], self.options.skip_nonfinite), args, r,
         out_shardings=rep, donate=donate),
         extra=(opt_tree, tuple((a.shape, jnp.dtype(a.dtype)) for a in opt_leaves)))

@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import pipeline as pl
-from hkpipe._src import step_guard
+from hkpipe._src import step as step_lib
 from hkpipe._src.backends import _spmd_pack as pack
 from hkpipe._src.backends import _spmd_tables as tables_lib
 from hkpipe.schedules import _ir
@@ -453,15 +453,25 @@ class SpmdBackend(pl.Backend):
           g, jnp.where(tgt_on, total, tgt), tgt_off, 0)
     return out
 
-  def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict):
+  def _tied_copies(self, grads: dict) -> list:
+    """This rank's copies of tied weights in its gradient buffers (zeros for sides it lacks)."""
+    r = jax.lax.axis_index("pp")
+    out = []
+    for tie in self.plan.ties:
+      for on, off in ((tie.src_on, tie.src_off), (tie.tgt_on, tie.tgt_off)):
+        pick = lambda t: jnp.asarray(np.asarray(t))[r]
+        out.append(jnp.where(pick(on), jax.lax.dynamic_slice_in_dim(grads[tie.dtype], pick(off),
+                                                                    tie.size), 0))
+    return out
+
+  def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict, sq: jax.Array):
     """Optimizer update of rank ``rank``'s parameters, on its own (unpadded) structure."""
     plan = self.plan
     stages = plan.rank_stages(rank)
     p_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(params).items()}
     g_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(grads).items()}
-    opt_tree = plan.opt_layouts[rank].unpack(opt)
-    updates, opt_tree = self.optimizer.update(g_tree, opt_tree, p_tree)
-    p_tree = optax.apply_updates(p_tree, updates)
+    p_tree, opt_tree = step_lib.apply_update(self.optimizer, self.options.max_grad_norm, g_tree,
+                                             p_tree, plan.opt_layouts[rank].unpack(opt), sq)
     for s in stages:
       lay = plan.stage_layouts[s]
       params = lay.pack_into(params, {n: p_tree[n] for n in plan.layout.stages[s].layer_names})
@@ -472,16 +482,14 @@ class SpmdBackend(pl.Backend):
     opt = {k: v[0] for k, v in opt.items()}
     loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
                                    _rows(tabs))
-    norm = jnp.sqrt(jax.lax.psum(pl.sq_norm(grads), "pp"))
-    scale = pl.clip_scale(norm, self.options.max_grad_norm)
-    grads = {k: g * scale.astype(g.dtype) for k, g in grads.items()}
+    sq = jax.lax.psum(step_lib.sq_norm_share(grads, self._tied_copies(grads)), "pp")
     updates = [functools.partial(self._update_rank, r) for r in range(self.num_ranks)]
-    update = lambda s: jax.lax.switch(jax.lax.axis_index("pp"), updates, s[0], grads, s[1])
+    update = lambda s: jax.lax.switch(jax.lax.axis_index("pp"), updates, s[0], grads, s[1], sq)
     # loss and norm are global (psum over pp, pmean over dp): every shard decides alike.
-    (params, opt), skipped = step_guard.guard(self.options.skip_nonfinite, loss, norm, update,
-                                              (params, opt))
+    (params, opt), metrics = step_lib.guarded_update(self.options.skip_nonfinite, loss, sq,
+                                                     update, (params, opt))
     expand = lambda d: {k: v[None] for k, v in d.items()}
-    return expand(params), expand(opt), {"loss": loss, "grad_norm": norm, "skipped": skipped}
+    return expand(params), expand(opt), metrics
 
   def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
     params = {k: v[0] for k, v in params.items()}
