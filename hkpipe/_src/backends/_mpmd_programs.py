@@ -34,27 +34,12 @@ import optax
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import partition as partition_lib
+from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
 
 
 def _is_float(a: Any) -> bool:
   return jnp.issubdtype(a.dtype, jnp.inexact)
-
-
-@dataclasses.dataclass
-class _Residuals:
-  """Filled while tracing a forward: how to rebuild its ``jax.vjp`` function in the backward.
-
-  Attributes:
-    tree: treedef of the vjp function (a ``Partial`` pytree of residual arrays).
-    source: per residual leaf, ``("in", i)`` (it is input ``i`` of the forward, passed again to
-      the backward instead of being copied into the stash) or ``("out", k)`` (stashed output k).
-    num_out: number of stashed residual outputs.
-  """
-
-  tree: Any = None
-  source: tuple[tuple[str, int], ...] = ()
-  num_out: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,18 +96,15 @@ class StageFns:
     self.ndx = 0 if self.is_first else sum(self.x_float)
     self.ndy = 0 if self.is_last else sum(self.y_float)
     self.n_inputs = self.np + self.nx + self.nt + 4
-    self.res = _Residuals()          # filled by tracing fwd (or last_fwd_i)
+    self.res = stage_lib.Residuals()  # filled by tracing fwd (or last_fwd_i)
 
   # -- pieces ----------------------------------------------------------------------------------
 
   def run(self, params: Sequence[Any], x: Any, key: jax.Array | None, lidx: jax.Array,
           is_training: bool) -> Any:
-    """Applies the stage's layers (per-layer dropout keys ``fold_in(key, lidx[j])``)."""
-    for j, layer in enumerate(self.layers):
-      # The layer index is traced (so identical stages share programs).
-      key_j = layers_lib.layer_rng(key, lidx[j])  # type: ignore[arg-type]
-      x = layer.apply(params[j], key_j, x, is_training=is_training)
-    return x
+    """Applies the stage's layers (per-layer dropout keys ``fold_in(key, lidx[j])``; the layer
+    index is traced, so identical stages share programs)."""
+    return stage_lib.apply_layers(self.layers, params, x, key, lidx, is_training)
 
   def _split(self, args: Sequence[Any]):
     """Splits ``inputs`` into (params tuple, x leaves, targets tree, rng, step, mb, lidx)."""
@@ -140,45 +122,24 @@ class StageFns:
     def f(params, xf):
       it = iter(xf)
       full = [next(it) if fl else v for v, fl in zip(x_leaves, self.x_float)]
-      y = self.run(params, jax.tree.unflatten(self.x_tree, full), key, lidx, True)
-      if self.is_last:
-        return self.model.loss_fn(y, t).astype(jnp.float32)
-      return y
+      return stage_lib.stage_output(self.model, self.spec.start, self.spec.stop, params,
+                                    jax.tree.unflatten(self.x_tree, full), key, lidx, t, True)
 
     return jax.checkpoint(f) if self.remat else f
 
   def _vjp(self, args: Sequence[Any]):
-    """Runs the forward under ``jax.vjp``; returns (output, vjp_fn)."""
+    """Runs the forward under ``jax.vjp``; returns (output, vjp_fn, residuals, stash): residuals
+    that are inputs (``args``) are passed to the backward again, not stashed."""
     p, x, t, rng, step, mb, lidx = self._split(args)
     key = layers_lib.microbatch_rng(rng, step, mb)
     f = self._objective(x, t, key, lidx)
     if self.is_first:
-      return jax.vjp(lambda params: f(params, []), p)
+      return stage_lib.vjp_with_stash(lambda params: f(params, []), (p,), args)
     xf = [v for v, fl in zip(x, self.x_float) if fl]
-    return jax.vjp(f, p, xf)
-
-  def _record_residuals(self, inputs: Sequence[Any], vjp_fn: Any) -> list:
-    """Stores how to rebuild ``vjp_fn``; returns the residual leaves that must be stashed."""
-    leaves, tree = jax.tree.flatten(vjp_fn)
-    by_id = {id(v): i for i, v in enumerate(inputs)}
-    source: list[tuple[str, int]] = []
-    outs: list[Any] = []
-    out_ids: dict[int, int] = {}
-    for leaf in leaves:
-      if id(leaf) in by_id and inputs[by_id[id(leaf)]] is leaf:
-        source.append(("in", by_id[id(leaf)]))
-      elif id(leaf) in out_ids:
-        source.append(("out", out_ids[id(leaf)]))
-      else:
-        out_ids[id(leaf)] = len(outs)
-        source.append(("out", len(outs)))
-        outs.append(leaf)
-    self.res = _Residuals(tree=tree, source=tuple(source), num_out=len(outs))
-    return outs
+    return stage_lib.vjp_with_stash(f, (p, xf), args)
 
   def _rebuild_vjp(self, inputs: Sequence[Any], res: Sequence[Any]) -> Any:
-    leaves = [inputs[i] if kind == "in" else res[i] for kind, i in self.res.source]
-    return jax.tree.unflatten(self.res.tree, leaves)
+    return stage_lib.rebuild_pullback(self.res, inputs, res)
 
   @staticmethod
   def _accumulate(acc: Sequence[Any], dp: Sequence[Any]) -> list:
@@ -205,8 +166,7 @@ class StageFns:
     """``fwd(*inputs) -> (y, res)`` (not for the last stage)."""
 
     def stage_fwd(*inputs):
-      y, vjp_fn = self._vjp(inputs)
-      res = self._record_residuals(inputs, vjp_fn)
+      y, _, self.res, res = self._vjp(inputs)
       return jax.tree.leaves(y), res
 
     return stage_fwd
@@ -253,7 +213,7 @@ class StageFns:
 
     def stage_last(*args):
       inputs, acc, loss_acc = args[:self.n_inputs], args[self.n_inputs:-1], args[-1]
-      loss, vjp_fn = self._vjp(inputs)
+      loss, vjp_fn, _, _ = self._vjp(inputs)
       dp, dx = self._grads(vjp_fn, self._cotangent(()))
       return self._accumulate(acc, dp), loss_acc + loss, dx
 
@@ -264,8 +224,7 @@ class StageFns:
 
     def stage_last_fwd_i(*args):
       inputs, loss_acc = args[:self.n_inputs], args[-1]
-      loss, vjp_fn = self._vjp(inputs)
-      res = self._record_residuals(inputs, vjp_fn)
+      loss, vjp_fn, self.res, res = self._vjp(inputs)
       _, dx = self._grads(vjp_fn, self._cotangent(()))
       return loss_acc + loss, dx, res
 
@@ -289,8 +248,8 @@ class StageFns:
       n = self.np
       x = jax.tree.unflatten(self.x_tree, args[n:n + self.nx]); n += self.nx
       t = jax.tree.unflatten(self.t_tree, args[n:n + self.nt])
-      y = self.run(p, x, None, args[-2], False)
-      return args[-1] + self.model.loss_fn(y, t).astype(jnp.float32)
+      return args[-1] + stage_lib.stage_output(self.model, self.spec.start, self.spec.stop, p, x,
+                                               None, args[-2], t, False)
 
     return stage_eval_last
 

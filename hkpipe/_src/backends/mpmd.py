@@ -48,6 +48,7 @@ from hkpipe import schedules
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import pipeline as pl
+from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_plan
 from hkpipe._src.backends import _mpmd_programs as progs
@@ -415,13 +416,9 @@ class _Setup:
     return tuple(self.meshes[rank].devices.flat)
 
   def _tie_links(self) -> tuple[_TieLink, ...]:
-    where = {}
-    for f in self.fns:
-      paths = jax.tree_util.tree_flatten_with_path(f.shapes.params)[0]
-      for leaf_i, (path, _) in enumerate(paths):
-        layer = f.spec.layer_names[path[0].idx]
-        where[(layer,) + tuple(k.key for k in path[1:])] = (f.spec.index, leaf_i)
-    return tuple(_TieLink(*where[t.source], *where[t.target]) for t in self.model.ties)
+    found = stage_lib.locate_ties(self.model.ties, [f.shapes.params for f in self.fns],
+                                  [f.spec.layer_names for f in self.fns])
+    return tuple(_TieLink(*t.source, *t.target) for t in found)
 
   def stage_leaves(self, stage: int, params: Mapping[str, Any]) -> list:
     """Flat parameter leaves of a stage's ``{layer_name: params}`` dict, in stage layer order."""
