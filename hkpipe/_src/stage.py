@@ -120,7 +120,7 @@ def locate_ties(ties: Sequence[layers_lib.Tie], stage_params: Sequence[Any],
   where: dict[str, tuple[int, Any]] = {}
   for s, (tree, names) in enumerate(zip(stage_params, stage_layers)):
     leaves, treedef = jax.tree.flatten(tree)
-    numbered = treedef.unflatten(list(range(len(leaves))))
+    numbered = jax.tree.unflatten(treedef, list(range(len(leaves))))
     by_layer = numbered if isinstance(numbered, Mapping) else dict(zip(names, numbered))
     for name in names:
       where[name] = (s, by_layer[name])

@@ -244,4 +244,7 @@ def stage_update(optimizer: optax.GradientTransformation, max_norm: float | None
   step = lambda s: apply_update(optimizer, max_norm, grads, s[0], s[1], global_sq_norm)
   if not skip_nonfinite:
     return step((params, opt_state))
+  if global_sq_norm is None:
+    raise ValueError("stage_update with skip_nonfinite=True needs the flagged global_sq_norm "
+                     "from global_metrics.")
   return step_guard.apply_if(step_guard.scale_ok(global_sq_norm), step, (params, opt_state))

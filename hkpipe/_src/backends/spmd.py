@@ -426,13 +426,10 @@ class SpmdBackend(pl.Backend):
 
   def _tie_grads(self, grads: dict) -> dict:
     """Replaces both sides of every tie by their sum (a ``psum`` over ``pp`` of each side)."""
-    r = jax.lax.axis_index("pp")
     out = dict(grads)
     for tie in self.plan.ties:
       g = out[tie.dtype]
-      pick = lambda t: jnp.asarray(np.asarray(t))[r]
-      src_on, src_off, tgt_on, tgt_off = map(pick, (tie.src_on, tie.src_off, tie.tgt_on,
-                                                   tie.tgt_off))
+      (src_on, src_off), (tgt_on, tgt_off) = _sides_here(tie)
       src = jax.lax.dynamic_slice_in_dim(g, src_off, tie.size)
       tgt = jax.lax.dynamic_slice_in_dim(g, tgt_off, tie.size)
       total = jax.lax.psum(jnp.where(src_on, src, 0) + jnp.where(tgt_on, tgt, 0), "pp")
@@ -444,14 +441,8 @@ class SpmdBackend(pl.Backend):
 
   def _tied_copies(self, grads: dict) -> list:
     """This rank's copies of tied weights in its gradient buffers (zeros for sides it lacks)."""
-    r = jax.lax.axis_index("pp")
-    out = []
-    for tie in self.plan.ties:
-      for on, off in ((tie.src_on, tie.src_off), (tie.tgt_on, tie.tgt_off)):
-        pick = lambda t: jnp.asarray(np.asarray(t))[r]
-        out.append(jnp.where(pick(on), jax.lax.dynamic_slice_in_dim(grads[tie.dtype], pick(off),
-                                                                    tie.size), 0))
-    return out
+    return [jnp.where(on, jax.lax.dynamic_slice_in_dim(grads[tie.dtype], off, tie.size), 0)
+            for tie in self.plan.ties for on, off in _sides_here(tie)]
 
   def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict, sq: jax.Array):
     """Optimizer update of rank ``rank``'s parameters, on its own (unpadded) structure."""
@@ -756,6 +747,14 @@ def _switch_in_place(index: jax.Array, branches: Sequence[Any], carry: Any, *arg
     run = lambda state, fn=fn: (jnp.zeros((), jnp.bool_), fn(state[1], *args))
     carry = jax.lax.while_loop(lambda state: state[0], run, (index == i, carry))[1]
   return carry
+
+
+def _sides_here(tie: _Tie) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """Inside shard_map: ``((holds source, its offset), (holds target, its offset))`` on this
+  ``pp`` rank."""
+  r = jax.lax.axis_index("pp")
+  pick = lambda t: jnp.asarray(np.asarray(t))[r]
+  return (pick(tie.src_on), pick(tie.src_off)), (pick(tie.tgt_on), pick(tie.tgt_off))
 
 
 def _local(tree: Any) -> Any:
