@@ -71,6 +71,44 @@ def accumulate(loss_and_grad: Callable[[Any, Any], tuple[jax.Array, Any]], param
   return loss / m, jax.tree.map(lambda g: g / m, grads)
 
 
+def microbatch_grads(model: layers_lib.SequentialModel, remat: bool, params: Any, inputs: Any,
+                     targets: Any, key_of: Callable[[jax.Array], Any], num_microbatches: int,
+                     reduce: Callable[[Any], Any] = lambda t: t) -> tuple[jax.Array, Any]:
+  """Mean training loss and mean gradient (ties summed) of the whole model over microbatches.
+
+  Args:
+    model: the model.
+    remat: recompute the forward in the backward.
+    params: canonical parameters.
+    inputs: inputs, leaves ``[m, b, ...]``.
+    targets: targets, leaves ``[m, b, ...]``.
+    key_of: microbatch index (traced) -> its dropout key.
+    num_microbatches: ``m``.
+    reduce: applied to ``(loss, grads)`` before the ties are summed (e.g. a ``pmean`` over
+      data-parallel replicas).
+
+  Returns:
+    ``(loss, grads)``: the :func:`accumulate` means, reduced, with :func:`sum_ties` applied.
+  """
+  loss_fn = microbatch_loss(model, remat)
+
+  def loss_and_grad(p, mb):
+    i, x, y = mb
+    return jax.value_and_grad(loss_fn)(p, x, y, key_of(i))
+
+  m = num_microbatches
+  loss, grads = reduce(accumulate(loss_and_grad, params, (jnp.arange(m), inputs, targets), m))
+  return loss, sum_ties(grads, model.ties)
+
+
+def eval_loss(model: layers_lib.SequentialModel, params: Any, inputs: Any,
+              targets: Any) -> jax.Array:
+  """Mean loss over microbatches (leaves ``[m, b, ...]``) without dropout, one at a time."""
+  losses = jax.lax.map(lambda xy: model.loss(params, xy[0], xy[1]).astype(jnp.float32),
+                       (inputs, targets))
+  return jnp.mean(losses)
+
+
 def sum_ties(grads: Any, ties: Sequence[layers_lib.Tie]) -> dict:
   """Canonical gradients with both sides of every tie replaced by their sum."""
   return layers_lib.tie_grads(grads, ties)
@@ -212,6 +250,20 @@ def train_update(optimizer: optax.GradientTransformation, max_norm: float | None
   (params, opt_state), metrics = guarded_update(skip_nonfinite, loss, global_sq_norm, step,
                                                 (params, opt_state))
   return params, opt_state, metrics
+
+
+def canonical_train_update(optimizer: optax.GradientTransformation, options: Any,
+                           ties: Sequence[layers_lib.Tie], params: Any, opt_state: Any,
+                           loss: jax.Array, grads: Any) -> tuple[Any, Any, dict]:
+  """:func:`train_update` on the whole canonical tree (``single``, ``pmap``), the global norm
+  measured on ``grads`` (ties summed) with each tied weight counted once.
+
+  Args:
+    options: the ``PipelineOptions`` (``max_grad_norm``, ``skip_nonfinite``).
+  """
+  sq = sq_norm_share(grads, tied_copies(grads, ties))
+  return train_update(optimizer, options.max_grad_norm, options.skip_nonfinite, params,
+                      opt_state, loss, grads, sq)
 
 
 def global_metrics(num_microbatches: int, skip_nonfinite: bool, loss_sum: jax.Array,

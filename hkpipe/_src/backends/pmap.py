@@ -135,27 +135,17 @@ class PmapBackend(pl.Backend):
     """Mean loss and tied, device-averaged grads; batch leaves are ``[m, b, ...]``."""
     inputs, targets = batch
     m = self.options.num_microbatches
-    loss_fn = step_lib.microbatch_loss(self.model, self.options.remat)
-
-    def loss_and_grad(p, mb):
-      i, x, y = mb
-      return jax.value_and_grad(loss_fn)(p, x, y, self._device_key(rng, step, i))
-
-    loss, grads = jax.lax.pmean(
-        step_lib.accumulate(loss_and_grad, params, (jnp.arange(m), inputs, targets), m), _AXIS)
-    return loss, step_lib.sum_ties(grads, self.model.ties)
+    return step_lib.microbatch_grads(self.model, self.options.remat, params, inputs, targets,
+                                     lambda i: self._device_key(rng, step, i), m,
+                                     reduce=lambda t: jax.lax.pmean(t, _AXIS))
 
   def _train_impl(self, params, opt_state, rng, step, batch):
     loss, grads = self._grads_impl(params, rng, step, batch)
-    sq = step_lib.sq_norm_share(grads, step_lib.tied_copies(grads, self.model.ties))
-    return step_lib.train_update(self.optimizer, self.options.max_grad_norm,
-                                 self.options.skip_nonfinite, params, opt_state, loss, grads, sq)
+    return step_lib.canonical_train_update(self.optimizer, self.options, self.model.ties, params,
+                                           opt_state, loss, grads)
 
   def _eval_impl(self, params, batch):
-    inputs, targets = batch
-    losses = jax.lax.map(lambda xy: self.model.loss(params, xy[0], xy[1]).astype(jnp.float32),
-                         (inputs, targets))
-    return jax.lax.pmean(jnp.mean(losses), _AXIS)
+    return jax.lax.pmean(step_lib.eval_loss(self.model, params, *batch), _AXIS)
 
   # -- placement -------------------------------------------------------------------------------
 

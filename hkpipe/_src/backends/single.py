@@ -33,27 +33,18 @@ class SingleBackend(pl.Backend):
   def _grads_impl(self, params, rng, step, batch):
     m = self.options.num_microbatches
     inputs, targets = pl.split_microbatches(batch, m)
-    loss_fn = step_lib.microbatch_loss(self.model, self.options.remat)
-
-    def loss_and_grad(p, mb):
-      i, x, y = mb
-      return jax.value_and_grad(loss_fn)(p, x, y, layers_lib.microbatch_rng(rng, step, i))
-
-    loss, grads = step_lib.accumulate(loss_and_grad, params, (jnp.arange(m), inputs, targets), m)
-    return loss, step_lib.sum_ties(grads, self.model.ties)
+    key_of = lambda i: layers_lib.microbatch_rng(rng, step, i)
+    return step_lib.microbatch_grads(self.model, self.options.remat, params, inputs, targets,
+                                     key_of, m)
 
   def _train_impl(self, params, opt_state, rng, step, batch):
     loss, grads = self._grads_impl(params, rng, step, batch)
-    sq = step_lib.sq_norm_share(grads, step_lib.tied_copies(grads, self.model.ties))
-    return step_lib.train_update(self.optimizer, self.options.max_grad_norm,
-                                 self.options.skip_nonfinite, params, opt_state, loss, grads, sq)
+    return step_lib.canonical_train_update(self.optimizer, self.options, self.model.ties, params,
+                                           opt_state, loss, grads)
 
   def _eval_impl(self, params, batch):
     m = self.options.num_microbatches
-    inputs, targets = pl.split_microbatches(batch, m)
-    losses = jax.lax.map(lambda xy: self.model.loss(params, xy[0], xy[1]).astype(jnp.float32),
-                         (inputs, targets))
-    return jnp.mean(losses)
+    return step_lib.eval_loss(self.model, params, *pl.split_microbatches(batch, m))
 
   # -- Backend API -----------------------------------------------------------------------------
 
