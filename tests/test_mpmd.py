@@ -135,7 +135,10 @@ def reference(name: str, max_grad_norm: float | None = None) -> Reference:
   loss, grads = jax.device_get(pipe.loss_and_grads(state, c.batch))
   losses, norms, p, g, step_loss = [], [], params, grads, loss
   for step in range(STEPS):
-    norm = np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in jax.tree.leaves(g)))
+    # Each tied weight counts once: its target copy holds the same summed gradient as its source.
+    targets = [g[layer][mod][name] for layer, mod, name in (t.target for t in c.model.ties)]
+    norm = np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in jax.tree.leaves(g))
+                   - sum(np.sum(np.square(x.astype(np.float64))) for x in targets))
     scale = 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / norm)
     losses.append(step_loss)
     norms.append(np.float32(norm))

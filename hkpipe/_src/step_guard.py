@@ -8,8 +8,9 @@ skips together. ``TrainState.step`` still advances (the batch was consumed, so a
 the same batches) and the metrics carry ``skipped`` (1.0 or 0.0).
 
 MPMD updates each stage in its own program: the last rank, which holds the loss and the global
-norm, folds the decision into the clip factor it sends to every stage (NaN: skip; see
-:func:`flag_scale` and :func:`scale_ok`), with or without clipping.
+norm, folds the decision into the one scalar it sends to every stage, the squared global norm
+each stage clips by (NaN: skip; see :func:`flag_scale`, :func:`scale_ok` and
+``hkpipe._src.step.global_metrics``), with or without clipping.
 
 On the host, :class:`SkipCounter` counts skipped steps from the metrics flags without waiting on
 the step in flight, and ends a run after too many skips in a row (:class:`NonFiniteStepsError`).
@@ -71,7 +72,8 @@ def guard(enabled: bool, loss: jax.Array, grad_norm: jax.Array, update: Callable
 
 def flag_scale(enabled: bool, scale: jax.Array, loss: jax.Array,
                grad_norm: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """A clip factor that carries the skip decision (NaN: skip), and the ``skipped`` metric.
+  """A scalar (e.g. the squared global norm) that carries the skip decision (NaN: skip), and the
+  ``skipped`` metric.
 
   For backends whose stages update in separate programs: the stage that knows the loss and the
   global norm sends this one scalar to every stage, which passes :func:`scale_ok` of it to

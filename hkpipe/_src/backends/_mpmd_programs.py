@@ -34,28 +34,12 @@ import optax
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import partition as partition_lib
-from hkpipe._src import pipeline as pl
-from hkpipe._src import step_guard
+from hkpipe._src import stage as stage_lib
+from hkpipe._src import step as step_lib
 
 
 def _is_float(a: Any) -> bool:
   return jnp.issubdtype(a.dtype, jnp.inexact)
-
-
-@dataclasses.dataclass
-class _Residuals:
-  """Filled while tracing a forward: how to rebuild its ``jax.vjp`` function in the backward.
-
-  Attributes:
-    tree: treedef of the vjp function (a ``Partial`` pytree of residual arrays).
-    source: per residual leaf, ``("in", i)`` (it is input ``i`` of the forward, passed again to
-      the backward instead of being copied into the stash) or ``("out", k)`` (stashed output k).
-    num_out: number of stashed residual outputs.
-  """
-
-  tree: Any = None
-  source: tuple[tuple[str, int], ...] = ()
-  num_out: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,18 +96,15 @@ class StageFns:
     self.ndx = 0 if self.is_first else sum(self.x_float)
     self.ndy = 0 if self.is_last else sum(self.y_float)
     self.n_inputs = self.np + self.nx + self.nt + 4
-    self.res = _Residuals()          # filled by tracing fwd (or last_fwd_i)
+    self.res = stage_lib.Residuals()  # filled by tracing fwd (or last_fwd_i)
 
   # -- pieces ----------------------------------------------------------------------------------
 
   def run(self, params: Sequence[Any], x: Any, key: jax.Array | None, lidx: jax.Array,
           is_training: bool) -> Any:
-    """Applies the stage's layers (per-layer dropout keys ``fold_in(key, lidx[j])``)."""
-    for j, layer in enumerate(self.layers):
-      # The layer index is traced (so identical stages share programs).
-      key_j = layers_lib.layer_rng(key, lidx[j])  # type: ignore[arg-type]
-      x = layer.apply(params[j], key_j, x, is_training=is_training)
-    return x
+    """Applies the stage's layers (per-layer dropout keys ``fold_in(key, lidx[j])``; the layer
+    index is traced, so identical stages share programs)."""
+    return stage_lib.apply_layers(self.layers, params, x, key, lidx, is_training)
 
   def _split(self, args: Sequence[Any]):
     """Splits ``inputs`` into (params tuple, x leaves, targets tree, rng, step, mb, lidx)."""
@@ -141,45 +122,24 @@ class StageFns:
     def f(params, xf):
       it = iter(xf)
       full = [next(it) if fl else v for v, fl in zip(x_leaves, self.x_float)]
-      y = self.run(params, jax.tree.unflatten(self.x_tree, full), key, lidx, True)
-      if self.is_last:
-        return self.model.loss_fn(y, t).astype(jnp.float32)
-      return y
+      return stage_lib.stage_output(self.model, self.spec.start, self.spec.stop, params,
+                                    jax.tree.unflatten(self.x_tree, full), key, lidx, t, True)
 
     return jax.checkpoint(f) if self.remat else f
 
   def _vjp(self, args: Sequence[Any]):
-    """Runs the forward under ``jax.vjp``; returns (output, vjp_fn)."""
+    """Runs the forward under ``jax.vjp``; returns (output, vjp_fn, residuals, stash): residuals
+    that are inputs (``args``) are passed to the backward again, not stashed."""
     p, x, t, rng, step, mb, lidx = self._split(args)
     key = layers_lib.microbatch_rng(rng, step, mb)
     f = self._objective(x, t, key, lidx)
     if self.is_first:
-      return jax.vjp(lambda params: f(params, []), p)
+      return stage_lib.vjp_with_stash(lambda params: f(params, []), (p,), args)
     xf = [v for v, fl in zip(x, self.x_float) if fl]
-    return jax.vjp(f, p, xf)
-
-  def _record_residuals(self, inputs: Sequence[Any], vjp_fn: Any) -> list:
-    """Stores how to rebuild ``vjp_fn``; returns the residual leaves that must be stashed."""
-    leaves, tree = jax.tree.flatten(vjp_fn)
-    by_id = {id(v): i for i, v in enumerate(inputs)}
-    source: list[tuple[str, int]] = []
-    outs: list[Any] = []
-    out_ids: dict[int, int] = {}
-    for leaf in leaves:
-      if id(leaf) in by_id and inputs[by_id[id(leaf)]] is leaf:
-        source.append(("in", by_id[id(leaf)]))
-      elif id(leaf) in out_ids:
-        source.append(("out", out_ids[id(leaf)]))
-      else:
-        out_ids[id(leaf)] = len(outs)
-        source.append(("out", len(outs)))
-        outs.append(leaf)
-    self.res = _Residuals(tree=tree, source=tuple(source), num_out=len(outs))
-    return outs
+    return stage_lib.vjp_with_stash(f, (p, xf), args)
 
   def _rebuild_vjp(self, inputs: Sequence[Any], res: Sequence[Any]) -> Any:
-    leaves = [inputs[i] if kind == "in" else res[i] for kind, i in self.res.source]
-    return jax.tree.unflatten(self.res.tree, leaves)
+    return stage_lib.rebuild_pullback(self.res, inputs, res)
 
   @staticmethod
   def _accumulate(acc: Sequence[Any], dp: Sequence[Any]) -> list:
@@ -206,8 +166,7 @@ class StageFns:
     """``fwd(*inputs) -> (y, res)`` (not for the last stage)."""
 
     def stage_fwd(*inputs):
-      y, vjp_fn = self._vjp(inputs)
-      res = self._record_residuals(inputs, vjp_fn)
+      y, _, self.res, res = self._vjp(inputs)
       return jax.tree.leaves(y), res
 
     return stage_fwd
@@ -254,7 +213,7 @@ class StageFns:
 
     def stage_last(*args):
       inputs, acc, loss_acc = args[:self.n_inputs], args[self.n_inputs:-1], args[-1]
-      loss, vjp_fn = self._vjp(inputs)
+      loss, vjp_fn, _, _ = self._vjp(inputs)
       dp, dx = self._grads(vjp_fn, self._cotangent(()))
       return self._accumulate(acc, dp), loss_acc + loss, dx
 
@@ -265,8 +224,7 @@ class StageFns:
 
     def stage_last_fwd_i(*args):
       inputs, loss_acc = args[:self.n_inputs], args[-1]
-      loss, vjp_fn = self._vjp(inputs)
-      res = self._record_residuals(inputs, vjp_fn)
+      loss, vjp_fn, self.res, res = self._vjp(inputs)
       _, dx = self._grads(vjp_fn, self._cotangent(()))
       return loss_acc + loss, dx, res
 
@@ -290,8 +248,8 @@ class StageFns:
       n = self.np
       x = jax.tree.unflatten(self.x_tree, args[n:n + self.nx]); n += self.nx
       t = jax.tree.unflatten(self.t_tree, args[n:n + self.nt])
-      y = self.run(p, x, None, args[-2], False)
-      return args[-1] + self.model.loss_fn(y, t).astype(jnp.float32)
+      return args[-1] + stage_lib.stage_output(self.model, self.spec.start, self.spec.stop, p, x,
+                                               None, args[-2], t, False)
 
     return stage_eval_last
 
@@ -312,9 +270,16 @@ class StageFns:
     return dict(zip(self.spec.layer_names, tree))
 
 
+def _tied(g: Sequence[Any], same_stage: Sequence[tuple[int, int]],
+           incoming: Sequence[int]) -> list:
+  """The stage's copies of tied weights among its gradient leaves ``g``."""
+  return [g[i] for pair in same_stage for i in pair] + [g[i] for i in incoming]
+
+
 def finalize_fn(fns: StageFns, same_stage: Sequence[tuple[int, int]],
                 incoming: Sequence[int]) -> Callable:
-  """``finalize(*acc, *partner) -> (g, sq)``: sums tied gradients and measures the stage norm.
+  """``finalize(*acc, *partner) -> (g, sq)``: sums tied gradients and measures the stage's share
+  of the squared global norm (``step.sq_norm_share``: each tied weight counted once overall).
 
   Args:
     fns: the stage.
@@ -325,81 +290,55 @@ def finalize_fn(fns: StageFns, same_stage: Sequence[tuple[int, int]],
   n = fns.np
 
   def stage_finalize(*args):
-    g = _tie_sums(args[:n], same_stage, incoming, args[n:])
-    return g, pl.sq_norm(g)
+    g = step_lib.sum_tie_leaves(args[:n], same_stage, incoming, args[n:])
+    return g, step_lib.sq_norm_share(g, _tied(g, same_stage, incoming))
 
   return stage_finalize
 
 
-def _tie_sums(g: list, same_stage: Sequence[tuple[int, int]], incoming: Sequence[int],
-              partner: Sequence[Any]) -> list:
-  """Gradient leaves with tied pairs summed (``a + b`` on both sides: bit-identical)."""
-  g = list(g)
-  for i, j in same_stage:
-    g[i], g[j] = g[i] + g[j], g[j] + g[i]
-  for k, i in enumerate(incoming):
-    g[i] = g[i] + partner[k]
-  return g
-
-
 def metrics_fn(num_stages: int, num_microbatches: int, max_grad_norm: float | None,
                skip_nonfinite: bool = False) -> Callable:
-  """``metrics(loss_sum, *sq) -> (loss, grad_norm, clip_scale, skipped)``.
+  """``metrics(loss_sum, *sq) -> (loss, grad_norm, global_sq_norm, skipped)``.
 
-  With ``skip_nonfinite`` the clip factor is NaN when the step must be skipped (see
-  ``step_guard.flag_scale``): it is the one scalar every stage's update receives.
+  ``global_sq_norm`` is the one scalar every stage's update receives (it clips by it); with
+  ``skip_nonfinite`` it is NaN when the step must be skipped (see ``step.global_metrics``).
   """
 
   def pipeline_metrics(loss_sum, *sqs):
-    norm = jnp.sqrt(sum(sqs[1:], sqs[0]))
-    loss = loss_sum / num_microbatches
-    scale, skipped = step_guard.flag_scale(skip_nonfinite, pl.clip_scale(norm, max_grad_norm),
-                                           loss, norm)
-    return loss, norm, scale, skipped
+    return step_lib.global_metrics(num_microbatches, skip_nonfinite, loss_sum, sqs)
 
-  del num_stages
+  del num_stages, max_grad_norm
   return pipeline_metrics
 
 
 def update_fn(optimizer: optax.GradientTransformation, fns: StageFns, opt_tree: Any,
-              clip: bool, same_stage: Sequence[tuple[int, int]] = (),
+              max_grad_norm: float | None, same_stage: Sequence[tuple[int, int]] = (),
               incoming: Sequence[int] = (), skip_nonfinite: bool = False) -> Callable:
   """One optimizer step of one stage, handing back a zeroed accumulator for the next step.
 
-  With clipping or ``skip_nonfinite``: ``update(*p, *opt, *g, scale) -> (p', opt', zeros)`` on
-  finalized gradients ``g``, once every stage's norm is known: ``scale`` is the clip factor (1
-  without clipping), NaN when the step is skipped (``p``, ``opt`` then come back unchanged; see
-  ``step_guard``). Otherwise the finalize step is fused in,
+  With clipping or ``skip_nonfinite``: ``update(*p, *opt, *g, sq) -> (p', opt', zeros)`` on
+  finalized gradients ``g``, once every stage's norm is known: ``sq`` is the squared global norm
+  from :func:`metrics_fn` (``g`` is clipped by it), NaN when the step is skipped (``p``, ``opt``
+  then come back unchanged; see ``step.stage_update``). Otherwise the finalize step is fused in,
   ``update(*p, *opt, *acc, *partner) -> (p', opt', zeros, sq)`` (see :func:`finalize_fn`), so a
   stage updates as soon as its own backward is done. The accumulator is donated, so the zeros
   reuse its buffers.
   """
   n_p, n_opt = fns.np, opt_tree.num_leaves
-  scaled = clip or skip_nonfinite
+  scaled = max_grad_norm is not None or skip_nonfinite
 
   def stage_update(*args):
     p = fns.names_dict(jax.tree.unflatten(fns.p_tree, args[:n_p]))
     opt = jax.tree.unflatten(opt_tree, args[n_p:n_p + n_opt])
     acc = args[n_p + n_opt:n_p + n_opt + n_p]
-    g = list(acc)
-    if clip:
-      scale = args[-1]
-      g = [x * scale.astype(x.dtype) for x in g]
-    elif not scaled:
-      g = _tie_sums(g, same_stage, incoming, args[n_p + n_opt + n_p:])
+    g = acc if scaled else step_lib.sum_tie_leaves(acc, same_stage, incoming,
+                                                   args[n_p + n_opt + n_p:])
     grads = fns.names_dict(jax.tree.unflatten(fns.p_tree, g))
-
-    def apply(state):
-      updates, new_opt = optimizer.update(grads, state[1], state[0])
-      return optax.apply_updates(state[0], updates), new_opt
-
-    if skip_nonfinite:
-      p, opt = step_guard.apply_if(step_guard.scale_ok(args[-1]), apply, (p, opt))
-    else:
-      p, opt = apply((p, opt))
+    p, opt = step_lib.stage_update(optimizer, max_grad_norm, skip_nonfinite, p, opt, grads,
+                                   args[-1] if scaled else None)
     out = (jax.tree.leaves(tuple(p[n] for n in fns.spec.layer_names)), jax.tree.leaves(opt),
            [jnp.zeros_like(a) for a in acc])
-    return out if scaled else out + (pl.sq_norm(g),)
+    return out if scaled else out + (step_lib.sq_norm_share(g, _tied(g, same_stage, incoming)),)
 
   return stage_update
 

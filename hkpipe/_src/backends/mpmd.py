@@ -48,6 +48,7 @@ from hkpipe import schedules
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import pipeline as pl
+from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_plan
 from hkpipe._src.backends import _mpmd_programs as progs
@@ -415,13 +416,9 @@ class _Setup:
     return tuple(self.meshes[rank].devices.flat)
 
   def _tie_links(self) -> tuple[_TieLink, ...]:
-    where = {}
-    for f in self.fns:
-      paths = jax.tree_util.tree_flatten_with_path(f.shapes.params)[0]
-      for leaf_i, (path, _) in enumerate(paths):
-        layer = f.spec.layer_names[path[0].idx]
-        where[(layer,) + tuple(k.key for k in path[1:])] = (f.spec.index, leaf_i)
-    return tuple(_TieLink(*where[t.source], *where[t.target]) for t in self.model.ties)
+    found = stage_lib.locate_ties(self.model.ties, [f.shapes.params for f in self.fns],
+                                  [f.spec.layer_names for f in self.fns])
+    return tuple(_TieLink(*t.source, *t.target) for t in found)
 
   def stage_leaves(self, stage: int, params: Mapping[str, Any]) -> list:
     """Flat parameter leaves of a stage's ``{layer_name: params}`` dict, in stage layer order."""
@@ -733,7 +730,6 @@ class _Setup:
                     opt_leaves: Sequence[Any]) -> _mpmd_compile.Program:
     f, r = self.fns[s], self.rank_of[s]
     rep = self.rep[r]
-    clip = self.options.max_grad_norm is not None
     opt_specs = [_spec(a, rep) for a in opt_leaves]
     same, incoming, partner_specs = self._tie_plan(s)
     args = self._param_specs(s) + opt_specs + self._acc_specs(s)
@@ -742,7 +738,7 @@ class _Setup:
     # The accumulator is always donated: the fresh zeros for the next step reuse it.
     donate = (list(range(n)) if self.options.donate else []) + list(range(n, n + f.np))
     return self._stage_program(s, "update", lambda: self._compile(
-        progs.update_fn(self.backend.optimizer, f, opt_tree, clip, same,
+        progs.update_fn(self.backend.optimizer, f, opt_tree, self.options.max_grad_norm, same,
                         [leaf for _, leaf in incoming], self.options.skip_nonfinite), args, r,
         out_shardings=rep, donate=donate),
         extra=(opt_tree, tuple((a.shape, jnp.dtype(a.dtype)) for a in opt_leaves)))

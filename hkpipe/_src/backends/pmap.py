@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import pipeline as pl
-from hkpipe._src import step_guard
+from hkpipe._src import step as step_lib
 
 _AXIS = "dp"
 
@@ -125,13 +125,6 @@ class PmapBackend(pl.Backend):
 
   # -- pure per-device pieces (run under pmap) -------------------------------------------------
 
-  def _loss(self, params, x, y, key):
-    def fn(p, x, y, k):
-      return self.model.loss(p, x, y, rng=k, is_training=True).astype(jnp.float32)
-    if self.options.remat:
-      fn = jax.checkpoint(fn)
-    return fn(params, x, y, key)
-
   def _device_key(self, rng, step, mb):
     key = layers_lib.microbatch_rng(rng, step, mb)
     if self.num_devices == 1:
@@ -142,38 +135,17 @@ class PmapBackend(pl.Backend):
     """Mean loss and tied, device-averaged grads; batch leaves are ``[m, b, ...]``."""
     inputs, targets = batch
     m = self.options.num_microbatches
-
-    def body(carry, xs):
-      i, x, y = xs
-      loss, grads = jax.value_and_grad(self._loss)(params, x, y, self._device_key(rng, step, i))
-      acc_loss, acc_grads = carry
-      return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                    (jnp.arange(m), inputs, targets))
-    loss, grads = jax.lax.pmean((loss / m, jax.tree.map(lambda g: g / m, grads)), _AXIS)
-    return loss, layers_lib.tie_grads(grads, self.model.ties)
+    return step_lib.microbatch_grads(self.model, self.options.remat, params, inputs, targets,
+                                     lambda i: self._device_key(rng, step, i), m,
+                                     reduce=lambda t: jax.lax.pmean(t, _AXIS))
 
   def _train_impl(self, params, opt_state, rng, step, batch):
     loss, grads = self._grads_impl(params, rng, step, batch)
-    norm = jnp.sqrt(pl.sq_norm(grads))
-    scale = pl.clip_scale(norm, self.options.max_grad_norm)
-    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-
-    def update(state):
-      updates, opt = self.optimizer.update(grads, state[1], state[0])
-      return optax.apply_updates(state[0], updates), opt
-
-    (params, opt_state), skipped = step_guard.guard(self.options.skip_nonfinite, loss, norm,
-                                                    update, (params, opt_state))
-    return params, opt_state, {"loss": loss, "grad_norm": norm, "skipped": skipped}
+    return step_lib.canonical_train_update(self.optimizer, self.options, self.model.ties, params,
+                                           opt_state, loss, grads)
 
   def _eval_impl(self, params, batch):
-    inputs, targets = batch
-    losses = jax.lax.map(lambda xy: self.model.loss(params, xy[0], xy[1]).astype(jnp.float32),
-                         (inputs, targets))
-    return jax.lax.pmean(jnp.mean(losses), _AXIS)
+    return jax.lax.pmean(step_lib.eval_loss(self.model, params, *batch), _AXIS)
 
   # -- placement -------------------------------------------------------------------------------
 

@@ -11,11 +11,10 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import pipeline as pl
-from hkpipe._src import step_guard
+from hkpipe._src import step as step_lib
 
 
 class SingleBackend(pl.Backend):
@@ -34,47 +33,18 @@ class SingleBackend(pl.Backend):
   def _grads_impl(self, params, rng, step, batch):
     m = self.options.num_microbatches
     inputs, targets = pl.split_microbatches(batch, m)
-
-    def body(carry, xs):
-      i, x, y = xs
-      key = layers_lib.microbatch_rng(rng, step, i)
-      loss, grads = jax.value_and_grad(self._loss)(params, x, y, key)
-      acc_loss, acc_grads = carry
-      return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                    (jnp.arange(m), inputs, targets))
-    grads = jax.tree.map(lambda g: g / m, grads)
-    return loss / m, layers_lib.tie_grads(grads, self.model.ties)
-
-  def _loss(self, params, x, y, key):
-    def fn(p, x, y, k):
-      return self.model.loss(p, x, y, rng=k, is_training=True).astype(jnp.float32)
-    if self.options.remat:
-      fn = jax.checkpoint(fn)
-    return fn(params, x, y, key)
+    key_of = lambda i: layers_lib.microbatch_rng(rng, step, i)
+    return step_lib.microbatch_grads(self.model, self.options.remat, params, inputs, targets,
+                                     key_of, m)
 
   def _train_impl(self, params, opt_state, rng, step, batch):
     loss, grads = self._grads_impl(params, rng, step, batch)
-    norm = jnp.sqrt(pl.sq_norm(grads))
-    scale = pl.clip_scale(norm, self.options.max_grad_norm)
-    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-
-    def update(state):
-      updates, opt = self.optimizer.update(grads, state[1], state[0])
-      return optax.apply_updates(state[0], updates), opt
-
-    (params, opt_state), skipped = step_guard.guard(self.options.skip_nonfinite, loss, norm,
-                                                    update, (params, opt_state))
-    return params, opt_state, {"loss": loss, "grad_norm": norm, "skipped": skipped}
+    return step_lib.canonical_train_update(self.optimizer, self.options, self.model.ties, params,
+                                           opt_state, loss, grads)
 
   def _eval_impl(self, params, batch):
     m = self.options.num_microbatches
-    inputs, targets = pl.split_microbatches(batch, m)
-    losses = jax.lax.map(lambda xy: self.model.loss(params, xy[0], xy[1]).astype(jnp.float32),
-                         (inputs, targets))
-    return jnp.mean(losses)
+    return step_lib.eval_loss(self.model, params, *pl.split_microbatches(batch, m))
 
   # -- Backend API -----------------------------------------------------------------------------
 

@@ -49,7 +49,8 @@ from jax.sharding import PartitionSpec as P
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import pipeline as pl
-from hkpipe._src import step_guard
+from hkpipe._src import stage as stage_lib
+from hkpipe._src import step as step_lib
 from hkpipe._src.backends import _spmd_pack as pack
 from hkpipe._src.backends import _spmd_tables as tables_lib
 from hkpipe.schedules import _ir
@@ -124,9 +125,8 @@ class _Plan:
 class _StageBackward:
   """How a stage's stash maps back to its ``vjp`` pullback (recorded by an abstract pre-pass)."""
 
-  treedef: Any            # the pullback's pytree structure
-  kinds: tuple[int, ...]  # per pullback leaf: index of the parameter leaf it is, or -1 (stashed)
-  layout: pack.FlatLayout  # where the stashed (non-parameter) leaves go in a stash row
+  residuals: stage_lib.Residuals  # the pullback's structure; "in" leaves are parameter leaves
+  layout: pack.FlatLayout         # where the stashed leaves go in a stash row
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
@@ -218,14 +218,13 @@ class SpmdBackend(pl.Backend):
     return dataclasses.replace(plan, ties=self._locate_ties(plan))
 
   def _locate_ties(self, plan: _Plan) -> tuple[_Tie, ...]:
-    stage_of = {n: st.index for st in plan.layout.stages for n in st.layer_names}
+    trees = [lay.treedef.unflatten(lay.avals) for lay in plan.stage_layouts]
+    names = [st.layer_names for st in plan.layout.stages]
     out = []
-    for tie in self.model.ties:
+    for tie in stage_lib.locate_ties(self.model.ties, trees, names):
       sides = []
-      for layer, module, name in (tie.source, tie.target):
-        s = stage_of[layer]
-        lay = plan.stage_layouts[s]
-        k, off, size = lay.slots[lay.leaf_index((layer, module, name))]
+      for s, leaf in (tie.source, tie.target):
+        k, off, size = plan.stage_layouts[s].slots[leaf]
         on = tuple(r == plan.rank_of(s) for r in range(plan.num_ranks))
         sides.append((k, size, on, tuple(off if o else 0 for o in on)))
       (k, size, src_on, src_off), (_, _, tgt_on, tgt_off) = sides
@@ -242,31 +241,24 @@ class SpmdBackend(pl.Backend):
 
   def _stage_apply(self, s: int, params: Any, x: Any, key: Any, targets: Any,
                    is_training: bool) -> Any:
+    """Stage ``s`` on ``{layer: params}``: its output, or the scalar loss on the last stage."""
     stage = self.plan.layout.stages[s]
-    y = self.model.apply_range(params, x, stage.start, stage.stop, rng=key,
-                               is_training=is_training)
-    if s == self.plan.num_stages - 1:
-      return self.model.loss_fn(y, targets).astype(jnp.float32)  # scalar loss
-    return y
+    return stage_lib.stage_output(self.model, stage.start, stage.stop,
+                                  [params[n] for n in stage.layer_names], x, key,
+                                  range(stage.start, stage.stop), targets, is_training)
 
   def _stage_vjp(self, s: int, params: Any, x: Any, key: Any, targets: Any):
-    """Forward of stage ``s`` with its pullback split into (structure, param leaves, stash)."""
+    """Forward of stage ``s`` with its pullback split into (residuals, stash); residuals that are
+    the parameters themselves are not stashed."""
     fn = lambda p, v: self._stage_apply(s, p, v, key, targets, True)
     if self.options.remat:
       fn = jax.checkpoint(fn)
+    kept = jax.tree.leaves(params)
     if s == 0:  # the inputs (e.g. tokens) need no cotangent
-      y, pullback = jax.vjp(lambda p: fn(p, x), params)
+      y, _, residuals, stash = stage_lib.vjp_with_stash(lambda p: fn(p, x), (params,), kept)
     else:
-      y, pullback = jax.vjp(fn, params, x)
-    # The pullback is a pytree whose leaves are its residuals and whose static part (a jaxpr
-    # taking the residuals as inputs) does not depend on the trace, so the structure recorded
-    # by an abstract pre-pass rebuilds it in the backward branch (checked in each forward).
-    # Residuals that are the parameters themselves (by identity) are not stashed.
-    leaves, treedef = jax.tree.flatten(pullback)
-    index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
-    kinds = tuple(index.get(id(leaf), -1) for leaf in leaves)
-    stash = [leaf for leaf, k in zip(leaves, kinds) if k < 0]
-    return y, treedef, kinds, stash
+      y, _, residuals, stash = stage_lib.vjp_with_stash(fn, (params, x), kept)
+    return y, residuals, stash
 
   def _microbatch_key(self, rng: jax.Array, step: jax.Array, mb: jax.Array) -> jax.Array:
     key = layers_lib.microbatch_rng(rng, step, mb)
@@ -321,13 +313,12 @@ class SpmdBackend(pl.Backend):
       box: dict[str, Any] = {}
 
       def record(p, v, k, t, s=s, box=box):
-        _, treedef, kinds, stash = self._stage_vjp(s, p, v, k, t)
-        box["treedef"], box["kinds"] = treedef, kinds
+        _, box["residuals"], stash = self._stage_vjp(s, p, v, k, t)
         return stash
 
       x_aval = inputs if s == 0 else boundaries[s - 1]
       stash = jax.eval_shape(record, stage_params[s], x_aval, key_aval, targets)
-      backward.append(_StageBackward(box["treedef"], box["kinds"], pack.FlatLayout.of(stash)))
+      backward.append(_StageBackward(box["residuals"], pack.FlatLayout.of(stash)))
     return _Program(act_codecs=act_codecs, cot_codecs=cot_codecs, payload_bytes=payload,
                     backward=tuple(backward),
                     stash_sizes=pack.padded_sizes([b.layout for b in backward]))
@@ -356,9 +347,10 @@ class SpmdBackend(pl.Backend):
         x = prog.act_codecs[s - 1].unpack(index(act_in, a_slot))
       targets = jax.tree.map(lambda v: index(v, mb), ctx["targets"]) if last else None
       if train:
-        y, _, kinds, res = self._stage_vjp(s, params(), x, key, targets)
+        y, residuals, res = self._stage_vjp(s, params(), x, key, targets)
         info = prog.backward[s]
-        if kinds != info.kinds or pack.FlatLayout.of(res).avals != info.layout.avals:
+        if (residuals.source != info.residuals.source
+            or pack.FlatLayout.of(res).avals != info.layout.avals):
           raise RuntimeError(f"Stage {s}: the vjp residual structure differs between traces "
                              "(non-deterministic stage function?).")
         stash = info.layout.write_row(stash, res, s_slot)
@@ -372,11 +364,8 @@ class SpmdBackend(pl.Backend):
       del act_in, mb, key, a_slot
       grads, stash, loss, _ = carry
       info = prog.backward[s]
-      p = params()
-      p_leaves = jax.tree.leaves(p)
-      res = iter(info.layout.read_row(stash, s_slot))
-      pullback = jax.tree.unflatten(info.treedef,
-                                    [p_leaves[k] if k >= 0 else next(res) for k in info.kinds])
+      pullback = stage_lib.rebuild_pullback(info.residuals, jax.tree.leaves(params()),
+                                            info.layout.read_row(stash, s_slot))
       ct = (jnp.ones((), jnp.float32) if last
             else prog.cot_codecs[s].unpack(index(cot_in, c_slot)))
       cts = pullback(ct)
@@ -437,13 +426,10 @@ class SpmdBackend(pl.Backend):
 
   def _tie_grads(self, grads: dict) -> dict:
     """Replaces both sides of every tie by their sum (a ``psum`` over ``pp`` of each side)."""
-    r = jax.lax.axis_index("pp")
     out = dict(grads)
     for tie in self.plan.ties:
       g = out[tie.dtype]
-      pick = lambda t: jnp.asarray(np.asarray(t))[r]
-      src_on, src_off, tgt_on, tgt_off = map(pick, (tie.src_on, tie.src_off, tie.tgt_on,
-                                                   tie.tgt_off))
+      (src_on, src_off), (tgt_on, tgt_off) = _sides_here(tie)
       src = jax.lax.dynamic_slice_in_dim(g, src_off, tie.size)
       tgt = jax.lax.dynamic_slice_in_dim(g, tgt_off, tie.size)
       total = jax.lax.psum(jnp.where(src_on, src, 0) + jnp.where(tgt_on, tgt, 0), "pp")
@@ -453,15 +439,19 @@ class SpmdBackend(pl.Backend):
           g, jnp.where(tgt_on, total, tgt), tgt_off, 0)
     return out
 
-  def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict):
+  def _tied_copies(self, grads: dict) -> list:
+    """This rank's copies of tied weights in its gradient buffers (zeros for sides it lacks)."""
+    return [jnp.where(on, jax.lax.dynamic_slice_in_dim(grads[tie.dtype], off, tie.size), 0)
+            for tie in self.plan.ties for on, off in _sides_here(tie)]
+
+  def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict, sq: jax.Array):
     """Optimizer update of rank ``rank``'s parameters, on its own (unpadded) structure."""
     plan = self.plan
     stages = plan.rank_stages(rank)
     p_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(params).items()}
     g_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(grads).items()}
-    opt_tree = plan.opt_layouts[rank].unpack(opt)
-    updates, opt_tree = self.optimizer.update(g_tree, opt_tree, p_tree)
-    p_tree = optax.apply_updates(p_tree, updates)
+    p_tree, opt_tree = step_lib.apply_update(self.optimizer, self.options.max_grad_norm, g_tree,
+                                             p_tree, plan.opt_layouts[rank].unpack(opt), sq)
     for s in stages:
       lay = plan.stage_layouts[s]
       params = lay.pack_into(params, {n: p_tree[n] for n in plan.layout.stages[s].layer_names})
@@ -472,16 +462,14 @@ class SpmdBackend(pl.Backend):
     opt = {k: v[0] for k, v in opt.items()}
     loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
                                    _rows(tabs))
-    norm = jnp.sqrt(jax.lax.psum(pl.sq_norm(grads), "pp"))
-    scale = pl.clip_scale(norm, self.options.max_grad_norm)
-    grads = {k: g * scale.astype(g.dtype) for k, g in grads.items()}
+    sq = jax.lax.psum(step_lib.sq_norm_share(grads, self._tied_copies(grads)), "pp")
     updates = [functools.partial(self._update_rank, r) for r in range(self.num_ranks)]
-    update = lambda s: jax.lax.switch(jax.lax.axis_index("pp"), updates, s[0], grads, s[1])
+    update = lambda s: jax.lax.switch(jax.lax.axis_index("pp"), updates, s[0], grads, s[1], sq)
     # loss and norm are global (psum over pp, pmean over dp): every shard decides alike.
-    (params, opt), skipped = step_guard.guard(self.options.skip_nonfinite, loss, norm, update,
-                                              (params, opt))
+    (params, opt), metrics = step_lib.guarded_update(self.options.skip_nonfinite, loss, sq,
+                                                     update, (params, opt))
     expand = lambda d: {k: v[None] for k, v in d.items()}
-    return expand(params), expand(opt), {"loss": loss, "grad_norm": norm, "skipped": skipped}
+    return expand(params), expand(opt), metrics
 
   def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
     params = {k: v[0] for k, v in params.items()}
@@ -759,6 +747,14 @@ def _switch_in_place(index: jax.Array, branches: Sequence[Any], carry: Any, *arg
     run = lambda state, fn=fn: (jnp.zeros((), jnp.bool_), fn(state[1], *args))
     carry = jax.lax.while_loop(lambda state: state[0], run, (index == i, carry))[1]
   return carry
+
+
+def _sides_here(tie: _Tie) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """Inside shard_map: ``((holds source, its offset), (holds target, its offset))`` on this
+  ``pp`` rank."""
+  r = jax.lax.axis_index("pp")
+  pick = lambda t: jnp.asarray(np.asarray(t))[r]
+  return (pick(tie.src_on), pick(tie.src_off)), (pick(tie.tgt_on), pick(tie.tgt_off))
 
 
 def _local(tree: Any) -> Any:
