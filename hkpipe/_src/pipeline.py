@@ -5,7 +5,8 @@ tests use; everything a caller needs (steps, canonical state, the resolved layou
 rows this process feeds, timeline and compile statistics) is a ``Pipeline`` method or property,
 so no caller reads ``pipe.backend``. A backend is a small subclass of :class:`Backend` (the way
 t5x has one base partitioner and small concrete ones); what all backends share (batch validation,
-microbatch splitting, global-norm clipping) lives here once.
+microbatch splitting) lives here once; the step math (accumulation, ties, clipping, the update)
+lives in ``step``.
 
 Neighbouring modules: ``options`` (:class:`PipelineOptions` and its validation), ``placement``
 (multi-host placement of batches and replicated values) and ``canonical`` (cutting canonical
@@ -48,9 +49,9 @@ if TYPE_CHECKING:
   from hkpipe._src import layout as layout_lib
 
 __all__ = ("Backend", "Batch", "DataLayout", "Metrics", "Pipeline", "PipelineOptions",
-           "TrainState", "available_backends", "clip_scale", "example_microbatch", "gather",
+           "TrainState", "available_backends", "example_microbatch", "gather",
            "local_value", "merge", "process_batch_spec", "process_mesh", "put_global",
-           "put_process_batch", "restrict", "split_global_batch", "split_microbatches", "sq_norm",
+           "put_process_batch", "restrict", "split_global_batch", "split_microbatches",
            "validate_batch")
 
 Batch = tuple[Any, Any]  # (inputs, targets), leading axis = batch
@@ -124,19 +125,6 @@ def split_microbatches(tree: Any, num_microbatches: int) -> Any:
   return jax.tree.map(
       lambda x: jnp.reshape(x, (num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:]),
       tree)
-
-
-def sq_norm(tree: Any) -> jax.Array:
-  """Sum of squares of every leaf, in float32 (a stage's share of the global norm)."""
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
-             jnp.zeros((), jnp.float32))
-
-
-def clip_scale(global_norm: jax.Array, max_norm: float | None) -> jax.Array:
-  """The factor that scales gradients with ``global_norm`` down to at most ``max_norm``."""
-  if max_norm is None:
-    return jnp.ones((), jnp.float32)
-  return jnp.minimum(1.0, max_norm / jnp.maximum(global_norm, 1e-12))
 
 
 # ---------------------------------------------------------------------------------------------
