@@ -663,6 +663,10 @@ class Pipeline:
     self.backend.global_batch_size(batch)
     return {"loss": self.backend.eval_loss(state, batch)}
 
+  def describe(self, batch: Batch, call: str = "train") -> str:
+    """The driver program of one call (``"train"``, ``"grads"``, ``"eval"``) as text; MPMD only."""
+    return self.backend.describe(batch, call)
+
   def params(self, state: TrainState) -> dict:
     """Canonical ``{layer_name: params}``, as arrays usable on this process (e.g. for sampling).
 

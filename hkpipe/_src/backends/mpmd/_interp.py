@@ -229,7 +229,7 @@ def _exec(step: tuple, store: list, net: Any) -> None:
     store[step[3]] = step[1](store[step[2]])
   elif op == MOVE:
     for r, w in step[1]:
-      store[w] = store[r]
+      store[w], store[r] = store[r], None
   elif op == POST:
     arrays = [a for b in step[2] for a in store[b]]
     net.post(step[1], arrays, step[3])

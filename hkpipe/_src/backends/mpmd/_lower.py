@@ -166,7 +166,7 @@ def _common_inputs(b: _Builder, training: bool) -> None:
       b.input(("lidx", s), f"lidx{s}", r)
   if f.first_rank in f.owned:
     for mb in range(f.num_microbatches):
-      b.input(("x", mb), f"x.{mb}", f.first_rank)
+      b.input(("x", mb), f"x0.{mb}", f.first_rank)
   if f.last_rank in f.owned:
     for mb in range(f.num_microbatches):
       b.input(("t", mb), f"t.{mb}", f.last_rank)
@@ -209,7 +209,7 @@ class _TrainLowering:
   def _send(self, store: str, src_rank: int, dst_stage: int, mb: int, buf: int) -> None:
     key = (store, dst_stage, mb)
     out = self.b.deliver(src_rank, buf, key, self.f.rank_of[dst_stage],
-                         f"{'y' if store == 'acts' else 'dx'}{dst_stage}.{mb}")
+                         f"{'x' if store == 'acts' else 'dy'}{dst_stage}.{mb}")
     if out is not None:
       (self.acts if store == "acts" else self.cts)[(dst_stage, mb)] = out
 
@@ -285,10 +285,10 @@ class _TrainLowering:
     f, s, mb = self.f, a.stage, a.mb
     if a.kind is Kind.F and s != f.num_stages - 1 and f.owns(s + 1):
       self.acts[(s + 1, mb)] = self.b.recv(("acts", s + 1, mb), r, f.rank_of[s + 1],
-                                           f"y{s}.{mb}")
+                                           f"x{s + 1}.{mb}")
     elif a.kind in (Kind.B, Kind.I) and s != 0 and f.owns(s - 1):
       self.cts[(s - 1, mb)] = self.b.recv(("cts", s - 1, mb), r, f.rank_of[s - 1],
-                                          f"dx{s}.{mb}")
+                                          f"dy{s - 1}.{mb}")
 
   def tie_send(self, s: int) -> None:
     f, b = self.f, self.b
@@ -433,7 +433,7 @@ def lower_eval(facts: Facts) -> ir.Program:
       r = f.rank_of[s]
       if r not in f.owned:
         if s != last and f.owns(s + 1):
-          acts[(s + 1, mb)] = b.recv(("acts", s + 1, mb), r, f.rank_of[s + 1], f"y{s}.{mb}")
+          acts[(s + 1, mb)] = b.recv(("acts", s + 1, mb), r, f.rank_of[s + 1], f"x{s + 1}.{mb}")
         continue
       x = inp[("x", mb)] if s == 0 else acts.pop((s, mb))
       if s == last:
@@ -445,7 +445,7 @@ def lower_eval(facts: Facts) -> ir.Program:
         y = b.buf(f"y{s}.{mb}", r)
         b.instrs.append(ir.Run(r, s, "F", mb, "eval", (inp[("p", s)], x, inp[("lidx", s)]),
                                (y,)))
-        out = b.deliver(r, y, ("acts", s + 1, mb), f.rank_of[s + 1], f"y{s}.{mb}@")
+        out = b.deliver(r, y, ("acts", s + 1, mb), f.rank_of[s + 1], f"x{s + 1}.{mb}")
         if out is not None:
           acts[(s + 1, mb)] = out
   lr = f.last_rank

@@ -19,7 +19,7 @@ def _detail(program: ir.Program, ins: ir.Instr) -> str:
   if isinstance(ins, ir.Free):
     return f"drop {_names(program, ins.reads)}"
   if isinstance(ins, ir.Update):
-    return "; ".join(f"update{s}({_names(program, r)}) -> {_names(program, w)}"
+    return "\n        ".join(f"update{s}({_names(program, r)}) -> {_names(program, w)}"
                      for s, r, w in zip(ins.stages, ins.reads, ins.writes))
   if isinstance(ins, ir.Run):
     what = ins.program or "pass"
@@ -47,7 +47,8 @@ def describe(program: ir.Program, live: _check.Liveness | None = None) -> str:
            "# (stage programs also read their rank's key, step, microbatch and layer indices)"]
   width = max((len(str(ins)) for ins in program.instrs), default=0)
   for i, ins in enumerate(program.instrs):
-    lines.append(f"{i:4d}  {str(ins):<{width}}  {_detail(program, ins)}")
+    detail = _detail(program, ins).replace("\n", "\n" + " " * (width + 8))
+    lines.append(f"{i:4d}  {str(ins):<{width}}  {detail}")
   if live is not None:
     lines.append("# peak stashes per rank: " + ", ".join(
         f"rank {r}: {n}" for r, n in enumerate(live.peak_stash)))
