@@ -167,7 +167,7 @@ class MpmdBackend(pl.Backend):
     return layout
 
   def _setup(self, batch: pl.Batch) -> _Setup:
-    mb_inputs, mb_targets = _microbatch_shapes(batch, self.options.num_microbatches)
+    mb_inputs, mb_targets = _microbatch_shapes(batch, self.options.num_microbatches)  # type: ignore[arg-type]
     key = (jax.tree.structure((mb_inputs, mb_targets)),
            tuple(jax.tree.leaves((mb_inputs, mb_targets))))
     if key not in self._setups:

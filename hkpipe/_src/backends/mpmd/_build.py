@@ -7,7 +7,7 @@ the devices of one rank by ``_mpmd_compile``; stages with equal signatures share
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ class Builders:
   ``_compile`` / ``_stage_program`` / ``_placed_or_built`` come from ``_setup._Setup``."""
 
   # pylint: disable=no-member
+
+  if TYPE_CHECKING:
+    def __getattr__(self, name: str) -> Any: ...
   def _input_specs(self, s: int, rng: Any) -> list:
     f, r = self.fns[s], self.rank_of[s]
     rep = self.rep[r]

@@ -22,6 +22,8 @@ from hkpipe._src.backends.mpmd import _instr as ir
 
 # Opcodes of bound steps: (opcode, ...operands, instruction).
 CALL, MOVE, SEND, POST, PULL, TIE, UPDATE, FREE = range(8)
+# How a CALL stores its program's result: a tuple of groups, one list, or one array.
+TUPLE, LIST, ARRAY = range(3)
 
 
 def transfer(shardings: Sequence[Any]) -> Callable[[Sequence[jax.Array]], list]:
@@ -55,11 +57,14 @@ class Bound:
     program: the instruction program.
     steps: per instruction, its resolved step.
     nbytes: per buffer, its bytes on its rank's devices (all shards; 0 for inputs not known).
+    fast: ``(step, dropped buffers)`` pairs: the steps with each :class:`Free` folded into the
+      step before it (what :func:`execute` runs).
   """
 
   program: ir.Program
   steps: tuple
   nbytes: tuple[int, ...]
+  fast: tuple = ()
 
 
 def spec_bytes(specs: Any) -> int:
@@ -95,11 +100,13 @@ class _Binder:
            singles: Sequence[bool] | None) -> tuple:
     """``singles``: per output component, whether it is one array (None: one list)."""
     specs = prog.out_specs()
-    if singles is None:
-      specs, singles = (specs,), (False,)
+    mode = TUPLE
+    if singles is None:         # the program returns one list
+      specs, singles, mode = (specs,), (False,), LIST
+    elif singles == (True,):    # the program returns one array
+      specs, mode = (specs,), ARRAY
     outs = self._out(writes, specs, singles)
-    return (CALL, prog.fn, tuple(reads), outs, len(singles) == 1 and singles[0] is False
-            and len(outs) == 1, ins)
+    return (CALL, prog.fn, tuple(reads), outs, mode, ins)
 
   def run(self, ins: ir.Run) -> tuple:
     if ins.program is None:
@@ -204,7 +211,13 @@ def bind(program: ir.Program, setup: Any, programs: dict, io: Any,
     b.specs[buf] = input_specs(name)
     b.nbytes[buf] = spec_bytes(b.specs[buf])
   steps = tuple(b.bind(ins) for ins in program.instrs)
-  return Bound(program, steps, tuple(b.nbytes))
+  fast: list = []
+  for step in steps:
+    if step[0] == FREE and fast:
+      fast[-1] = (fast[-1][0], fast[-1][1] + step[1])
+    else:
+      fast.append((step, ()))
+  return Bound(program, steps, tuple(b.nbytes), tuple(fast))
 
 
 def _exec(step: tuple, store: list, net: Any) -> None:
@@ -212,13 +225,15 @@ def _exec(step: tuple, store: list, net: Any) -> None:
   ``pull(key, process, specs, label)`` of the current driver call)."""
   op = step[0]
   if op == CALL:
-    _, fn, reads, outs, one_list, _ = step
+    _, fn, reads, outs, mode, _ = step
     args: list = []
     for b in reads:
       args += store[b]
     res = fn(*args)
-    if one_list:
+    if mode == LIST:
       store[outs[0][1]] = res
+    elif mode == ARRAY:
+      store[outs[0][1]] = [res]
     else:
       for i, w, single in outs:
         store[w] = [res[i]] if single else res[i]
@@ -255,10 +270,13 @@ def _exec(step: tuple, store: list, net: Any) -> None:
 
 
 def execute(bound: Bound, store: list, net: Any, progress: Any) -> None:
-  """Runs every step; ``progress.op`` names the instruction being issued (hang watchdog)."""
-  for step in bound.steps:
+  """Runs every step; ``progress.op`` names the instruction being issued (hang watchdog; a
+  :class:`Free`, folded into the step before it, issues nothing that could hang)."""
+  for step, drops in bound.fast:
     progress.op = step[-1]
     _exec(step, store, net)
+    for b in drops:
+      store[b] = None
 
 
 def live_device_bytes(device_rank: dict) -> list[int]:
@@ -303,7 +321,8 @@ def execute_timed(bound: Bound, store: list, net: Any, progress: Any,
   t0 = time.perf_counter()
   for step in bound.steps:
     ins = step[-1]
-    progress.op = ins
+    if step[0] != FREE:
+      progress.op = ins
     start = time.perf_counter()
     _exec(step, store, net)
     jax.block_until_ready([store[w] for w in ir.writes_of(ins) if store[w] is not None])

@@ -193,7 +193,7 @@ class _TrainLowering:
         self.acc[s] = b.input(("acc", s), f"acc{s}", f.rank_of[s])
         if with_update:
           b.input(("opt", s), f"opt{s}", f.rank_of[s])
-    self.loss = b.inputs.get(("loss",))
+    self.loss: int = b.inputs.get(("loss",), -1)
     self.acts: dict = {}
     self.cts: dict = {}
     self.stash: dict = {}
@@ -426,7 +426,7 @@ def lower_eval(facts: Facts) -> ir.Program:
   _common_inputs(b, training=False)
   inp = b.inputs
   acts: dict = {}
-  loss = inp.get(("loss",))
+  loss: int = inp.get(("loss",), -1)
   last = f.num_stages - 1
   for mb in range(f.num_microbatches):
     for s in range(f.num_stages):

@@ -68,7 +68,7 @@ class _Setup(_build.Builders):
   instance, are compiled only if evaluation is used.
   """
 
-  def __init__(self, backend: "MpmdBackend", layout: layout_lib.Layout, mb_inputs: Any,
+  def __init__(self, backend: Any, layout: layout_lib.Layout, mb_inputs: Any,
                mb_targets: Any):
     self.backend = backend
     self.model = backend.model
@@ -188,8 +188,7 @@ class _Setup(_build.Builders):
       return [_spec(a, sh) for a, sh in zip(leaves, self.act_shardings(r, leaves))]
     if what == "tie":
       t, k = key[1], key[2]
-      leaf = next(leaf for leaf, partner, kk in self.facts().tie_sends(t) if kk == k)
-      del partner
+      leaf = next(leaf for leaf, _, kk in self.facts().tie_sends(t) if kk == k)
       return [_spec(self.fns[t].p_leaves[leaf], self.rep[self.rank_of[t]])]
     if what == "sq":
       return [self._scalar(self.last_rank)]
