@@ -123,14 +123,27 @@ def test_describe_prints_the_one_f_one_b_program():
     pipe.describe(helpers.token_batch(), "step")
 
 
-@pytest.mark.parametrize("schedule, ranks", [("1f1b", 2), ("zbv", 2), ("zb_h1", 2)])
-def test_predicted_bytes_equal_live_device_bytes_at_every_instruction(schedule, ranks):
+def _tied_model() -> hkpipe.SequentialModel:
+  m = helpers.hetero_model(n_mid=4)
+  return hkpipe.SequentialModel(m.layers, m.loss_fn,
+                                (hkpipe.Tie(("mid_0", "linear", "w"), ("mid_3", "linear", "w")),))
+
+
+@pytest.mark.parametrize("schedule, ranks, variant", [
+    ("1f1b", 2, "plain"), ("zbv", 2, "plain"), ("zb_h1", 2, "plain"),
+    pytest.param("1f1b", 2, "dp", marks=pytest.mark.slow),
+    pytest.param("1f1b", 2, "tied_fused", marks=pytest.mark.slow)])
+def test_predicted_bytes_equal_live_device_bytes_at_every_instruction(schedule, ranks, variant):
   """The liveness pass (from the compiled programs' output avals, before the step runs) equals
   the bytes of live device arrays per rank above those before the step, after every instruction
-  (measured with ``jax.live_arrays()`` in timeline mode)."""
-  pipe = hkpipe.Pipeline(helpers.hetero_model(n_mid=2), optax.adam(0.1), backend="mpmd",
-                         num_microbatches=4, devices=jax.devices()[:ranks], schedule=schedule,
-                         max_grad_norm=1.0, record_timeline=True)
+  (measured with ``jax.live_arrays()`` in timeline mode). Variants: a (pp=2, dp=2) mesh; a tie
+  between stages with no clipping and no skip guard (tie exchange, finalize fused into update)."""
+  model = _tied_model() if variant == "tied_fused" else helpers.hetero_model(n_mid=2)
+  placement = (dict(mesh=jax.make_mesh((2, 2), ("pp", "dp"), devices=jax.devices()[:4]))
+               if variant == "dp" else dict(devices=jax.devices()[:ranks]))
+  clip = (dict(skip_nonfinite=False) if variant == "tied_fused" else dict(max_grad_norm=1.0))
+  pipe = hkpipe.Pipeline(model, optax.adam(0.1), backend="mpmd", num_microbatches=4,
+                         schedule=schedule, record_timeline=True, **placement, **clip)
   batch = helpers.token_batch()
   state = pipe.init(jax.random.key(0), batch)
   for _ in range(2):          # the second step reuses the accumulators the first handed back
@@ -140,4 +153,7 @@ def test_predicted_bytes_equal_live_device_bytes_at_every_instruction(schedule, 
   assert len(measured) == len(predicted) > 0
   assert measured == predicted
   assert all(peak > 0 for peak in b.last_stash_peak_bytes)
+  if variant == "tied_fused":
+    text = pipe.describe(batch)
+    assert "send the tied gradients of stage 0" in text and "finalize and update stage 1" in text
   assert b.last_stash_peak_bytes == tuple(max(p[r] for p in predicted) for r in range(ranks))
