@@ -131,8 +131,7 @@ def _tied_model() -> hkpipe.SequentialModel:
 
 @pytest.mark.parametrize("schedule, ranks, variant", [
     ("1f1b", 2, "plain"), ("zbv", 2, "plain"), ("zb_h1", 2, "plain"),
-    pytest.param("1f1b", 2, "dp", marks=pytest.mark.slow),
-    pytest.param("1f1b", 2, "tied_fused", marks=pytest.mark.slow)])
+    ("1f1b", 2, "dp"), ("1f1b", 2, "tied_fused")])
 def test_predicted_bytes_equal_live_device_bytes_at_every_instruction(schedule, ranks, variant):
   """The liveness pass (from the compiled programs' output avals, before the step runs) equals
   the bytes of live device arrays per rank above those before the step, after every instruction
