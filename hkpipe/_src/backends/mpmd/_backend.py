@@ -268,16 +268,18 @@ class MpmdBackend(pl.Backend):
     core = setup.family("core", lambda: setup.build_core(state.rng))
 
     def build() -> _Family:
-      programs = setup.build_steps(core, opt)
       program = _lower.lower_train(setup.facts(), with_update)
+      _check.check(program)       # before compiling anything for it
+      programs = setup.build_steps(core, opt)
       return _Family(programs, _runnable(setup, program, programs, opt))
     return setup.family("train" if with_update else "grads", build)
 
   def _eval_family(self, setup: _Setup, state: pl.TrainState) -> _Family:
     def build() -> _Family:
+      program = _lower.lower_eval(setup.facts())
+      _check.check(program)
       programs = setup.build_eval(state.rng)
-      return _Family(programs, _runnable(setup, _lower.lower_eval(setup.facts()), programs,
-                                         None))
+      return _Family(programs, _runnable(setup, program, programs, None))
     return setup.family("eval", build)
 
   def _metrics(self, run: _Runnable, store: list) -> tuple:
