@@ -343,6 +343,15 @@ class Pipeline:
     self.backend.global_batch_size(batch)
     return {"loss": self.backend.eval_loss(state, batch)}
 
+  def describe(self, batch: Batch, call: str = "train") -> str:
+    """The driver program of one call (``"train"``, ``"grads"``, ``"eval"``) as text, without
+    compiling anything (``mpmd`` only; see docs/mpmd.md, "The step as a program").
+
+    Raises:
+      ConfigError: on a backend other than ``mpmd``.
+    """
+    return self._only("mpmd", "describe").describe(batch, call)
+
   def params(self, state: TrainState) -> dict:
     """Canonical ``{layer_name: params}``, as arrays usable on this process (e.g. for sampling).
 
@@ -434,11 +443,28 @@ class Pipeline:
 
   @property
   def last_stash_peak_bytes(self) -> tuple[int, ...]:
-    """With ``record_timeline=True`` (``mpmd``), per rank, the most bytes the stashes (stage
-    inputs, residuals, waiting cotangents) held at once in the last step; ``()`` otherwise."""
+    """With ``record_timeline=True`` (``mpmd``), per rank, the most device bytes the last step
+    held at once beyond what was live before it (stashes, activations, cotangents, accumulators;
+    measured from the live device buffers after every instruction); ``()`` otherwise."""
     if self.options.backend != "mpmd":
       return ()
     return self.backend.last_stash_peak_bytes  # type: ignore[attr-defined]
+
+  @property
+  def last_predicted_bytes(self) -> Any:
+    """With ``record_timeline=True`` (``mpmd``), per instruction and rank, the bytes the step
+    program's liveness pass predicts (computed before the step runs); ``()`` otherwise."""
+    if self.options.backend != "mpmd":
+      return ()
+    return self.backend.last_predicted_bytes  # type: ignore[attr-defined]
+
+  @property
+  def last_measured_bytes(self) -> Any:
+    """With ``record_timeline=True`` (``mpmd``), per instruction and rank, the live device bytes
+    measured while the last step ran (minus those live before it); ``()`` otherwise."""
+    if self.options.backend != "mpmd":
+      return ()
+    return self.backend.last_measured_bytes  # type: ignore[attr-defined]
 
   @property
   def compile_stats(self) -> Any:

@@ -69,7 +69,7 @@ def uuid(namespace: int, call: int, key: tuple) -> int:
 
 
 _NOUNS = {"acts": "activations", "cts": "cotangents", "tie": "tied-weight gradients",
-          "sq": "the squared gradient norm", "scale": "the clipping factor",
+          "sq": "the squared gradient norm", "scale": "the global squared gradient norm",
           "metrics": "the step's loss and gradient norm"}
 
 
