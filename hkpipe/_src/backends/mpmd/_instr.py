@@ -238,5 +238,9 @@ class Program:
   outputs: dict
 
 
+_KEY_NAMES = {"scale": "global squared norm"}  # the transfer key of the updates' scalar
+
+
 def _key_text(key: tuple) -> str:
-  return f"{key[0]} {key[1:]}" if len(key) > 1 else str(key[0])
+  name = _KEY_NAMES.get(key[0], key[0])
+  return f"{name} {key[1:]}" if len(key) > 1 else str(name)
