@@ -50,7 +50,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import integrity
-from hkpipe._src import pipeline as pl
+from hkpipe._src import placement
 from hkpipe._src.errors import ConfigError
 
 _CORRUPT_SUFFIX = ".corrupt"
@@ -83,7 +83,7 @@ def _is_key(x: Any) -> bool:
 def _to_storable(canonical: Mapping[str, Any]) -> dict:
   """The tree orbax writes: the PRNG key becomes host key data (the same on every process)."""
   out = dict(canonical)
-  rng = pl.local_value(out["rng"])
+  rng = placement.local_value(out["rng"])
   out["rng"] = np.asarray(jax.random.key_data(rng) if _is_key(rng) else rng)
   return out
 
@@ -117,7 +117,7 @@ def _widen(tree: Any) -> Any:
   partial = [i for i, x in enumerate(leaves) if not _spans_all_processes(x)]
   if not partial:
     return tree
-  mesh = pl.process_mesh()
+  mesh = placement.process_mesh()
   count = jax.process_count()
   slots = []
   for i in partial:
@@ -157,7 +157,7 @@ def _placed_like(value: Any, want: Any) -> Any:
 def _abstract(tree: Any) -> Any:
   """Restore targets: host leaves as they are (restored as numpy), arrays as shape/dtype/sharding
   (arrays on some processes only: replicated on one device of every process, see ``_narrow``)."""
-  mesh = pl.process_mesh() if jax.process_count() > 1 else None
+  mesh = placement.process_mesh() if jax.process_count() > 1 else None
 
   def one(a):
     if not isinstance(a, jax.Array):
@@ -362,9 +362,9 @@ class Checkpointer:
             f"saved (fingerprint mismatch) in {len(changed)} leaves: {', '.join(changed[:3])}"
             + (" ..." if len(changed) > 3 else "") + ".")
     state = jax.tree.map(_placed_like, restored, target)
-    if _is_key(pl.local_value(like["rng"])):
+    if _is_key(placement.local_value(like["rng"])):
       state["rng"] = jax.random.wrap_key_data(state["rng"],
-                                              impl=jax.random.key_impl(pl.local_value(like["rng"])))
+                                              impl=jax.random.key_impl(placement.local_value(like["rng"])))
     return state, meta
 
   def _read_record(self, step: int) -> list[integrity.LeafSummary] | None:

@@ -32,26 +32,12 @@ from hkpipe._src import watchdog
 from hkpipe._src.options import PipelineOptions
 from hkpipe._src.options import available_backends
 
-# Temporary re-exports: the backends (and checkpoint.py) still reach these as ``pl.<name>``.
-# TODO(lead): switch those call sites to ``placement.`` / ``canonical.`` and drop these lines.
-from hkpipe._src.canonical import merge  # pylint: disable=unused-import
-from hkpipe._src.canonical import restrict  # pylint: disable=unused-import
-from hkpipe._src.placement import example_microbatch  # pylint: disable=unused-import
-from hkpipe._src.placement import gather  # pylint: disable=unused-import
-from hkpipe._src.placement import local_value  # pylint: disable=unused-import
-from hkpipe._src.placement import process_batch_spec  # pylint: disable=unused-import
-from hkpipe._src.placement import process_mesh  # pylint: disable=unused-import
-from hkpipe._src.placement import put_global  # pylint: disable=unused-import
-from hkpipe._src.placement import put_process_batch  # pylint: disable=unused-import
-
 if TYPE_CHECKING:
   from hkpipe import schedules
   from hkpipe._src import layout as layout_lib
 
 __all__ = ("Backend", "Batch", "DataLayout", "Metrics", "Pipeline", "PipelineOptions",
-           "TrainState", "available_backends", "example_microbatch", "gather",
-           "local_value", "merge", "process_batch_spec", "process_mesh", "put_global",
-           "put_process_batch", "restrict", "split_global_batch", "split_microbatches",
+           "TrainState", "available_backends", "split_global_batch", "split_microbatches",
            "validate_batch")
 
 Batch = tuple[Any, Any]  # (inputs, targets), leading axis = batch

@@ -35,6 +35,7 @@ from hkpipe._src import data as data_lib
 from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
+from hkpipe._src import options as options_lib
 from hkpipe._src import pipeline as pl
 from hkpipe._src import resume as resume_lib
 from hkpipe._src import step_guard
@@ -107,7 +108,7 @@ def validate_config(config: Any) -> None:
     ConfigError: naming the field, its value and the fix.
   """
   from hkpipe import schedules  # pylint: disable=g-import-not-at-top
-  config_checks.validate(config, default_config(), backends=pl.available_backends(),
+  config_checks.validate(config, default_config(), backends=options_lib.available_backends(),
                          schedule_names=schedules.names())
   watchdog_lib.WatchdogConfig.from_config(config.get("watchdog"))
   step_guard.SkipCounter(config.max_consecutive_skips)  # validates it

@@ -35,6 +35,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import layers as layers_lib
+from hkpipe._src import options as options_lib
+from hkpipe._src import placement
 from hkpipe._src import pipeline as pl
 from hkpipe._src import step as step_lib
 
@@ -46,7 +48,7 @@ def default_devices() -> tuple[Any, ...]:
   return tuple(d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p))
 
 
-def _devices(options: pl.PipelineOptions) -> tuple[Any, ...]:
+def _devices(options: options_lib.PipelineOptions) -> tuple[Any, ...]:
   """The data-parallel devices: ``options.devices``, the mesh's devices, or all devices (of every
   process, process by process)."""
   if options.mesh is not None and options.devices is not None:
@@ -101,7 +103,7 @@ class PmapBackend(pl.Backend):
   """
 
   def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
-               options: pl.PipelineOptions):
+               options: options_lib.PipelineOptions):
     super().__init__(model, optimizer, options)
     self.devices = _devices(options)
     self.num_devices = len(self.devices)
@@ -111,7 +113,7 @@ class PmapBackend(pl.Backend):
     self._local_devices = tuple(self._mesh.local_mesh.devices.flat)
     self._sharded = NamedSharding(self._mesh, P(_AXIS))        # global [n, ...]
     self._local_sharded = NamedSharding(self._mesh.local_mesh, P(_AXIS))  # this process's part
-    self._feed = NamedSharding(self._mesh, pl.process_batch_spec(self._mesh))
+    self._feed = NamedSharding(self._mesh, placement.process_batch_spec(self._mesh))
     donate = (0, 1) if options.donate else ()
     pmap = lambda fn, **kw: jax.pmap(fn, axis_name=_AXIS, devices=self.devices, **kw)
     self._train = pmap(self._train_impl, donate_argnums=donate)
@@ -163,14 +165,14 @@ class PmapBackend(pl.Backend):
     """This process's batch (its rows of the global batch) -> global ``[n, m, b, ...]`` arrays:
     device ``d``'s microbatch ``i`` is slice ``d`` of the reference's microbatch ``i``."""
     self._check_batch(batch)
-    return self._arrange(pl.put_process_batch(tuple(batch), self._feed))
+    return self._arrange(placement.put_process_batch(tuple(batch), self._feed))
 
   def _replicate(self, tree: Any) -> Any:
     """One copy of every leaf on each of this process's devices, stacked along a leading device
     axis (the host-local arrays ``jax.pmap`` takes; in one process, all ``n`` devices)."""
 
     def put(x):
-      x = jnp.asarray(pl.local_value(x))[None]
+      x = jnp.asarray(placement.local_value(x))[None]
       shards = [jax.device_put(x, d) for d in self._local_devices]
       return jax.make_array_from_single_device_arrays(
           (len(self._local_devices),) + x.shape[1:], self._local_sharded, shards)
@@ -199,7 +201,7 @@ class PmapBackend(pl.Backend):
   def init(self, rng, batch):
     size = self._check_batch(batch)
     inputs, _ = batch
-    one = pl.example_microbatch(inputs, size, self.options.num_microbatches)
+    one = placement.example_microbatch(inputs, size, self.options.num_microbatches)
     params_rng, state_rng = jax.random.split(rng)
     params = jax.jit(self.model.init)(params_rng, one)
     opt_state = jax.jit(self.optimizer.init)(params)

@@ -48,6 +48,9 @@ from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import layers as layers_lib
 from hkpipe._src import layout as layout_lib
+from hkpipe._src import canonical as canonical_lib
+from hkpipe._src import options as options_lib
+from hkpipe._src import placement
 from hkpipe._src import pipeline as pl
 from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
@@ -149,14 +152,14 @@ class SpmdBackend(pl.Backend):
   """Pipeline parallelism inside one ``shard_map`` program over a ``("pp", "dp")`` mesh."""
 
   def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
-               options: pl.PipelineOptions):
+               options: options_lib.PipelineOptions):
     super().__init__(model, optimizer, options)
     _check_schedule(options.schedule)
     self._grid = layout_lib.device_grid(options)
     self.mesh = Mesh(self._grid, ("pp", "dp"), axis_types=(AxisType.Auto, AxisType.Auto))
     # Where process-local batch rows land (P() in one process); raises early on meshes that
     # leave a process out or do not follow process order.
-    self._feed = NamedSharding(self.mesh, pl.process_batch_spec(self.mesh))
+    self._feed = NamedSharding(self.mesh, placement.process_batch_spec(self.mesh))
     self._plan: _Plan | None = None
     self._programs: dict[Any, tuple[_Program, dict]] = {}
 
@@ -290,7 +293,7 @@ class SpmdBackend(pl.Backend):
     return self._programs[key]
 
   def _put_tables(self, tables: tables_lib.TickTables) -> dict:
-    return pl.put_global(dict(tables.arrays()), NamedSharding(self.mesh, P("pp")))
+    return placement.put_global(dict(tables.arrays()), NamedSharding(self.mesh, P("pp")))
 
   def _build_program(self, batch: pl.Batch, rng: jax.Array) -> _Program:
     plan = self.plan
@@ -543,13 +546,13 @@ class SpmdBackend(pl.Backend):
     (the program reshuffles; see ``_microbatches``). Inputs may start anywhere."""
     self._check_batch(batch)
     inputs, targets = batch
-    return (pl.put_process_batch(inputs, self._feed), pl.put_process_batch(targets, self._feed))
+    return (placement.put_process_batch(inputs, self._feed), placement.put_process_batch(targets, self._feed))
 
   def _put_rows(self, rows: Mapping[str, np.ndarray]) -> dict:
-    return pl.put_global(dict(rows), NamedSharding(self.mesh, P("pp")))
+    return placement.put_global(dict(rows), NamedSharding(self.mesh, P("pp")))
 
   def _put_replicated(self, x: Any) -> Any:
-    return pl.put_global(x, NamedSharding(self.mesh, P()))
+    return placement.put_global(x, NamedSharding(self.mesh, P()))
 
   def _get_rows(self, bufs: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
     """Every rank's row of the buffers, on the host (an all-gather across processes: every
@@ -565,7 +568,7 @@ class SpmdBackend(pl.Backend):
     """Host leaves -> global arrays replicated over the mesh (``replicate``: what checkpoints
     save from every process) or arrays on this process's default device."""
     if replicate:
-      return pl.put_global(tree, NamedSharding(self.mesh, P()))
+      return placement.put_global(tree, NamedSharding(self.mesh, P()))
     return jax.tree.map(jnp.asarray, tree)
 
   def _params_to_canonical(self, bufs: Mapping[str, jax.Array], replicate: bool = False) -> dict:
@@ -580,12 +583,12 @@ class SpmdBackend(pl.Backend):
     plan, rows = self.plan, self._get_rows(bufs)
     parts = [_unpack_row(plan.opt_layouts[r], rows, r) for r in range(plan.num_ranks)]
     names = [plan.rank_names(r) for r in range(plan.num_ranks)]
-    return self._place_canonical(pl.merge(parts, names), replicate)
+    return self._place_canonical(canonical_lib.merge(parts, names), replicate)
 
   def _canonical_rows(self, canonical: Mapping[str, Any]) -> tuple[dict, dict]:
     plan = self.plan
-    canonical = {"params": pl.gather(canonical["params"]),
-                 "opt_state": pl.gather(canonical["opt_state"])}
+    canonical = {"params": placement.gather(canonical["params"]),
+                 "opt_state": placement.gather(canonical["opt_state"])}
     params = canonical["params"]
     missing = set(self.model.layer_names) - set(params)
     if missing:
@@ -603,7 +606,7 @@ class SpmdBackend(pl.Backend):
     names = self.model.layer_names
     o_trees = []
     for r in range(plan.num_ranks):
-      tree = pl.restrict(canonical["opt_state"], plan.rank_names(r), names)
+      tree = canonical_lib.restrict(canonical["opt_state"], plan.rank_names(r), names)
       expected = plan.opt_layouts[r].treedef
       if jax.tree.structure(tree) != expected:
         raise ValueError("The optimizer state does not split per layer (its structure after "
@@ -673,7 +676,7 @@ class SpmdBackend(pl.Backend):
   def init(self, rng, batch):
     size = self._check_batch(batch)
     inputs, _ = batch
-    one = pl.example_microbatch(inputs, size, self.options.num_microbatches)
+    one = placement.example_microbatch(inputs, size, self.options.num_microbatches)
     params_rng, state_rng = jax.random.split(rng)
     # Resolve (and validate) the layout from shapes alone: errors come before any compile.
     self._ensure_plan(jax.eval_shape(self.model.init, params_rng, one), one)

@@ -21,6 +21,8 @@ from jax.sharding import PartitionSpec as P
 
 from hkpipe import schedules
 from hkpipe._src import layout as layout_lib
+from hkpipe._src import canonical as canonical_lib
+from hkpipe._src import placement
 from hkpipe._src import pipeline as pl
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_transfer as xfer_lib
@@ -416,7 +418,7 @@ class MpmdBackend(pl.Backend):
     for stage_params in state.params:
       params.update(stage_params)
     params = {layer.name: params[layer.name] for layer in self.model.layers}
-    opt_state = pl.merge(list(state.opt_state), names)
+    opt_state = canonical_lib.merge(list(state.opt_state), names)
     if self.multi_process:
       opt_state = self._shared_leaves_everywhere(state.opt_state, names, opt_state)
     return {"params": params, "opt_state": opt_state, "rng": state.rng}
@@ -425,7 +427,7 @@ class MpmdBackend(pl.Backend):
                                 merged: Any) -> Any:
     """Makes the optimizer-state leaves every stage holds a copy of (step counters...) global.
 
-    ``pl.merge`` takes those leaves from stage 0, whose process may not be this one. Every stage
+    ``canonical_lib.merge`` takes those leaves from stage 0, whose process may not be this one. Every stage
     updates its copy in lockstep, so the copies are equal: each process contributes the copy of
     a stage it owns to an array replicated over one device per process, which checkpoints save
     once and restore on every process (see :meth:`from_canonical`).
@@ -433,14 +435,14 @@ class MpmdBackend(pl.Backend):
     # Which merged leaves are shared: merging stage markers forwards and backwards gives the
     # same stage for a layer's leaf, but the first part's for a shared leaf.
     marks = [jax.tree.map(lambda _, s=s: s, part) for s, part in enumerate(parts)]
-    first = jax.tree.leaves(pl.merge(marks, names))
-    last = jax.tree.leaves(pl.merge(marks[::-1], names[::-1]))
+    first = jax.tree.leaves(canonical_lib.merge(marks, names))
+    last = jax.tree.leaves(canonical_lib.merge(marks[::-1], names[::-1]))
     me = jax.process_index()
     mine = next(s for s, spec in enumerate(self.layout.stages)
                 if self._rep(spec.index).mesh.devices.flat[0].process_index == me)
     order = [mine] + [s for s in range(len(parts)) if s != mine]
-    local = jax.tree.leaves(pl.merge([parts[s] for s in order], [names[s] for s in order]))
-    everywhere = NamedSharding(pl.process_mesh(), P())
+    local = jax.tree.leaves(canonical_lib.merge([parts[s] for s in order], [names[s] for s in order]))
+    everywhere = NamedSharding(placement.process_mesh(), P())
     here = jax.local_devices()[0]
 
     def widen(x):
@@ -457,7 +459,7 @@ class MpmdBackend(pl.Backend):
     for spec in self.layout.stages:
       rep = self._rep(spec.index)
       stage_params = {n: canonical["params"][n] for n in spec.layer_names}
-      stage_opt = pl.restrict(canonical["opt_state"], spec.layer_names, all_names)
+      stage_opt = canonical_lib.restrict(canonical["opt_state"], spec.layer_names, all_names)
       if self.multi_process and rep.mesh.devices.flat[0].process_index != me:
         # Another process's stage: stand-ins with its shapes and the owner's sharding.
         def remote(x, rep=rep):
@@ -467,6 +469,6 @@ class MpmdBackend(pl.Backend):
         continue
       # Shared optimizer leaves (counters) may be replicated over every process: the copy here.
       params.append(jax.device_put(stage_params, rep))
-      opt_state.append(jax.device_put(jax.tree.map(pl.local_value, stage_opt), rep))
+      opt_state.append(jax.device_put(jax.tree.map(placement.local_value, stage_opt), rep))
     return pl.TrainState(step=int(step), params=tuple(params), opt_state=tuple(opt_state),
                          rng=canonical["rng"])
