@@ -357,12 +357,16 @@ class MpmdBackend(pl.Backend):
     return pl.TrainState(step=0, params=tuple(params), opt_state=tuple(opt_state),
                          rng=state_rng)
 
-  def train_step(self, state, batch):
+  def _run_train_program(self, state, batch, with_update: bool):
+    """Runs the train (``with_update``) or gradient program; returns what its caller reads."""
     setup = self._setup(batch)
-    run = self._train_family(setup, state, with_update=True).bound
+    run = self._train_family(setup, state, with_update=with_update).bound
     store = self._store(setup, run, state, batch, training=True)
     self._execute(setup, run, store)
-    out = run.bound.program.outputs
+    return setup, run, store, run.bound.program.outputs
+
+  def train_step(self, state, batch):
+    setup, run, store, out = self._run_train_program(state, batch, with_update=True)
     owned = [setup.owns_stage(s) for s in range(setup.num_stages)]
     self._acc_pool[id(setup)] = [store[out[("acc", s)]] if owned[s] else None
                                  for s in range(setup.num_stages)]
@@ -376,11 +380,7 @@ class MpmdBackend(pl.Backend):
             {"loss": loss, "grad_norm": norm, "skipped": skipped})
 
   def loss_and_grads(self, state, batch):
-    setup = self._setup(batch)
-    run = self._train_family(setup, state, with_update=False).bound
-    store = self._store(setup, run, state, batch, training=True)
-    self._execute(setup, run, store)
-    out = run.bound.program.outputs
+    setup, run, store, out = self._run_train_program(state, batch, with_update=False)
     grads = [store[out[("grads", s)]] if setup.owns_stage(s) else None
              for s in range(setup.num_stages)]
     loss = self._metrics(run, store)[0]
