@@ -10,9 +10,9 @@ import pytest
 import hkpipe
 from hkpipe import models
 from hkpipe import schedules
-from hkpipe._src.backends import _spmd_pack
-from hkpipe._src.backends import _spmd_tables
 from hkpipe._src.backends import spmd
+from hkpipe._src.backends.spmd import _pack as _spmd_pack
+from hkpipe._src.backends.spmd import _tables as _spmd_tables
 from tests import helpers
 
 M = 4          # microbatches

@@ -1,35 +1,5 @@
-"""The SPMD backend: the whole pipeline step is one jitted ``jax.shard_map`` program.
-
-The mesh has axes ``("pp", "dp")``. Rank ``r`` of ``pp`` holds only its own stages' parameters
-(and optimizer state); ``dp`` replicates the pipeline, each replica taking an equal slice of every
-microbatch. The executor reads the schedule IR and runs it tick by tick: a ``lax.scan`` over ticks
-in which every rank selects its action (``F``/``B``/``I``/``W`` of one stage, or idle) from a
-static table with ``lax.switch``, then activations and cotangents move with ``lax.ppermute`` (see
-``_spmd_tables``). Forwards use ``jax.vjp`` and stash the residuals the backward needs (only the
-stage input with ``remat=True``); backwards pull the stashed residuals back through the same
-``vjp``. So GPipe, 1F1B, interleaved 1F1B and the zero-bubble schedules each run with their own
-memory profile: the stash has as many slots as the schedule's peak number of live forwards.
-
-Heterogeneous stages (embedding first, head last, any boundary shapes and dtypes) share one
-program through padding: each stage's parameters are flattened into per-dtype vectors, padded to
-the largest rank and stacked along ``pp`` (see ``_spmd_pack.FlatLayout``); boundary activations,
-cotangents and stashes are bit-cast into ``uint8`` buffers padded to the largest stage (see
-``_spmd_pack.ByteCodec``). Every stage's branch packs and unpacks its own structure.
-
-Microbatches and ``dp``: the global batch is cut into ``num_microbatches`` microbatches as on the
-single backend, and each microbatch is split evenly across the ``dp`` replicas, so the batch size
-must be a multiple of ``num_microbatches * dp``. Loss and gradients equal the single backend's (all
-losses are means over equally sized examples). With ``dp > 1`` each replica folds its ``dp`` index
-into the microbatch dropout key (independent masks, not the reference's draws).
-
-Multi-process: the mesh may span the devices of every process (each process runs the same
-program). Each process passes its own rows of the global batch; they are placed on its own devices
-as a global ``[B, ...]`` array (``pipeline.process_batch_spec``), and the jitted step itself
-reshapes them into microbatches, so XLA moves rows between processes where a rank needs rows
-another process fed. Parameters, optimizer state and tables are placed per process from host data
-(no collective); ``params``/``loss_and_grads`` all-gather the per-rank buffers so every process
-gets the full canonical tree; ``to_canonical`` returns it replicated over the mesh as global arrays.
-"""
+"""``SpmdBackend``: planning, programs per batch shape, jitted entry points, placement and
+canonical conversion (the executor bodies are in ``_executor``)."""
 
 from __future__ import annotations
 
@@ -53,102 +23,15 @@ from hkpipe._src import options as options_lib
 from hkpipe._src import placement
 from hkpipe._src import pipeline as pl
 from hkpipe._src import stage as stage_lib
-from hkpipe._src import step as step_lib
-from hkpipe._src.backends import _spmd_pack as pack
-from hkpipe._src.backends import _spmd_tables as tables_lib
+from hkpipe._src.backends.spmd import _pack as pack
+from hkpipe._src.backends.spmd import _tables as tables_lib
 from hkpipe.schedules import _ir
-
-Kind = _ir.Kind
-
-# Schedule names this backend is tested with (tests/test_spmd.py runs every one of them).
-SUPPORTED_SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv",
-                                         "dualpipev")
+from hkpipe._src.backends.spmd._executor import _Executor
+from hkpipe._src.backends.spmd._plan import _check_schedule, _Plan, _Program, _shape_key
+from hkpipe._src.backends.spmd._plan import _StageBackward, _Tie
 
 
-def _check_schedule(schedule: Any) -> None:
-  if isinstance(schedule, str) and schedule not in SUPPORTED_SCHEDULES:
-    raise ValueError(f"The spmd backend does not support schedule {schedule!r}; it supports "
-                     f"{list(SUPPORTED_SCHEDULES)} (or pass a hkpipe.schedules Schedule object). "
-                     "Use backend='mpmd' for other schedules.")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tie:
-  """Where both sides of a tie live: per rank, whether it holds each side and at which offset."""
-
-  dtype: str
-  size: int
-  src_on: tuple[bool, ...]
-  src_off: tuple[int, ...]
-  tgt_on: tuple[bool, ...]
-  tgt_off: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """Static placement of parameters and optimizer state (independent of the batch shape).
-
-  Attributes:
-    layout: schedule, stages and device grid.
-    stage_layouts: per stage, where its ``{layer: params}`` live in its rank's buffers.
-    param_sizes: per dtype, the padded length of every rank's parameter buffer.
-    opt_layouts: per rank, where its optimizer state lives in its buffers.
-    opt_sizes: per dtype, the padded length of the optimizer-state buffers.
-    ties: the model's ties, located.
-    tables: the schedule's tick tables (see ``_spmd_tables``).
-  """
-
-  layout: layout_lib.Layout
-  stage_layouts: tuple[pack.FlatLayout, ...]
-  param_sizes: Mapping[str, int]
-  opt_layouts: tuple[pack.FlatLayout, ...]
-  opt_sizes: Mapping[str, int]
-  ties: tuple[_Tie, ...]
-  tables: tables_lib.TickTables
-
-  @property
-  def num_ranks(self) -> int:
-    return self.layout.num_ranks
-
-  @property
-  def num_stages(self) -> int:
-    return len(self.layout.stages)
-
-  def rank_stages(self, rank: int) -> tuple[int, ...]:
-    return self.layout.schedule.stages_of_rank(rank)
-
-  def rank_of(self, stage: int) -> int:
-    return self.layout.schedule.stage_to_rank[stage]
-
-  def rank_names(self, rank: int) -> tuple[str, ...]:
-    return tuple(n for s in self.rank_stages(rank) for n in self.layout.stages[s].layer_names)
-
-
-@dataclasses.dataclass(frozen=True)
-class _StageBackward:
-  """How a stage's stash maps back to its ``vjp`` pullback (recorded by an abstract pre-pass)."""
-
-  residuals: stage_lib.Residuals  # the pullback's structure; "in" leaves are parameter leaves
-  layout: pack.FlatLayout         # where the stashed leaves go in a stash row
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
-class _Program:
-  """Everything that depends on the batch shape: boundary codecs and stash structure."""
-
-  act_codecs: tuple[pack.ByteCodec, ...]   # per boundary s (output of stage s), s < S-1
-  cot_codecs: tuple[pack.ByteCodec, ...]
-  payload_bytes: int
-  backward: tuple[_StageBackward, ...]
-  stash_sizes: Mapping[str, int]           # per dtype, the padded length of a stash row
-
-
-def _shape_key(tree: Any) -> Any:
-  leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves)
-
-
-class SpmdBackend(pl.Backend):
+class SpmdBackend(_Executor):
   """Pipeline parallelism inside one ``shard_map`` program over a ``("pp", "dp")`` mesh."""
 
   def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
@@ -240,36 +123,6 @@ class SpmdBackend(pl.Backend):
       self._plan = self._make_plan(avals, example_microbatch)
     return self._plan
 
-  # -- per-stage functions ---------------------------------------------------------------------
-
-  def _stage_apply(self, s: int, params: Any, x: Any, key: Any, targets: Any,
-                   is_training: bool) -> Any:
-    """Stage ``s`` on ``{layer: params}``: its output, or the scalar loss on the last stage."""
-    stage = self.plan.layout.stages[s]
-    return stage_lib.stage_output(self.model, stage.start, stage.stop,
-                                  [params[n] for n in stage.layer_names], x, key,
-                                  range(stage.start, stage.stop), targets, is_training)
-
-  def _stage_vjp(self, s: int, params: Any, x: Any, key: Any, targets: Any):
-    """Forward of stage ``s`` with its pullback split into (residuals, stash); residuals that are
-    the parameters themselves are not stashed."""
-    fn = lambda p, v: self._stage_apply(s, p, v, key, targets, True)
-    if self.options.remat:
-      fn = jax.checkpoint(fn)
-    kept = jax.tree.leaves(params)
-    if s == 0:  # the inputs (e.g. tokens) need no cotangent
-      y, _, residuals, stash = stage_lib.vjp_with_stash(lambda p: fn(p, x), (params,), kept)
-    else:
-      y, _, residuals, stash = stage_lib.vjp_with_stash(fn, (params, x), kept)
-    return y, residuals, stash
-
-  def _microbatch_key(self, rng: jax.Array, step: jax.Array, mb: jax.Array) -> jax.Array:
-    key = layers_lib.microbatch_rng(rng, step, mb)
-    assert key is not None
-    if self.dp > 1:
-      key = jax.random.fold_in(key, jax.lax.axis_index("dp"))
-    return key
-
   # -- programs (per batch shape) --------------------------------------------------------------
 
   def _local_microbatch(self, tree: Any) -> Any:
@@ -325,166 +178,6 @@ class SpmdBackend(pl.Backend):
     return _Program(act_codecs=act_codecs, cot_codecs=cot_codecs, payload_bytes=payload,
                     backward=tuple(backward),
                     stash_sizes=pack.padded_sizes([b.layout for b in backward]))
-
-  # -- the executor (runs inside shard_map, on one (pp, dp) shard) -------------------------------
-
-  def _branch(self, prog: _Program, kind: Kind | None, s: int, train: bool, ctx: dict):
-    """The branch running ``kind`` of stage ``s``: ``fn(carry, *tick inputs) -> carry`` with
-    ``carry = (grads, stash, loss, outgoing payload)``; None (nothing to do) when idle."""
-    plan = self.plan
-    last = s == plan.num_stages - 1
-    width = prog.payload_bytes
-    index = lambda buf, i: jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
-    nothing = lambda: jnp.zeros((width,), jnp.uint8)
-
-    if kind is None:
-      return None
-    params = lambda: plan.stage_layouts[s].unpack(ctx["params"])
-
-    def forward(carry, act_in, cot_in, mb, key, a_slot, c_slot, s_slot):
-      del cot_in, c_slot
-      grads, stash, loss, _ = carry
-      if s == 0:
-        x = jax.tree.map(lambda v: index(v, mb), ctx["inputs"])
-      else:
-        x = prog.act_codecs[s - 1].unpack(index(act_in, a_slot))
-      targets = jax.tree.map(lambda v: index(v, mb), ctx["targets"]) if last else None
-      if train:
-        y, residuals, res = self._stage_vjp(s, params(), x, key, targets)
-        info = prog.backward[s]
-        if (residuals.source != info.residuals.source
-            or pack.FlatLayout.of(res).avals != info.layout.avals):
-          raise RuntimeError(f"Stage {s}: the vjp residual structure differs between traces "
-                             "(non-deterministic stage function?).")
-        stash = info.layout.write_row(stash, res, s_slot)
-      else:
-        y = self._stage_apply(s, params(), x, None, targets, False)
-      if last:
-        return grads, stash, loss + y, nothing()
-      return grads, stash, loss, prog.act_codecs[s].pack(y, width)
-
-    def backward(carry, act_in, cot_in, mb, key, a_slot, c_slot, s_slot):
-      del act_in, mb, key, a_slot
-      grads, stash, loss, _ = carry
-      info = prog.backward[s]
-      pullback = stage_lib.rebuild_pullback(info.residuals, jax.tree.leaves(params()),
-                                            info.layout.read_row(stash, s_slot))
-      ct = (jnp.ones((), jnp.float32) if last
-            else prog.cot_codecs[s].unpack(index(cot_in, c_slot)))
-      cts = pullback(ct)
-      out = nothing()
-      if kind in (Kind.B, Kind.W):
-        grads = plan.stage_layouts[s].pack_into(grads, cts[0], add=True)
-      if kind in (Kind.B, Kind.I) and s > 0:
-        out = prog.cot_codecs[s - 1].pack(cts[1], width)
-      return grads, stash, loss, out
-
-    return forward if kind == Kind.F else backward
-
-  def _run_pipeline(self, prog: _Program, train: bool, params: dict, rng: jax.Array,
-                    step: jax.Array, inputs: Any, targets: Any, tabs: dict):
-    """Runs the schedule on this shard; returns (sum of microbatch losses, summed grads)."""
-    plan = self.plan
-    tables = plan.tables
-    ctx = {"params": params, "rng": rng, "step": step, "inputs": inputs, "targets": targets}
-    branches = [self._branch(prog, kind if train or kind == Kind.F else None, s, train, ctx)
-                for kind, s in tables.branches]
-    width = prog.payload_bytes
-    grads = pack.zeros(plan.param_sizes) if train else {}
-    stash = ({k: jnp.zeros((tables.num_stash, n), k) for k, n in prog.stash_sizes.items()}
-             if train else {})
-    act_in = jnp.zeros((tables.num_act + 1, width), jnp.uint8)  # last row: scratch
-    cot_in = jnp.zeros((tables.num_cot + 1 if train else 1, width), jnp.uint8)
-    recv_kinds = []  # per delta: does it ever carry activations / (in training) cotangents?
-    for k, _ in enumerate(tables.deltas):
-      recv_kinds.append((bool((tables.recv_act[:, :, k] != tables.num_act).any()),
-                         train and bool((tables.recv_cot[:, :, k] != tables.num_cot).any())))
-
-    def tick(carry, xs):
-      grads, stash, act_in, cot_in, loss = carry
-      key = self._microbatch_key(rng, step, xs["mb"]) if train else None
-      grads, stash, loss, out = _switch_in_place(
-          xs["branch"], branches, (grads, stash, loss, jnp.zeros((width,), jnp.uint8)), act_in,
-          cot_in, xs["mb"], key, xs["act_slot"], xs["cot_slot"], xs["stash_slot"])
-      for k, delta in enumerate(tables.deltas):
-        got = out if delta == 0 else jax.lax.ppermute(out, "pp", tables.perms[k])
-        to_act, to_cot = recv_kinds[k]
-        if to_act:
-          act_in = jax.lax.dynamic_update_index_in_dim(act_in, got, xs["recv_act"][k], 0)
-        if to_cot:
-          cot_in = jax.lax.dynamic_update_index_in_dim(cot_in, got, xs["recv_cot"][k], 0)
-      return (grads, stash, act_in, cot_in, loss), None
-
-    init = (grads, stash, act_in, cot_in, jnp.zeros((), jnp.float32))
-    (grads, _, _, _, loss), _ = jax.lax.scan(tick, init, tabs)
-    return loss, grads
-
-  def _grads_body(self, prog, params, rng, step, inputs, targets, tabs):
-    """Inside shard_map: mean loss and mean, tied, dp-averaged grads (local buffers)."""
-    m = self.options.num_microbatches
-    loss, grads = self._run_pipeline(prog, True, params, rng, step, inputs, targets, tabs)
-    loss = jax.lax.pmean(jax.lax.psum(loss, "pp") / m, "dp")
-    grads = jax.lax.pmean({k: g / m for k, g in grads.items()}, "dp")
-    return loss, self._tie_grads(grads)
-
-  def _tie_grads(self, grads: dict) -> dict:
-    """Replaces both sides of every tie by their sum (a ``psum`` over ``pp`` of each side)."""
-    out = dict(grads)
-    for tie in self.plan.ties:
-      g = out[tie.dtype]
-      (src_on, src_off), (tgt_on, tgt_off) = _sides_here(tie)
-      src = jax.lax.dynamic_slice_in_dim(g, src_off, tie.size)
-      tgt = jax.lax.dynamic_slice_in_dim(g, tgt_off, tie.size)
-      total = jax.lax.psum(jnp.where(src_on, src, 0) + jnp.where(tgt_on, tgt, 0), "pp")
-      g = jax.lax.dynamic_update_slice_in_dim(g, jnp.where(src_on, total, src), src_off, 0)
-      tgt = jax.lax.dynamic_slice_in_dim(g, tgt_off, tie.size)
-      out[tie.dtype] = jax.lax.dynamic_update_slice_in_dim(
-          g, jnp.where(tgt_on, total, tgt), tgt_off, 0)
-    return out
-
-  def _tied_copies(self, grads: dict) -> list:
-    """This rank's copies of tied weights in its gradient buffers (zeros for sides it lacks)."""
-    return [jnp.where(on, jax.lax.dynamic_slice_in_dim(grads[tie.dtype], off, tie.size), 0)
-            for tie in self.plan.ties for on, off in _sides_here(tie)]
-
-  def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict, sq: jax.Array):
-    """Optimizer update of rank ``rank``'s parameters, on its own (unpadded) structure."""
-    plan = self.plan
-    stages = plan.rank_stages(rank)
-    p_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(params).items()}
-    g_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(grads).items()}
-    p_tree, opt_tree = step_lib.apply_update(self.optimizer, self.options.max_grad_norm, g_tree,
-                                             p_tree, plan.opt_layouts[rank].unpack(opt), sq)
-    for s in stages:
-      lay = plan.stage_layouts[s]
-      params = lay.pack_into(params, {n: p_tree[n] for n in plan.layout.stages[s].layer_names})
-    return params, plan.opt_layouts[rank].pack_into(opt, opt_tree)
-
-  def _train_body(self, prog, params, opt, rng, step, inputs, targets, tabs):
-    params = {k: v[0] for k, v in params.items()}
-    opt = {k: v[0] for k, v in opt.items()}
-    loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
-                                   _rows(tabs))
-    sq = jax.lax.psum(step_lib.sq_norm_share(grads, self._tied_copies(grads)), "pp")
-    updates = [functools.partial(self._update_rank, r) for r in range(self.num_ranks)]
-    update = lambda s: jax.lax.switch(jax.lax.axis_index("pp"), updates, s[0], grads, s[1], sq)
-    # loss and norm are global (psum over pp, pmean over dp): every shard decides alike.
-    (params, opt), metrics = step_lib.guarded_update(self.options.skip_nonfinite, loss, sq,
-                                                     update, (params, opt))
-    expand = lambda d: {k: v[None] for k, v in d.items()}
-    return expand(params), expand(opt), metrics
-
-  def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
-    params = {k: v[0] for k, v in params.items()}
-    loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
-                                   _rows(tabs))
-    return loss, {k: v[None] for k, v in grads.items()}
-
-  def _eval_body(self, prog, params, inputs, targets, tabs):
-    params = {k: v[0] for k, v in params.items()}
-    loss, _ = self._run_pipeline(prog, False, params, None, None, _local(inputs),
-                                 _local(targets), _rows(tabs))
-    return jax.lax.pmean(jax.lax.psum(loss, "pp") / self.options.num_microbatches, "dp")
 
   # -- jitted entry points ---------------------------------------------------------------------
 
@@ -730,50 +423,10 @@ class SpmdBackend(pl.Backend):
                          rng=self._put_replicated(canonical["rng"]))
 
 
-def _switch_in_place(index: jax.Array, branches: Sequence[Any], carry: Any, *args: Any) -> Any:
-  """``lax.switch`` for branches that update large buffers, without copying them.
-
-  XLA gives a conditional's outputs their own buffers, so every branch (even one that leaves a
-  buffer untouched) copies every large operand it returns: here the gradient accumulator and the
-  whole stash, every tick. A ``while_loop`` updates its carry in place, so branch ``i`` runs as a
-  loop of ``index == i`` trips (0 or 1). ``None`` branches do nothing.
-
-  Args:
-    index: which branch runs.
-    branches: ``fn(carry, *args) -> carry`` (or None).
-    carry: the state the branches update.
-    *args: read-only inputs.
-  """
-  for i, fn in enumerate(branches):
-    if fn is None:
-      continue
-    run = lambda state, fn=fn: (jnp.zeros((), jnp.bool_), fn(state[1], *args))
-    carry = jax.lax.while_loop(lambda state: state[0], run, (index == i, carry))[1]
-  return carry
-
-
-def _sides_here(tie: _Tie) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """Inside shard_map: ``((holds source, its offset), (holds target, its offset))`` on this
-  ``pp`` rank."""
-  r = jax.lax.axis_index("pp")
-  pick = lambda t: jnp.asarray(np.asarray(t))[r]
-  return (pick(tie.src_on), pick(tie.src_off)), (pick(tie.tgt_on), pick(tie.tgt_off))
-
-
-def _local(tree: Any) -> Any:
-  """Drops the size-1 ``dp`` axis of a ``[m, 1, b, ...]`` shard."""
-  return jax.tree.map(lambda x: x[:, 0], tree)
-
-
-def _rows(tabs: Mapping[str, jax.Array]) -> dict:
-  """Drops the size-1 ``pp`` axis of the per-rank tables."""
-  return {k: v[0] for k, v in tabs.items()}
-
-
 def _unpack_row(lay: pack.FlatLayout, rows: Mapping[str, np.ndarray], r: int) -> Any:
   leaves = [rows[k][r, off:off + size].reshape(a.shape)
             for (k, off, size), a in zip(lay.slots, lay.avals)]
   return lay.treedef.unflatten(leaves)
 
 
-__all__: Sequence[str] = ("SUPPORTED_SCHEDULES", "SpmdBackend")
+__all__: Sequence[str] = ("SpmdBackend",)

@@ -1,0 +1,37 @@
+"""The SPMD backend: the whole pipeline step is one jitted ``jax.shard_map`` program.
+
+The mesh has axes ``("pp", "dp")``. Rank ``r`` of ``pp`` holds only its own stages' parameters
+(and optimizer state); ``dp`` replicates the pipeline, each replica taking an equal slice of every
+microbatch. The executor reads the schedule IR and runs it tick by tick: a ``lax.scan`` over ticks
+in which every rank selects its action (``F``/``B``/``I``/``W`` of one stage, or idle) from a
+static table with ``lax.switch``, then activations and cotangents move with ``lax.ppermute`` (see
+``_tables``). Forwards use ``jax.vjp`` and stash the residuals the backward needs (only the
+stage input with ``remat=True``); backwards pull the stashed residuals back through the same
+``vjp``. So GPipe, 1F1B, interleaved 1F1B and the zero-bubble schedules each run with their own
+memory profile: the stash has as many slots as the schedule's peak number of live forwards.
+
+Heterogeneous stages (embedding first, head last, any boundary shapes and dtypes) share one
+program through padding: each stage's parameters are flattened into per-dtype vectors, padded to
+the largest rank and stacked along ``pp`` (see ``_pack.FlatLayout``); boundary activations,
+cotangents and stashes are bit-cast into ``uint8`` buffers padded to the largest stage (see
+``_pack.ByteCodec``). Every stage's branch packs and unpacks its own structure.
+
+Microbatches and ``dp``: the global batch is cut into ``num_microbatches`` microbatches as on the
+single backend, and each microbatch is split evenly across the ``dp`` replicas, so the batch size
+must be a multiple of ``num_microbatches * dp``. Loss and gradients equal the single backend's (all
+losses are means over equally sized examples). With ``dp > 1`` each replica folds its ``dp`` index
+into the microbatch dropout key (independent masks, not the reference's draws).
+
+Multi-process: the mesh may span the devices of every process (each process runs the same
+program). Each process passes its own rows of the global batch; they are placed on its own devices
+as a global ``[B, ...]`` array (``pipeline.process_batch_spec``), and the jitted step itself
+reshapes them into microbatches, so XLA moves rows between processes where a rank needs rows
+another process fed. Parameters, optimizer state and tables are placed per process from host data
+(no collective); ``params``/``loss_and_grads`` all-gather the per-rank buffers so every process
+gets the full canonical tree; ``to_canonical`` returns it replicated over the mesh as global arrays.
+"""
+
+from hkpipe._src.backends.spmd._backend import SpmdBackend
+from hkpipe._src.backends.spmd._plan import SUPPORTED_SCHEDULES
+
+__all__ = ["SUPPORTED_SCHEDULES", "SpmdBackend"]
