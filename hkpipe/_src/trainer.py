@@ -312,11 +312,10 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   """The body of :func:`train`; reports its position to ``progress``."""
   t_start = time.time()
   pipe_options = pipeline_options(config)  # checks the sizes against the devices
-  skips = step_guard.SkipCounter(
-      config.get("max_consecutive_skips", step_guard.DEFAULT_MAX_CONSECUTIVE_SKIPS),
-      checkpoints=str(pathlib.Path(workdir) / "checkpoints"))
   lead = jax.process_index() == 0  # writes metrics, config, samples and prints
   work = pathlib.Path(workdir)
+  skips = step_guard.SkipCounter(config.max_consecutive_skips,  # validated by validate_config
+                                 checkpoints=str(work / "checkpoints"))
   work.mkdir(parents=True, exist_ok=True)
   if lead:
     (work / "config.json").write_text(config.to_json_best_effort(indent=1))
