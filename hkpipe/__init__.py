@@ -14,11 +14,11 @@ Public API (everything else is private):
 """
 
 from hkpipe._src.errors import ConfigError
-from hkpipe._src.layers import Layer
-from hkpipe._src.layers import SequentialModel
-from hkpipe._src.layers import Tie
-from hkpipe._src.layers import count_params
-from hkpipe._src.layers import with_compute_dtype
+from hkpipe._src.model import Layer
+from hkpipe._src.model import SequentialModel
+from hkpipe._src.model import Tie
+from hkpipe._src.model import count_params
+from hkpipe._src.model import with_compute_dtype
 from hkpipe._src.partition import StageSpec
 from hkpipe._src.partition import partition
 from hkpipe._src.pipeline import DataLayout

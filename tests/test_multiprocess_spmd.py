@@ -20,7 +20,7 @@ import pytest
 
 import hkpipe
 from hkpipe import models
-from hkpipe._src import pipeline as pl
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import placement
 from hkpipe import train as train_lib
 from tests import _mp_worker as worker
@@ -262,11 +262,11 @@ def test_process_batch_spec_finds_the_axes_that_follow_process_order():
 
 def test_global_batch_rules_name_the_processes():
   x = np.zeros((3, 4), np.int32)
-  assert pl.validate_batch((x, x), 3) == 3
-  assert pl.validate_batch((x, x), 2, process_count=2) == 6
+  assert pipeline_lib.validate_batch((x, x), 3) == 3
+  assert pipeline_lib.validate_batch((x, x), 2, process_count=2) == 6
   with pytest.raises(ValueError, match=r"2 processes x 3 process-local rows = 6\) is not "
                      r"divisible by num_microbatches=4"):
-    pl.validate_batch((x, x), 4, process_count=2)
+    pipeline_lib.validate_batch((x, x), 4, process_count=2)
   assert jax.tree.map(np.shape, placement.example_microbatch((x, x), 6, 2)) == ((3, 4), (3, 4))
   assert jax.tree.map(np.shape, placement.example_microbatch((x, x), 12, 6)) == ((2, 4), (2, 4))
 

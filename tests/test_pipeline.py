@@ -10,9 +10,9 @@ import pytest
 
 import hkpipe
 from hkpipe._src import canonical
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src import layout as layout_lib
-from hkpipe._src import pipeline as pl
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import watchdog
 from tests import helpers
 
@@ -88,10 +88,10 @@ def test_train_step_reduces_loss_and_counts_steps(model, batch):
 
 def test_dropout_keys_depend_on_step_and_microbatch():
   k = jax.random.key(0)
-  keys = [layers_lib.microbatch_rng(k, s, mb) for s in range(2) for mb in range(2)]
+  keys = [model_lib.microbatch_rng(k, s, mb) for s in range(2) for mb in range(2)]
   data = {tuple(np.asarray(jax.random.key_data(x)).tolist()) for x in keys}
   assert len(data) == 4
-  assert layers_lib.microbatch_rng(None, 0, 0) is None
+  assert model_lib.microbatch_rng(None, 0, 0) is None
 
 
 def test_ties_init_equal_and_grads_summed():
@@ -119,7 +119,7 @@ def test_ties_init_equal_and_grads_summed():
   params = model.init(jax.random.key(1), x)
   chex.assert_trees_all_equal(params["embed"]["tok"]["embeddings"], params["head"]["~"]["w"])
   grads = jax.grad(model.loss)(params, x, y)
-  tied = layers_lib.tie_grads(grads, model.ties)
+  tied = model_lib.tie_grads(grads, model.ties)
   total = grads["embed"]["tok"]["embeddings"] + grads["head"]["~"]["w"]
   chex.assert_trees_all_close(tied["embed"]["tok"]["embeddings"], total)
   chex.assert_trees_all_close(tied["head"]["~"]["w"], total)
@@ -207,15 +207,15 @@ def test_facade_data_layout_matches_the_data_sampler(model):
   tokens = np.arange(200, dtype=np.int32)
   full = hkpipe.data.sample_batch(tokens, batch_size=12, seq_len=4, seed=0, step=3)
   for index in range(3):
-    part = pl.split_global_batch(12, 3, index)
+    part = pipeline_lib.split_global_batch(12, 3, index)
     assert part.local_batch == 4 and part.rows == slice(4 * index, 4 * index + 4)
     mine = hkpipe.data.sample_batch(tokens, batch_size=12, seq_len=4, seed=0, step=3,
                                     process_index=part.process_index,
                                     process_count=part.process_count)
     np.testing.assert_array_equal(mine[0], full[0][part.rows])
-  assert pl.split_global_batch(12, 1, 5).process_index == 0   # one share: the whole batch
+  assert pipeline_lib.split_global_batch(12, 1, 5).process_index == 0   # one share: the whole batch
   with pytest.raises(hkpipe.ConfigError, match="multiple of 3"):
-    pl.split_global_batch(10, 3, 0)
+    pipeline_lib.split_global_batch(10, 3, 0)
   with pytest.raises(hkpipe.ConfigError, match="positive int, got 0"):
     hkpipe.Pipeline(model, optax.sgd(0.1)).data_layout(0)
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence, cast
 import jax
 import numpy as np
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import options as options_lib
 
@@ -143,7 +143,7 @@ def check_ranks_within_processes(layout: Layout) -> None:
           "use a 'dp' width that divides each process's local device count.")
 
 
-def resolve(model: layers_lib.SequentialModel, options: options_lib.PipelineOptions,
+def resolve(model: model_lib.SequentialModel, options: options_lib.PipelineOptions,
             example_microbatch: Any) -> Layout:
   """Builds the schedule, the stages and the device grid, validating them against each other.
 

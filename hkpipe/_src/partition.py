@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 
-CostFn = Callable[[layers_lib.Layer, Any], float]
+CostFn = Callable[[model_lib.Layer, Any], float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _shapes(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def layer_io_shapes(model: layers_lib.SequentialModel,
+def layer_io_shapes(model: model_lib.SequentialModel,
                     example_inputs: Any) -> list[tuple[Any, Any]]:
   """Per layer: (parameter shapes, input shapes), by abstract evaluation (nothing compiled)."""
   out = []
@@ -54,7 +54,7 @@ def layer_io_shapes(model: layers_lib.SequentialModel,
   return out
 
 
-def _flops(layer: layers_lib.Layer, params: Any, x: Any) -> float:
+def _flops(layer: model_lib.Layer, params: Any, x: Any) -> float:
   """Forward FLOPs of one layer: XLA's HLO cost analysis of the lowered program (no compile)."""
   fn = jax.jit(lambda p_, x_: layer.apply(p_, None, x_, is_training=False))
   analysis = fn.lower(params, x).cost_analysis()
@@ -63,7 +63,7 @@ def _flops(layer: layers_lib.Layer, params: Any, x: Any) -> float:
   return float((analysis or {}).get("flops", 0.0))
 
 
-def layer_costs(model: layers_lib.SequentialModel, example_inputs: Any,
+def layer_costs(model: model_lib.SequentialModel, example_inputs: Any,
                 cost: str | CostFn = "params") -> list[float]:
   """Cost of each layer.
 
@@ -152,7 +152,7 @@ def check_boundaries(boundaries: Sequence[int], num_layers: int,
   return b
 
 
-def partition(model: layers_lib.SequentialModel, num_stages: int, *,
+def partition(model: model_lib.SequentialModel, num_stages: int, *,
               boundaries: Sequence[int] | None = None, cost: str | CostFn = "params",
               example_inputs: Any = None) -> tuple[StageSpec, ...]:
   """Groups the model's consecutive layers into ``num_stages`` stages.

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from hkpipe._src import errors
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src import options as options_lib
 from hkpipe._src import placement
 from hkpipe._src import watchdog
@@ -150,7 +150,7 @@ class Backend(abc.ABC):
 
   batch_is_process_local: bool = True
 
-  def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
+  def __init__(self, model: model_lib.SequentialModel, optimizer: optax.GradientTransformation,
                options: PipelineOptions):
     self.model = model
     self.optimizer = optimizer
@@ -279,9 +279,9 @@ class Pipeline:
     **options: fields of :class:`PipelineOptions`.
   """
 
-  def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
+  def __init__(self, model: model_lib.SequentialModel, optimizer: optax.GradientTransformation,
                backend: str = "single", **options: Any):
-    if not isinstance(model, layers_lib.SequentialModel):
+    if not isinstance(model, model_lib.SequentialModel):
       raise TypeError(f"model must be a hkpipe.SequentialModel, got {type(model).__name__}.")
     unknown = set(options) - {f.name for f in dataclasses.fields(PipelineOptions)}
     if unknown:

@@ -18,20 +18,20 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 
 
-def apply_layers(layers: Sequence[layers_lib.Layer], params: Sequence[Any], x: Any,
+def apply_layers(layers: Sequence[model_lib.Layer], params: Sequence[Any], x: Any,
                  key: jax.Array | None, indices: Any, is_training: bool) -> Any:
   """Applies ``layers`` in order, layer ``j`` with ``params[j]`` and the dropout key
   ``layer_rng(key, indices[j])`` (``indices``: the layers' global positions in the model, ints or
   a traced int array, so that identical stages may share one program)."""
   for j, layer in enumerate(layers):
-    x = layer.apply(params[j], layers_lib.layer_rng(key, indices[j]), x, is_training=is_training)
+    x = layer.apply(params[j], model_lib.layer_rng(key, indices[j]), x, is_training=is_training)
   return x
 
 
-def stage_output(model: layers_lib.SequentialModel, start: int, stop: int, params: Sequence[Any],
+def stage_output(model: model_lib.SequentialModel, start: int, stop: int, params: Sequence[Any],
                  x: Any, key: jax.Array | None, indices: Any, targets: Any, is_training: bool) -> Any:
   """Layers ``start..stop-1`` applied to ``x``; when they end the model, the float32 loss
   against ``targets`` instead of the outputs."""
@@ -104,7 +104,7 @@ class TieSides:
   target: tuple[int, int]
 
 
-def locate_ties(ties: Sequence[layers_lib.Tie], stage_params: Sequence[Any],
+def locate_ties(ties: Sequence[model_lib.Tie], stage_params: Sequence[Any],
                 stage_layers: Sequence[Sequence[str]]) -> tuple[TieSides, ...]:
   """Locates every tie in the stages' parameter trees.
 

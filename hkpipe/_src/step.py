@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src import step_guard
 
 State = TypeVar("State")
@@ -36,7 +36,7 @@ TIED_COPY_WEIGHT = 0.5
 # -- gradients -------------------------------------------------------------------------------
 
 
-def microbatch_loss(model: layers_lib.SequentialModel, remat: bool) -> Callable:
+def microbatch_loss(model: model_lib.SequentialModel, remat: bool) -> Callable:
   """``loss(params, x, y, key) -> float32 scalar``: the training loss of one microbatch
   (recomputed in the backward with ``remat``)."""
 
@@ -71,7 +71,7 @@ def accumulate(loss_and_grad: Callable[[Any, Any], tuple[jax.Array, Any]], param
   return loss / m, jax.tree.map(lambda g: g / m, grads)
 
 
-def microbatch_grads(model: layers_lib.SequentialModel, remat: bool, params: Any, inputs: Any,
+def microbatch_grads(model: model_lib.SequentialModel, remat: bool, params: Any, inputs: Any,
                      targets: Any, key_of: Callable[[jax.Array], Any], num_microbatches: int,
                      reduce: Callable[[Any], Any] = lambda t: t) -> tuple[jax.Array, Any]:
   """Mean training loss and mean gradient (ties summed) of the whole model over microbatches.
@@ -101,7 +101,7 @@ def microbatch_grads(model: layers_lib.SequentialModel, remat: bool, params: Any
   return loss, sum_ties(grads, model.ties)
 
 
-def eval_loss(model: layers_lib.SequentialModel, params: Any, inputs: Any,
+def eval_loss(model: model_lib.SequentialModel, params: Any, inputs: Any,
               targets: Any) -> jax.Array:
   """Mean loss over microbatches (leaves ``[m, b, ...]``) without dropout, one at a time."""
   losses = jax.lax.map(lambda xy: model.loss(params, xy[0], xy[1]).astype(jnp.float32),
@@ -109,9 +109,9 @@ def eval_loss(model: layers_lib.SequentialModel, params: Any, inputs: Any,
   return jnp.mean(losses)
 
 
-def sum_ties(grads: Any, ties: Sequence[layers_lib.Tie]) -> dict:
+def sum_ties(grads: Any, ties: Sequence[model_lib.Tie]) -> dict:
   """Canonical gradients with both sides of every tie replaced by their sum."""
-  return layers_lib.tie_grads(grads, ties)
+  return model_lib.tie_grads(grads, ties)
 
 
 def sum_tie_leaves(g: Sequence[Any], same_stage: Sequence[tuple[int, int]],
@@ -158,7 +158,7 @@ def sq_norm_share(grads: Any, tied_copies: Any = ()) -> jax.Array:
   return sq_norm(grads) - (1.0 - TIED_COPY_WEIGHT) * sq_norm(tied_copies)
 
 
-def tied_copies(grads: Any, ties: Sequence[layers_lib.Tie]) -> list:
+def tied_copies(grads: Any, ties: Sequence[model_lib.Tie]) -> list:
   """Both copies of every tied weight in a canonical gradient tree (for :func:`sq_norm_share`)."""
   return [grads[layer][module][name] for tie in ties
           for layer, module, name in (tie.source, tie.target)]
@@ -253,7 +253,7 @@ def train_update(optimizer: optax.GradientTransformation, max_norm: float | None
 
 
 def canonical_train_update(optimizer: optax.GradientTransformation, options: Any,
-                           ties: Sequence[layers_lib.Tie], params: Any, opt_state: Any,
+                           ties: Sequence[model_lib.Tie], params: Any, opt_state: Any,
                            loss: jax.Array, grads: Any) -> tuple[Any, Any, dict]:
   """:func:`train_update` on the whole canonical tree (``single``, ``pmap``), the global norm
   measured on ``grads`` (ties summed) with each tied weight counted once.

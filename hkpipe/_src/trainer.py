@@ -36,7 +36,7 @@ from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import options as options_lib
-from hkpipe._src import pipeline as pl
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import resume as resume_lib
 from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
@@ -268,7 +268,7 @@ def _fmt_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def evaluate(pipe: pl.Pipeline, state: pl.TrainState, batch_fn: Callable[[int], Any],
+def evaluate(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState, batch_fn: Callable[[int], Any],
              num_batches: int) -> float:
   """Mean eval loss over ``num_batches`` fixed validation batches."""
   losses = [pipe.eval_step(state, batch_fn(i))["loss"] for i in range(num_batches)]
@@ -349,7 +349,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   model = models.build(mcfg)
   ocfg = optimizer_config(config)
   lr_at = optim.lr_schedule(ocfg)
-  pipe = pl.Pipeline(model, optim.adamw(ocfg), backend=config.backend, progress=progress,
+  pipe = pipeline_lib.Pipeline(model, optim.adamw(ocfg), backend=config.backend, progress=progress,
                      **pipe_options)
   # Each process feeds its own rows of the global batch, or the whole batch (MPMD).
   feed = pipe.data_layout(batch_size)

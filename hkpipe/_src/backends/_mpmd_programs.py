@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
@@ -72,7 +72,7 @@ class StageFns:
     remat: recompute the forward in the backward instead of stashing residuals.
   """
 
-  def __init__(self, model: layers_lib.SequentialModel, spec: partition_lib.StageSpec,
+  def __init__(self, model: model_lib.SequentialModel, spec: partition_lib.StageSpec,
                shapes: StageShapes, num_stages: int, num_microbatches: int, remat: bool):
     self.model = model
     self.spec = spec
@@ -131,7 +131,7 @@ class StageFns:
     """Runs the forward under ``jax.vjp``; returns (output, vjp_fn, residuals, stash): residuals
     that are inputs (``args``) are passed to the backward again, not stashed."""
     p, x, t, rng, step, mb, lidx = self._split(args)
-    key = layers_lib.microbatch_rng(rng, step, mb)
+    key = model_lib.microbatch_rng(rng, step, mb)
     f = self._objective(x, t, key, lidx)
     if self.is_first:
       return stage_lib.vjp_with_stash(lambda params: f(params, []), (p,), args)

@@ -34,10 +34,10 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src import options as options_lib
 from hkpipe._src import placement
-from hkpipe._src import pipeline as pl
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import step as step_lib
 
 _AXIS = "dp"
@@ -93,7 +93,7 @@ def shard_batch_layout(x: Any, num_devices: int, num_microbatches: int) -> Any:
   return x.swapaxes(0, 1)                                          # [n, m, b, ...]
 
 
-class PmapBackend(pl.Backend):
+class PmapBackend(pipeline_lib.Backend):
   """Replicates the model on ``n`` devices and averages gradients with ``lax.pmean``.
 
   The state's arrays carry a leading device axis (one replica per device), sharded over the
@@ -102,7 +102,7 @@ class PmapBackend(pl.Backend):
   global array.
   """
 
-  def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
+  def __init__(self, model: model_lib.SequentialModel, optimizer: optax.GradientTransformation,
                options: options_lib.PipelineOptions):
     super().__init__(model, optimizer, options)
     self.devices = _devices(options)
@@ -128,7 +128,7 @@ class PmapBackend(pl.Backend):
   # -- pure per-device pieces (run under pmap) -------------------------------------------------
 
   def _device_key(self, rng, step, mb):
-    key = layers_lib.microbatch_rng(rng, step, mb)
+    key = model_lib.microbatch_rng(rng, step, mb)
     if self.num_devices == 1:
       return key
     return jax.random.fold_in(key, jax.lax.axis_index(_AXIS))
@@ -151,7 +151,7 @@ class PmapBackend(pl.Backend):
 
   # -- placement -------------------------------------------------------------------------------
 
-  def _check_batch(self, batch: pl.Batch) -> int:
+  def _check_batch(self, batch: pipeline_lib.Batch) -> int:
     size = self.global_batch_size(batch)
     n, m = self.num_devices, self.options.num_microbatches
     if size % (n * m):
@@ -161,7 +161,7 @@ class PmapBackend(pl.Backend):
                        f"{n * m}, fewer microbatches, or fewer devices.")
     return size
 
-  def _put_batch(self, batch: pl.Batch) -> pl.Batch:
+  def _put_batch(self, batch: pipeline_lib.Batch) -> pipeline_lib.Batch:
     """This process's batch (its rows of the global batch) -> global ``[n, m, b, ...]`` arrays:
     device ``d``'s microbatch ``i`` is slice ``d`` of the reference's microbatch ``i``."""
     self._check_batch(batch)
@@ -193,7 +193,7 @@ class PmapBackend(pl.Backend):
 
     return jax.tree.map(one, tree)
 
-  def _step(self, state: pl.TrainState) -> jax.Array:
+  def _step(self, state: pipeline_lib.TrainState) -> jax.Array:
     return self._replicate(jnp.int32(state.step))
 
   # -- Backend API -----------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class PmapBackend(pl.Backend):
   def train_step(self, state, batch):
     params, opt_state, metrics = self._train(state.params, state.opt_state, state.rng,
                                              self._step(state), self._put_batch(batch))
-    new_state = pl.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+    new_state = pipeline_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                               rng=state.rng)
     return new_state, self._first_replica(metrics)
 
@@ -233,7 +233,7 @@ class PmapBackend(pl.Backend):
             "rng": self._canonical(state.rng)}
 
   def from_canonical(self, canonical: Mapping[str, Any], step: int):
-    return pl.TrainState(step=int(step), params=self._replicate(canonical["params"]),
+    return pipeline_lib.TrainState(step=int(step), params=self._replicate(canonical["params"]),
                          opt_state=self._replicate(canonical["opt_state"]),
                          rng=self._replicate(canonical["rng"]))
 

@@ -12,12 +12,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from hkpipe._src import layers as layers_lib
-from hkpipe._src import pipeline as pl
+from hkpipe._src import model as model_lib
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import step as step_lib
 
 
-class SingleBackend(pl.Backend):
+class SingleBackend(pipeline_lib.Backend):
   """Whole model on one device (``options.devices[0]`` or the default device)."""
 
   def __init__(self, model, optimizer, options):
@@ -32,8 +32,8 @@ class SingleBackend(pl.Backend):
 
   def _grads_impl(self, params, rng, step, batch):
     m = self.options.num_microbatches
-    inputs, targets = pl.split_microbatches(batch, m)
-    key_of = lambda i: layers_lib.microbatch_rng(rng, step, i)
+    inputs, targets = pipeline_lib.split_microbatches(batch, m)
+    key_of = lambda i: model_lib.microbatch_rng(rng, step, i)
     return step_lib.microbatch_grads(self.model, self.options.remat, params, inputs, targets,
                                      key_of, m)
 
@@ -44,7 +44,7 @@ class SingleBackend(pl.Backend):
 
   def _eval_impl(self, params, batch):
     m = self.options.num_microbatches
-    return step_lib.eval_loss(self.model, params, *pl.split_microbatches(batch, m))
+    return step_lib.eval_loss(self.model, params, *pipeline_lib.split_microbatches(batch, m))
 
   # -- Backend API -----------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ class SingleBackend(pl.Backend):
     params_rng, state_rng = jax.random.split(rng)
     params = self._put(jax.jit(self.model.init)(params_rng, one))
     opt_state = self._put(jax.jit(self.optimizer.init)(params))
-    return pl.TrainState(step=0, params=params, opt_state=opt_state, rng=self._put(state_rng))
+    return pipeline_lib.TrainState(step=0, params=params, opt_state=opt_state, rng=self._put(state_rng))
 
   def loss_and_grads(self, state, batch):
     return self._grads(state.params, state.rng, jnp.int32(state.step), self._put(batch))
@@ -65,7 +65,7 @@ class SingleBackend(pl.Backend):
   def train_step(self, state, batch):
     params, opt_state, metrics = self._train(state.params, state.opt_state, state.rng,
                                              jnp.int32(state.step), self._put(batch))
-    return pl.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+    return pipeline_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          rng=state.rng), metrics
 
   def eval_loss(self, state, batch):
@@ -75,7 +75,7 @@ class SingleBackend(pl.Backend):
     return {"params": state.params, "opt_state": state.opt_state, "rng": state.rng}
 
   def from_canonical(self, canonical: Mapping[str, Any], step: int):
-    return pl.TrainState(step=int(step), params=self._put(canonical["params"]),
+    return pipeline_lib.TrainState(step=int(step), params=self._put(canonical["params"]),
                          opt_state=self._put(canonical["opt_state"]),
                          rng=self._put(canonical["rng"]))
 

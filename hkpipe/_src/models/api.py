@@ -10,7 +10,7 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src.models import gpt
 from hkpipe._src.models import llama
 from hkpipe._src.models import losses
@@ -19,7 +19,7 @@ Config = Union[gpt.GPTConfig, llama.LlamaConfig]
 
 
 @dataclasses.dataclass(frozen=True)
-class LanguageModel(layers_lib.SequentialModel):
+class LanguageModel(model_lib.SequentialModel):
   """A :class:`hkpipe.SequentialModel` built from a config, which it keeps for later use.
 
   Behaves exactly like a ``SequentialModel`` (it adds no behaviour); the config lets helpers such
@@ -32,7 +32,7 @@ class LanguageModel(layers_lib.SequentialModel):
   config: Any = None
 
 
-def _make_layers(config: Config) -> tuple[list[layers_lib.Layer], tuple[layers_lib.Tie, ...]]:
+def _make_layers(config: Config) -> tuple[list[model_lib.Layer], tuple[model_lib.Tie, ...]]:
   if isinstance(config, gpt.GPTConfig):
     return gpt.make_layers(config)
   if isinstance(config, llama.LlamaConfig):
@@ -59,15 +59,15 @@ def build(config: Config) -> LanguageModel:
   """
   layers, ties = _make_layers(config)
   if config.dtype == "bfloat16":
-    layers = [layers_lib.with_compute_dtype(layer, jnp.bfloat16) for layer in layers]
+    layers = [model_lib.with_compute_dtype(layer, jnp.bfloat16) for layer in layers]
   loss_fn = functools.partial(losses.cross_entropy, z_loss=config.z_loss,
                               label_smoothing=config.label_smoothing)
   return LanguageModel(layers=tuple(layers), loss_fn=loss_fn, ties=ties, config=config)
 
 
-def param_count(model: layers_lib.SequentialModel, params: layers_lib.Params) -> int:
+def param_count(model: model_lib.SequentialModel, params: model_lib.Params) -> int:
   """Number of scalar parameters of ``model``, counting each tied weight once."""
-  return layers_lib.count_params(params, model.ties)
+  return model_lib.count_params(params, model.ties)
 
 
 def layer_param_counts(config: Config) -> dict[str, int]:
@@ -113,7 +113,7 @@ def _describe(tree: Any) -> tuple[str, str]:
   return shapes, dtypes
 
 
-def summary(model: layers_lib.SequentialModel, example_inputs: Any) -> str:
+def summary(model: model_lib.SequentialModel, example_inputs: Any) -> str:
   """A per-layer table of parameter counts and output shapes, computed with ``jax.eval_shape``.
 
   Nothing is compiled or executed: only shapes are traced.

@@ -19,7 +19,7 @@ import chex
 import haiku as hk
 import jax
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src.models import common
 
 INIT_STDDEV = 0.02
@@ -123,15 +123,15 @@ def head_fn(x: jax.Array, is_training: bool, *, config: GPTConfig) -> jax.Array:
   return common.LMHead(config.vocab_size, stddev=INIT_STDDEV, name="lm_head")(h)  # [B, T, V]
 
 
-def make_layers(config: GPTConfig) -> tuple[list[layers_lib.Layer], tuple[layers_lib.Tie, ...]]:
+def make_layers(config: GPTConfig) -> tuple[list[model_lib.Layer], tuple[model_lib.Tie, ...]]:
   """The float32 layers ``embed, block_0.., head`` and the embedding tie (if enabled)."""
-  layers = [layers_lib.Layer.from_fn("embed", functools.partial(embed_fn, config=config))]
-  layers += [layers_lib.Layer.from_fn(f"block_{i}", functools.partial(block_fn, config=config))
+  layers = [model_lib.Layer.from_fn("embed", functools.partial(embed_fn, config=config))]
+  layers += [model_lib.Layer.from_fn(f"block_{i}", functools.partial(block_fn, config=config))
              for i in range(config.n_layers)]
-  layers.append(layers_lib.Layer.from_fn("head", functools.partial(head_fn, config=config)))
-  ties: tuple[layers_lib.Tie, ...] = ()
+  layers.append(model_lib.Layer.from_fn("head", functools.partial(head_fn, config=config)))
+  ties: tuple[model_lib.Tie, ...] = ()
   if config.tie_embeddings:
-    ties = (layers_lib.Tie(source=("embed", "wte", "embeddings"),
+    ties = (model_lib.Tie(source=("embed", "wte", "embeddings"),
                            target=("head", "lm_head", "w")),)
   return layers, ties
 

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 
 
 @functools.partial(jax.jit, static_argnames=("model", "top_k"))
-def _step(model: layers_lib.SequentialModel, params: Any, window: jax.Array, length: jax.Array,
+def _step(model: model_lib.SequentialModel, params: Any, window: jax.Array, length: jax.Array,
           key: jax.Array, temperature: jax.Array, top_k: int | None
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Samples one token and slides it into the window; shapes never change, so this compiles once.
@@ -37,7 +37,7 @@ def _step(model: layers_lib.SequentialModel, params: Any, window: jax.Array, len
   return window, jnp.minimum(length + 1, w), token
 
 
-def _context_len(model: layers_lib.SequentialModel, seq_len: int | None) -> int:
+def _context_len(model: model_lib.SequentialModel, seq_len: int | None) -> int:
   if seq_len is not None:
     return seq_len
   config = getattr(model, "config", None)
@@ -47,7 +47,7 @@ def _context_len(model: layers_lib.SequentialModel, seq_len: int | None) -> int:
   return config.seq_len
 
 
-def generate(model: layers_lib.SequentialModel, params: Any, prompt_tokens: Any, *,
+def generate(model: model_lib.SequentialModel, params: Any, prompt_tokens: Any, *,
              max_new_tokens: int, rng: jax.Array, temperature: float = 1.0,
              top_k: int | None = None, seq_len: int | None = None) -> jax.Array:
   """Samples ``max_new_tokens`` tokens after a prompt, conditioning on the last ``seq_len`` tokens.

@@ -23,7 +23,7 @@ from hkpipe import schedules
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import canonical as canonical_lib
 from hkpipe._src import placement
-from hkpipe._src import pipeline as pl
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_transfer as xfer_lib
 from hkpipe._src.backends.mpmd import _check
@@ -85,7 +85,7 @@ def _runnable(setup: _Setup, program: ir.Program, programs: dict,
                    _check.liveness(program, setup.num_ranks, bound.nbytes))
 
 
-class MpmdBackend(pl.Backend):
+class MpmdBackend(pipeline_lib.Backend):
   """True MPMD pipeline: per-stage compiled programs on per-rank devices, driven asynchronously.
 
   ``TrainState.params`` and ``TrainState.opt_state`` are tuples indexed by stage: stage ``s``
@@ -168,7 +168,7 @@ class MpmdBackend(pl.Backend):
                        "processes (e.g. num_stages=a multiple of jax.process_count()).")
     return layout
 
-  def _setup(self, batch: pl.Batch) -> _Setup:
+  def _setup(self, batch: pipeline_lib.Batch) -> _Setup:
     mb_inputs, mb_targets = _microbatch_shapes(batch, self.options.num_microbatches)  # type: ignore[arg-type]
     key = (jax.tree.structure((mb_inputs, mb_targets)),
            tuple(jax.tree.leaves((mb_inputs, mb_targets))))
@@ -201,7 +201,7 @@ class MpmdBackend(pl.Backend):
     self._calls += 1
     return self._calls
 
-  def _store(self, setup: _Setup, run: _Runnable, state: pl.TrainState, batch: pl.Batch,
+  def _store(self, setup: _Setup, run: _Runnable, state: pipeline_lib.TrainState, batch: pipeline_lib.Batch,
              training: bool) -> list:
     """The buffer store of one call: constant inputs, then this call's inputs."""
     store = list(run.template)
@@ -263,7 +263,7 @@ class MpmdBackend(pl.Backend):
     self.last_stash_peak_bytes = tuple(max([0] + [after[r] for after in trace.bytes_after])
                                        for r in range(setup.num_ranks))
 
-  def _train_family(self, setup: _Setup, state: pl.TrainState, with_update: bool) -> _Family:
+  def _train_family(self, setup: _Setup, state: pipeline_lib.TrainState, with_update: bool) -> _Family:
     opt = None
     if with_update:
       opt = [(jax.tree.structure(o), jax.tree.leaves(o)) for o in state.opt_state]
@@ -276,7 +276,7 @@ class MpmdBackend(pl.Backend):
       return _Family(programs, _runnable(setup, program, programs, opt))
     return setup.family("train" if with_update else "grads", build)
 
-  def _eval_family(self, setup: _Setup, state: pl.TrainState) -> _Family:
+  def _eval_family(self, setup: _Setup, state: pipeline_lib.TrainState) -> _Family:
     def build() -> _Family:
       program = _lower.lower_eval(setup.facts())
       _check.check(program)
@@ -292,7 +292,7 @@ class MpmdBackend(pl.Backend):
       return tuple(store[out[("metrics",)]])
     return tuple(store[out[(n,)]][0] for n in ("loss", "norm", "skipped"))
 
-  def describe(self, batch: pl.Batch, call: str = "train") -> str:
+  def describe(self, batch: pipeline_lib.Batch, call: str = "train") -> str:
     """The instruction program this process issues for one driver call, as text.
 
     Args:
@@ -354,7 +354,7 @@ class MpmdBackend(pl.Backend):
         continue
       params.append(setup.stage_dict(s, leaves[s]))
       opt_state.append(jax.tree.structure(shapes).unflatten(programs[1].fn(*leaves[s])))
-    return pl.TrainState(step=0, params=tuple(params), opt_state=tuple(opt_state),
+    return pipeline_lib.TrainState(step=0, params=tuple(params), opt_state=tuple(opt_state),
                          rng=state_rng)
 
   def _run_train_program(self, state, batch, with_update: bool):
@@ -376,7 +376,7 @@ class MpmdBackend(pl.Backend):
     opt_state = tuple(jax.tree.structure(o).unflatten(store[out[("opt", s)]]) if owned[s] else o
                       for s, o in enumerate(state.opt_state))
     loss, norm, skipped = self._metrics(run, store)
-    return (pl.TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng),
+    return (pipeline_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng),
             {"loss": loss, "grad_norm": norm, "skipped": skipped})
 
   def loss_and_grads(self, state, batch):
@@ -470,5 +470,5 @@ class MpmdBackend(pl.Backend):
       # Shared optimizer leaves (counters) may be replicated over every process: the copy here.
       params.append(jax.device_put(stage_params, rep))
       opt_state.append(jax.device_put(jax.tree.map(placement.local_value, stage_opt), rep))
-    return pl.TrainState(step=int(step), params=tuple(params), opt_state=tuple(opt_state),
+    return pipeline_lib.TrainState(step=int(step), params=tuple(params), opt_state=tuple(opt_state),
                          rng=canonical["rng"])

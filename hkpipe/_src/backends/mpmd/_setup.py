@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from hkpipe import schedules
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import partition as partition_lib
-from hkpipe._src import pipeline as pl
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_plan
@@ -38,7 +38,7 @@ def _spec(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
 
-def _microbatch_shapes(batch: pl.Batch, m: int) -> tuple[Any, Any]:
+def _microbatch_shapes(batch: pipeline_lib.Batch, m: int) -> tuple[Any, Any]:
   return tuple(jax.tree.map(  # type: ignore[return-value]
       lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] // m,) + tuple(np.shape(x)[1:]), x.dtype),
       part) for part in batch)

@@ -16,12 +16,12 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hkpipe._src import layers as layers_lib
+from hkpipe._src import model as model_lib
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import canonical as canonical_lib
 from hkpipe._src import options as options_lib
 from hkpipe._src import placement
-from hkpipe._src import pipeline as pl
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _tables as tables_lib
@@ -34,7 +34,7 @@ from hkpipe._src.backends.spmd._plan import _StageBackward, _Tie
 class SpmdBackend(_Executor):
   """Pipeline parallelism inside one ``shard_map`` program over a ``("pp", "dp")`` mesh."""
 
-  def __init__(self, model: layers_lib.SequentialModel, optimizer: optax.GradientTransformation,
+  def __init__(self, model: model_lib.SequentialModel, optimizer: optax.GradientTransformation,
                options: options_lib.PipelineOptions):
     super().__init__(model, optimizer, options)
     _check_schedule(options.schedule)
@@ -63,7 +63,7 @@ class SpmdBackend(_Executor):
 
   # -- static planning -------------------------------------------------------------------------
 
-  def _check_batch(self, batch: pl.Batch) -> int:
+  def _check_batch(self, batch: pipeline_lib.Batch) -> int:
     size = self.global_batch_size(batch)
     m, dp = self.options.num_microbatches, self.dp
     if size % (m * dp):
@@ -130,13 +130,13 @@ class SpmdBackend(_Executor):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // div,) + tuple(x.shape[1:]),
                                                        x.dtype), tree)
 
-  def _global_avals(self, batch: pl.Batch) -> Any:
+  def _global_avals(self, batch: pipeline_lib.Batch) -> Any:
     """Shapes of the global batch assembled from this process's ``batch``."""
     count = self.batch_process_count()
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         (np.shape(x)[0] * count,) + tuple(np.shape(x)[1:]), x.dtype), tuple(batch))
 
-  def _program(self, batch: pl.Batch, rng: jax.Array) -> tuple[_Program, dict]:
+  def _program(self, batch: pipeline_lib.Batch, rng: jax.Array) -> tuple[_Program, dict]:
     """The program for this (global) batch shape (built and cached on first use) and its device
     tables."""
     key = (_shape_key(batch), _shape_key(rng))
@@ -148,12 +148,12 @@ class SpmdBackend(_Executor):
   def _put_tables(self, tables: tables_lib.TickTables) -> dict:
     return placement.put_global(dict(tables.arrays()), NamedSharding(self.mesh, P("pp")))
 
-  def _build_program(self, batch: pl.Batch, rng: jax.Array) -> _Program:
+  def _build_program(self, batch: pipeline_lib.Batch, rng: jax.Array) -> _Program:
     plan = self.plan
     inputs, targets = (self._local_microbatch(t) for t in batch)
     num_stages = plan.num_stages
     stage_params = [lay.treedef.unflatten(lay.avals) for lay in plan.stage_layouts]
-    key_aval = jax.eval_shape(lambda r: layers_lib.microbatch_rng(r, 0, 0), rng)
+    key_aval = jax.eval_shape(lambda r: model_lib.microbatch_rng(r, 0, 0), rng)
     # Boundary activations (output of stage s for s < S-1), by abstract evaluation.
     boundaries, x = [], inputs
     for s in range(num_stages - 1):
@@ -233,7 +233,7 @@ class SpmdBackend(_Executor):
 
   # -- placement -------------------------------------------------------------------------------
 
-  def _put_batch(self, batch: pl.Batch) -> tuple[Any, Any]:
+  def _put_batch(self, batch: pipeline_lib.Batch) -> tuple[Any, Any]:
     """This process's batch (its rows, or the whole batch in one process) as global ``[B, ...]``
     arrays: each process places its own rows on its own devices, no data crosses processes here
     (the program reshuffles; see ``_microbatches``). Inputs may start anywhere."""
@@ -312,7 +312,7 @@ class SpmdBackend(_Executor):
 
   # -- introspection ---------------------------------------------------------------------------
 
-  def layout_report(self, batch: pl.Batch, rng: jax.Array | None = None) -> dict:
+  def layout_report(self, batch: pipeline_lib.Batch, rng: jax.Array | None = None) -> dict:
     """Bytes of the padded SPMD layout for this batch shape: what padding costs.
 
     Every ``pp`` rank allocates the same shapes, so each buffer is as large as the largest rank
@@ -351,7 +351,7 @@ class SpmdBackend(_Executor):
         "cot_slots": tables.num_cot,
     }
 
-  def memory_analysis(self, state: pl.TrainState, batch: pl.Batch) -> Any:
+  def memory_analysis(self, state: pipeline_lib.TrainState, batch: pipeline_lib.Batch) -> Any:
     """XLA's memory analysis (per device) of the compiled ``train_step`` program for this batch
     shape (compiles it if ``train_step`` has not yet; otherwise reuses the cached executable).
 
@@ -390,7 +390,7 @@ class SpmdBackend(_Executor):
     params, opt, metrics = self._jitted["train"](prog, state.params, state.opt_state, state.rng,
                                                  np.int32(state.step), inputs, targets,
                                                  arrays)
-    return pl.TrainState(step=state.step + 1, params=params, opt_state=opt,
+    return pipeline_lib.TrainState(step=state.step + 1, params=params, opt_state=opt,
                          rng=state.rng), metrics
 
   def eval_loss(self, state, batch):
@@ -418,7 +418,7 @@ class SpmdBackend(_Executor):
                          "init(rng, batch) first, or pass explicit partition=[boundaries].")
       self._ensure_plan(canonical["params"], None)
     p_rows, o_rows = self._canonical_rows(canonical)
-    return pl.TrainState(step=int(step), params=self._put_rows(p_rows),
+    return pipeline_lib.TrainState(step=int(step), params=self._put_rows(p_rows),
                          opt_state=self._put_rows(o_rows),
                          rng=self._put_replicated(canonical["rng"]))
 

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkpipe._src import layers as layers_lib
-from hkpipe._src import pipeline as pl
+from hkpipe._src import model as model_lib
+from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
 from hkpipe._src.backends.spmd import _pack as pack
@@ -21,7 +21,7 @@ from hkpipe.schedules import _ir
 Kind = _ir.Kind
 
 
-class _Executor(pl.Backend):
+class _Executor(pipeline_lib.Backend):
   """Per-stage functions and ``shard_map`` bodies; ``SpmdBackend`` supplies ``plan``, ``dp``
   and ``num_ranks``."""
 
@@ -59,7 +59,7 @@ class _Executor(pl.Backend):
     return y, residuals, stash
 
   def _microbatch_key(self, rng: jax.Array, step: jax.Array, mb: jax.Array) -> jax.Array:
-    key = layers_lib.microbatch_rng(rng, step, mb)
+    key = model_lib.microbatch_rng(rng, step, mb)
     assert key is not None
     if self.dp > 1:
       key = jax.random.fold_in(key, jax.lax.axis_index("dp"))
