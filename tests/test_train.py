@@ -1,5 +1,6 @@
 """Training loop, checkpoints, resume equality, crash safety and the launcher."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
@@ -22,6 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 from experiments import shakespeare_gpt  # pylint: disable=wrong-import-position
 from experiments import shakespeare_llama  # pylint: disable=wrong-import-position
+
+
+def _leaf_size(params, path):
+  node = params
+  for key in path:
+    node = node[key]
+  return int(node.size)
 
 
 def _losses(workdir):
@@ -165,6 +174,15 @@ def test_launcher_end_to_end(tmp_path, data_dir, experiment):
   assert (tmp_path / "w" / "samples.txt").read_text().startswith("ROMEO:")
   assert sorted(_losses(tmp_path / "w")) == [1, 2, 3, 4]
   assert (tmp_path / "w" / "checkpoints" / "4").is_dir()
+  # The logged parameter count (computed from shapes) equals a count of really initialised
+  # parameters, with the tied head counted once.
+  cfg = importlib.import_module(f"experiments.{experiment}").get_config("runlocal")
+  mcfg = train_lib.model_config(cfg)
+  model = hkpipe.models.build(mcfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, mcfg.seq_len), jnp.int32))
+  tied = sum(_leaf_size(params, t.target) for t in model.ties)
+  expected = sum(int(x.size) for x in jax.tree.leaves(params)) - tied
+  assert f"params={expected:,} " in out, out
 
 
 @pytest.mark.slow

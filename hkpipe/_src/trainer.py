@@ -382,7 +382,9 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
 
   first = train_batch(0)
   state = pipe.init(jax.random.key(config.seed), first)
-  n_params = models.param_count(model, pipe.params(state))  # tied weights counted once
+  # From shapes alone (no gather): tied weights counted once.
+  n_params = models.param_count(model, jax.eval_shape(
+      model.init, jax.random.key(0), jax.tree.map(lambda a: a[:1], first[0])))
   say(f"hkpipe: model={config.model.name} params={n_params:,} backend={config.backend} "
       f"devices={len(jax.devices())} microbatches={config.pipeline.num_microbatches} "
       f"batch={batch_size}x{seq_len} steps={config.num_steps}")
