@@ -25,7 +25,7 @@ from tests import helpers
 
 def facts(name: str, ranks: int, m: int, *, owned=None, process: int = 0, rank_process=None,
           ties=(), scaled: bool = True) -> _lower.Facts:
-  sched = schedules.get(name, num_stages=ranks, num_microbatches=m,
+  sched = schedules.get(name, num_ranks=ranks, num_microbatches=m,
                         virtual_stages=2 if name == "interleaved_1f1b" else None)
   rank_process = rank_process or (0,) * ranks
   procs = sorted(set(rank_process))
@@ -42,7 +42,7 @@ def facts(name: str, ranks: int, m: int, *, owned=None, process: int = 0, rank_p
 @pytest.mark.parametrize("ranks, m", [(2, 3), (4, 8)])
 def test_lowered_programs_check_and_their_stash_peak_is_the_simulators(name, ranks, m):
   f = facts(name, ranks, m)
-  sched = schedules.get(name, num_stages=ranks, num_microbatches=m,
+  sched = schedules.get(name, num_ranks=ranks, num_microbatches=m,
                         virtual_stages=2 if name == "interleaved_1f1b" else None)
   for with_update in (True, False):
     program = _lower.lower_train(f, with_update)

@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   Fields (see docs/training.md): ``seed``; ``model`` (``name`` + the model config's fields);
   ``data`` (``dir``, ``source``, ``val_fraction``); ``batch_size``; ``num_steps``; ``optim``
-  (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``stages``, ``dp``,
+  (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``ranks``, ``dp``,
   ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
   ``remat``); ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
   ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported);
@@ -61,7 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
   ``max_consecutive_skips`` (the run stops after this many steps in a row were skipped for a
   non-finite loss or gradient norm; >= 1).
 
-  Unset ``pipeline`` fields take the backend's defaults: ``stages`` = every device / ``dp`` and
+  ``pipeline.stages`` is the deprecated spelling of ``pipeline.ranks`` (it warns).
+
+  Unset ``pipeline`` fields take the backend's defaults: ``ranks`` = every device / ``dp`` and
   ``dp`` = 1 on ``spmd``/``mpmd``, ``dp`` = every device on ``pmap``, ``schedule`` = ``"1f1b"``,
   ``partition_cost`` = ``"params"``; a field the backend does not use is an error (see
   :func:`validate_config`).
@@ -78,7 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.95, "eps": 1e-8, "max_grad_norm": 1.0})
   c.backend = "single"
   c.pipeline = ml_collections.ConfigDict({
-      "stages": ml_collections.config_dict.placeholder(int),
+      "ranks": ml_collections.config_dict.placeholder(int),
+      "stages": ml_collections.config_dict.placeholder(int),  # deprecated spelling of ranks
       "dp": ml_collections.config_dict.placeholder(int), "num_microbatches": 1,
       "schedule": ml_collections.config_dict.placeholder(str),
       "virtual_stages": ml_collections.config_dict.placeholder(int),
@@ -147,9 +150,9 @@ def optimizer_config(config: Any) -> optim.OptimizerConfig:
 def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   """``Pipeline`` keyword options for ``config.backend`` and ``config.pipeline``.
 
-  ``pipeline.stages`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
+  ``pipeline.ranks`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
   data-parallel width (unset: see :func:`default_config`); the pipelined backends get a
-  ``(pp, dp)`` mesh of ``stages * dp`` devices, ``pmap`` gets ``dp`` devices, ``single`` one
+  ``(pp, dp)`` mesh of ``ranks * dp`` devices, ``pmap`` gets ``dp`` devices, ``single`` one
   device. Without ``devices``, they are the first ones of the run, spread evenly over the
   processes (see ``layout.spread_devices``).
 
@@ -162,16 +165,16 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   opts: dict = {"num_microbatches": int(pipe.num_microbatches),
                 "max_grad_norm": config.optim.get("max_grad_norm"), "remat": bool(pipe.remat)}
   visible = len(devices) if devices is not None else jax.device_count()
-  stages, dp = config_checks.pipeline_sizes(config, device_count=visible,
-                                            process_count=jax.process_count())
+  ranks, dp = config_checks.pipeline_sizes(config, device_count=visible,
+                                           process_count=jax.process_count())
   if backend == "single":
     first = devices[0] if devices is not None else jax.local_devices()[0]
     return {**opts, "devices": [first]}
-  chosen = list(devices[:stages * dp]) if devices is not None else layout_lib.spread_devices(
-      stages * dp)
+  chosen = list(devices[:ranks * dp]) if devices is not None else layout_lib.spread_devices(
+      ranks * dp)
   if backend == "pmap":
     return {**opts, "devices": chosen}
-  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(stages, dp), ("pp", "dp"))
+  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(ranks, dp), ("pp", "dp"))
   opts.update(mesh=mesh, schedule=pipe.get("schedule"), virtual_stages=pipe.get("virtual_stages"))
   boundaries = pipe.get("boundaries")
   opts["partition"] = tuple(boundaries) if boundaries else pipe.get("partition_cost")

@@ -165,7 +165,7 @@ class MpmdBackend(pipeline_lib.Backend):
       raise ValueError(f"Every device of this pipeline belongs to process {procs.pop()}, so "
                        f"process {jax.process_index()} cannot run it: build a pipeline on one "
                        "process's devices only in that process, or spread the ranks over the "
-                       "processes (e.g. num_stages=a multiple of jax.process_count()).")
+                       "processes (e.g. num_ranks=a multiple of jax.process_count()).")
     return layout
 
   def _setup(self, batch: pipeline_lib.Batch) -> _Setup:
