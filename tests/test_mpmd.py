@@ -357,7 +357,7 @@ def test_donating_steps_match(cache):
                              atol=1e-5)
 
 
-def test_eval_loss_matches_single_device(cache):
+def test_eval_step_matches_single_device(cache):
   """Without dropout, the evaluation loss is the training loss of the reference."""
   c = case("gpt")
   pipe = mpmd("gpt", cache, schedule="zbv")

@@ -171,8 +171,8 @@ class Backend(abc.ABC):
     ``skipped`` (see ``PipelineOptions.skip_nonfinite``)."""
 
   @abc.abstractmethod
-  def eval_loss(self, state: TrainState, batch: Batch) -> jax.Array:
-    """Loss without dropout, averaged over microbatches."""
+  def eval_step(self, state: TrainState, batch: Batch) -> Metrics:
+    """Eval metrics ``{"loss"}``: the loss without dropout, averaged over microbatches."""
 
   @abc.abstractmethod
   def to_canonical(self, state: TrainState) -> dict:
@@ -325,9 +325,12 @@ class Pipeline:
     return self.backend.loss_and_grads(state, batch)
 
   def eval_step(self, state: TrainState, batch: Batch) -> Metrics:
-    """Evaluation metrics (``loss``) of one batch, without dropout (every process calls it)."""
+    """Eval metrics of one batch: ``{"loss"}``, the loss without dropout averaged over the
+    microbatches (no update; every process calls it). ``eval_step`` is hkpipe's one name for
+    evaluation: ``Backend.eval_step`` implements it and the training loop averages it over
+    ``config.eval_batches`` batches."""
     self.backend.global_batch_size(batch)
-    return {"loss": self.backend.eval_loss(state, batch)}
+    return self.backend.eval_step(state, batch)
 
   def describe(self, batch: Batch, call: str = "train") -> str:
     """The driver program of one call (``"train"``, ``"grads"``, ``"eval"``) as text, without

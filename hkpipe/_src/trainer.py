@@ -271,9 +271,9 @@ def _fmt_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def evaluate(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState, batch_fn: Callable[[int], Any],
-             num_batches: int) -> float:
-  """Mean eval loss over ``num_batches`` fixed validation batches."""
+def eval_loop(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState,
+              batch_fn: Callable[[int], Any], num_batches: int) -> float:
+  """Mean ``Pipeline.eval_step`` loss over ``num_batches`` fixed validation batches."""
   losses = [pipe.eval_step(state, batch_fn(i))["loss"] for i in range(num_batches)]
   return float(np.mean([float(l) for l in losses]))
 
@@ -456,7 +456,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         t_window, steps_window = time.time(), 0
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
         progress.enter(watchdog_lib.EVAL)
-        val = evaluate(pipe, state, val_batch, config.eval_batches)
+        val = eval_loop(pipe, state, val_batch, config.eval_batches)
         progress.end()
         writer.write({"step": done, "val_loss": val})
         summary["last_val_loss"] = val

@@ -388,12 +388,12 @@ class MpmdBackend(pipeline_lib.Backend):
       return loss, setup.canonical(setup.gather(self._next_call(), "grads", grads))
     return loss, setup.canonical(grads)
 
-  def eval_loss(self, state, batch):
+  def eval_step(self, state, batch):
     setup = self._setup(batch)
     run = self._eval_family(setup, state).bound
     store = self._store(setup, run, state, batch, training=False)
     _interp.execute(run.bound, store, _Net(setup, self._next_call()), self.progress)
-    return store[run.bound.program.outputs[("loss",)]][0]
+    return {"loss": store[run.bound.program.outputs[("loss",)]][0]}
 
   def params(self, state):
     """Canonical ``{layer_name: params}`` of ``state``.
