@@ -50,6 +50,30 @@ def test_pipeline_only_fields_on_pmap_are_errors(field, value):
     train_lib.pipeline_options(config)
 
 
+@pytest.mark.parametrize("backend", ["single", "pmap", "spmd", "mpmd"])
+@pytest.mark.parametrize("field,option,value", [
+    ("ranks", "num_ranks", 2), ("schedule", "schedule", "gpipe"),
+    ("virtual_stages", "virtual_stages", 2), ("boundaries", "partition", (2,)),
+    ("partition_cost", "partition", "flops")])
+def test_config_fields_and_options_are_rejected_by_the_same_backends(backend, field, option,
+                                                                     value):
+  """The trainer's ``config.pipeline.*`` checks and ``PipelineOptions`` agree on which backend
+  uses what (documented: the pipelined backends only)."""
+  def rejected(fn):
+    try:
+      fn()
+    except hkpipe.ConfigError as e:
+      assert "does not use" in str(e), e
+      return True
+    return False
+
+  config = _config(**{field: value})
+  config.backend = backend
+  by_config = rejected(lambda: train_lib.pipeline_options(config))
+  by_options = rejected(lambda: hkpipe.PipelineOptions(backend=backend, **{option: value}))
+  assert by_config == by_options == (backend in ("single", "pmap"))
+
+
 def test_dp_on_single_is_an_error():
   with pytest.raises(hkpipe.ConfigError, match=r"config\.pipeline\.dp=2.*pipeline\.dp for data"):
     train_lib.pipeline_options(_config(dp=2))

@@ -13,11 +13,16 @@ import math
 from typing import Any
 
 from hkpipe._src import deprecation
+from hkpipe._src import options as options_lib
 from hkpipe._src.errors import ConfigError
 
-# pipeline.* fields that only the pipelined backends (spmd, mpmd) use.
-PIPELINE_ONLY = ("schedule", "virtual_stages", "boundaries", "partition_cost")
-PIPELINED = ("spmd", "mpmd")
+# The PipelineOptions option each config.pipeline.* field sets (``pipeline.dp`` sizes the device
+# set, which only backends taking a mesh use), and the values that mean "not given". Which backend
+# rejects which field follows from options.OPTION_BACKENDS, the one table of who uses what.
+_FIELD_OPTION = {"ranks": "num_ranks", "stages": "num_ranks", "schedule": "schedule",
+                 "virtual_stages": "virtual_stages", "boundaries": "partition",
+                 "partition_cost": "partition", "dp": "mesh"}
+_NOT_GIVEN = {"ranks": (None, 1), "stages": (None, 1), "dp": (None, 1)}
 
 
 def _flag(path: str, value: Any) -> str:
@@ -168,20 +173,16 @@ def pipeline_sizes(config: Any, *, device_count: int, process_count: int) -> tup
       batch the sizes cannot split (naming the fields and the fix).
   """
   backend, pipe = config.backend, config.pipeline
-  ranks_field = "stages" if pipe.get("stages") is not None else "ranks"
-  ranks = pipe.get(ranks_field)
-  if backend not in PIPELINED:
-    given = [f for f in PIPELINE_ONLY if pipe[f] is not None]
-    if ranks not in (None, 1):
-      given.insert(0, ranks_field)
-    if backend == "single" and pipe.dp not in (None, 1):
-      given.append("dp")
-    if given:
-      shown = ", ".join(_flag(f"pipeline.{f}", pipe[f]) for f in given)
-      use = "pipeline.dp for data parallelism or " if backend == "single" else ""
-      raise ConfigError(f"backend={backend!r} does not use {shown}; drop "
-                        f"{'it' if len(given) == 1 else 'them'}, or use {use}"
-                        "--config.backend=mpmd (or spmd) to pipeline the model.")
+  ranks = pipe.get("stages") if pipe.get("stages") is not None else pipe.get("ranks")
+  unused = options_lib.unused_options(backend)
+  given = [f for f, option in _FIELD_OPTION.items()
+           if option in unused and pipe.get(f) not in _NOT_GIVEN.get(f, (None,))]
+  if given:
+    shown = ", ".join(_flag(f"pipeline.{f}", pipe[f]) for f in given)
+    use = "pipeline.dp for data parallelism or " if backend == "single" else ""
+    raise ConfigError(f"backend={backend!r} does not use {shown}; drop "
+                      f"{'it' if len(given) == 1 else 'them'}, or use {use}"
+                      "--config.backend=mpmd (or spmd) to pipeline the model.")
   if backend == "single":
     return 1, 1
   if backend == "pmap":

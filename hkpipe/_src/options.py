@@ -42,13 +42,34 @@ def backend_class(name: str) -> Any:
   return getattr(importlib.import_module(module_name), cls_name)
 
 
-# Options each backend does not use: giving one (a value other than the default) is an error.
-_UNUSED_OPTIONS: Mapping[str, tuple[str, ...]] = {
-    "single": ("schedule", "num_ranks", "virtual_stages", "partition", "mesh", "record_timeline"),
-    "pmap": ("schedule", "num_ranks", "virtual_stages", "partition", "record_timeline"),
-    "spmd": ("record_timeline",),
-    "mpmd": (),
+PIPELINED = ("mpmd", "spmd")  # the backends that cut the model into pipeline stages
+
+# The one table of which backend uses which option: every option not listed is used by every
+# backend; giving a listed option (a value other than its default) to a backend that is not in its
+# row is a ConfigError. The trainer's checks of ``config.pipeline.*`` derive from it too
+# (``config_checks.pipeline_sizes``).
+OPTION_BACKENDS: Mapping[str, tuple[str, ...]] = {
+    "schedule": PIPELINED,
+    "num_ranks": PIPELINED,
+    "virtual_stages": PIPELINED,
+    "partition": PIPELINED,
+    "mesh": ("pmap",) + PIPELINED,
+    "record_timeline": ("mpmd",),
 }
+
+
+def unused_options(backend: str) -> tuple[str, ...]:
+  """The options of :class:`PipelineOptions` that ``backend`` does not use (see
+  ``OPTION_BACKENDS``)."""
+  return tuple(name for name, users in OPTION_BACKENDS.items() if backend not in users)
+
+
+def backends_using(options: Sequence[str]) -> tuple[str, ...]:
+  """The backends that use every one of ``options``, in :func:`available_backends` order."""
+  return tuple(b for b in _BACKENDS if all(b in OPTION_BACKENDS.get(n, _BACKENDS)
+                                           for n in options))
+
+
 _PIPELINED_DEFAULTS: Mapping[str, Any] = {"schedule": "1f1b", "partition": "params"}
 
 
@@ -126,13 +147,13 @@ class PipelineOptions:
         stacklevel=4)
     object.__setattr__(self, "num_ranks", ranks)
     object.__setattr__(self, "num_stages", None)
-    unused = [n for n in _UNUSED_OPTIONS[self.backend] if getattr(self, n) not in (None, False)]
+    unused = [n for n in unused_options(self.backend) if getattr(self, n) not in (None, False)]
     if unused:
       shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
       raise errors.ConfigError(
           f"backend={self.backend!r} does not use {shown}; drop "
           f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
-          f"({'mpmd' if 'record_timeline' in unused else 'mpmd or spmd'}).")
+          f"({' or '.join(backends_using(unused))}).")
     if not isinstance(self.skip_nonfinite, bool):
       raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
                                f"{self.skip_nonfinite!r}.")
@@ -167,7 +188,7 @@ class PipelineOptions:
                                  f"clipping), got {norm!r}.")
       if norm == 0:
         object.__setattr__(self, "max_grad_norm", None)  # documented: 0 disables clipping
-    if self.backend in ("spmd", "mpmd"):
+    if self.backend in PIPELINED:
       for name, default in _PIPELINED_DEFAULTS.items():
         if getattr(self, name) is None:
           object.__setattr__(self, name, default)
