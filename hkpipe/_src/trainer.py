@@ -114,7 +114,6 @@ def validate_config(config: Any) -> None:
   config_checks.validate(config, default_config(), backends=options_lib.available_backends(),
                          schedule_names=schedules.names())
   watchdog_lib.WatchdogConfig.from_config(config.get("watchdog"))
-  step_guard.SkipCounter(config.max_consecutive_skips)  # validates it
   model_config(config)
 
 
