@@ -147,12 +147,11 @@ def test_predicted_bytes_equal_live_device_bytes_at_every_instruction(schedule, 
   state = pipe.init(jax.random.key(0), batch)
   for _ in range(2):          # the second step reuses the accumulators the first handed back
     state, _ = pipe.train_step(state, batch)
-  b = pipe.backend
-  measured, predicted = b.last_measured_bytes, b.last_predicted_bytes
+  measured, predicted = pipe.last_measured_bytes, pipe.last_predicted_bytes
   assert len(measured) == len(predicted) > 0
   assert measured == predicted
-  assert all(peak > 0 for peak in b.last_stash_peak_bytes)
+  assert all(peak > 0 for peak in pipe.last_stash_peak_bytes)
   if variant == "tied_fused":
     text = pipe.describe(batch)
     assert "send the tied gradients of stage 0" in text and "finalize and update stage 1" in text
-  assert b.last_stash_peak_bytes == tuple(max(p[r] for p in predicted) for r in range(ranks))
+  assert pipe.last_stash_peak_bytes == tuple(max(p[r] for p in predicted) for r in range(ranks))

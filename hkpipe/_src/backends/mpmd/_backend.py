@@ -133,6 +133,11 @@ class MpmdBackend(pipeline_lib.Backend):
       self.namespace = self.transport.new_namespace()
     self._calls = 0
 
+  @property
+  def compile_stats(self) -> _mpmd_compile.CompileStats:
+    """``cache.stats``: the program cache's compile statistics."""
+    return self.cache.stats
+
   # -- layout ----------------------------------------------------------------------------------
 
   @property

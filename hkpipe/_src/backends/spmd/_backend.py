@@ -61,6 +61,11 @@ class SpmdBackend(_Executor):
       raise ValueError("The spmd pipeline has no layout yet: call init(rng, batch) first.")
     return self._plan
 
+  @property
+  def layout(self) -> layout_lib.Layout:
+    """The resolved layout (``plan.layout``); available after ``init`` (or ``from_canonical``)."""
+    return self.plan.layout
+
   # -- static planning -------------------------------------------------------------------------
 
   def _check_batch(self, batch: pipeline_lib.Batch) -> int:
