@@ -68,7 +68,7 @@ def _worker(args: argparse.Namespace) -> None:
   batch = (tokens[:, :-1], tokens[:, 1:])
   opts: dict = {"num_microbatches": args.microbatches}
   if args.backend == "mpmd":
-    opts.update(devices=jax.devices(), num_stages=args.ranks, schedule=args.schedule,
+    opts.update(devices=jax.devices(), num_ranks=args.ranks, schedule=args.schedule,
                 partition="flops")
     if args.virtual_stages:
       opts["virtual_stages"] = args.virtual_stages

@@ -11,7 +11,7 @@ Commands (from the repo root):
   python launch/train.py --config=experiments/shakespeare_gpt.py --workdir=workdirs/gpt
   # pipelined: MPMD, 4 stages on 4 simulated CPU devices, 1F1B over 8 microbatches
   python launch/train.py --config=experiments/shakespeare_gpt.py:cpu --host_devices=4 \
-      --config.backend=mpmd --config.pipeline.stages=4 --config.pipeline.num_microbatches=8
+      --config.backend=mpmd --config.pipeline.ranks=4 --config.pipeline.num_microbatches=8
 """
 
 from hkpipe.train import default_config

@@ -10,7 +10,7 @@ Commands (from the repo root):
   python launch/train.py --config=experiments/shakespeare_llama.py --workdir=workdirs/llama
   # pipelined, MPMD on 2 simulated CPU devices with the zero-bubble H1 schedule
   python launch/train.py --config=experiments/shakespeare_llama.py:cpu --host_devices=2 \
-      --config.backend=mpmd --config.pipeline.stages=2 --config.pipeline.schedule=zb_h1 \
+      --config.backend=mpmd --config.pipeline.ranks=2 --config.pipeline.schedule=zb_h1 \
       --config.pipeline.num_microbatches=4
 """
 

@@ -4,7 +4,7 @@
 #
 # Usage: launch/tpu_pod.sh TPU_NAME ZONE [train flags...]
 #   launch/tpu_pod.sh my-v4-32 us-central2-b --config=experiments/shakespeare_gpt.py \
-#       --workdir=gs://my-bucket/gpt --config.backend=spmd --config.pipeline.stages=4
+#       --workdir=gs://my-bucket/gpt --config.backend=spmd --config.pipeline.ranks=4
 # The repo must already be on every worker at ~/hkpipe (e.g. git clone via the same ssh command)
 # and installed there (pip install -e ~/hkpipe).
 set -euo pipefail

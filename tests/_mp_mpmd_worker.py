@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
 
   if args.mode == "pp2":
     for schedule in ("1f1b", "zbv"):
-      pipe = pipeline(schedule=schedule, num_stages=2)
+      pipe = pipeline(schedule=schedule, num_ranks=2)
       res, state = run_pipeline(pipe)
       assert_compiled_only_own_stages(pipe)
       ranks = [d.process_index for d in pipe.layout.device_grid[:, 0]]
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> None:
         ckpt = checkpoint.Checkpointer(os.path.join(args.out, "ckpt"))
         ckpt.save(STEPS, pipe.to_canonical(state), {"step": STEPS})
         ckpt.wait()
-        fresh = pipeline(schedule="1f1b", num_stages=2)
+        fresh = pipeline(schedule="1f1b", num_ranks=2)
         other = fresh.init(jax.random.key(SEED + 1), batch(0))
         restored, meta = ckpt.restore(STEPS, fresh.to_canonical(other))
         back = fresh.from_canonical(restored, meta["step"])
@@ -156,7 +156,7 @@ def main(argv: list[str]) -> None:
     log("pp2dp2 done", f"{time.time() - t0:.1f}s")
   elif args.mode == "nan":
     pipe = hkpipe.Pipeline(helpers.float_model(), optax.adam(NAN_LR), backend="mpmd",
-                           num_microbatches=NAN_M, num_stages=2)
+                           num_microbatches=NAN_M, num_ranks=2)
     batches = helpers.float_batches()
     state = pipe.init(jax.random.key(SEED), batches[0])
     res = flat(pipe.params(state), "init")
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> None:
     save("nan", res)
     log("nan done", f"{time.time() - t0:.1f}s")
   else:  # kill: train until the test kills a process
-    pipe = pipeline(schedule="1f1b", num_stages=2)
+    pipe = pipeline(schedule="1f1b", num_ranks=2)
     state = pipe.init(jax.random.key(SEED), batch(0))
     step_file = os.path.join(args.out, f"steps_p{me}")
     for step in range(100_000):

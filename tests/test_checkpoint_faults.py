@@ -93,7 +93,7 @@ def test_compare_configs_errors_warnings_and_free_changes():
       saved, _config_json(**{"model.d_model": 64, "seed": 3, "batch_size": 4,
                              "data.dir": "/other", "data.source": "/txt",
                              "data.val_fraction": 0.2, "optim.learning_rate": 0.5,
-                             "backend": "mpmd", "pipeline.stages": 4, "num_steps": 9,
+                             "backend": "mpmd", "pipeline.ranks": 4, "num_steps": 9,
                              "log_every": 2, "checkpoint_every": 7}),
       saved_vocab=256, current_vocab=65)
   assert errors == ["config.model.d_model: 32 in the checkpoint, 64 now",

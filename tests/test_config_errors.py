@@ -34,10 +34,10 @@ def _config(**pipeline):
 
 
 @pytest.mark.parametrize("backend", ["pmap", "single"])
-def test_stages_on_a_backend_without_stages_is_an_error(backend):
-  config = _config(stages=4)
+def test_ranks_on_a_backend_without_stages_is_an_error(backend):
+  config = _config(ranks=4)
   config.backend = backend
-  with pytest.raises(hkpipe.ConfigError, match=r"config\.pipeline\.stages=4.*mpmd"):
+  with pytest.raises(hkpipe.ConfigError, match=r"config\.pipeline\.ranks=4.*mpmd"):
     train_lib.pipeline_options(config)
 
 
@@ -50,14 +50,38 @@ def test_pipeline_only_fields_on_pmap_are_errors(field, value):
     train_lib.pipeline_options(config)
 
 
+@pytest.mark.parametrize("backend", ["single", "pmap", "spmd", "mpmd"])
+@pytest.mark.parametrize("field,option,value", [
+    ("ranks", "num_ranks", 2), ("schedule", "schedule", "gpipe"),
+    ("virtual_stages", "virtual_stages", 2), ("boundaries", "partition", (2,)),
+    ("partition_cost", "partition", "flops")])
+def test_config_fields_and_options_are_rejected_by_the_same_backends(backend, field, option,
+                                                                     value):
+  """The trainer's ``config.pipeline.*`` checks and ``PipelineOptions`` agree on which backend
+  uses what (documented: the pipelined backends only)."""
+  def rejected(fn):
+    try:
+      fn()
+    except hkpipe.ConfigError as e:
+      assert "does not use" in str(e), e
+      return True
+    return False
+
+  config = _config(**{field: value})
+  config.backend = backend
+  by_config = rejected(lambda: train_lib.pipeline_options(config))
+  by_options = rejected(lambda: hkpipe.PipelineOptions(backend=backend, **{option: value}))
+  assert by_config == by_options == (backend in ("single", "pmap"))
+
+
 def test_dp_on_single_is_an_error():
   with pytest.raises(hkpipe.ConfigError, match=r"config\.pipeline\.dp=2.*pipeline\.dp for data"):
     train_lib.pipeline_options(_config(dp=2))
 
 
 @pytest.mark.parametrize("field,value,fix", [
-    ("pipeline.stages", -1, "number of pipeline ranks"),
-    ("pipeline.stages", 0, "number of pipeline ranks"),
+    ("pipeline.ranks", -1, "number of pipeline ranks"),
+    ("pipeline.ranks", 0, "number of pipeline ranks"),
     ("pipeline.dp", 0, "data-parallel width"),
     ("batch_size", 0, "positive global batch size"),
     ("pipeline.num_microbatches", 0, "num_microbatches=4"),
@@ -73,7 +97,7 @@ def test_dp_on_single_is_an_error():
 ])
 def test_bad_sizes_are_rejected_before_anything_runs(tmp_path, field, value, fix):
   config = _config()
-  config.backend, config.pipeline.stages = "mpmd", 2
+  config.backend, config.pipeline.ranks = "mpmd", 2
   section, _, name = field.rpartition(".")
   (config[section] if section else config)[name] = value
   with pytest.raises(hkpipe.ConfigError, match=rf"config\.{field}={value!r}") as e:
@@ -82,15 +106,34 @@ def test_bad_sizes_are_rejected_before_anything_runs(tmp_path, field, value, fix
   assert not (tmp_path / "w").exists()  # nothing prepared, written or compiled
 
 
+def test_pipeline_stages_is_the_deprecated_spelling_of_ranks():
+  """``pipeline.stages`` meant ranks: it still sizes the mesh, with a warning naming
+  ``pipeline.ranks``; both at once is an error, and on ``pmap`` the message names the field given."""
+  config = _config(stages=2, dp=2)
+  config.backend = "spmd"
+  with pytest.warns(FutureWarning, match=r"config\.pipeline\.stages is deprecated; use "
+                    r"config\.pipeline\.ranks instead \(config\.pipeline\.ranks=2\)"):
+    train_lib.validate_config(config)
+  assert train_lib.pipeline_options(config)["mesh"].devices.shape == (2, 2)
+  config.pipeline.ranks = 2
+  with pytest.raises(hkpipe.ConfigError, match=r"both config\.pipeline\.stages=2 \(deprecated\) "
+                     r"and config\.pipeline\.ranks=2; pass only config\.pipeline\.ranks"):
+    train_lib.validate_config(config)
+  config = _config(stages=4)
+  config.backend = "pmap"
+  with pytest.raises(hkpipe.ConfigError, match=r"does not use config\.pipeline\.stages=4"):
+    train_lib.pipeline_options(config)
+
+
 def test_sizes_that_do_not_divide_name_the_multiple():
   config = _config(num_microbatches=3)
   with pytest.raises(hkpipe.ConfigError, match=r"batch_size=8.*multiple of 3"):
     train_lib.validate_config(config)
-  config = _config(stages=2, dp=4, num_microbatches=4)  # 8 rows / 4 microbatches = 2 rows; dp 4
+  config = _config(ranks=2, dp=4, num_microbatches=4)  # 8 rows / 4 microbatches = 2 rows; dp 4
   config.backend = "spmd"
   with pytest.raises(hkpipe.ConfigError, match=r"dp=4.*multiple of 16"):
     train_lib.pipeline_options(config)
-  config = _config(stages=3, dp=3)
+  config = _config(ranks=3, dp=3)
   config.backend = "mpmd"
   with pytest.raises(hkpipe.ConfigError, match=r"needs 9 devices but 8.*--host_devices=9"):
     train_lib.pipeline_options(config)
@@ -149,9 +192,9 @@ def test_zero_max_grad_norm_disables_clipping():
 
 
 @pytest.mark.parametrize("backend,option,value", [
-    ("single", "schedule", "gpipe"), ("single", "num_stages", 2), ("single", "partition", "flops"),
+    ("single", "schedule", "gpipe"), ("single", "num_ranks", 2), ("single", "partition", "flops"),
     ("single", "record_timeline", True), ("single", "virtual_stages", 2),
-    ("pmap", "schedule", "1f1b"), ("pmap", "num_stages", 2), ("pmap", "partition", (2,)),
+    ("pmap", "schedule", "1f1b"), ("pmap", "num_ranks", 2), ("pmap", "partition", (2,)),
     ("pmap", "record_timeline", True), ("spmd", "record_timeline", True)])
 def test_options_a_backend_does_not_use_are_errors(backend, option, value):
   with pytest.raises(hkpipe.ConfigError, match=rf"backend='{backend}' does not use {option}=.*drop"):
@@ -163,12 +206,31 @@ def test_single_with_several_devices_is_an_error():
     hkpipe.Pipeline(helpers.hetero_model(), optax.sgd(0.1), devices=jax.devices()[:2])
 
 
-@pytest.mark.parametrize("option,value", [("num_microbatches", 0), ("num_stages", -1),
+@pytest.mark.parametrize("option,value", [("num_microbatches", 0), ("num_ranks", -1),
                                           ("virtual_stages", 0), ("max_grad_norm", -1.0),
                                           ("max_grad_norm", float("nan"))])
 def test_bad_option_values_name_the_value(option, value):
   with pytest.raises(hkpipe.ConfigError, match=rf"{option} must be .*got {value!r}"):
     hkpipe.Pipeline(helpers.hetero_model(), optax.sgd(0.1), backend="mpmd", **{option: value})
+
+
+def test_num_stages_option_is_the_deprecated_spelling_of_num_ranks():
+  """``Pipeline(num_stages=)`` meant ranks: it still picks the first 2 devices as 2 ranks, with a
+  warning naming ``num_ranks``; both at once is an error."""
+  model = helpers.hetero_model()
+  with pytest.warns(FutureWarning, match=r"PipelineOptions: num_stages is deprecated; use "
+                    r"num_ranks instead \(num_ranks=2\)"):
+    pipe = hkpipe.Pipeline(model, optax.sgd(0.1), backend="mpmd", num_stages=2,
+                           partition=[3])
+  assert (pipe.options.num_ranks, pipe.options.num_stages) == (2, None)
+  assert pipe.layout.num_ranks == 2
+  assert list(pipe.layout.device_grid[:, 0]) == jax.devices()[:2]
+  with pytest.raises(hkpipe.ConfigError, match=r"both num_stages=2 \(deprecated\) and "
+                     r"num_ranks=2; pass only num_ranks"):
+    hkpipe.Pipeline(model, optax.sgd(0.1), backend="mpmd", num_stages=2, num_ranks=2)
+  with pytest.raises(hkpipe.ConfigError, match=r"backend='single' does not use num_ranks=2"):
+    with pytest.warns(FutureWarning):
+      hkpipe.Pipeline(model, optax.sgd(0.1), num_stages=2)
 
 
 def test_zero_row_batch_is_rejected():
@@ -183,9 +245,9 @@ def test_mpmd_takes_ranks_and_microbatches_from_a_schedule_object():
   gradients equal the single-device reference."""
   model = helpers.hetero_model()
   batch = helpers.token_batch()
-  schedule = hkpipe.schedules.get("1f1b", num_stages=2, num_microbatches=4)
+  schedule = hkpipe.schedules.get("1f1b", num_ranks=2, num_microbatches=4)
   pipe = hkpipe.Pipeline(model, optax.sgd(0.1), backend="mpmd", schedule=schedule)
-  assert pipe.options.num_microbatches == 4 and pipe.options.num_stages == 2
+  assert pipe.options.num_microbatches == 4 and pipe.options.num_ranks == 2
   ref = hkpipe.Pipeline(model, optax.sgd(0.1), num_microbatches=4)
   state, ref_state = pipe.init(jax.random.key(0), batch), ref.init(jax.random.key(0), batch)
   loss, grads = pipe.loss_and_grads(state, batch)
@@ -241,10 +303,10 @@ def _launch(*flags, timeout=120):
 @pytest.mark.slow
 def test_launcher_config_error_is_one_line_with_status_2(tmp_path):
   out = _launch("--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={tmp_path}",
-                "--config.backend=mpmd", "--config.pipeline.stages=-1")
+                "--config.backend=mpmd", "--config.pipeline.ranks=-1")
   assert out.returncode == 2, out
   assert out.stderr.strip().splitlines()[-1].startswith(
-      "hkpipe: error: config.pipeline.stages=-1 must be an int >= 1"), out.stderr
+      "hkpipe: error: config.pipeline.ranks=-1 must be an int >= 1"), out.stderr
   assert "Traceback" not in out.stderr + out.stdout
 
 

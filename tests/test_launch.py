@@ -107,7 +107,7 @@ def test_local_sh_trains_shakespeare_across_two_processes_with_mpmd(tmp_path):
 
   work = tmp_path / "mpmd"
   flags = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={work}",
-           f"--config.data.dir={data}", "--config.backend=mpmd", "--config.pipeline.stages=2",
+           f"--config.data.dir={data}", "--config.backend=mpmd", "--config.pipeline.ranks=2",
            "--config.pipeline.num_microbatches=2",
            *[f"--config.{k}={v}" for k, v in overrides.items()]]
 
@@ -150,7 +150,7 @@ def test_a_raising_process_ends_the_other_within_60s(tmp_path):
   hkpipe.data.prepare(data)
   port = local.free_port()
   flags = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={tmp_path / 'w'}",
-           f"--config.data.dir={data}", "--config.backend=mpmd", "--config.pipeline.stages=2",
+           f"--config.data.dir={data}", "--config.backend=mpmd", "--config.pipeline.ranks=2",
            "--config.num_steps=100000", "--config.optim.warmup_steps=1", "--config.log_every=1",
            "--config.eval_every=0", "--config.checkpoint_every=0", "--config.sample_tokens=0"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -213,7 +213,7 @@ def check_against(pipe: hkpipe.Pipeline, ref: Reference, batch) -> None:
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("ranks, microbatches", [(2, 3), (4, 8)])
 def test_issue_order_keeps_rank_order_and_dependencies(name, ranks, microbatches):
-  sched = schedules.get(name, num_stages=ranks, num_microbatches=microbatches,
+  sched = schedules.get(name, num_ranks=ranks, num_microbatches=microbatches,
                         virtual_stages=2 if name == "interleaved_1f1b" else None)
   order = _mpmd_plan.issue_order(sched)
   assert sorted(map(str, (a for _, a in order))) == sorted(
@@ -357,7 +357,7 @@ def test_donating_steps_match(cache):
                              atol=1e-5)
 
 
-def test_eval_loss_matches_single_device(cache):
+def test_eval_step_matches_single_device(cache):
   """Without dropout, the evaluation loss is the training loss of the reference."""
   c = case("gpt")
   pipe = mpmd("gpt", cache, schedule="zbv")
@@ -492,7 +492,7 @@ def test_more_stages_than_layers():
 
 def test_schedule_for_other_rank_count():
   c = case("hetero")
-  two = schedules.get("1f1b", num_stages=2, num_microbatches=M)
+  two = schedules.get("1f1b", num_ranks=2, num_microbatches=M)
   _bad(lambda: hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=M,
                                schedule=two, devices=jax.devices()[:4]),
        c.batch, "schedule has 2 ranks but the pipeline has 4")
@@ -522,9 +522,9 @@ def test_bad_boundaries():
 
 
 def test_timeline_is_drawable(cache):
-  # num_stages=2 (pipeline ranks) without devices: the first two devices.
+  # num_ranks=2 (pipeline ranks) without devices: the first two devices.
   pipe = mpmd("hetero", cache, schedule="zb_h1", record_timeline=True, devices=None,
-              num_stages=2)
+              num_ranks=2)
   state = pipe.init(KEY, case("hetero").batch)
   assert pipe.layout.rank_devices(1) == (jax.devices()[1],)
   pipe.train_step(state, case("hetero").batch)

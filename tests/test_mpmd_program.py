@@ -25,7 +25,7 @@ from tests import helpers
 
 def facts(name: str, ranks: int, m: int, *, owned=None, process: int = 0, rank_process=None,
           ties=(), scaled: bool = True) -> _lower.Facts:
-  sched = schedules.get(name, num_stages=ranks, num_microbatches=m,
+  sched = schedules.get(name, num_ranks=ranks, num_microbatches=m,
                         virtual_stages=2 if name == "interleaved_1f1b" else None)
   rank_process = rank_process or (0,) * ranks
   procs = sorted(set(rank_process))
@@ -42,7 +42,7 @@ def facts(name: str, ranks: int, m: int, *, owned=None, process: int = 0, rank_p
 @pytest.mark.parametrize("ranks, m", [(2, 3), (4, 8)])
 def test_lowered_programs_check_and_their_stash_peak_is_the_simulators(name, ranks, m):
   f = facts(name, ranks, m)
-  sched = schedules.get(name, num_stages=ranks, num_microbatches=m,
+  sched = schedules.get(name, num_ranks=ranks, num_microbatches=m,
                         virtual_stages=2 if name == "interleaved_1f1b" else None)
   for with_update in (True, False):
     program = _lower.lower_train(f, with_update)
@@ -147,12 +147,11 @@ def test_predicted_bytes_equal_live_device_bytes_at_every_instruction(schedule, 
   state = pipe.init(jax.random.key(0), batch)
   for _ in range(2):          # the second step reuses the accumulators the first handed back
     state, _ = pipe.train_step(state, batch)
-  b = pipe.backend
-  measured, predicted = b.last_measured_bytes, b.last_predicted_bytes
+  measured, predicted = pipe.last_measured_bytes, pipe.last_predicted_bytes
   assert len(measured) == len(predicted) > 0
   assert measured == predicted
-  assert all(peak > 0 for peak in b.last_stash_peak_bytes)
+  assert all(peak > 0 for peak in pipe.last_stash_peak_bytes)
   if variant == "tied_fused":
     text = pipe.describe(batch)
     assert "send the tied gradients of stage 0" in text and "finalize and update stage 1" in text
-  assert b.last_stash_peak_bytes == tuple(max(p[r] for p in predicted) for r in range(ranks))
+  assert pipe.last_stash_peak_bytes == tuple(max(p[r] for p in predicted) for r in range(ranks))

@@ -220,7 +220,7 @@ def test_a_rank_spanning_processes_is_refused():
 
 def test_single_process_defaults_and_no_transport():
   assert layout_lib.default_rank_devices(3) == jax.devices()[:3]
-  pipe = hkpipe.Pipeline(worker.model(), optax.sgd(0.1), backend="mpmd", num_stages=2,
+  pipe = hkpipe.Pipeline(worker.model(), optax.sgd(0.1), backend="mpmd", num_ranks=2,
                          num_microbatches=2)
   assert pipe.backend.transport is None and not pipe.backend.multi_process
 

@@ -184,8 +184,8 @@ def one_process_run(tmp_path_factory, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,stages,dp", [("spmd", 2, 2), ("pmap", None, None)])
-def test_trainer_across_two_processes(tmp_path, data_dir, one_process_run, backend, stages, dp):
+@pytest.mark.parametrize("backend,ranks,dp", [("spmd", 2, 2), ("pmap", None, None)])
+def test_trainer_across_two_processes(tmp_path, data_dir, one_process_run, backend, ranks, dp):
   """``launch/local.py 2`` trains the Shakespeare runlocal config with the per-step losses of a
   single-process run; only process 0 writes metrics and samples; both save the checkpoints, and
   (spmd) with the newest one damaged, a second launch moves it aside, resumes from the one before
@@ -196,7 +196,7 @@ def test_trainer_across_two_processes(tmp_path, data_dir, one_process_run, backe
   args = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={work}",
           f"--config.data.dir={data_dir}", f"--config.backend={backend}",
           "--config.pipeline.num_microbatches=2", *flags]
-  args += [f"--config.pipeline.{k}={v}" for k, v in (("stages", stages), ("dp", dp)) if v]
+  args += [f"--config.pipeline.{k}={v}" for k, v in (("ranks", ranks), ("dp", dp)) if v]
   out = _launch(*args)
   want_losses, want_val = one_process_run
 

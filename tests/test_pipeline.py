@@ -226,8 +226,12 @@ def test_facade_stats_outside_mpmd_and_spmd_only_reports(model, batch):
   pipe = hkpipe.Pipeline(model, optax.sgd(0.1), num_microbatches=2, donate=False)
   state = pipe.init(jax.random.key(0), batch)
   pipe.train_step(state, batch)
-  assert (pipe.last_timeline, pipe.last_stash_peaks, pipe.last_stash_peak_bytes) == ((), (), ())
+  assert (pipe.last_timeline, pipe.last_stash_peaks, pipe.last_stash_peak_bytes,
+          pipe.last_predicted_bytes, pipe.last_measured_bytes) == ((), (), (), (), ())
   assert pipe.compile_stats is None
+  with pytest.raises(hkpipe.ConfigError, match="describe is available on backend='mpmd' only; "
+                     "this pipeline uses backend='single'"):
+    pipe.describe(batch)
   with pytest.raises(hkpipe.ConfigError, match="backend='spmd' only; this pipeline uses "
                      "backend='single'"):
     pipe.layout_report(batch)

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+import hkpipe
 from hkpipe import schedules as S
 from hkpipe.schedules import Action
 from hkpipe.schedules import Kind
@@ -17,7 +18,7 @@ ALL = [("gpipe", None), ("1f1b", None), ("interleaved_1f1b", 2), ("interleaved_1
 
 
 def build(name, p, m, v=None):
-  return S.get(name, num_stages=p, num_microbatches=m, virtual_stages=v)
+  return S.get(name, num_ranks=p, num_microbatches=m, virtual_stages=v)
 
 
 def row(text):
@@ -64,23 +65,35 @@ def test_stage_placement_looped_and_v_shaped():
     (dict(name="interleaved_1f1b"), "needs virtual_stages >= 2"),
     (dict(name="interleaved_1f1b", virtual_stages=1), "needs virtual_stages >= 2"),
     (dict(name="zbv", virtual_stages=1), "exactly 2 stages per rank"),
-    (dict(name="zbv", num_stages=3, virtual_stages=3), "odd stage count"),
+    (dict(name="zbv", num_ranks=3, virtual_stages=3), "odd stage count"),
     (dict(name="dualpipev", virtual_stages=4), "exactly 2 stages per rank"),
-    (dict(name="1f1b", num_stages=0), "num_stages (pipeline ranks) must be a positive int"),
+    (dict(name="1f1b", num_ranks=0), "num_ranks must be a positive int"),
     (dict(name="1f1b", num_microbatches=0), "num_microbatches must be a positive int"),
     (dict(name="1f1b", num_microbatches=2.0), "num_microbatches must be a positive int"),
-    (dict(name="1f1b", num_stages=True), "num_stages (pipeline ranks) must be a positive int"),
+    (dict(name="1f1b", num_ranks=True), "num_ranks must be a positive int"),
 ])
 def test_get_rejects_bad_combinations(kwargs, needle):
-  args = dict(num_stages=4, num_microbatches=8, virtual_stages=None) | kwargs
+  args = dict(num_ranks=4, num_microbatches=8, virtual_stages=None) | kwargs
   with pytest.raises(ValueError) as info:
     S.get(args.pop("name"), **args)
   assert needle in str(info.value)
 
 
+def test_get_num_stages_is_the_deprecated_spelling_of_num_ranks():
+  """``num_stages=`` meant ranks in ``get``; it still builds the same schedule, with a warning
+  naming ``num_ranks``, and giving both spellings is an error."""
+  with pytest.warns(FutureWarning, match=r"num_stages is deprecated; use num_ranks instead "
+                    r"\(num_ranks=4\)"):
+    old = S.get("zbv", num_stages=4, num_microbatches=8)
+  assert old == build("zbv", 4, 8) and (old.num_ranks, old.num_stages) == (4, 8)
+  with pytest.raises(hkpipe.ConfigError, match=r"both num_stages=4 \(deprecated\) and "
+                     r"num_ranks=2; pass only num_ranks"):
+    S.get("zbv", num_stages=4, num_ranks=2, num_microbatches=8)
+
+
 def test_unknown_name_lists_registry():
   with pytest.raises(ValueError, match="zbv"):
-    S.get("zero_bubble", num_stages=2, num_microbatches=2)
+    S.get("zero_bubble", num_ranks=2, num_microbatches=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +385,7 @@ def test_svg_compare_draws_two_titled_panels():
 def test_cli_prints_grid_numbers_and_writes_svg(tmp_path, capsys):
   from hkpipe.schedules import __main__ as cli
   out_svg = tmp_path / "zbv.svg"
-  assert cli.main(["--schedule", "zbv", "--stages", "4", "--microbatches", "8",
+  assert cli.main(["--schedule", "zbv", "--ranks", "4", "--microbatches", "8",
                    "--svg", str(out_svg), "--text"]) == 0
   out = capsys.readouterr().out
   expected = S.simulate(build("zbv", 4, 8))
@@ -395,13 +408,26 @@ def test_cli_loads_custom_schedule_and_reports_errors(tmp_path, capsys):
   assert info.value.code == 2
   assert "rank 0, position 1, action 0B0: deadlock" in capsys.readouterr().err
   with pytest.raises(SystemExit):
-    cli.main(["--schedule", "interleaved_1f1b", "--stages", "2"])
+    cli.main(["--schedule", "interleaved_1f1b", "--ranks", "2"])
   assert "needs virtual_stages >= 2" in capsys.readouterr().err
+
+
+def test_cli_stages_is_the_deprecated_spelling_of_ranks(capsys):
+  from hkpipe.schedules import __main__ as cli
+  assert cli.main(["--schedule", "1f1b", "--ranks", "2", "--microbatches", "2"]) == 0
+  new = capsys.readouterr().out
+  with pytest.warns(FutureWarning, match=r"--stages is deprecated; use --ranks instead"):
+    assert cli.main(["--schedule", "1f1b", "--stages", "2", "--microbatches", "2"]) == 0
+  assert capsys.readouterr().out == new and new.startswith("1f1b: 2 ranks")
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--schedule", "1f1b", "--stages", "2", "--ranks", "2"])
+  assert info.value.code == 2
+  assert "both --stages=2 (deprecated) and --ranks=2" in capsys.readouterr().err
 
 
 def test_cli_as_module():
   proc = subprocess.run([sys.executable, "-m", "hkpipe.schedules", "--schedule", "1f1b",
-                         "--stages", "2", "--microbatches", "2", "--backward", "2"],
+                         "--ranks", "2", "--microbatches", "2", "--backward", "2"],
                         capture_output=True, text=True, check=True, timeout=120)
   assert "rank 0 | F0 F1  .  . B0 B0  . B1 B1" in proc.stdout
   assert "bubble ratio 0.3333" in proc.stdout

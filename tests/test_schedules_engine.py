@@ -26,7 +26,7 @@ PEER = {Kind.SEND_F: (Kind.RECV_F, +1), Kind.SEND_B: (Kind.RECV_B, -1)}
 
 
 def build(name, p, m, v):
-  return S.get(name, num_stages=p, num_microbatches=m, virtual_stages=v)
+  return S.get(name, num_ranks=p, num_microbatches=m, virtual_stages=v)
 
 
 def nominal(a: Action) -> float:

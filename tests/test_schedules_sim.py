@@ -20,7 +20,7 @@ SIZES = [(p, m) for p in (1, 2, 3, 4, 6) for m in sorted({1, 2, p, p + 1, 2 * p 
 
 
 def build(name, p, m, v=None):
-  return S.get(name, num_stages=p, num_microbatches=m, virtual_stages=v)
+  return S.get(name, num_ranks=p, num_microbatches=m, virtual_stages=v)
 
 
 def full_b(c: S.Costs) -> float:

@@ -276,7 +276,7 @@ def test_flat_layout_shares_buffers_and_writes_rows():
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 3)])
 @pytest.mark.parametrize("name,v", SCHEDULES)
 def test_stash_slots_follow_the_schedule_peak(name, v, p, m):
-  schedule = schedules.get(name, num_stages=p, num_microbatches=m, virtual_stages=v)
+  schedule = schedules.get(name, num_ranks=p, num_microbatches=m, virtual_stages=v)
   tables = _spmd_tables.build(schedule)
   assert tables.stash_peak == schedules.peak_activations(schedule)
   assert tables.num_stash == max(tables.stash_peak)
@@ -289,8 +289,8 @@ def test_stash_slots_follow_the_schedule_peak(name, v, p, m):
 
 def test_gpipe_stashes_every_microbatch_1f1b_only_p():
   p, m = 2, 8
-  gpipe = _spmd_tables.build(schedules.get("gpipe", num_stages=p, num_microbatches=m))
-  one_f_one_b = _spmd_tables.build(schedules.get("1f1b", num_stages=p, num_microbatches=m))
+  gpipe = _spmd_tables.build(schedules.get("gpipe", num_ranks=p, num_microbatches=m))
+  one_f_one_b = _spmd_tables.build(schedules.get("1f1b", num_ranks=p, num_microbatches=m))
   assert gpipe.stash_peak == (m, m)
   assert one_f_one_b.stash_peak == (p, 1)
   assert gpipe.num_ticks == one_f_one_b.num_ticks == 2 * (m + p - 1)
@@ -322,10 +322,10 @@ def test_bad_configurations_raise_before_compiling(model, batch):
                     devices=jax.devices()[:4]).init(jax.random.key(0), batch)
   # A schedule object for 4 ranks on a 2-rank pipeline.
   with pytest.raises(ValueError, match="4 ranks but the pipeline has 2"):
-    pipe(schedule=schedules.get("1f1b", num_stages=4, num_microbatches=M),
+    pipe(schedule=schedules.get("1f1b", num_ranks=4, num_microbatches=M),
          devices=jax.devices()[:2]).init(jax.random.key(0), batch)
-  with pytest.raises(ValueError, match="num_stages=3"):
-    pipe(num_stages=3, devices=jax.devices()[:2]).init(jax.random.key(0), batch)
+  with pytest.raises(ValueError, match="num_ranks=3"):
+    pipe(num_ranks=3, devices=jax.devices()[:2]).init(jax.random.key(0), batch)
   # A schedule that never runs 1B3.
   broken = schedules.from_text("0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3\n1F0 1B0 1F1 1B1 1F2 1B2 1F3")
   with pytest.raises(ValueError, match="1B3"):

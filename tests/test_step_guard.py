@@ -138,10 +138,12 @@ def test_skip_counter_reads_late_and_stops_at_the_limit():
     assert part in message, (part, message)
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "3", None])
-def test_skip_counter_rejects_bad_limits(bad):
-  with pytest.raises(ConfigError, match=r"config.max_consecutive_skips must be an int >= 1"):
-    step_guard.SkipCounter(bad)
+@pytest.mark.parametrize("bad", [0, -1, True, None])
+def test_bad_max_consecutive_skips_are_config_errors(bad):
+  config = _train_config("unused", max_consecutive_skips=bad)
+  with pytest.raises(ConfigError, match=rf"config\.max_consecutive_skips={bad!r} must be an int "
+                     r">= 1; .*non-finite loss.*use e\.g\. 5"):
+    train_lib.validate_config(config)
 
 
 def _train_config(data_dir, **overrides):
@@ -156,7 +158,7 @@ def _train_config(data_dir, **overrides):
 def test_bad_max_consecutive_skips_raises_before_anything_runs(tmp_path):
   config = _train_config(str(tmp_path / "no_data"), max_consecutive_skips=0)
   with pytest.raises(ConfigError,
-                     match=r"max_consecutive_skips must be an int >= 1 \(.*\), got 0; use e.g. 5"):
+                     match=r"max_consecutive_skips=0 must be an int >= 1; .*use e\.g\. 5"):
     train_lib.train(config, tmp_path / "run")
   assert not (tmp_path / "run").exists() and not (tmp_path / "no_data").exists()
 

@@ -121,7 +121,7 @@ def test_bad_configs_raise_before_compiling(tmp_path, data_dir):
     train_lib.train(config, tmp_path / "b")
   config = _tiny_config(data_dir)
   config.backend = "mpmd"
-  config.pipeline.stages = 64
+  config.pipeline.ranks = 64
   with pytest.raises(ValueError, match="--host_devices=64"):
     train_lib.pipeline_options(config)
   with pytest.raises(ValueError, match="warmup_steps"):
@@ -147,10 +147,10 @@ def test_crash_save_is_bounded():
 def test_pipeline_options_spread_devices_over_processes():
   """In one process the backends get the first devices, as before."""
   config = _tiny_config("unused")
-  config.backend, config.pipeline.stages, config.pipeline.dp = "spmd", 2, 2
+  config.backend, config.pipeline.ranks, config.pipeline.dp = "spmd", 2, 2
   mesh = train_lib.pipeline_options(config)["mesh"]
   assert list(mesh.devices.flat) == jax.devices()[:4] and mesh.axis_names == ("pp", "dp")
-  config.backend, config.pipeline.stages = "pmap", None
+  config.backend, config.pipeline.ranks = "pmap", None
   assert train_lib.pipeline_options(config)["devices"] == jax.devices()[:2]
   config.pipeline.dp = None  # pmap's default: every device
   assert train_lib.pipeline_options(config)["devices"] == jax.devices()
@@ -230,13 +230,13 @@ def single_trajectory(tmp_path_factory, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,stages,dp", [("mpmd", 4, 1), ("mpmd", 2, 2), ("spmd", 2, 1),
-                                               ("pmap", 1, 2)])
+@pytest.mark.parametrize("backend,ranks,dp", [("mpmd", 4, 1), ("mpmd", 2, 2), ("spmd", 2, 1),
+                                              ("pmap", 1, 2)])
 def test_backends_give_the_single_device_loss_trajectory(tmp_path, data_dir, single_trajectory,
-                                                         backend, stages, dp):
+                                                         backend, ranks, dp):
   """One flag swaps the backend; the Shakespeare run's losses stay those of one device."""
   ref, ref_val = single_trajectory
-  got, val = _trajectory(tmp_path, data_dir, backend, stages=stages, dp=dp)
+  got, val = _trajectory(tmp_path, data_dir, backend, ranks=ranks, dp=dp)
   assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
   for step in ref:
     assert got[step] == pytest.approx(ref[step], rel=1e-5), step

@@ -295,7 +295,7 @@ def test_a_stopped_process_ends_the_run_with_the_position(backend, tmp_path):
   hkpipe.data.prepare(data)
   flags = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={tmp_path / 'w'}",
            f"--config.data.dir={data}", f"--config.backend={backend}",
-           "--config.pipeline.stages=2", "--config.pipeline.num_microbatches=2",
+           "--config.pipeline.ranks=2", "--config.pipeline.num_microbatches=2",
            "--config.model.n_layers=2",
            "--config.num_steps=100000", "--config.optim.warmup_steps=1", "--config.log_every=1",
            "--config.eval_every=0", "--config.checkpoint_every=0", "--config.sample_tokens=0",

@@ -12,11 +12,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from hkpipe._src import deprecation
+from hkpipe._src import options as options_lib
 from hkpipe._src.errors import ConfigError
 
-# pipeline.* fields that only the pipelined backends (spmd, mpmd) use.
-PIPELINE_ONLY = ("schedule", "virtual_stages", "boundaries", "partition_cost")
-PIPELINED = ("spmd", "mpmd")
+# The PipelineOptions option each config.pipeline.* field sets (``pipeline.dp`` sizes the device
+# set, which only backends taking a mesh use), and the values that mean "not given". Which backend
+# rejects which field follows from options.OPTION_BACKENDS, the one table of who uses what.
+_FIELD_OPTION = {"ranks": "num_ranks", "stages": "num_ranks", "schedule": "schedule",
+                 "virtual_stages": "virtual_stages", "boundaries": "partition",
+                 "partition_cost": "partition", "dp": "mesh"}
+_NOT_GIVEN = {"ranks": (None, 1), "stages": (None, 1), "dp": (None, 1)}
 
 
 def _flag(path: str, value: Any) -> str:
@@ -96,6 +102,9 @@ def validate(config: Any, defaults: Any, *, backends: tuple[str, ...],
        "N >= 1")
   _int(config, "keep_checkpoints", minimum=1, fix="keep N >= 1 checkpoints")
   _int(config, "sample_tokens", minimum=0, fix="use 0 to skip the sample")
+  _int(config, "max_consecutive_skips", minimum=1, fix="it is how many training steps in a row "
+       "may have a non-finite loss or gradient norm, and be skipped, before the run stops; use "
+       "e.g. 5")
   _number(config, "sample_temperature", low=0.0, low_open=True, fix="use e.g. 0.8")
   _int(config, "sample_top_k", minimum=1, optional=True, fix="leave it unset for no top-k, or "
        "use k >= 1")
@@ -117,8 +126,15 @@ def validate(config: Any, defaults: Any, *, backends: tuple[str, ...],
                       f"{_flag('num_steps', config.num_steps)}; lower the warmup or train longer.")
   _int(config, "pipeline.num_microbatches", minimum=1, fix="use e.g. "
        "--config.pipeline.num_microbatches=4")
+  _int(config, "pipeline.ranks", minimum=1, optional=True,
+       fix="give the number of pipeline ranks, e.g. --config.pipeline.ranks=4, or leave it unset")
   _int(config, "pipeline.stages", minimum=1, optional=True,
-       fix="give the number of pipeline ranks, e.g. --config.pipeline.stages=4, or leave it unset")
+       fix="give the number of pipeline ranks, e.g. --config.pipeline.ranks=4 (pipeline.stages is "
+       "its deprecated spelling), or leave it unset")
+  deprecation.renamed("config.pipeline.stages", config.pipeline.stages, "config.pipeline.ranks",
+                      config.pipeline.ranks, where="the training config",
+                      why="pipeline.stages meant pipeline ranks; the model has ranks x "
+                      "virtual_stages stages.", stacklevel=3)
   _int(config, "pipeline.dp", minimum=1, optional=True,
        fix="give the data-parallel width, e.g. --config.pipeline.dp=2, or leave it unset")
   _int(config, "pipeline.virtual_stages", minimum=1, optional=True,
@@ -146,47 +162,48 @@ def validate(config: Any, defaults: Any, *, backends: tuple[str, ...],
 def pipeline_sizes(config: Any, *, device_count: int, process_count: int) -> tuple[int, int]:
   """The ``(pipeline ranks, data-parallel width)`` that ``config.backend`` runs with.
 
-  - ``single``: ``(1, 1)``; ``pipeline.stages``/``dp`` other than 1 and the pipeline-only fields
+  - ``single``: ``(1, 1)``; ``pipeline.ranks``/``dp`` other than 1 and the pipeline-only fields
     are rejected.
-  - ``pmap``: ``(1, dp)``, ``dp`` defaulting to every device of the run; ``pipeline.stages``
+  - ``pmap``: ``(1, dp)``, ``dp`` defaulting to every device of the run; ``pipeline.ranks``
     other than 1 and the pipeline-only fields are rejected.
-  - ``spmd``/``mpmd``: ``dp`` defaults to 1 and ``stages`` to every device divided by ``dp``.
+  - ``spmd``/``mpmd``: ``dp`` defaults to 1 and ``ranks`` to every device divided by ``dp``.
+
+  ``pipeline.stages`` is read as the deprecated spelling of ``pipeline.ranks`` (``validate``
+  warns about it).
 
   Raises:
     ConfigError: for a field the backend does not use, sizes that do not fit the devices, or a
       batch the sizes cannot split (naming the fields and the fix).
   """
   backend, pipe = config.backend, config.pipeline
-  if backend not in PIPELINED:
-    given = [f for f in PIPELINE_ONLY if pipe[f] is not None]
-    if pipe.stages not in (None, 1):
-      given.insert(0, "stages")
-    if backend == "single" and pipe.dp not in (None, 1):
-      given.append("dp")
-    if given:
-      shown = ", ".join(_flag(f"pipeline.{f}", pipe[f]) for f in given)
-      use = "pipeline.dp for data parallelism or " if backend == "single" else ""
-      raise ConfigError(f"backend={backend!r} does not use {shown}; drop "
-                        f"{'it' if len(given) == 1 else 'them'}, or use {use}"
-                        "--config.backend=mpmd (or spmd) to pipeline the model.")
+  ranks = pipe.get("stages") if pipe.get("stages") is not None else pipe.get("ranks")
+  unused = options_lib.unused_options(backend)
+  given = [f for f, option in _FIELD_OPTION.items()
+           if option in unused and pipe.get(f) not in _NOT_GIVEN.get(f, (None,))]
+  if given:
+    shown = ", ".join(_flag(f"pipeline.{f}", pipe[f]) for f in given)
+    use = "pipeline.dp for data parallelism or " if backend == "single" else ""
+    raise ConfigError(f"backend={backend!r} does not use {shown}; drop "
+                      f"{'it' if len(given) == 1 else 'them'}, or use {use}"
+                      "--config.backend=mpmd (or spmd) to pipeline the model.")
   if backend == "single":
     return 1, 1
   if backend == "pmap":
-    stages, dp = 1, (device_count if pipe.dp is None else int(pipe.dp))
+    ranks, dp = 1, (device_count if pipe.dp is None else int(pipe.dp))
   else:
     dp = 1 if pipe.dp is None else int(pipe.dp)
-    stages = device_count // dp if pipe.stages is None else int(pipe.stages)
-    if stages < 1:
+    ranks = device_count // dp if ranks is None else int(ranks)
+    if ranks < 1:
       raise ConfigError(f"{_flag('pipeline.dp', pipe.dp)} leaves no device for the pipeline "
                         f"({device_count} visible); lower it or simulate more devices with "
                         f"--host_devices.")
-  need = stages * dp
+  need = ranks * dp
   if need > device_count:
-    raise ConfigError(f"backend={backend!r} with pipeline.stages={stages}, pipeline.dp={dp} needs "
+    raise ConfigError(f"backend={backend!r} with pipeline.ranks={ranks}, pipeline.dp={dp} needs "
                       f"{need} devices but {device_count} are visible; lower them, or on CPU "
                       f"simulate more with --host_devices={need} (launch/train.py).")
   if process_count > 1 and need % process_count:
-    raise ConfigError(f"pipeline.stages={stages} x pipeline.dp={dp} = {need} devices cannot be "
+    raise ConfigError(f"pipeline.ranks={ranks} x pipeline.dp={dp} = {need} devices cannot be "
                       f"spread evenly over {process_count} processes; use a multiple of "
                       f"{process_count}.")
   m = int(pipe.num_microbatches)
@@ -198,4 +215,4 @@ def pipeline_sizes(config: Any, *, device_count: int, process_count: int) -> tup
   if backend != "mpmd" and process_count > 1 and config.batch_size % process_count:
     raise ConfigError(f"batch_size={config.batch_size} cannot be split into {process_count} equal "
                       f"process-local parts; use a multiple of {process_count}.")
-  return stages, dp
+  return ranks, dp

@@ -1,10 +1,10 @@
 """Resolves a pipeline layout (schedule, stages, device grid) from ``PipelineOptions``.
 
 Shared by the pipelined backends (MPMD, SPMD) so they agree on what ``devices``, ``mesh``,
-``schedule``, ``virtual_stages``, ``num_stages`` and ``partition`` mean:
+``schedule``, ``virtual_stages``, ``num_ranks`` and ``partition`` mean:
 
-- ranks ``p``: the ``pp`` axis of ``mesh``, else ``len(devices)``, else ``num_stages`` (the first
-  ``num_stages`` devices), else every device; ``num_stages``, if given, must equal ``p``;
+- ranks ``p``: the ``pp`` axis of ``mesh``, else ``len(devices)``, else ``num_ranks`` (the first
+  ``num_ranks`` devices), else every device; ``num_ranks``, if given, must equal ``p``;
 - data-parallel width ``dp``: the mesh's ``dp`` axis (1 without a mesh);
 - ``v``: ``virtual_stages``, else the schedule's registry default (2 for V schedules, 1 for
   flat ones);
@@ -69,13 +69,13 @@ def device_grid(options: options_lib.PipelineOptions) -> np.ndarray:
     devices = list(options.devices)
   else:
     devices = jax.devices()
-    if options.num_stages is not None:
-      if options.num_stages > len(devices):
-        raise ValueError(f"num_stages={options.num_stages} pipeline ranks need as many devices, "
+    if options.num_ranks is not None:
+      if options.num_ranks > len(devices):
+        raise ValueError(f"num_ranks={options.num_ranks} pipeline ranks need as many devices, "
                          f"but {len(devices)} are visible. On CPU, simulate more with "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N (or "
                          "launch/train.py --host_devices=N).")
-      devices = default_rank_devices(options.num_stages)
+      devices = default_rank_devices(options.num_ranks)
   if not devices:
     raise ValueError("devices=... is empty; pass at least one device.")
   if len(set(devices)) != len(devices):
@@ -114,7 +114,7 @@ def spread_devices(count: int) -> list:
     return list(jax.devices()[:count])
   if count % procs:
     raise ValueError(f"{count} devices cannot be spread evenly over {procs} processes; use a "
-                     f"device count (pipeline stages x dp, or dp for pmap) that is a multiple of "
+                     f"device count (pipeline ranks x dp, or dp for pmap) that is a multiple of "
                      f"{procs}.")
   per = count // procs
   local = [jax.local_devices(process_index=p) for p in range(procs)]
@@ -163,7 +163,7 @@ def resolve(model: model_lib.SequentialModel, options: options_lib.PipelineOptio
   if isinstance(options.schedule, str):
     # virtual_stages=None lets the registry apply the schedule's own default (2 for V schedules,
     # 1 for flat ones; interleaved_1f1b asks for it explicitly).
-    schedule = schedules.get(options.schedule, num_stages=p, num_microbatches=m,
+    schedule = schedules.get(options.schedule, num_ranks=p, num_microbatches=m,
                              virtual_stages=options.virtual_stages)
   else:
     schedule = options.schedule
@@ -178,8 +178,8 @@ def resolve(model: model_lib.SequentialModel, options: options_lib.PipelineOptio
       raise ValueError(f"The schedule has {schedule.num_microbatches} microbatches but "
                        f"num_microbatches={m}; make them equal.")
   num_stages = schedule.num_stages
-  if options.num_stages is not None and options.num_stages != p:
-    raise ValueError(f"num_stages={options.num_stages} pipeline ranks, but the devices/mesh give "
+  if options.num_ranks is not None and options.num_ranks != p:
+    raise ValueError(f"num_ranks={options.num_ranks} pipeline ranks, but the devices/mesh give "
                      f"{p}; pass matching values or only one of them.")
   if num_stages > len(model.layers):
     raise ValueError(f"The schedule needs {num_stages} stages ({p} ranks x "

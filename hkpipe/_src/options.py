@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from hkpipe._src import deprecation
 from hkpipe._src import errors
 
 # name -> "module:Class"; imported lazily so a backend's dependencies load only when used.
@@ -41,13 +42,34 @@ def backend_class(name: str) -> Any:
   return getattr(importlib.import_module(module_name), cls_name)
 
 
-# Options each backend does not use: giving one (a value other than the default) is an error.
-_UNUSED_OPTIONS: Mapping[str, tuple[str, ...]] = {
-    "single": ("schedule", "num_stages", "virtual_stages", "partition", "mesh", "record_timeline"),
-    "pmap": ("schedule", "num_stages", "virtual_stages", "partition", "record_timeline"),
-    "spmd": ("record_timeline",),
-    "mpmd": (),
+PIPELINED = ("mpmd", "spmd")  # the backends that cut the model into pipeline stages
+
+# The one table of which backend uses which option: every option not listed is used by every
+# backend; giving a listed option (a value other than its default) to a backend that is not in its
+# row is a ConfigError. The trainer's checks of ``config.pipeline.*`` derive from it too
+# (``config_checks.pipeline_sizes``).
+OPTION_BACKENDS: Mapping[str, tuple[str, ...]] = {
+    "schedule": PIPELINED,
+    "num_ranks": PIPELINED,
+    "virtual_stages": PIPELINED,
+    "partition": PIPELINED,
+    "mesh": ("pmap",) + PIPELINED,
+    "record_timeline": ("mpmd",),
 }
+
+
+def unused_options(backend: str) -> tuple[str, ...]:
+  """The options of :class:`PipelineOptions` that ``backend`` does not use (see
+  ``OPTION_BACKENDS``)."""
+  return tuple(name for name, users in OPTION_BACKENDS.items() if backend not in users)
+
+
+def backends_using(options: Sequence[str]) -> tuple[str, ...]:
+  """The backends that use every one of ``options``, in :func:`available_backends` order."""
+  return tuple(b for b in _BACKENDS if all(b in OPTION_BACKENDS.get(n, _BACKENDS)
+                                           for n in options))
+
+
 _PIPELINED_DEFAULTS: Mapping[str, Any] = {"schedule": "1f1b", "partition": "params"}
 
 
@@ -61,7 +83,7 @@ class PipelineOptions:
   """Everything a backend needs besides the model and the optimizer.
 
   Every option is used by the backend or rejected: giving an option that ``backend`` does not use
-  (``schedule``, ``num_stages``, ``virtual_stages``, ``partition`` on ``single``/``pmap``; ``mesh``
+  (``schedule``, ``num_ranks``, ``virtual_stages``, ``partition`` on ``single``/``pmap``; ``mesh``
   on ``single``; ``record_timeline`` anywhere but ``mpmd``) raises a ``ConfigError``.
 
   Attributes:
@@ -70,9 +92,12 @@ class PipelineOptions:
       default: the ``schedule`` object's, else 1.
     schedule: schedule name (see ``hkpipe.schedules``) or a ``Schedule`` object (then its ranks
       and microbatches are the pipeline's); pipelined backends only; default ``"1f1b"``.
-    num_stages: number of pipeline ranks ``p`` (as in ``hkpipe.schedules.get``); default from
-      ``devices``/``mesh`` or the ``schedule`` object; without any, the first ``num_stages``
+    num_ranks: number of pipeline ranks ``p`` (as in ``hkpipe.schedules.get``); default from
+      ``devices``/``mesh`` or the ``schedule`` object; without any, the first ``num_ranks``
       devices are used. The model is cut into ``p * virtual_stages`` stages.
+    num_stages: deprecated spelling of ``num_ranks`` (it meant ranks here; "stages" now names
+      the ``p * v`` model stages): warns ``FutureWarning`` and is moved to ``num_ranks`` (then
+      reads ``None``); giving both is a ``ConfigError``.
     virtual_stages: stages per rank ``v`` (interleaved/V schedules); default from the schedule.
     partition: stage boundaries (layer indices where stages 1.. start), or a cost name
       (``"params"``, ``"flops"``) or a callable ``cost(layer, example_input) -> float``;
@@ -99,7 +124,8 @@ class PipelineOptions:
   backend: str = "single"
   num_microbatches: int | None = None
   schedule: Any = None
-  num_stages: int | None = None
+  num_ranks: int | None = None
+  num_stages: int | None = None  # deprecated spelling of num_ranks
   virtual_stages: int | None = None
   partition: Any = None
   devices: Sequence[Any] | None = None
@@ -115,13 +141,19 @@ class PipelineOptions:
     if self.backend not in _BACKENDS:
       raise errors.ConfigError(f"Unknown backend {self.backend!r}; choose one of "
                                f"{list(_BACKENDS)}.")
-    unused = [n for n in _UNUSED_OPTIONS[self.backend] if getattr(self, n) not in (None, False)]
+    ranks = deprecation.renamed(
+        "num_stages", self.num_stages, "num_ranks", self.num_ranks, where="PipelineOptions",
+        why="num_stages names the p * v model stages (Schedule.num_stages), not the ranks.",
+        stacklevel=4)
+    object.__setattr__(self, "num_ranks", ranks)
+    object.__setattr__(self, "num_stages", None)
+    unused = [n for n in unused_options(self.backend) if getattr(self, n) not in (None, False)]
     if unused:
       shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
       raise errors.ConfigError(
           f"backend={self.backend!r} does not use {shown}; drop "
           f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
-          f"({'mpmd' if 'record_timeline' in unused else 'mpmd or spmd'}).")
+          f"({' or '.join(backends_using(unused))}).")
     if not isinstance(self.skip_nonfinite, bool):
       raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
                                f"{self.skip_nonfinite!r}.")
@@ -132,7 +164,7 @@ class PipelineOptions:
     sched = self.schedule
     if sched is not None and not isinstance(sched, str):
       for name, value in (("num_microbatches", sched.num_microbatches),
-                          ("num_stages", sched.num_ranks)):
+                          ("num_ranks", sched.num_ranks)):
         given = getattr(self, name)
         if given is None and (name == "num_microbatches" or (self.devices is None
                                                              and self.mesh is None)):
@@ -145,7 +177,7 @@ class PipelineOptions:
       object.__setattr__(self, "num_microbatches", 1)
     _positive_int("num_microbatches", self.num_microbatches,
                   "pass the number of microbatches per step, e.g. num_microbatches=4")
-    for name in ("num_stages", "virtual_stages"):
+    for name in ("num_ranks", "virtual_stages"):
       if getattr(self, name) is not None:
         _positive_int(name, getattr(self, name), f"pass {name}=N with N >= 1, or leave it unset")
     if self.max_grad_norm is not None:
@@ -156,7 +188,7 @@ class PipelineOptions:
                                  f"clipping), got {norm!r}.")
       if norm == 0:
         object.__setattr__(self, "max_grad_norm", None)  # documented: 0 disables clipping
-    if self.backend in ("spmd", "mpmd"):
+    if self.backend in PIPELINED:
       for name, default in _PIPELINED_DEFAULTS.items():
         if getattr(self, name) is None:
           object.__setattr__(self, name, default)

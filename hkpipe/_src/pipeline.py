@@ -171,8 +171,8 @@ class Backend(abc.ABC):
     ``skipped`` (see ``PipelineOptions.skip_nonfinite``)."""
 
   @abc.abstractmethod
-  def eval_loss(self, state: TrainState, batch: Batch) -> jax.Array:
-    """Loss without dropout, averaged over microbatches."""
+  def eval_step(self, state: TrainState, batch: Batch) -> Metrics:
+    """Eval metrics ``{"loss"}``: the loss without dropout, averaged over microbatches."""
 
   @abc.abstractmethod
   def to_canonical(self, state: TrainState) -> dict:
@@ -198,6 +198,46 @@ class Backend(abc.ABC):
     # PipelineOptions.__post_init__ always sets num_microbatches (default 1).
     return validate_batch(batch, cast(int, self.options.num_microbatches),
                           process_count=self.batch_process_count())
+
+  # -- introspection hooks: what the ``Pipeline`` facade reports ---------------------------------
+  # Defaults for a backend without the feature; a backend that has it overrides the property or
+  # method (or sets the ``last_*`` attributes on itself). Documented on the ``Pipeline`` facade.
+
+  last_timeline: tuple = ()
+  last_stash_peaks: tuple = ()
+  last_stash_peak_bytes: tuple = ()
+  last_predicted_bytes: tuple = ()
+  last_measured_bytes: tuple = ()
+
+  @property
+  def layout(self) -> layout_lib.Layout | None:
+    """The resolved pipeline layout; None on backends without pipeline stages."""
+    return None
+
+  @property
+  def compile_stats(self) -> Any:
+    """Compile statistics of a backend that caches programs itself; None otherwise."""
+    return None
+
+  def describe(self, batch: Batch, call: str = "train") -> str:
+    """The driver program of one call as text (see ``Pipeline.describe``)."""
+    del batch, call
+    raise self._lacks("describe", "mpmd")
+
+  def layout_report(self, batch: Batch, rng: jax.Array | None = None) -> dict:
+    """Bytes of the padded layout for this batch shape (see ``Pipeline.layout_report``)."""
+    del batch, rng
+    raise self._lacks("layout_report", "spmd")
+
+  def memory_analysis(self, state: TrainState, batch: Batch) -> Any:
+    """XLA's memory analysis of the train step (see ``Pipeline.memory_analysis``)."""
+    del state, batch
+    raise self._lacks("memory_analysis", "spmd")
+
+  def _lacks(self, what: str, where: str) -> errors.ConfigError:
+    """The error for a feature this backend does not have, naming the backend that has it."""
+    return errors.ConfigError(f"{what} is available on backend={where!r} only; this pipeline "
+                              f"uses backend={self.options.backend!r} ({type(self).__name__}).")
 
 
 
@@ -325,9 +365,12 @@ class Pipeline:
     return self.backend.loss_and_grads(state, batch)
 
   def eval_step(self, state: TrainState, batch: Batch) -> Metrics:
-    """Evaluation metrics (``loss``) of one batch, without dropout (every process calls it)."""
+    """Eval metrics of one batch: ``{"loss"}``, the loss without dropout averaged over the
+    microbatches (no update; every process calls it). ``eval_step`` is hkpipe's one name for
+    evaluation: ``Backend.eval_step`` implements it and the training loop averages it over
+    ``config.eval_batches`` batches."""
     self.backend.global_batch_size(batch)
-    return {"loss": self.backend.eval_loss(state, batch)}
+    return self.backend.eval_step(state, batch)
 
   def describe(self, batch: Batch, call: str = "train") -> str:
     """The driver program of one call (``"train"``, ``"grads"``, ``"eval"``) as text, without
@@ -336,7 +379,7 @@ class Pipeline:
     Raises:
       ConfigError: on a backend other than ``mpmd``.
     """
-    return self._only("mpmd", "describe").describe(batch, call)
+    return self.backend.describe(batch, call)
 
   def params(self, state: TrainState) -> dict:
     """Canonical ``{layer_name: params}``, as arrays usable on this process (e.g. for sampling).
@@ -358,15 +401,8 @@ class Pipeline:
     return self.backend.from_canonical(canonical, step)
 
   # -- introspection: what callers need, so that none reads ``backend`` -------------------------
-  # Backend-specific attributes are read here and nowhere else outside the backends.
-  # TODO(lead): once the backend rewrites land, make these overridable hooks of ``Backend``.
-
-  def _only(self, backend: str, what: str) -> Any:
-    """The backend adapter, if it is ``backend``; else a ``ConfigError`` naming ``what``."""
-    if self.options.backend != backend:
-      raise errors.ConfigError(f"{what} is available on backend={backend!r} only; this pipeline "
-                               f"uses backend={self.options.backend!r}.")
-    return self.backend
+  # Each forwards to a ``Backend`` hook; the base class gives the default of a backend without the
+  # feature (empty, None, or a ConfigError naming the backend that has it).
 
   @property
   def layout(self) -> layout_lib.Layout | None:
@@ -379,12 +415,7 @@ class Pipeline:
         ``from_canonical``) first; ``mpmd`` with explicit ``partition=[...]`` boundaries knows
         it at once.
     """
-    backend: Any = self.backend
-    if self.options.backend == "spmd":
-      return backend.plan.layout
-    if self.options.backend == "mpmd":
-      return backend.layout
-    return None
+    return self.backend.layout
 
   def data_layout(self, global_batch: int) -> DataLayout:
     """Which rows of a ``global_batch``-row batch this process passes to every method.
@@ -415,51 +446,39 @@ class Pipeline:
     """With ``record_timeline=True`` (``mpmd``), the executed actions of the last step as
     ``hkpipe.schedules.Record`` (rank, kind, stage, mb, start, end; seconds), drawable with
     ``hkpipe.schedules.ascii_grid`` / ``svg_timeline``; ``()`` before a step or without it."""
-    if self.options.backend != "mpmd":
-      return ()
-    return self.backend.last_timeline  # type: ignore[attr-defined]
+    return self.backend.last_timeline
 
   @property
   def last_stash_peaks(self) -> tuple[int, ...]:
     """With ``record_timeline=True`` (``mpmd``), per rank, the most (stage, microbatch) residual
     stashes held at once during the last step; ``()`` before a step or without it."""
-    if self.options.backend != "mpmd":
-      return ()
-    return self.backend.last_stash_peaks  # type: ignore[attr-defined]
+    return self.backend.last_stash_peaks
 
   @property
   def last_stash_peak_bytes(self) -> tuple[int, ...]:
     """With ``record_timeline=True`` (``mpmd``), per rank, the most device bytes the last step
     held at once beyond what was live before it (stashes, activations, cotangents, accumulators;
     measured from the live device buffers after every instruction); ``()`` otherwise."""
-    if self.options.backend != "mpmd":
-      return ()
-    return self.backend.last_stash_peak_bytes  # type: ignore[attr-defined]
+    return self.backend.last_stash_peak_bytes
 
   @property
   def last_predicted_bytes(self) -> Any:
     """With ``record_timeline=True`` (``mpmd``), per instruction and rank, the bytes the step
     program's liveness pass predicts (computed before the step runs); ``()`` otherwise."""
-    if self.options.backend != "mpmd":
-      return ()
-    return self.backend.last_predicted_bytes  # type: ignore[attr-defined]
+    return self.backend.last_predicted_bytes
 
   @property
   def last_measured_bytes(self) -> Any:
     """With ``record_timeline=True`` (``mpmd``), per instruction and rank, the live device bytes
     measured while the last step ran (minus those live before it); ``()`` otherwise."""
-    if self.options.backend != "mpmd":
-      return ()
-    return self.backend.last_measured_bytes  # type: ignore[attr-defined]
+    return self.backend.last_measured_bytes
 
   @property
   def compile_stats(self) -> Any:
     """Compile statistics of the ``mpmd`` program cache (``traced``, ``traced_by_name``,
     ``compiled``, ``cloned``, their times and a ``log``), updated as programs are built; None on
     the other backends (they compile one ``jax.jit`` program per step kind)."""
-    if self.options.backend != "mpmd":
-      return None
-    return self.backend.cache.stats  # type: ignore[attr-defined]
+    return self.backend.compile_stats
 
   def layout_report(self, batch: Batch, rng: jax.Array | None = None) -> dict:
     """Bytes of the padded ``spmd`` layout for this batch shape (what padding costs); see
@@ -468,7 +487,7 @@ class Pipeline:
     Raises:
       ConfigError: on a backend other than ``spmd``.
     """
-    return self._only("spmd", "layout_report").layout_report(batch, rng)
+    return self.backend.layout_report(batch, rng)
 
   def memory_analysis(self, state: TrainState, batch: Batch) -> Any:
     """XLA's memory analysis (per device) of the compiled ``spmd`` ``train_step`` program for
@@ -477,4 +496,4 @@ class Pipeline:
     Raises:
       ConfigError: on a backend other than ``spmd``.
     """
-    return self._only("spmd", "memory_analysis").memory_analysis(state, batch)
+    return self.backend.memory_analysis(state, batch)

@@ -101,12 +101,13 @@ def microbatch_grads(model: model_lib.SequentialModel, remat: bool, params: Any,
   return loss, sum_ties(grads, model.ties)
 
 
-def eval_loss(model: model_lib.SequentialModel, params: Any, inputs: Any,
-              targets: Any) -> jax.Array:
-  """Mean loss over microbatches (leaves ``[m, b, ...]``) without dropout, one at a time."""
+def eval_step(model: model_lib.SequentialModel, params: Any, inputs: Any,
+              targets: Any) -> dict[str, jax.Array]:
+  """Eval metrics ``{"loss"}``: the mean loss over microbatches (leaves ``[m, b, ...]``) without
+  dropout, one microbatch at a time."""
   losses = jax.lax.map(lambda xy: model.loss(params, xy[0], xy[1]).astype(jnp.float32),
                        (inputs, targets))
-  return jnp.mean(losses)
+  return {"loss": jnp.mean(losses)}
 
 
 def sum_ties(grads: Any, ties: Sequence[model_lib.Tie]) -> dict:

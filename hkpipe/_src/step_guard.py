@@ -23,8 +23,6 @@ from typing import Any, Callable, TypeVar
 import jax
 import jax.numpy as jnp
 
-from hkpipe._src.errors import ConfigError
-
 State = TypeVar("State")
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 5
 
@@ -106,20 +104,12 @@ class SkipCounter:
   for steps that are already done, so the loop never stalls the device for this.
 
   Args:
-    max_consecutive: skipped steps in a row that end the run (>= 1).
+    max_consecutive: skipped steps in a row that end the run (an int >= 1:
+      ``config.max_consecutive_skips``, checked by ``config_checks.validate``).
     checkpoints: where the run's checkpoints are (named in the error message).
-
-  Raises:
-    ConfigError: if ``max_consecutive`` is not an int >= 1.
   """
 
-  def __init__(self, max_consecutive: Any, checkpoints: str = ""):
-    if (isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int)
-        or max_consecutive < 1):
-      raise ConfigError(
-          f"config.max_consecutive_skips must be an int >= 1 (how many training steps in a row "
-          f"may have a non-finite loss or gradient norm, and be skipped, before the run stops), "
-          f"got {max_consecutive!r}; use e.g. {DEFAULT_MAX_CONSECUTIVE_SKIPS}.")
+  def __init__(self, max_consecutive: int, checkpoints: str = ""):
     self.max_consecutive = max_consecutive
     self.checkpoints = checkpoints
     self.total = 0          # skipped steps read so far

@@ -21,7 +21,7 @@ import pathlib
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from hkpipe._src import optim
 from hkpipe._src import options as options_lib
 from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import resume as resume_lib
+from hkpipe._src import run_log
 from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
 
@@ -49,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   Fields (see docs/training.md): ``seed``; ``model`` (``name`` + the model config's fields);
   ``data`` (``dir``, ``source``, ``val_fraction``); ``batch_size``; ``num_steps``; ``optim``
-  (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``stages``, ``dp``,
+  (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``ranks``, ``dp``,
   ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
   ``remat``); ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
   ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported);
@@ -61,7 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
   ``max_consecutive_skips`` (the run stops after this many steps in a row were skipped for a
   non-finite loss or gradient norm; >= 1).
 
-  Unset ``pipeline`` fields take the backend's defaults: ``stages`` = every device / ``dp`` and
+  ``pipeline.stages`` is the deprecated spelling of ``pipeline.ranks`` (it warns).
+
+  Unset ``pipeline`` fields take the backend's defaults: ``ranks`` = every device / ``dp`` and
   ``dp`` = 1 on ``spmd``/``mpmd``, ``dp`` = every device on ``pmap``, ``schedule`` = ``"1f1b"``,
   ``partition_cost`` = ``"params"``; a field the backend does not use is an error (see
   :func:`validate_config`).
@@ -78,7 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.95, "eps": 1e-8, "max_grad_norm": 1.0})
   c.backend = "single"
   c.pipeline = ml_collections.ConfigDict({
-      "stages": ml_collections.config_dict.placeholder(int),
+      "ranks": ml_collections.config_dict.placeholder(int),
+      "stages": ml_collections.config_dict.placeholder(int),  # deprecated spelling of ranks
       "dp": ml_collections.config_dict.placeholder(int), "num_microbatches": 1,
       "schedule": ml_collections.config_dict.placeholder(str),
       "virtual_stages": ml_collections.config_dict.placeholder(int),
@@ -111,7 +115,6 @@ def validate_config(config: Any) -> None:
   config_checks.validate(config, default_config(), backends=options_lib.available_backends(),
                          schedule_names=schedules.names())
   watchdog_lib.WatchdogConfig.from_config(config.get("watchdog"))
-  step_guard.SkipCounter(config.max_consecutive_skips)  # validates it
   model_config(config)
 
 
@@ -147,9 +150,9 @@ def optimizer_config(config: Any) -> optim.OptimizerConfig:
 def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   """``Pipeline`` keyword options for ``config.backend`` and ``config.pipeline``.
 
-  ``pipeline.stages`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
+  ``pipeline.ranks`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
   data-parallel width (unset: see :func:`default_config`); the pipelined backends get a
-  ``(pp, dp)`` mesh of ``stages * dp`` devices, ``pmap`` gets ``dp`` devices, ``single`` one
+  ``(pp, dp)`` mesh of ``ranks * dp`` devices, ``pmap`` gets ``dp`` devices, ``single`` one
   device. Without ``devices``, they are the first ones of the run, spread evenly over the
   processes (see ``layout.spread_devices``).
 
@@ -162,72 +165,20 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   opts: dict = {"num_microbatches": int(pipe.num_microbatches),
                 "max_grad_norm": config.optim.get("max_grad_norm"), "remat": bool(pipe.remat)}
   visible = len(devices) if devices is not None else jax.device_count()
-  stages, dp = config_checks.pipeline_sizes(config, device_count=visible,
-                                            process_count=jax.process_count())
+  ranks, dp = config_checks.pipeline_sizes(config, device_count=visible,
+                                           process_count=jax.process_count())
   if backend == "single":
     first = devices[0] if devices is not None else jax.local_devices()[0]
     return {**opts, "devices": [first]}
-  chosen = list(devices[:stages * dp]) if devices is not None else layout_lib.spread_devices(
-      stages * dp)
+  chosen = list(devices[:ranks * dp]) if devices is not None else layout_lib.spread_devices(
+      ranks * dp)
   if backend == "pmap":
     return {**opts, "devices": chosen}
-  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(stages, dp), ("pp", "dp"))
+  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(ranks, dp), ("pp", "dp"))
   opts.update(mesh=mesh, schedule=pipe.get("schedule"), virtual_stages=pipe.get("virtual_stages"))
   boundaries = pipe.get("boundaries")
   opts["partition"] = tuple(boundaries) if boundaries else pipe.get("partition_cost")
   return opts
-
-
-def describe_layout(layout: Any) -> str:
-  """Text for the console: the stages with their layers and devices, and the schedule's simulated
-  timeline (unit costs, backward = 2 x forward) with its bubble and peak stashed activations."""
-  from hkpipe import schedules  # pylint: disable=g-import-not-at-top
-  sched = layout.schedule
-  lines = [f"schedule {sched.name}: {sched.num_ranks} ranks x {sched.stages_per_rank} stage(s)/rank"
-           f", {sched.num_microbatches} microbatches, dp={layout.dp}"]
-  for spec in layout.stages:
-    devs = ",".join(str(d.id) for d in layout.stage_devices(spec.index))
-    lines.append(f"  stage {spec.index} (rank {sched.stage_to_rank[spec.index]}, devices {devs}): "
-                 f"{', '.join(spec.layer_names)}")
-  sim = schedules.simulate(sched)
-  lines.append(schedules.ascii_grid(sim.records()).rstrip())
-  lines.append(f"simulated bubble {sim.bubble_ratio:.1%}, peak stashed activations per rank "
-               f"{list(sim.peak_activations)}")
-  return "\n".join(lines)
-
-
-def _jsonable(metrics: Mapping[str, Any]) -> dict:
-  return {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in metrics.items()}
-
-
-class MetricsWriter:
-  """Appends one JSON object per line to ``metrics.jsonl``; on resume, drops records past the
-  checkpoint so the file describes exactly one run."""
-
-  def __init__(self, path: pathlib.Path, resume_step: int):
-    self.path = path
-    if path.exists():
-      kept = [line for line in path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      path.write_text("".join(line + "\n" for line in kept))
-    self._file: TextIO = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
-
-  def write(self, record: Mapping[str, Any]) -> None:
-    self._file.write(json.dumps(_jsonable(record)) + "\n")
-    self._file.flush()
-
-  def close(self) -> None:
-    self._file.close()
-
-
-class _NoWriter:
-  """The metrics writer of processes other than 0 (only process 0 writes ``metrics.jsonl``)."""
-
-  def write(self, record: Mapping[str, Any]) -> None:
-    del record
-
-  def close(self) -> None:
-    pass
 
 
 # How long a multi-process run waits for the checkpoint it attempts after an exception.
@@ -263,14 +214,9 @@ def _run_bounded(fn: Callable[[], None], timeout_s: float | None) -> BaseExcepti
   return box.get("error")
 
 
-def _fmt_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def evaluate(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState, batch_fn: Callable[[int], Any],
-             num_batches: int) -> float:
-  """Mean eval loss over ``num_batches`` fixed validation batches."""
+def eval_loop(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState,
+              batch_fn: Callable[[int], Any], num_batches: int) -> float:
+  """Mean ``Pipeline.eval_step`` loss over ``num_batches`` fixed validation batches."""
   losses = [pipe.eval_step(state, batch_fn(i))["loss"] for i in range(num_batches)]
   return float(np.mean([float(l) for l in losses]))
 
@@ -390,7 +336,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
       f"batch={batch_size}x{seq_len} steps={config.num_steps}")
   layout = pipe.layout
   if layout is not None:
-    say(describe_layout(layout))
+    say(run_log.describe_layout(layout))
 
   # The newest good checkpoint; damaged ones are reported and moved aside to <step>.corrupt.
   had_checkpoints = ckpt.latest_step() is not None
@@ -402,8 +348,8 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
     say(f"Resumed from checkpoint at step {resume_step} in {ckpt.directory}")
   elif had_checkpoints:
     say(f"No usable checkpoint left in {ckpt.directory}; starting from step 0.")
-  writer = (MetricsWriter(work / "metrics.jsonl", resume_step or 0) if lead
-            else _NoWriter())
+  writer = (run_log.MetricsWriter(work / "metrics.jsonl", resume_step or 0) if lead
+            else run_log.NoWriter())
   flops_tok = models.flops_per_token(mcfg)
   peak = config.get("peak_tflops")
   tokens_per_step = batch_size * seq_len
@@ -436,30 +382,23 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         loss = float(metrics["loss"])  # blocks on this step
         now = time.time()
         step_time = now - t0 if compiled else (now - t_window) / steps_window
-        record = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                  "lr": float(lr_at(step)), "step_time_s": step_time,
-                  "tokens_per_s": tokens_per_step / step_time,
-                  "model_tflops": flops_tok * tokens_per_step / step_time / 1e12,
-                  "skipped_steps": skips.total}
-        if peak:
-          record["mfu"] = record["model_tflops"] / peak
+        record = run_log.train_record(
+            step=done, loss=loss, grad_norm=float(metrics["grad_norm"]), lr=float(lr_at(step)),
+            step_time=step_time, tokens_per_step=tokens_per_step, flops_per_token=flops_tok,
+            peak_tflops=peak, skipped_steps=skips.total)
         progress.steps_finished(None if compiled else step_time)
         writer.write(record)
         summary["first_loss"] = summary["first_loss"] or loss
         summary["last_loss"] = loss
-        eta = step_time * (config.num_steps - done)
-        say(f"step {done:>6}/{config.num_steps} | loss {loss:.4f} | gnorm "
-            f"{record['grad_norm']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} "
-            f"tok/s | {1000 * step_time:.1f} ms/step{' (incl. compile)' if compiled else ''}"
-            f"{f' | skipped {skips.total}' if skips.total else ''} | ETA {_fmt_eta(eta)}")
+        say(run_log.train_line(record, config.num_steps, compiled))
         t_window, steps_window = time.time(), 0
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
         progress.enter(watchdog_lib.EVAL)
-        val = evaluate(pipe, state, val_batch, config.eval_batches)
+        val = eval_loop(pipe, state, val_batch, config.eval_batches)
         progress.end()
         writer.write({"step": done, "val_loss": val})
         summary["last_val_loss"] = val
-        say(f"step {done:>6}/{config.num_steps} | val loss {val:.4f}")
+        say(run_log.eval_line(done, config.num_steps, val))
         t_window, steps_window = time.time(), 0
       if config.checkpoint_every and done % config.checkpoint_every == 0:
         progress.enter(watchdog_lib.CHECKPOINT)

@@ -5,13 +5,13 @@ A :class:`Schedule` lists, for each of ``p`` pipeline ranks, the ordered actions
 ``Schedule.stage_to_rank`` says which rank owns each stage. Compute actions are ``F`` (forward),
 ``B`` (full backward) or the zero-bubble split ``I`` (input grad) + ``W`` (weight grad).
 
-Library-wide convention: in :func:`get`, ``num_stages`` is the number of pipeline RANKS ``p``
-(devices) and ``virtual_stages`` is ``v``.
+Library-wide convention: ``num_ranks`` is the number of pipeline ranks ``p`` (devices),
+``virtual_stages`` is ``v`` and ``num_stages`` is the number of model stages ``p * v``.
 
 Typical use::
 
   from hkpipe import schedules
-  s = schedules.get("zbv", num_stages=4, num_microbatches=8)   # 4 ranks, 8 stages
+  s = schedules.get("zbv", num_ranks=4, num_microbatches=8)    # 4 ranks, 8 stages
   schedules.validate(s)                        # raises ScheduleError pointing at a bad action
   program = schedules.lower(s)                 # adds SEND/RECV; run each rank's list in order
   result = schedules.simulate(s, schedules.Costs(forward=1, input_grad=1, weight_grad=1))
@@ -29,7 +29,7 @@ Public names:
 - Pictures (any ``(rank, kind, stage, mb, start, end)`` records, simulated or measured):
   :func:`ascii_grid`, :func:`svg_timeline`, :func:`svg_timelines`, :func:`svg_compare`.
 
-Command line: ``python -m hkpipe.schedules --schedule zbv --stages 4 --microbatches 8
+Command line: ``python -m hkpipe.schedules --schedule zbv --ranks 4 --microbatches 8
 --svg out.svg``. See ``docs/schedules.md``.
 """
 

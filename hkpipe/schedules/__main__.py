@@ -2,12 +2,13 @@
 
 Examples::
 
-  python -m hkpipe.schedules --schedule zbv --stages 4 --microbatches 8 --svg zbv.svg
-  python -m hkpipe.schedules --schedule interleaved_1f1b --stages 4 --microbatches 8 \\
+  python -m hkpipe.schedules --schedule zbv --ranks 4 --microbatches 8 --svg zbv.svg
+  python -m hkpipe.schedules --schedule interleaved_1f1b --ranks 4 --microbatches 8 \\
       --virtual-stages 2 --backward 1
   python -m hkpipe.schedules --from-file my_schedule.txt --text
 
-``--stages`` is the number of pipeline RANKS (the library-wide meaning of ``num_stages``).
+``--ranks`` is the number of pipeline ranks ``p``; the model has ``p * v`` stages. ``--stages``
+is its deprecated spelling (it warns).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from hkpipe._src import deprecation
 from hkpipe.schedules._builders import get
 from hkpipe.schedules._builders import names
 from hkpipe.schedules._draw import ascii_grid
@@ -37,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--schedule", choices=names(), help="a registered schedule")
   source.add_argument("--from-file", metavar="PATH", help="a schedule in the text form")
-  parser.add_argument("--stages", type=int, default=4,
-                      help="number of pipeline RANKS p (default 4)")
+  parser.add_argument("--ranks", type=int, default=None,
+                      help="number of pipeline ranks p (default 4)")
+  parser.add_argument("--stages", type=int, default=None,
+                      help="deprecated spelling of --ranks")
   parser.add_argument("--microbatches", type=int, default=8, help="microbatches m (default 8)")
   parser.add_argument("--virtual-stages", type=int, default=None,
                       help="stages per rank v (default: the schedule's)")
@@ -61,7 +65,10 @@ def _load(args: argparse.Namespace) -> Schedule:
   if args.from_file:
     with open(args.from_file) as f:
       return from_text(f.read())
-  return get(args.schedule, num_stages=args.stages, num_microbatches=args.microbatches,
+  ranks = deprecation.renamed("--stages", args.stages, "--ranks", args.ranks,
+                              where="python -m hkpipe.schedules")
+  return get(args.schedule, num_ranks=4 if ranks is None else ranks,
+             num_microbatches=args.microbatches,
              virtual_stages=args.virtual_stages)
 
 

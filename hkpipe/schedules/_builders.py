@@ -1,8 +1,8 @@
 """The built-in schedules and the registry (``get``, ``names``).
 
-Convention for the whole library: ``num_stages`` passed to :func:`get` is the number of pipeline
-RANKS ``p`` (devices); ``virtual_stages`` is ``v``, the number of stages per rank; the model is cut
-into ``p * v`` stages numbered in model order.
+Convention for the whole library: ``num_ranks`` is the number of pipeline RANKS ``p`` (devices);
+``virtual_stages`` is ``v``, the number of stages per rank; the model is cut into
+``num_stages = p * v`` stages numbered in model order.
 
 Every builder accepts any ``m >= 1``. Builders whose steady state needs a minimum number of
 microbatches (interleaved: ``m`` a multiple of ``p``; ZBV: ``m >= 2p - 1``; DualPipeV:
@@ -17,6 +17,7 @@ import dataclasses
 import types
 from typing import Callable, Mapping
 
+from hkpipe._src import deprecation
 from hkpipe.schedules._ir import Action
 from hkpipe.schedules._ir import Kind
 from hkpipe.schedules._ir import Schedule
@@ -303,16 +304,19 @@ def _positive_int(what: str, value) -> int:
   return value
 
 
-def get(name: str, *, num_stages: int, num_microbatches: int,
-        virtual_stages: int | None = None) -> Schedule:
+def get(name: str, *, num_ranks: int | None = None, num_microbatches: int,
+        virtual_stages: int | None = None, num_stages: int | None = None) -> Schedule:
   """Builds a registered schedule.
 
   Args:
     name: one of :func:`names`.
-    num_stages: the number of pipeline RANKS ``p`` (devices), not model stages.
+    num_ranks: the number of pipeline ranks ``p`` (devices).
     num_microbatches: ``m``.
-    virtual_stages: ``v``, model stages per rank; the model is cut into ``p * v`` stages. Default:
-      1, or 2 for ``zbv`` / ``dualpipev``; ``interleaved_1f1b`` requires it (>= 2).
+    virtual_stages: ``v``, model stages per rank; the model is cut into ``p * v`` stages
+      (``Schedule.num_stages``). Default: 1, or 2 for ``zbv`` / ``dualpipev``;
+      ``interleaved_1f1b`` requires it (>= 2).
+    num_stages: deprecated spelling of ``num_ranks`` (it meant ranks here); warns
+      ``FutureWarning``; giving both is a ``ConfigError``.
 
   Returns:
     The compute-only :class:`Schedule` (call :func:`lower` for the SEND/RECV program).
@@ -321,8 +325,13 @@ def get(name: str, *, num_stages: int, num_microbatches: int,
     ValueError: unknown name, non-positive sizes, or a ``virtual_stages`` the schedule cannot use;
       the message names the constraint and the fix.
   """
+  num_ranks = deprecation.renamed(
+      "num_stages", num_stages, "num_ranks", num_ranks, where="hkpipe.schedules.get",
+      why="num_stages names the p * v model stages (Schedule.num_stages), not the ranks.")
+  if num_ranks is None:
+    raise TypeError("hkpipe.schedules.get() needs num_ranks= (the number of pipeline ranks).")
   spec = _spec(name)
-  p = _positive_int("num_stages (pipeline ranks)", num_stages)
+  p = _positive_int("num_ranks", num_ranks)
   m = _positive_int("num_microbatches", num_microbatches)
   if virtual_stages is None:
     if spec.default_v is None:

@@ -147,7 +147,7 @@ class PmapBackend(pipeline_lib.Backend):
                                            opt_state, loss, grads)
 
   def _eval_impl(self, params, batch):
-    return jax.lax.pmean(step_lib.eval_loss(self.model, params, *batch), _AXIS)
+    return jax.lax.pmean(step_lib.eval_step(self.model, params, *batch), _AXIS)
 
   # -- placement -------------------------------------------------------------------------------
 
@@ -218,7 +218,7 @@ class PmapBackend(pipeline_lib.Backend):
                               rng=state.rng)
     return new_state, self._first_replica(metrics)
 
-  def eval_loss(self, state, batch):
+  def eval_step(self, state, batch):
     return self._first_replica(self._eval(state.params, self._put_batch(batch)))
 
   def params(self, state):

@@ -44,7 +44,7 @@ class SingleBackend(pipeline_lib.Backend):
 
   def _eval_impl(self, params, batch):
     m = self.options.num_microbatches
-    return step_lib.eval_loss(self.model, params, *pipeline_lib.split_microbatches(batch, m))
+    return step_lib.eval_step(self.model, params, *pipeline_lib.split_microbatches(batch, m))
 
   # -- Backend API -----------------------------------------------------------------------------
 
@@ -68,7 +68,7 @@ class SingleBackend(pipeline_lib.Backend):
     return pipeline_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          rng=state.rng), metrics
 
-  def eval_loss(self, state, batch):
+  def eval_step(self, state, batch):
     return self._eval(state.params, self._put(batch))
 
   def to_canonical(self, state):

@@ -133,6 +133,11 @@ class MpmdBackend(pipeline_lib.Backend):
       self.namespace = self.transport.new_namespace()
     self._calls = 0
 
+  @property
+  def compile_stats(self) -> _mpmd_compile.CompileStats:
+    """``cache.stats``: the program cache's compile statistics."""
+    return self.cache.stats
+
   # -- layout ----------------------------------------------------------------------------------
 
   @property
@@ -165,7 +170,7 @@ class MpmdBackend(pipeline_lib.Backend):
       raise ValueError(f"Every device of this pipeline belongs to process {procs.pop()}, so "
                        f"process {jax.process_index()} cannot run it: build a pipeline on one "
                        "process's devices only in that process, or spread the ranks over the "
-                       "processes (e.g. num_stages=a multiple of jax.process_count()).")
+                       "processes (e.g. num_ranks=a multiple of jax.process_count()).")
     return layout
 
   def _setup(self, batch: pipeline_lib.Batch) -> _Setup:
@@ -388,12 +393,12 @@ class MpmdBackend(pipeline_lib.Backend):
       return loss, setup.canonical(setup.gather(self._next_call(), "grads", grads))
     return loss, setup.canonical(grads)
 
-  def eval_loss(self, state, batch):
+  def eval_step(self, state, batch):
     setup = self._setup(batch)
     run = self._eval_family(setup, state).bound
     store = self._store(setup, run, state, batch, training=False)
     _interp.execute(run.bound, store, _Net(setup, self._next_call()), self.progress)
-    return store[run.bound.program.outputs[("loss",)]][0]
+    return {"loss": store[run.bound.program.outputs[("loss",)]][0]}
 
   def params(self, state):
     """Canonical ``{layer_name: params}`` of ``state``.

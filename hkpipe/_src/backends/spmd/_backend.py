@@ -61,6 +61,11 @@ class SpmdBackend(_Executor):
       raise ValueError("The spmd pipeline has no layout yet: call init(rng, batch) first.")
     return self._plan
 
+  @property
+  def layout(self) -> layout_lib.Layout:
+    """The resolved layout (``plan.layout``); available after ``init`` (or ``from_canonical``)."""
+    return self.plan.layout
+
   # -- static planning -------------------------------------------------------------------------
 
   def _check_batch(self, batch: pipeline_lib.Batch) -> int:
@@ -393,10 +398,10 @@ class SpmdBackend(_Executor):
     return pipeline_lib.TrainState(step=state.step + 1, params=params, opt_state=opt,
                          rng=state.rng), metrics
 
-  def eval_loss(self, state, batch):
+  def eval_step(self, state, batch):
     inputs, targets = self._put_batch(batch)
     prog, arrays = self._program((inputs, targets), state.rng)
-    return self._jitted["eval"](prog, state.params, inputs, targets, arrays)
+    return {"loss": self._jitted["eval"](prog, state.params, inputs, targets, arrays)}
 
   def params(self, state):
     """Canonical params on this process's default device (an all-gather across processes)."""
