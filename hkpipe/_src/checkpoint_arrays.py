@@ -1,0 +1,135 @@
+"""Canonical arrays to and from orbax, from their owners: no process touches a shard it does not hold.
+
+Save (:func:`save_handler`): one orbax pytree item holds the whole canonical tree, every leaf a
+plain global array in the checkpoint. Each process writes the shards it holds (replica 0 of each
+shard, so every element is written exactly once), whatever subset of the processes an array lives
+on: an MPMD stage's arrays on its process only, SPMD/pmap arrays on every process, or anything in
+between. orbax 0.12's own ``ArrayHandler`` cannot do that: it refuses arrays that live on one
+process in a multi-process run ("host local jax.Array") and fails on arrays with no shard on the
+calling process. :class:`OwnersArrayHandler` replaces it for saving and keeps orbax's writing code
+(the same tensorstore/OCDBT files, read back by the standard handler): it groups the arrays by
+their *writer*, the lowest-numbered process holding a shard, which creates the array's metadata
+in the checkpoint (orbax's ``primary_host`` role, per array); every holder writes its own shards
+into its per-process OCDBT database, which orbax merges when the save is finalised. Arrays with no
+shard here are skipped. Nothing is copied between devices or processes.
+
+Restore (:func:`read`): the target tree gives each array's shape, dtype and sharding. Arrays with
+a device on this process are read by orbax's standard handler straight into their target
+sharding (each process reads only the slices its devices need); the others are orbax
+placeholders, not read at all, and come back as global arrays with no shard here (what the other
+processes' stages look like in an MPMD run).
+
+Coupling: :class:`OwnersArrayHandler` calls ``_serialize_arrays`` of orbax-checkpoint 0.12.x's
+``jax_array_handlers`` (the function ``ArrayHandler.serialize`` ends in); the 2-process tests in
+``tests/test_checkpoint_owners.py`` catch a change of it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import jax_array_handlers as _orbax_arrays
+
+_type_handlers = ocp.type_handlers
+
+
+def _is_key(x: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def writer(x: jax.Array) -> int:
+  """The process that creates ``x``'s metadata in a checkpoint: the lowest one holding a shard."""
+  return min(d.process_index for d in x.sharding.device_set)
+
+
+class OwnersArrayHandler(_type_handlers.ArrayHandler):
+  """orbax's array handler, saving arrays that live on any subset of the processes (see module)."""
+
+  def __init__(self):
+    super().__init__(replica_id=0, use_replica_parallel=False, enable_write_sharding_file=False,
+                     array_metadata_store=None)
+
+  async def serialize(self, values: Sequence[jax.Array], infos: Sequence[Any],
+                      args: Sequence[Any] | None = None) -> list:
+    """Starts writing this process's shards of ``values`` (see the module docstring)."""
+    args = list(args or [ocp.SaveArgs()] * len(values))
+    _type_handlers.check_input_arguments(values, infos, args)
+    _orbax_arrays.check_array_values(values, infos)
+    groups: dict[int, list] = {}
+    for value, info, arg in zip(values, infos, args):
+      if _is_key(value):
+        raise ValueError(f"{info.name}: a PRNG key array; checkpoint its key data "
+                         "(jax.random.key_data) instead.")
+      if value.addressable_shards:  # arrays with no shard here are written by their holders
+        groups.setdefault(writer(value), []).append((value, info, arg))
+    futures = []
+    for owner, items in sorted(groups.items()):
+      arrays, group_infos, group_args = (list(t) for t in zip(*items))
+      futures.append(_orbax_arrays._serialize_arrays(  # pylint: disable=protected-access
+          arrays=arrays, infos=group_infos, args=group_args, dispatcher=None, replica_id=0,
+          use_replica_parallel=False, min_slice_bytes_for_replica_parallel=None,
+          max_replicas_for_replica_parallel=None, primary_host=owner,
+          metadata_key=self._metadata_key, array_metadata_store=None,
+          enable_replica_parallel_separate_folder=False, ext_metadata={},
+          callback=self._callback))
+    return futures
+
+
+def _registry() -> Any:
+  """orbax's standard type handlers, with :class:`OwnersArrayHandler` for ``jax.Array``."""
+  types = (int, float, bytes, np.number, np.ndarray, str, type(ocp.PLACEHOLDER))
+  return _type_handlers.create_type_handler_registry(
+      *[(t, _type_handlers.get_type_handler(t)) for t in types], (jax.Array, OwnersArrayHandler()))
+
+
+def save_handler() -> ocp.PyTreeCheckpointHandler:
+  """The handler of the checkpoint's ``state`` item (save with ``ocp.args.PyTreeSave``)."""
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
+
+
+def has_shard_here(leaf: Any) -> bool:
+  """Whether an array (or abstract array with a sharding) has a device on this process."""
+  me = jax.process_index()
+  return any(d.process_index == me for d in leaf.sharding.device_set)
+
+
+def _request(leaf: Any) -> tuple[Any, Any]:
+  """``(item, restore_args)`` of one target leaf (numpy or ``ShapeDtypeStruct`` with sharding)."""
+  if isinstance(leaf, np.ndarray):
+    return leaf, ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+  if not has_shard_here(leaf):
+    return ocp.PLACEHOLDER, ocp.PLACEHOLDER
+  return leaf, ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                    dtype=leaf.dtype)
+
+
+def _absent(leaf: jax.ShapeDtypeStruct) -> jax.Array:
+  """A global array with ``leaf``'s shape, dtype and sharding and no shard on this process."""
+  return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, [], dtype=leaf.dtype)
+
+
+def read(directory: str | pathlib.Path, targets: Any) -> Any:
+  """Reads the ``state`` item in ``directory`` into ``targets``' placements (no collective).
+
+  Args:
+    directory: the item's folder (``<step>/state``).
+    targets: the tree to restore: numpy leaves (restored as numpy) and ``jax.ShapeDtypeStruct``
+      leaves with a sharding (restored as global arrays with that sharding: the shards on this
+      process's devices are read, the others are not).
+  """
+  leaves, treedef = jax.tree.flatten(targets)
+  pairs = [_request(leaf) for leaf in leaves]
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    got = handler.restore(pathlib.Path(directory), args=ocp.args.PyTreeRestore(
+        item=treedef.unflatten([p[0] for p in pairs]),
+        restore_args=treedef.unflatten([p[1] for p in pairs])))
+  finally:
+    handler.close()
+  values = treedef.flatten_up_to(got)
+  return treedef.unflatten([_absent(leaf) if value is ocp.PLACEHOLDER else value
+                            for value, leaf in zip(values, leaves)])
