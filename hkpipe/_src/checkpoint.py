@@ -50,6 +50,7 @@ from hkpipe._src import placement
 from hkpipe._src.errors import ConfigError
 
 _CORRUPT_SUFFIX = ".corrupt"
+DEFAULT_INFLIGHT_BYTES = 256 * 2**20
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -136,14 +137,21 @@ class Checkpointer:
   Args:
     directory: checkpoint folder (created); one sub-folder per saved step.
     max_to_keep: how many of the newest checkpoints to keep.
+    inflight_bytes: on each process, at most about this many bytes are being written or read at
+      a time (raised to twice the largest shard when that is more): bounds the host memory a
+      save or restore needs beyond the process's own shards.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3):
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               inflight_bytes: int = DEFAULT_INFLIGHT_BYTES):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
+    if inflight_bytes < 1:
+      raise ValueError(f"inflight_bytes must be >= 1, got {inflight_bytes}.")
     self.directory = os.path.abspath(os.fspath(directory))
+    self._inflight_bytes = int(inflight_bytes)
     self._manager = ocp.CheckpointManager(
-        self.directory, item_handlers={"state": checkpoint_arrays.save_handler(),
+        self.directory, item_handlers={"state": checkpoint_arrays.save_handler(inflight_bytes),
                                        "meta": ocp.JsonCheckpointHandler(),
                                        "integrity": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
@@ -318,7 +326,7 @@ class Checkpointer:
     """The step's arrays in ``target``'s placements, each process reading only its own shards
     (no collective: a process whose read fails cannot leave the others waiting)."""
     return dict(checkpoint_arrays.read(pathlib.Path(self.step_dir(step)) / "state",
-                                       _abstract(target)))
+                                       _abstract(target), self._inflight_bytes))
 
   def _move_aside(self, step: int) -> str:
     """Renames step ``step``'s folder to a free ``<step>.corrupt[.N]`` (on process 0)."""

@@ -19,9 +19,17 @@ sharding (each process reads only the slices its devices need); the others are o
 placeholders, not read at all, and come back as global arrays with no shard here (what the other
 processes' stages look like in an MPMD run).
 
+Host memory: orbax reads and writes every array at once by default, so a process's transient
+host buffers grow with its whole share. Both directions here take ``inflight_bytes``, orbax's
+per-process limit on the bytes being read or written at a time (raised, per call, to twice the
+largest shard, since orbax refuses a single request above its limit): the transient stays within
+that limit, whatever the share. A save still copies all of this process's shards off the devices
+before it returns (so training may go on), which is its share of host memory on an accelerator
+(on CPU the copy is a view).
+
 Coupling: :class:`OwnersArrayHandler` calls ``_serialize_arrays`` of orbax-checkpoint 0.12.x's
-``jax_array_handlers`` (the function ``ArrayHandler.serialize`` ends in); the 2-process tests in
-``tests/test_checkpoint_owners.py`` catch a change of it.
+``jax_array_handlers`` (the function ``ArrayHandler.serialize`` ends in) and its ``limits``; the
+2-process test in ``tests/test_checkpoint_owners.py`` catches a change of them.
 """
 
 from __future__ import annotations
@@ -33,12 +41,28 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import jax_array_handlers as _orbax_arrays
+from orbax.checkpoint._src.serialization import limits as _orbax_limits
 
 _type_handlers = ocp.type_handlers
 
 
 def _is_key(x: Any) -> bool:
   return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _largest_shard(leaves: Sequence[Any]) -> int:
+  """Bytes of the largest shard any of ``leaves`` (arrays or abstract arrays) has on this process."""
+  me = jax.process_index()
+  sizes = [int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+           for leaf in leaves if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
+           and any(d.process_index == me for d in leaf.sharding.device_set)]
+  return max(sizes, default=0)
+
+
+def fitted_limit(inflight_bytes: int, leaves: Sequence[Any]) -> int:
+  """``inflight_bytes``, raised to fit twice the largest shard here (orbax refuses a request at or
+  above its limit)."""
+  return max(int(inflight_bytes), 2 * _largest_shard(leaves) + 1)
 
 
 def writer(x: jax.Array) -> int:
@@ -59,6 +83,12 @@ class OwnersArrayHandler(_type_handlers.ArrayHandler):
     args = list(args or [ocp.SaveArgs()] * len(values))
     _type_handlers.check_input_arguments(values, infos, args)
     _orbax_arrays.check_array_values(values, infos)
+    limiter = infos[0].byte_limiter if infos else None
+    if isinstance(limiter, _orbax_limits.LimitInFlightBytes):
+      fitted = fitted_limit(limiter.max_bytes, values)
+      if fitted > limiter.max_bytes:
+        limiter = _orbax_limits.LimitInFlightBytes(fitted)
+        infos = [info.replace(byte_limiter=limiter) for info in infos]
     groups: dict[int, list] = {}
     for value, info, arg in zip(values, infos, args):
       if _is_key(value):
@@ -86,9 +116,11 @@ def _registry() -> Any:
       *[(t, _type_handlers.get_type_handler(t)) for t in types], (jax.Array, OwnersArrayHandler()))
 
 
-def save_handler() -> ocp.PyTreeCheckpointHandler:
-  """The handler of the checkpoint's ``state`` item (save with ``ocp.args.PyTreeSave``)."""
-  return ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
+def save_handler(inflight_bytes: int) -> ocp.PyTreeCheckpointHandler:
+  """The handler of the checkpoint's ``state`` item (save with ``ocp.args.PyTreeSave``), writing at
+  most about ``inflight_bytes`` at a time on each process (see the module docstring)."""
+  return ocp.PyTreeCheckpointHandler(handler_impl=ocp.BasePyTreeCheckpointHandler(
+      type_handler_registry=_registry(), save_concurrent_bytes=int(inflight_bytes)))
 
 
 def has_shard_here(leaf: Any) -> bool:
@@ -112,7 +144,7 @@ def _absent(leaf: jax.ShapeDtypeStruct) -> jax.Array:
   return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, [], dtype=leaf.dtype)
 
 
-def read(directory: str | pathlib.Path, targets: Any) -> Any:
+def read(directory: str | pathlib.Path, targets: Any, inflight_bytes: int) -> Any:
   """Reads the ``state`` item in ``directory`` into ``targets``' placements (no collective).
 
   Args:
@@ -120,10 +152,13 @@ def read(directory: str | pathlib.Path, targets: Any) -> Any:
     targets: the tree to restore: numpy leaves (restored as numpy) and ``jax.ShapeDtypeStruct``
       leaves with a sharding (restored as global arrays with that sharding: the shards on this
       process's devices are read, the others are not).
+    inflight_bytes: at most about this many bytes are being read at a time on this process
+      (raised to twice the largest shard read here).
   """
   leaves, treedef = jax.tree.flatten(targets)
   pairs = [_request(leaf) for leaf in leaves]
-  handler = ocp.PyTreeCheckpointHandler()
+  handler = ocp.PyTreeCheckpointHandler(handler_impl=ocp.BasePyTreeCheckpointHandler(
+      restore_concurrent_bytes=fitted_limit(inflight_bytes, leaves)))
   try:
     got = handler.restore(pathlib.Path(directory), args=ocp.args.PyTreeRestore(
         item=treedef.unflatten([p[0] for p in pairs]),

@@ -109,15 +109,22 @@ def _local_rows(flat: list) -> tuple[np.ndarray, np.ndarray]:
     groups.setdefault(_group_key(leaf), []).append(i)
   rows = np.zeros((len(flat), 3), np.uint32)
   known = np.zeros(len(flat), bool)
+  pending = []
   for key, members in groups.items():
     if not _runs_here(key, flat[members[0]][1]):
       continue  # the processes holding these leaves compute their rows
-    leaves = [flat[i][1] if key is not None else np.asarray(flat[i][1]) for i in members]
-    out = _jitted(None if key is None or key[0] == "own" else key)(leaves)
+    fn = _jitted(None if key is None or key[0] == "own" else key)
+    # One leaf per call: the compiler's temporaries (about twice the argument) stay within one
+    # leaf's size instead of the whole group's (a stage's state); all calls are dispatched
+    # before any result is read.
+    for i in members:
+      leaf = flat[i][1] if key is not None else np.asarray(flat[i][1])
+      pending.append((i, fn([leaf])))
+  for i, out in pending:
     if not out.is_fully_replicated:
-      raise ValueError(f"Cannot fingerprint leaves with sharding {flat[members[0]][1].sharding}.")
-    rows[members] = np.asarray(out.addressable_data(0))
-    known[members] = True
+      raise ValueError(f"Cannot fingerprint leaves with sharding {flat[i][1].sharding}.")
+    rows[i] = np.asarray(out.addressable_data(0))[0]
+    known[i] = True
   return rows, known
 
 
@@ -139,8 +146,9 @@ def summarize(tree: Any) -> list[LeafSummary]:
   """Path, shape, dtype, fingerprint and finiteness of every leaf of ``tree``, in flatten order.
 
   Leaves are host values or ``jax.Array`` s (global arrays included, on the devices of any subset
-  of the processes). One jitted reduction runs per device assignment (mesh) the leaves live on,
-  on the processes that hold it; nothing is gathered or copied between devices. In a
+  of the processes). One jitted reduction runs per leaf, on the devices the leaf lives on (by the
+  processes that hold it); nothing is gathered or copied between devices, and the temporaries
+  stay within about twice one leaf's shard. In a
   multi-process run every process must call this with the same tree (a collective: the rows are
   exchanged with one small all-gather).
   """
