@@ -2,7 +2,8 @@
 
 Save (:func:`save_handler`): one orbax pytree item holds the whole canonical tree, every leaf a
 plain global array in the checkpoint. Each process writes the shards it holds (replica 0 of each
-shard, so every element is written exactly once), whatever subset of the processes an array lives
+shard, or with orbax's replica-parallel writing each replica's slice of it, so every element is
+written exactly once), whatever subset of the processes an array lives
 on: an MPMD stage's arrays on its process only, SPMD/pmap arrays on every process, or anything in
 between. orbax 0.12's own ``ArrayHandler`` cannot do that: it refuses arrays that live on one
 process in a multi-process run ("host local jax.Array") and fails on arrays with no shard on the
@@ -74,8 +75,11 @@ class OwnersArrayHandler(_type_handlers.ArrayHandler):
   """orbax's array handler, saving arrays that live on any subset of the processes (see module)."""
 
   def __init__(self):
-    super().__init__(replica_id=0, use_replica_parallel=False, enable_write_sharding_file=False,
-                     array_metadata_store=None)
+    # orbax's defaults otherwise: replica 0 of each shard written once (replica-parallel: split
+    # over the replicas, where orbax enables it); no sharding file and no per-process array
+    # metadata (both would be written by process 0 for arrays it may not hold; restores always
+    # name their target shardings).
+    super().__init__(replica_id=0, enable_write_sharding_file=False, array_metadata_store=None)
 
   async def serialize(self, values: Sequence[jax.Array], infos: Sequence[Any],
                       args: Sequence[Any] | None = None) -> list:
@@ -101,8 +105,10 @@ class OwnersArrayHandler(_type_handlers.ArrayHandler):
       arrays, group_infos, group_args = (list(t) for t in zip(*items))
       futures.append(_orbax_arrays._serialize_arrays(  # pylint: disable=protected-access
           arrays=arrays, infos=group_infos, args=group_args, dispatcher=None, replica_id=0,
-          use_replica_parallel=False, min_slice_bytes_for_replica_parallel=None,
-          max_replicas_for_replica_parallel=None, primary_host=owner,
+          use_replica_parallel=self._use_replica_parallel,
+          min_slice_bytes_for_replica_parallel=self._min_slice_bytes_for_replica_parallel,
+          max_replicas_for_replica_parallel=self._max_replicas_for_replica_parallel,
+          primary_host=owner,
           metadata_key=self._metadata_key, array_metadata_store=None,
           enable_replica_parallel_separate_folder=False, ext_metadata={},
           callback=self._callback))
