@@ -6,7 +6,8 @@ Usage (flags as ``launch/local.py`` passes them, plus the test's own):
 
 An MPMD pipeline (pp=2, rank r on process r, one device each) of a wide MLP with Adam gives the
 canonical shardings: each stage's parameters and Adam moments live on their own process only.
-The saved tree has those shardings and deterministic random values (one generator per leaf path,
+The saved tree has those shardings (plus one small leaf split over both processes) and
+deterministic random values (one generator per leaf path,
 so every process knows every value without any exchange). After a warm-up save and restore (so
 compiles, imports and orbax's caches are not measured), the process measures its peak RSS growth
 (``VmHWM`` reset through ``/proc/self/clear_refs`` after ``malloc_trim``) during a save, during a
@@ -31,6 +32,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position,g-multiple-import
 
 import hkpipe  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hkpipe._src import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -88,8 +90,18 @@ def with_values(like: dict) -> dict:
   return jax.tree_util.tree_map_with_path(one, like)
 
 
+def across(like: dict) -> dict:
+  """``like`` plus a leaf split over both processes (an FSDP-style shard on each: written by both)."""
+  devices = [jax.local_devices(process_index=p)[0] for p in range(2)]
+  sharding = NamedSharding(Mesh(np.asarray(devices, dtype=object), ("x",)), P("x"))
+  cross = jax.make_array_from_callback((64, 8), sharding, lambda i: np.zeros((64, 8))[i],
+                                       dtype=np.float32)
+  return {**like, "extra": {"cross": cross}}
+
+
 def swapped(like: dict) -> dict:
-  """Abstract targets with every leaf that lives on one process moved to the other process."""
+  """Abstract targets with every leaf that lives on one process moved to the other process, and
+  the leaf split over both with its halves exchanged."""
   mine = {p: jax.local_devices(process_index=p)[0] for p in range(2)}
 
   def one(leaf):
@@ -97,7 +109,11 @@ def swapped(like: dict) -> dict:
       return leaf
     procs = {d.process_index for d in leaf.sharding.device_set}
     if len(procs) != 1:
-      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+      sharding = leaf.sharding
+      if leaf.ndim == 2:  # the split leaf: process 0 now holds the rows process 1 held
+        mesh = Mesh(np.asarray([mine[1], mine[0]], dtype=object), ("x",))
+        sharding = NamedSharding(mesh, P("x"))
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
     device = mine[1 - procs.pop()]
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                 sharding=jax.sharding.SingleDeviceSharding(device))
@@ -170,7 +186,7 @@ def main(argv: list[str]) -> None:
   pipe = hkpipe.Pipeline(wide_model(), optax.adam(1e-3), backend="mpmd", num_stages=2,
                          num_microbatches=2)
   example = (np.zeros((4, WIDTH), np.float32), np.zeros((4, WIDTH), np.float32))
-  like = pipe.to_canonical(pipe.init(jax.random.key(0), example))
+  like = across(pipe.to_canonical(pipe.init(jax.random.key(0), example)))
   saved = with_values(like)
   ckpt = checkpoint.Checkpointer(os.path.join(args.out, "ckpt"), inflight_bytes=INFLIGHT)
   # Warm-up: compiles, imports and orbax's first-use allocations.
