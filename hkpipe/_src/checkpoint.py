@@ -2,58 +2,55 @@
 
 A checkpoint holds ``{"params", "opt_state", "rng"}`` in the canonical layout (see
 ``Pipeline.to_canonical``) plus JSON metadata (step, config). Because the layout is canonical, a run
-saved under one backend or stage count restores under another: the restore target carries the new
-pipeline's shardings and orbax places every array directly where the new layout wants it.
-Saves are asynchronous and atomic (orbax writes to a temporary folder and renames it), and only the
-newest ``max_to_keep`` are kept.
+saved under one backend, stage count, mesh or process count restores under another: the restore
+target carries the new pipeline's shardings and orbax places every array directly where the new
+layout wants it. Saves are asynchronous and atomic (orbax writes to a temporary folder and renames
+it), and only the newest ``max_to_keep`` are kept.
 
-Multi-process runs: every process calls ``save``/``restore`` with the same tree (each writes the
-shards it holds; orbax synchronises the saves; a restore reads without orbax's barrier and ends
-with every process agreeing on its outcome, so a read that fails on one process cannot leave the
-others waiting). Canonical leaves are global arrays:
+From the owners (``hkpipe._src.checkpoint_arrays``): canonical leaves are global arrays that may
+live on any subset of the devices and processes (an MPMD stage's on its own devices only, an SPMD
+rank's on its rank's devices, pmap's everywhere). A save writes, on every process, only the shards
+that process holds; a restore reads, on every process, only the slices its target devices need,
+straight into the target sharding (a target with no device on this process is not read and comes
+back as a global array with no shard here). Nothing is gathered, copied to another device or
+widened to every process, so no device and no host holds more than its own share of the state
+(plus orbax's buffers for that share). ``Pipeline.params`` and ``Pipeline.to_canonical`` of some
+backends do gather; the checkpoint never asks for more than the tree it is given. The PRNG key is
+stored as host key data (identical on every process).
 
-- arrays on devices of every process (``spmd``/``pmap``: replicated over the pipeline's devices)
-  are saved and restored by orbax as they are;
-- arrays on the devices of some processes only (``mpmd``: a stage's parameters live on the
-  process that owns the stage; other processes hold them without any shard) are first copied to
-  one device of every process (a small collective over all processes), saved like the others, and
-  on restore read on every process and kept only on the target's own devices;
-- the PRNG key is stored as host key data (identical on every process), never as a process-local
-  device array.
-
-The checkpoint itself does not depend on any of this: it holds plain arrays, so a state saved
-from one layout or process count restores into another.
+Multi-process runs: every process calls ``save``/``restore`` with the same tree structure. A save
+is a collective (one small all-gather of the leaves' fingerprints, then orbax's own barriers); a
+restore reads without orbax's barrier and ends with every process agreeing on its outcome, so a
+read that fails on one process cannot leave the others waiting.
 
 Faults (see ``Checkpointer.restore_latest``): a save refuses a state holding NaN or Inf; every
-checkpoint records each leaf's path, shape, dtype and fingerprint (``hkpipe._src.integrity``); a
-restore checks the target's leaves against that record before reading anything (a mismatch is a
-``ConfigError``), and after reading compares the fingerprints, so bytes changed on disk are caught
-even where orbax reads them without complaint. A damaged checkpoint is moved aside to
-``<step>.corrupt`` (never deleted) and the previous one is used. An interrupted save leaves only
-orbax's ``<step>.orbax-checkpoint-tmp`` folder, which the next ``Checkpointer`` on the folder
-removes; the completed checkpoints are untouched.
+checkpoint records each leaf's path, shape, dtype and fingerprint (``hkpipe._src.integrity``,
+computed where the arrays live); a restore checks the target's leaves against that record before
+reading anything (a mismatch is a ``ConfigError``), and after reading compares the fingerprints,
+so bytes changed on disk are caught even where orbax reads them without complaint. A damaged
+checkpoint is moved aside to ``<step>.corrupt`` (never deleted) and the previous one is used. An
+interrupted save leaves only orbax's ``<step>.orbax-checkpoint-tmp`` folder, which the next
+``Checkpointer`` on the folder removes; the completed checkpoints are untouched.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from hkpipe._src import checkpoint_arrays
 from hkpipe._src import integrity
 from hkpipe._src import placement
 from hkpipe._src.errors import ConfigError
 
 _CORRUPT_SUFFIX = ".corrupt"
+DEFAULT_INFLIGHT_BYTES = 256 * 2**20
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -88,85 +85,21 @@ def _to_storable(canonical: Mapping[str, Any]) -> dict:
   return out
 
 
-def _spans_all_processes(x: Any) -> bool:
-  """Whether ``x`` is a host value, or a global array with devices on every process."""
-  if not isinstance(x, jax.Array) or jax.process_count() == 1:
-    return True
-  devices: set[Any] = set(x.sharding.device_set)
-  return len({d.process_index for d in devices}) == jax.process_count()
-
-
-def _own_slot(mine: np.ndarray, index: tuple) -> np.ndarray:
-  """This process's slot ``[1, ...]`` of a ``[P, ...]`` array (the callback's index selects it)."""
-  return mine[(slice(None),) + tuple(index[1:])]
-
-
-def _sum_slots(slots: list) -> list:
-  return [jnp.sum(x, axis=0).astype(x.dtype) for x in slots]
-
-
-def _widen(tree: Any) -> Any:
-  """Copies leaves that live on some processes only to one device of every process.
-
-  A collective: every process must call it with the same tree. Each process contributes, in its
-  own slot of a ``[P, ...]`` array, the shards it holds (replica 0 of each, zeros elsewhere); the
-  sum over slots is the array, replicated on every process (exact: every element has exactly one
-  contributor).
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  partial = [i for i, x in enumerate(leaves) if not _spans_all_processes(x)]
-  if not partial:
-    return tree
-  mesh = placement.process_mesh()
-  count = jax.process_count()
-  slots = []
-  for i in partial:
-    x = leaves[i]
-    if _is_key(x):
-      raise ValueError(f"Canonical leaf {i} is a PRNG key array on the devices of processes "
-                       f"{sorted({d.process_index for d in x.sharding.device_set})} only; store "
-                       "key data (jax.random.key_data) instead.")
-    mine = np.zeros(x.shape, x.dtype)
-    for shard in x.addressable_shards:
-      if shard.replica_id == 0:
-        mine[shard.index] = np.asarray(shard.data)
-    slots.append(jax.make_array_from_callback(
-        (count,) + tuple(x.shape), NamedSharding(mesh, P("proc")),
-        functools.partial(_own_slot, mine[None])))
-  summed = jax.jit(_sum_slots, out_shardings=NamedSharding(mesh, P()))(slots)
-  for i, value in zip(partial, summed):
-    leaves[i] = value
-  return jax.tree.unflatten(treedef, leaves)
-
-
-def _narrow(value: jax.Array, like: jax.Array) -> jax.Array:
-  """The restored (replicated on every process) ``value`` placed with ``like``'s sharding, which
-  may have no device on this process (then the result has no shard here). No collective."""
-  sharding = like.sharding
-  host = np.asarray(value.addressable_data(0))
-  shards = [jax.device_put(host[index], device)
-            for device, index in sharding.addressable_devices_indices_map(host.shape).items()]
-  return jax.make_array_from_single_device_arrays(host.shape, sharding, shards, dtype=like.dtype)
-
-
-def _placed_like(value: Any, want: Any) -> Any:
-  """A restored leaf with the target's placement (see ``_abstract``)."""
-  return value if _spans_all_processes(want) else _narrow(value, want)
-
-
 def _abstract(tree: Any) -> Any:
-  """Restore targets: host leaves as they are (restored as numpy), arrays as shape/dtype/sharding
-  (arrays on some processes only: replicated on one device of every process, see ``_narrow``)."""
-  mesh = placement.process_mesh() if jax.process_count() > 1 else None
+  """Restore targets: arrays as shape/dtype/sharding (``ShapeDtypeStruct`` leaves as they are),
+  host leaves as numpy (restored as numpy)."""
 
   def one(a):
-    if not isinstance(a, jax.Array):
-      return np.asarray(a)
-    sharding = a.sharding if _spans_all_processes(a) else NamedSharding(mesh, P())
-    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+    if isinstance(a, jax.ShapeDtypeStruct):
+      if a.sharding is None:
+        raise ValueError(f"A restore target {a} has no sharding; give every abstract leaf the "
+                         "sharding it should be restored with.")
+      return a
+    if isinstance(a, jax.Array):
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+    return np.asarray(a)
 
   return jax.tree.map(one, tree)
-
 
 
 def _failing_processes(failed: bool) -> list[int]:
@@ -204,14 +137,24 @@ class Checkpointer:
   Args:
     directory: checkpoint folder (created); one sub-folder per saved step.
     max_to_keep: how many of the newest checkpoints to keep.
+    inflight_bytes: on each process, at most about this many bytes are being written or read at
+      a time (raised to twice the largest shard when that is more): bounds the host memory a
+      save or restore needs beyond the process's own shards.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3):
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               inflight_bytes: int = DEFAULT_INFLIGHT_BYTES):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
+    if inflight_bytes < 1:
+      raise ValueError(f"inflight_bytes must be >= 1, got {inflight_bytes}.")
     self.directory = os.path.abspath(os.fspath(directory))
+    self._inflight_bytes = int(inflight_bytes)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
+        self.directory, item_handlers={"state": checkpoint_arrays.save_handler(inflight_bytes),
+                                       "meta": ocp.JsonCheckpointHandler(),
+                                       "integrity": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
@@ -229,16 +172,19 @@ class Checkpointer:
   def save(self, step: int, canonical: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     """Starts an asynchronous save (device arrays are copied before this returns).
 
+    Each process writes the shards it holds, nothing else (see the module docstring).
+
     Args:
       step: the step to save under.
-      canonical: ``Pipeline.to_canonical(state)``.
+      canonical: ``Pipeline.to_canonical(state)``: leaves are host values or global arrays on
+        any subset of the devices and processes.
       meta: JSON-serialisable metadata (step, config).
 
     Raises:
       FloatingPointError: a leaf holds NaN or Inf (nothing is written; the message names the step
         and the first such leaf).
     """
-    storable = _widen(_to_storable(canonical))
+    storable = _to_storable(canonical)
     summaries = integrity.summarize(storable)
     bad = [s for s in summaries if not s.finite]
     if bad:
@@ -249,7 +195,7 @@ class Checkpointer:
           + f". The checkpoints already in {self.directory} are kept; lower the learning rate "
           "or check the data, then resume from the last of them.")
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(dict(meta)),
+        state=ocp.args.PyTreeSave(storable), meta=ocp.args.JsonSave(dict(meta)),
         integrity=ocp.args.JsonSave(integrity.to_json(summaries))))
 
   def read_meta(self, step: int) -> dict:
@@ -271,10 +217,12 @@ class Checkpointer:
     Args:
       step: a saved step (see :meth:`latest_step`).
       like: a canonical state of the target pipeline (e.g. ``pipe.to_canonical(pipe.init(...))``);
-        only its structure, shapes, dtypes and shardings are used.
+        only its structure, shapes, dtypes and shardings are used, so its array leaves may also
+        be ``jax.ShapeDtypeStruct`` s with a sharding (``rng`` stays a key or key data).
 
     Returns:
-      ``(canonical_state, meta)``; the arrays have ``like``'s shardings.
+      ``(canonical_state, meta)``; the arrays have ``like``'s shardings, each process holding
+      only the shards on its own devices.
 
     Raises:
       ConfigError: ``like``'s leaves (paths, shapes, dtypes) differ from the checkpoint's; raised
@@ -361,7 +309,7 @@ class Checkpointer:
             f"checkpoint step {step} in {folder} is damaged: the data read differs from the data "
             f"saved (fingerprint mismatch) in {len(changed)} leaves: {', '.join(changed[:3])}"
             + (" ..." if len(changed) > 3 else "") + ".")
-    state = jax.tree.map(_placed_like, restored, target)
+    state = dict(restored)
     if _is_key(placement.local_value(like["rng"])):
       state["rng"] = jax.random.wrap_key_data(state["rng"],
                                               impl=jax.random.key_impl(placement.local_value(like["rng"])))
@@ -375,16 +323,10 @@ class Checkpointer:
     return integrity.from_json(ocp.JsonCheckpointHandler().restore(folder))
 
   def _read_state(self, step: int, target: dict) -> dict:
-    """The step's arrays, as ``_abstract(target)`` places them (no collective: orbax's handler
-    reads without the barrier of ``CheckpointManager.restore``, so a process whose read fails
-    cannot leave the others waiting in it)."""
-    handler = ocp.StandardCheckpointHandler()
-    try:
-      restored = handler.restore(pathlib.Path(self.step_dir(step)) / "state",
-                                 args=ocp.args.StandardRestore(_abstract(target)))
-    finally:
-      handler.close()
-    return dict(restored)
+    """The step's arrays in ``target``'s placements, each process reading only its own shards
+    (no collective: a process whose read fails cannot leave the others waiting)."""
+    return dict(checkpoint_arrays.read(pathlib.Path(self.step_dir(step)) / "state",
+                                       _abstract(target), self._inflight_bytes))
 
   def _move_aside(self, step: int) -> str:
     """Renames step ``step``'s folder to a free ``<step>.corrupt[.N]`` (on process 0)."""

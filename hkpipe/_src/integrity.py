@@ -6,7 +6,9 @@ restore recomputes the fingerprints and compares. The fingerprint of a leaf is t
 ``2 * flat_index + 1``. Integer sums are exact and independent of the order of summation, so the
 result does not depend on the sharding, the device count or the process count, and one jitted
 reduction computes it for global arrays of a multi-process run without gathering them (each
-process sums its shards, the compiler adds the partial sums). Any change to a single element
+process sums its shards, the compiler adds the partial sums). Leaves that live on the devices of
+some processes only (an MPMD stage's) are summed by those processes alone; one small all-gather of
+the ``[leaves, 3]`` table then gives every process every row. Any change to a single element
 changes both sums; a change to several is missed only if it happens to cancel in both.
 """
 
@@ -82,6 +84,15 @@ def _group_key(x: Any) -> Any:
   return devices if len(devices) == 1 else ("own", id(x))  # another kind: a computation of its own
 
 
+def _runs_here(key: Any, leaf: Any) -> bool:
+  """Whether this process takes part in the computation of group ``key`` (holds a device of it)."""
+  if key is None:
+    return True
+  devices = leaf.sharding.device_set if key[0] == "own" else key
+  me = jax.process_index()
+  return any(d.process_index == me for d in devices)
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(devices: tuple | None) -> Any:
   """The jitted ``_summaries`` for leaves on ``devices`` (None: host values), result replicated."""
@@ -91,26 +102,58 @@ def _jitted(devices: tuple | None) -> Any:
   return jax.jit(_summaries, out_shardings=NamedSharding(mesh, P()))
 
 
-def summarize(tree: Any) -> list[LeafSummary]:
-  """Path, shape, dtype, fingerprint and finiteness of every leaf of ``tree``, in flatten order.
-
-  Leaves are host values or ``jax.Array`` s (global arrays included). One jitted reduction runs
-  per device assignment (mesh) the leaves live on; in a multi-process run every process must call
-  this with the same tree, and every array must have devices on every process (a collective).
-  """
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+def _local_rows(flat: list) -> tuple[np.ndarray, np.ndarray]:
+  """``([n, 3] uint32 rows, [n] bool known)``: the rows of the leaves this process holds."""
   groups: dict[Any, list[int]] = {}
   for i, (_, leaf) in enumerate(flat):
     groups.setdefault(_group_key(leaf), []).append(i)
-  rows: list[Any] = [None] * len(flat)
+  rows = np.zeros((len(flat), 3), np.uint32)
+  known = np.zeros(len(flat), bool)
+  pending = []
   for key, members in groups.items():
-    leaves = [flat[i][1] if key is not None else np.asarray(flat[i][1]) for i in members]
-    out = _jitted(None if key is None or key[0] == "own" else key)(leaves)
+    if not _runs_here(key, flat[members[0]][1]):
+      continue  # the processes holding these leaves compute their rows
+    fn = _jitted(None if key is None or key[0] == "own" else key)
+    # One leaf per call: the compiler's temporaries (about twice the argument) stay within one
+    # leaf's size instead of the whole group's (a stage's state); all calls are dispatched
+    # before any result is read.
+    for i in members:
+      leaf = flat[i][1] if key is not None else np.asarray(flat[i][1])
+      pending.append((i, fn([leaf])))
+  for i, out in pending:
     if not out.is_fully_replicated:
-      raise ValueError(f"Cannot fingerprint leaves with sharding {flat[members[0]][1].sharding}.")
-    values = np.asarray(out.addressable_data(0))
-    for row, i in zip(values, members):
-      rows[i] = row
+      raise ValueError(f"Cannot fingerprint leaves with sharding {flat[i][1].sharding}.")
+    rows[i] = np.asarray(out.addressable_data(0))[0]
+    known[i] = True
+  return rows, known
+
+
+def _everyones_rows(rows: np.ndarray, known: np.ndarray) -> np.ndarray:
+  """Every leaf's row, from a process that computed it (a collective in a multi-process run)."""
+  if jax.process_count() == 1:
+    return rows
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  all_rows = np.asarray(multihost_utils.process_allgather(rows))        # [P, n, 3]
+  all_known = np.asarray(multihost_utils.process_allgather(known.astype(np.int32)))  # [P, n]
+  if not np.all(all_known.any(axis=0)):
+    missing = int(np.flatnonzero(~all_known.any(axis=0))[0])
+    raise ValueError(f"Leaf {missing} has no device on any process; cannot fingerprint it.")
+  first = np.argmax(all_known, axis=0)                                  # [n]
+  return all_rows[first, np.arange(rows.shape[0])]
+
+
+def summarize(tree: Any) -> list[LeafSummary]:
+  """Path, shape, dtype, fingerprint and finiteness of every leaf of ``tree``, in flatten order.
+
+  Leaves are host values or ``jax.Array`` s (global arrays included, on the devices of any subset
+  of the processes). One jitted reduction runs per leaf, on the devices the leaf lives on (by the
+  processes that hold it); nothing is gathered or copied between devices, and the temporaries
+  stay within about twice one leaf's shard. In a
+  multi-process run every process must call this with the same tree (a collective: the rows are
+  exchanged with one small all-gather).
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  rows = _everyones_rows(*_local_rows(flat))
   summaries = []
   for (path, leaf), row in zip(flat, rows):
     summaries.append(LeafSummary(path=jax.tree_util.keystr(path), shape=tuple(np.shape(leaf)),
