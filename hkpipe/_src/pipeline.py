@@ -27,6 +27,7 @@ import optax
 from hkpipe._src import errors
 from hkpipe._src import model as model_lib
 from hkpipe._src import options as options_lib
+from hkpipe._src import pipelined_decode
 from hkpipe._src import placement
 from hkpipe._src import watchdog
 from hkpipe._src.options import PipelineOptions
@@ -337,6 +338,28 @@ class Pipeline:
       ConfigError: on a backend other than ``mpmd``.
     """
     return self._only("mpmd", "describe").describe(batch, call)
+
+  def generate(self, state: TrainState, prompt_tokens: Any, **kwargs: Any) -> jax.Array:
+    """KV-cache decoding with this pipeline's own layout, without gathering the model.
+
+    On ``mpmd`` each stage decodes on its rank with its own parameters and caches, and
+    ``num_groups`` groups of sequences are interleaved across the ranks; ``single`` decodes on
+    its device. See ``docs/generation.md``.
+
+    Args:
+      state: a state of this pipeline (e.g. ``from_canonical`` of a checkpoint).
+      prompt_tokens: ``[B, P]`` integer tokens.
+      **kwargs: ``max_new_tokens``, ``rng`` (required), ``temperature``, ``top_k``, ``top_p``,
+        ``end_token``, ``num_groups`` (default: the most groups <= ranks dividing ``B``),
+        ``seq_len``; as :func:`hkpipe.models.generate`.
+
+    Returns:
+      ``[B, P + max_new_tokens]`` int32 tokens.
+
+    Raises:
+      ConfigError: for bad arguments (before compiling) or a backend other than mpmd/single.
+    """
+    return pipelined_decode.generate(self, state, prompt_tokens, **kwargs)
 
   def params(self, state: TrainState) -> dict:
     """Canonical ``{layer_name: params}``, as arrays usable on this process (e.g. for sampling).
