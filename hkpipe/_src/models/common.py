@@ -14,6 +14,8 @@ from typing import Any
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DTYPES = ("float32", "bfloat16")
 
@@ -179,7 +181,8 @@ class TokenEmbedding(hk.Module):
   The forward equals the one-hot matmul ``one_hot(tokens) @ w`` exactly (ids outside ``[0, V)``
   give a zero row, as the one-hot does), and the gradient (a scatter-add into ``w``) equals the
   one-hot matmul's to float32 rounding, without materialising the ``[B, T, V]`` one-hot. GSPMD
-  partitions the gather for batch-sharded tokens and for a vocab-sharded table. The parameter is
+  partitions the gather for batch-sharded tokens and for a vocab-sharded table (under explicit
+  mesh axes too, where the output sharding is spelled out). The parameter is
   named ``embeddings`` (shape ``[vocab_size, d_model]``).
   """
 
@@ -204,8 +207,20 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
   v = table.shape[0]
   valid = (ids >= 0) & (ids < v)                                        # [...]
   safe = jnp.where(valid, ids, 0)                                       # [...]
-  rows = jnp.take(table, safe, axis=0, mode="clip")                     # [..., D]
+  if jax.typeof(safe).sharding.mesh.explicit_axes:
+    # Explicit axes need the output sharding spelled out: ids' batch axes, the table's D axis.
+    rows = table.at[safe].get(mode="clip", out_sharding=_gather_sharding(safe, table))
+  else:
+    rows = jnp.take(table, safe, axis=0, mode="clip")                   # [..., D]
   return jnp.where(valid[..., None], rows, jnp.zeros((), table.dtype))
+
+
+def _gather_sharding(ids: jax.Array, table: jax.Array) -> NamedSharding:
+  """``table[ids]``'s sharding under explicit axes: ``ids``' spec, then the table's D axis."""
+  ids_sharding = jax.typeof(ids).sharding
+  ids_spec = tuple(ids_sharding.spec) + (None,) * (ids.ndim - len(ids_sharding.spec))
+  table_spec = tuple(jax.typeof(table).sharding.spec) + (None,) * table.ndim
+  return NamedSharding(ids_sharding.mesh, P(*ids_spec, table_spec[1]))
 
 
 class PositionEmbedding(hk.Module):
