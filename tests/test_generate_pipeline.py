@@ -51,8 +51,14 @@ def test_mpmd_decoding_equals_single_device(model, stages, groups):
   out = pipe.generate(state, prompt, num_groups=groups[0], **kw)
   np.testing.assert_array_equal(np.asarray(out), greedy)
   kw = dict(max_new_tokens=T - 6, rng=jax.random.key(3), temperature=1.0, top_k=20, top_p=0.9)
+  want = single_device(model, params, prompt, **kw)
   sampled = pipe.generate(state, prompt, num_groups=groups[1], **kw)
-  np.testing.assert_array_equal(np.asarray(sampled), single_device(model, params, prompt, **kw))
+  np.testing.assert_array_equal(np.asarray(sampled), want)
+  kw["end_token"] = int(want[1, 8])  # row 1 stops there, the others when they draw it
+  stopped = single_device(model, params, prompt, **kw)
+  assert (stopped[1, 8:] == kw["end_token"]).all()
+  np.testing.assert_array_equal(
+      np.asarray(pipe.generate(state, prompt, num_groups=groups[1], **kw)), stopped)
 
 
 def test_each_stage_decodes_on_its_rank(model, monkeypatch):
@@ -92,6 +98,8 @@ def test_bad_arguments_fail_before_compiling(model):
     pipe.generate(state, batch()[0][:, :1].repeat(T + 1, axis=1), max_new_tokens=1, rng=key)
   with pytest.raises(hkpipe.ConfigError, match="top_p"):
     pipe.generate(state, prompt, max_new_tokens=2, rng=key, top_p=0.0)
+  np.testing.assert_array_equal(  # nothing to decode: the prompt, nothing compiled
+      np.asarray(pipe.generate(state, prompt, max_new_tokens=0, rng=key)), prompt)
   assert pipelined_decode._stage._cache_size() == before
   spmd = hkpipe.Pipeline(model, optax.adam(1e-2), backend="spmd", num_stages=2,
                          num_microbatches=2)

@@ -104,6 +104,8 @@ def generate(pipe: Any, state: Any, prompt_tokens: Any, *, max_new_tokens: int, 
                              "sampling in one process (launch/sample.py without "
                              "--num_processes).")
   batch = prompt.shape[0]
+  if max_new_tokens == 0:
+    return jnp.asarray(prompt)
   layout = pipe.layout
   groups = check_groups(default_groups(batch, layout.num_ranks) if num_groups is None
                         else num_groups, batch)
@@ -125,10 +127,10 @@ def _decode(layout: Any, layers: Sequence[cached.CachedLayer], stage_params: Seq
   rng = jax.device_put(rng, last)
   rows = [jax.device_put(np.arange(g * size, (g + 1) * size, dtype=np.int32), last)
           for g in range(groups)]
-  # Caches: per group, per stage, created on the stage's devices.
-  caches = [[jax.jit(functools.partial(cached.init_caches, stage_layers[s], size, max_len),
-                     out_shardings=shard[s])() for s in range(len(stages))]
-            for _ in range(groups)]
+  # Caches: per group, per stage, created on the stage's devices (one zeros program per stage).
+  makers = [jax.jit(functools.partial(cached.init_caches, stage_layers[s], size, max_len),
+                    out_shardings=shard[s]) for s in range(len(stages))]
+  caches = [[make() for make in makers] for _ in range(groups)]
 
   def walk(g: int, x: Any, pos: int) -> Any:
     """Runs group ``g``'s new positions through every stage; returns the logits (last rank)."""
@@ -143,12 +145,11 @@ def _decode(layout: Any, layers: Sequence[cached.CachedLayer], stage_params: Seq
   tokens: list[list] = [[] for _ in range(groups)]
   for g in range(groups):  # prefill: the padded window in one pass per stage
     logits = walk(g, window[g * size:(g + 1) * size], 0)
-    if max_new_tokens:
-      tok, done[g] = _sample(logits, np.int32(plen - 1), rng, np.int32(0), rows[g], done[g],
-                             s_arrays)
-      tokens[g].append(tok)
+    tok, done[g] = _sample(logits, np.int32(plen - 1), rng, np.int32(0), rows[g], done[g],
+                           s_arrays)
+    tokens[g].append(tok)
   for i in range(1, max_new_tokens):
-    if i % 8 == 0 and all(bool(jnp.all(d)) for d in done):
+    if settings.end_token is not None and i % 8 == 0 and all(bool(jnp.all(d)) for d in done):
       break  # every sequence has stopped
     for g in range(groups):
       logits = walk(g, tokens[g][-1][:, None], plen + i - 1)
@@ -156,7 +157,7 @@ def _decode(layout: Any, layers: Sequence[cached.CachedLayer], stage_params: Seq
       tokens[g].append(tok)
   new = np.zeros((batch, max_new_tokens), np.int32)
   for g in range(groups):
-    got = np.stack([np.asarray(t) for t in tokens[g]], axis=1) if tokens[g] else new[:0]
+    got = np.stack([np.asarray(t) for t in tokens[g]], axis=1)      # [size, <= N]
     new[g * size:(g + 1) * size, :got.shape[1]] = got
     if got.shape[1] < max_new_tokens:  # stopped early: the rest repeats the end token
       new[g * size:(g + 1) * size, got.shape[1]:] = settings.end_token
