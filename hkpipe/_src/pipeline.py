@@ -340,25 +340,12 @@ class Pipeline:
     return self._only("mpmd", "describe").describe(batch, call)
 
   def generate(self, state: TrainState, prompt_tokens: Any, **kwargs: Any) -> jax.Array:
-    """KV-cache decoding with this pipeline's own layout, without gathering the model.
-
-    On ``mpmd`` each stage decodes on its rank with its own parameters and caches, and
-    ``num_groups`` groups of sequences are interleaved across the ranks; ``single`` decodes on
-    its device. See ``docs/generation.md``.
-
-    Args:
-      state: a state of this pipeline (e.g. ``from_canonical`` of a checkpoint).
-      prompt_tokens: ``[B, P]`` integer tokens.
-      **kwargs: ``max_new_tokens``, ``rng`` (required), ``temperature``, ``top_k``, ``top_p``,
-        ``end_token``, ``num_groups`` (default: the most groups <= ranks dividing ``B``),
-        ``seq_len``; as :func:`hkpipe.models.generate`.
-
-    Returns:
-      ``[B, P + max_new_tokens]`` int32 tokens.
-
-    Raises:
-      ConfigError: for bad arguments (before compiling) or a backend other than mpmd/single.
-    """
+    """KV-cache decoding of ``[B, P]`` prompts with this pipeline's own layout, no gather:
+    ``mpmd`` decodes each stage on its rank, ``num_groups`` sequence groups interleaved across
+    the ranks; ``single`` on its device. ``kwargs``: ``max_new_tokens``, ``rng`` and the
+    sampling options of :func:`hkpipe.models.generate`, ``num_groups``. Returns ``[B, P +
+    max_new_tokens]`` int32 tokens; a ``ConfigError`` before compiling for bad arguments or
+    another backend. See ``docs/generation.md``."""
     return pipelined_decode.generate(self, state, prompt_tokens, **kwargs)
 
   def params(self, state: TrainState) -> dict:
