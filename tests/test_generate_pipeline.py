@@ -22,7 +22,7 @@ def model():
   return M.build(CONFIG)
 
 
-def mpmd(model, stages, **kw):
+def mpmd(model, stages, **kw):  # stages=None: from the mesh
   """An MPMD pipeline, its initial state and that state's canonical params on one device (the
   single-device reference; gathered here, by the test, before decoding)."""
   pipe = hkpipe.Pipeline(model, optax.adam(1e-2), backend="mpmd", num_stages=stages,
@@ -35,9 +35,31 @@ def single_device(model, params, prompt, **kw):
   return np.asarray(M.generate(model, params, prompt, use_cache=True, **kw))
 
 
-@pytest.mark.parametrize("stages,groups", [(2, (1, 2)), (4, (4, 4))])
-def test_mpmd_decoding_equals_single_device(model, stages, groups):
-  pipe, state, params = mpmd(model, stages)
+def spy_on_stages(monkeypatch):
+  """Records, per stage program call: (first layer, input devices, output devices, the cache
+  leaves' shardings after the call)."""
+  from hkpipe._src import pipelined_decode
+  seen = []
+  stage = pipelined_decode._stage
+
+  def spy(layers, params, x, caches, pos):
+    where = lambda tree: {d for leaf in jax.tree.leaves(tree) for d in leaf.devices()}
+    inputs = where((params, x, caches))
+    y, caches = stage(layers, params, x, caches, pos)
+    seen.append((layers[0].name, inputs, where((y, caches)),
+                 [leaf.sharding for leaf in jax.tree.leaves(caches)]))
+    return y, caches
+
+  monkeypatch.setattr(pipelined_decode, "_stage", spy)
+  return seen
+
+
+@pytest.mark.parametrize("stages,dp,groups", [(2, 2, (1, 2)), (4, 1, (4, 4))])
+def test_mpmd_decoding_equals_single_device(model, monkeypatch, stages, dp, groups):
+  mesh = jax.make_mesh((stages, dp), ("pp", "dp"), devices=jax.devices()[:stages * dp],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  pipe, state, params = mpmd(model, None, mesh=mesh)
+  seen = spy_on_stages(monkeypatch)
 
   def no_gather(*args, **kwargs):
     raise AssertionError("decoding gathered the model")
@@ -59,29 +81,24 @@ def test_mpmd_decoding_equals_single_device(model, stages, groups):
   assert (stopped[1, 8:] == kw["end_token"]).all()
   np.testing.assert_array_equal(
       np.asarray(pipe.generate(state, prompt, num_groups=groups[1], **kw)), stopped)
+  ranks = {spec.layer_names[0]: set(pipe.layout.stage_devices(spec.index))
+           for spec in pipe.layout.stages}
+  for name, inputs, outputs, cache_shardings in seen:  # every stage on its rank, rows over dp
+    assert inputs == outputs == ranks[name]
+    assert all(sh.spec == (jax.sharding.PartitionSpec("dp") if dp > 1 else
+                           jax.sharding.PartitionSpec()) for sh in cache_shardings)
 
 
 def test_each_stage_decodes_on_its_rank(model, monkeypatch):
   """Every stage program runs with its inputs, caches and outputs on its rank's devices only."""
-  from hkpipe._src import pipelined_decode
   ranks = [jax.devices()[5:6], jax.devices()[2:3]]
   pipe, state, _ = mpmd(model, 2, devices=[d for r in ranks for d in r])
-  seen = []
-  stage = pipelined_decode._stage
-
-  def spy(layers, params, x, caches, pos):
-    where = lambda tree: {d for leaf in jax.tree.leaves(tree) for d in leaf.devices()}
-    inputs = where((params, x, caches))
-    y, caches = stage(layers, params, x, caches, pos)
-    seen.append((layers[0].name, inputs, where((y, caches))))
-    return y, caches
-
-  monkeypatch.setattr(pipelined_decode, "_stage", spy)
+  seen = spy_on_stages(monkeypatch)
   out = pipe.generate(state, batch()[0][:, :3], max_new_tokens=4, rng=jax.random.key(0))
   assert out.shape == (B, 7)
   first_layer = [spec.layer_names[0] for spec in pipe.layout.stages]
   assert len(seen) == 2 * 2 * 4  # 2 groups x 2 stages x (prefill + 3 steps)
-  for name, inputs, outputs in seen:
+  for name, inputs, outputs, _ in seen:
     rank = first_layer.index(name)
     assert inputs == outputs == set(ranks[rank]), (name, inputs, outputs)
 

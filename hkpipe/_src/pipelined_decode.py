@@ -2,10 +2,10 @@
 
 Nothing is gathered: stage ``s`` decodes with ``state.params[s]`` where it lives (the devices of
 rank ``schedule.stage_to_rank[s]``), and keeps its layers' KV caches there, one cache per group
-of sequences. One decoding step of one group walks the stages in model order: each stage's
-program (``jax.jit`` of the stage's cached applies; compiled once per rank, since its inputs live
-on that rank's devices) runs on its rank, and its activations are transferred to the next
-stage's rank; the last stage's logits are sampled there and the token goes back to the first
+of sequences (its rows split over the rank's ``dp`` devices when they divide). One decoding step
+of one group walks the stages in model order: each stage's program (``jax.jit`` of the stage's
+cached applies; compiled once per rank, since its inputs live on that rank's devices) runs on its
+rank, and its activations are transferred to the next stage's rank; the last stage's logits are sampled there and the token goes back to the first
 stage's rank. Dispatch is asynchronous, so with ``G`` groups in flight, rank ``r`` works on group
 ``g`` while rank ``r + 1`` works on group ``g - 1``: the groups are interleaved across ranks the
 way microbatches are in training, and ``G >= ranks`` keeps every rank busy.
@@ -48,12 +48,16 @@ def _sample(logits: jax.Array, index: jax.Array, rng: jax.Array, step: jax.Array
                        s["end_token"])
 
 
-def _stage_sharding(params: Any, devices: Sequence[Any]) -> NamedSharding:
-  """A replicated sharding on the mesh the stage's parameters live on (its rank's devices)."""
-  for leaf in jax.tree.leaves(params):
-    if isinstance(leaf.sharding, NamedSharding):
-      return NamedSharding(leaf.sharding.mesh, P())
-  mesh = Mesh(np.asarray(devices, dtype=object), ("dp",))
+def _stage_sharding(params: Any, devices: Sequence[Any], rows: int) -> NamedSharding:
+  """Where a stage's activations and caches of ``rows`` sequences live: the mesh its parameters
+  live on (its rank's devices), rows split over its ``dp`` axis when they divide, else
+  replicated."""
+  mesh = next((leaf.sharding.mesh for leaf in jax.tree.leaves(params)
+               if isinstance(leaf.sharding, NamedSharding)), None)
+  if mesh is None:
+    mesh = Mesh(np.asarray(devices, dtype=object), ("dp",))
+  if "dp" in mesh.axis_names and mesh.shape["dp"] > 1 and rows % mesh.shape["dp"] == 0:
+    return NamedSharding(mesh, P("dp"))
   return NamedSharding(mesh, P())
 
 
@@ -121,8 +125,9 @@ def _decode(layout: Any, layers: Sequence[cached.CachedLayer], stage_params: Seq
   size = batch // groups
   stages = layout.stages
   stage_layers = [tuple(layers[spec.start:spec.stop]) for spec in stages]
-  shard = [_stage_sharding(stage_params[s], layout.stage_devices(s)) for s in range(len(stages))]
-  last = shard[-1]
+  shard = [_stage_sharding(stage_params[s], layout.stage_devices(s), size)
+           for s in range(len(stages))]
+  last = NamedSharding(shard[-1].mesh, P())  # the sampler's scalars and [Bg] vectors
   s_arrays = jax.device_put(settings.arrays(), last)
   rng = jax.device_put(rng, last)
   rows = [jax.device_put(np.arange(g * size, (g + 1) * size, dtype=np.int32), last)
