@@ -417,10 +417,12 @@ def test_generate_greedy_matches_sliding_window_reference(fp32_model):
 def test_generate_compiles_the_step_once(built):
   from hkpipe._src.models import sampling
   _, model, params, _ = built["gpt"]
-  M.generate(model, params, tokens(seq=2), max_new_tokens=1, rng=jax.random.key(0))
+  M.generate(model, params, tokens(seq=2), max_new_tokens=1, rng=jax.random.key(0),
+             use_cache=False)
   compiled = sampling._step._cache_size()
-  for plen, n in [(3, 4), (7, 2), (20, 5)]:  # a prompt longer than the window is cropped
-    out = M.generate(model, params, tokens(seq=plen), max_new_tokens=n, rng=jax.random.key(0))
+  for plen, n in [(3, 4), (7, 2), (20, 5)]:  # sliding window: a prompt longer than it is cropped
+    out = M.generate(model, params, tokens(seq=plen), max_new_tokens=n, rng=jax.random.key(0),
+                     use_cache=False)
     chex.assert_shape(out, (B, plen + n))
   assert sampling._step._cache_size() == compiled
 
@@ -433,7 +435,7 @@ def test_generate_rejects_bad_arguments(built):
   with pytest.raises(ValueError, match="max_new_tokens"):
     M.generate(model, params, tokens(), max_new_tokens=-1, rng=key)
   with pytest.raises(ValueError, match="temperature"):
-    M.generate(model, params, tokens(), max_new_tokens=1, rng=key, temperature=0.0)
+    M.generate(model, params, tokens(), max_new_tokens=1, rng=key, temperature=-0.5)  # 0 is greedy
   with pytest.raises(ValueError, match="top_k"):
     M.generate(model, params, tokens(), max_new_tokens=1, rng=key, top_k=V + 1)
   plain = hkpipe.SequentialModel(model.layers, model.loss_fn, model.ties)

@@ -27,6 +27,7 @@ import optax
 from hkpipe._src import errors
 from hkpipe._src import model as model_lib
 from hkpipe._src import options as options_lib
+from hkpipe._src import pipelined_decode
 from hkpipe._src import placement
 from hkpipe._src import watchdog
 from hkpipe._src.options import PipelineOptions
@@ -380,6 +381,15 @@ class Pipeline:
       ConfigError: on a backend other than ``mpmd``.
     """
     return self.backend.describe(batch, call)
+
+  def generate(self, state: TrainState, prompt_tokens: Any, **kwargs: Any) -> jax.Array:
+    """KV-cache decoding of ``[B, P]`` prompts with this pipeline's own layout, no gather:
+    ``mpmd`` decodes each stage on its rank, ``num_groups`` sequence groups interleaved across
+    the ranks; ``single`` on its device. ``kwargs``: ``max_new_tokens``, ``rng`` and the
+    sampling options of :func:`hkpipe.models.generate`, ``num_groups``. Returns ``[B, P +
+    max_new_tokens]`` int32 tokens; a ``ConfigError`` before compiling for bad arguments or
+    another backend. See ``docs/generation.md``."""
+    return pipelined_decode.generate(self, state, prompt_tokens, **kwargs)
 
   def params(self, state: TrainState) -> dict:
     """Canonical ``{layer_name: params}``, as arrays usable on this process (e.g. for sampling).

@@ -11,8 +11,10 @@ Public names:
 - Inspection: :func:`summary`, :func:`param_count`, :func:`layer_param_counts`,
   :func:`flops_per_token`.
 - Loss: :func:`cross_entropy`.
-- Sampling: :func:`generate`.
-- Building blocks for your own models: :func:`causal_attention`, :func:`rope`.
+- Sampling: :func:`generate` (KV cache; ``use_cache=False`` recomputes), :class:`CachedLayer`
+  (the cached-apply contract for your own layers, see ``docs/generation.md``).
+- Building blocks for your own models: :func:`causal_attention`, :func:`cached_attention`,
+  :func:`rope`.
 """
 
 from hkpipe._src.models.api import LanguageModel
@@ -21,18 +23,22 @@ from hkpipe._src.models.api import flops_per_token
 from hkpipe._src.models.api import layer_param_counts
 from hkpipe._src.models.api import param_count
 from hkpipe._src.models.api import summary
+from hkpipe._src.models.cached import CachedLayer
+from hkpipe._src.models.common import cached_attention
 from hkpipe._src.models.common import causal_attention
 from hkpipe._src.models.common import rope
 from hkpipe._src.models.gpt import GPTConfig
 from hkpipe._src.models.llama import LlamaConfig
 from hkpipe._src.models.losses import cross_entropy
-from hkpipe._src.models.sampling import generate
+from hkpipe._src.models.generate import generate
 
 __all__ = (
+    "CachedLayer",
     "GPTConfig",
     "LanguageModel",
     "LlamaConfig",
     "build",
+    "cached_attention",
     "causal_attention",
     "cross_entropy",
     "flops_per_token",

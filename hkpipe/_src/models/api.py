@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
+from hkpipe._src.models import cached
 from hkpipe._src.models import gpt
 from hkpipe._src.models import llama
 from hkpipe._src.models import losses
@@ -59,7 +60,8 @@ def build(config: Config) -> LanguageModel:
   """
   layers, ties = _make_layers(config)
   if config.dtype == "bfloat16":
-    layers = [model_lib.with_compute_dtype(layer, jnp.bfloat16) for layer in layers]
+    layers = [cached.cached_with_compute_dtype(layer, jnp.bfloat16)  # type: ignore[arg-type]
+              for layer in layers]
   loss_fn = functools.partial(losses.cross_entropy, z_loss=config.z_loss,
                               label_smoothing=config.label_smoothing)
   return LanguageModel(layers=tuple(layers), loss_fn=loss_fn, ties=ties, config=config)

@@ -14,6 +14,8 @@ from typing import Any
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DTYPES = ("float32", "bfloat16")
 
@@ -174,11 +176,14 @@ class RMSNorm(hk.Module):
 
 
 class TokenEmbedding(hk.Module):
-  """Token embedding ``[V, D]`` looked up as a one-hot matmul.
+  """Token embedding ``[V, D]`` looked up with a gather (``jnp.take`` along the vocab axis).
 
-  A one-hot matmul (instead of a gather) works on batch-sharded tokens under explicit-sharding
-  meshes, and for small vocabularies (e.g. 256 bytes) it is cheap. The parameter is named
-  ``embeddings`` (shape ``[vocab_size, d_model]``).
+  The forward equals the one-hot matmul ``one_hot(tokens) @ w`` exactly (ids outside ``[0, V)``
+  give a zero row, as the one-hot does), and the gradient (a scatter-add into ``w``) equals the
+  one-hot matmul's to float32 rounding, without materialising the ``[B, T, V]`` one-hot. GSPMD
+  partitions the gather for batch-sharded tokens and for a vocab-sharded table (under explicit
+  mesh axes too, where the output sharding is spelled out). The parameter is
+  named ``embeddings`` (shape ``[vocab_size, d_model]``).
   """
 
   def __init__(self, vocab_size: int, d_model: int, *, stddev: float = 0.02,
@@ -190,8 +195,32 @@ class TokenEmbedding(hk.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:                   # tokens [B, T] int
     w = param("embeddings", (self.vocab_size, self.d_model), normal_init(self.stddev))  # [V, D]
-    one_hot = jax.nn.one_hot(tokens, self.vocab_size, dtype=w.dtype)    # [B, T, V]
-    return jnp.einsum("btv,vd->btd", one_hot, w)                        # [B, T, D]
+    return lookup(w, tokens)                                            # [B, T, D]
+
+
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """Rows ``table[ids]`` (``[V, D]``, ``[...]`` -> ``[..., D]``); ids outside ``[0, V)`` give 0.
+
+  Negative ids are out of range too (no wrap-around), so the result equals
+  ``one_hot(ids, V) @ table`` for every integer id.
+  """
+  v = table.shape[0]
+  valid = (ids >= 0) & (ids < v)                                        # [...]
+  safe = jnp.where(valid, ids, 0)                                       # [...]
+  if jax.typeof(safe).sharding.mesh.explicit_axes:
+    # Explicit axes need the output sharding spelled out: ids' batch axes, the table's D axis.
+    rows = table.at[safe].get(mode="clip", out_sharding=_gather_sharding(safe, table))
+  else:
+    rows = jnp.take(table, safe, axis=0, mode="clip")                   # [..., D]
+  return jnp.where(valid[..., None], rows, jnp.zeros((), table.dtype))
+
+
+def _gather_sharding(ids: jax.Array, table: jax.Array) -> NamedSharding:
+  """``table[ids]``'s sharding under explicit axes: ``ids``' spec, then the table's D axis."""
+  ids_sharding = jax.typeof(ids).sharding
+  ids_spec = tuple(ids_sharding.spec) + (None,) * (ids.ndim - len(ids_sharding.spec))
+  table_spec = tuple(jax.typeof(table).sharding.spec) + (None,) * table.ndim
+  return NamedSharding(ids_sharding.mesh, P(*ids_spec, table_spec[1]))
 
 
 class PositionEmbedding(hk.Module):
@@ -205,8 +234,12 @@ class PositionEmbedding(hk.Module):
     self.stddev = stddev
 
   def __call__(self, length: int) -> jax.Array:
+    return self.at(0, length)
+
+  def at(self, start: Any, length: int) -> jax.Array:
+    """Positions ``start .. start + length - 1`` (``start`` may be traced): ``[length, D]``."""
     w = param("embeddings", (self.seq_len, self.d_model), normal_init(self.stddev))  # [T_max, D]
-    return w[:length]                                                   # [T, D]
+    return jax.lax.dynamic_slice_in_dim(w, start, length, axis=0)       # [T, D]
 
 
 class LMHead(hk.Module):
@@ -288,6 +321,35 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
   return out.reshape(b, t, h, hd)                                       # [B, T, H, hd]
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     q_positions: jax.Array) -> jax.Array:
+  """Attention of queries at ``q_positions`` over a key/value cache (grouped-query support).
+
+  Query ``i`` sees cache positions ``<= q_positions[i]``, so slots past the written prefix are
+  never read. Same head grouping and float32 softmax as :func:`causal_attention`.
+
+  Args:
+    q: queries ``[B, T, H, hd]``.
+    k: cached keys ``[B, L, K, hd]`` with ``K`` dividing ``H``.
+    v: cached values ``[B, L, K, hd]``.
+    q_positions: ``[T]`` int positions of the queries.
+
+  Returns:
+    The attended values ``[B, T, H, hd]`` in ``v.dtype``.
+  """
+  b, t, h, hd = q.shape
+  kv, cache_len = k.shape[2], k.shape[1]
+  q = q.reshape(b, t, kv, h // kv, hd)                                  # [B, T, K, G, hd]
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                      preferred_element_type=jnp.float32)               # [B, K, G, T, L]
+  scores = scores / math.sqrt(hd)
+  mask = jnp.arange(cache_len)[None, :] <= q_positions[:, None]         # [T, L]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)                               # [B, K, G, T, L] f32
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)       # [B, T, K, G, hd]
+  return out.reshape(b, t, h, hd)                                       # [B, T, H, hd]
+
+
 class Attention(hk.Module):
   """Causal self-attention: q/k/v projections, optional RoPE, grouped-query attention, output.
 
@@ -313,19 +375,50 @@ class Attention(hk.Module):
               b_name=f"b_{tag}" if self.bias else None, w_init=self.w_init)  # [B, T, heads*hd]
     return y.reshape(x.shape[:-1] + (heads, self.head_dim))             # [B, T, heads, hd]
 
-  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:     # x [B, T, D]
-    b, t, d = x.shape
+  def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     q = self._proj(x, self.n_heads, "q")                                # [B, T, H, hd]
     k = self._proj(x, self.n_kv_heads, "k")                             # [B, T, K, hd]
     v = self._proj(x, self.n_kv_heads, "v")                             # [B, T, K, hd]
     if self.rope_theta is not None:
-      positions = jnp.arange(t)                                         # [T]
       q = rope(q, positions, self.rope_theta)
       k = rope(k, positions, self.rope_theta)
+    return q, k, v
+
+  def _out(self, y: jax.Array, d: int) -> jax.Array:                    # y [B, T, H, hd]
+    b, t = y.shape[:2]
+    y = y.reshape(b, t, self.n_heads * self.head_dim)                   # [B, T, H*hd]
+    return dense(y, d, w_name="w_o", b_name="b_o" if self.bias else None,
+                 w_init=self.out_init)                                  # [B, T, D]
+
+  def decode(self, x: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
+    """Attention of ``T`` new positions ``pos .. pos+T-1`` against the cache (no dropout).
+
+    Writes the new keys/values into the cache at ``pos`` and attends over every cached position
+    up to each query's own. ``T`` is the prompt window for a prefill (``pos = 0``) and 1 per
+    decoded token, so the shapes never depend on ``pos``.
+
+    Args:
+      x: ``[B, T, D]`` inputs of the new positions.
+      cache: ``{"k", "v": [B, L, K, hd]}`` holding positions ``< pos``.
+      pos: int32 scalar, the position of ``x[:, 0]``; ``pos + T <= L``.
+
+    Returns:
+      ``([B, T, D] outputs, the updated cache)``.
+    """
+    t, d = x.shape[1], x.shape[2]
+    positions = pos + jnp.arange(t)                                     # [T]
+    q, k, v = self._qkv(x, positions)
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos,
+                                                axis=1)                 # [B, L, K, hd]
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos,
+                                                axis=1)                 # [B, L, K, hd]
+    y = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), positions)
+    return self._out(y, d), {"k": k_all, "v": v_all}
+
+  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:     # x [B, T, D]
+    t, d = x.shape[1], x.shape[2]
+    q, k, v = self._qkv(x, jnp.arange(t))
     use_dropout = is_training and self.dropout > 0.0
     y = causal_attention(q, k, v, dropout_rate=self.dropout,
                          dropout_rng=hk.next_rng_key() if use_dropout else None)  # [B, T, H, hd]
-    y = y.reshape(b, t, self.n_heads * self.head_dim)                   # [B, T, H*hd]
-    y = dense(y, d, w_name="w_o", b_name="b_o" if self.bias else None,
-              w_init=self.out_init)                                     # [B, T, D]
-    return dropout(y, self.dropout, is_training)
+    return dropout(self._out(y, d), self.dropout, is_training)

@@ -18,8 +18,10 @@ import functools
 import chex
 import haiku as hk
 import jax
+import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
+from hkpipe._src.models import cached
 from hkpipe._src.models import common
 
 INIT_STDDEV = 0.02
@@ -92,28 +94,60 @@ class GeluMLP(hk.Module):
     return common.dropout(y, c.dropout, is_training)
 
 
-def embed_fn(tokens: jax.Array, is_training: bool, *, config: GPTConfig) -> jax.Array:
-  """Token + learned position embedding, then dropout: ``[B, T]`` int -> ``[B, T, D]``."""
+def _embed(tokens: jax.Array, pos: jax.Array, config: GPTConfig) -> jax.Array:
   common.check_tokens(tokens, config.seq_len)
   tok = common.TokenEmbedding(config.vocab_size, config.d_model, stddev=INIT_STDDEV,
                               name="wte")(tokens)                       # [B, T, D]
-  pos = common.PositionEmbedding(config.seq_len, config.d_model, stddev=INIT_STDDEV,
-                                 name="wpe")(tokens.shape[1])           # [T, D]
-  x = tok + pos[None].astype(tok.dtype)                                 # [B, T, D]
-  return common.dropout(x, config.dropout, is_training)
+  pos_emb = common.PositionEmbedding(config.seq_len, config.d_model, stddev=INIT_STDDEV,
+                                     name="wpe").at(pos, tokens.shape[1])  # [T, D]
+  return tok + pos_emb[None].astype(tok.dtype)                          # [B, T, D]
+
+
+def embed_fn(tokens: jax.Array, is_training: bool, *, config: GPTConfig) -> jax.Array:
+  """Token + learned position embedding, then dropout: ``[B, T]`` int -> ``[B, T, D]``."""
+  return common.dropout(_embed(tokens, 0, config), config.dropout, is_training)
+
+
+def embed_decode_fn(tokens: jax.Array, cache: dict, pos: jax.Array, *,
+                    config: GPTConfig) -> tuple[jax.Array, dict]:
+  """Cached apply of ``embed``: tokens at positions ``pos..`` -> ``[B, T, D]`` (no cache)."""
+  return _embed(tokens, pos, config), cache
+
+
+def _attention(c: GPTConfig) -> common.Attention:
+  return common.Attention(n_heads=c.n_heads, n_kv_heads=c.n_heads, head_dim=c.head_dim,
+                          bias=c.bias, w_init=common.normal_init(INIT_STDDEV),
+                          out_init=common.residual_init(c.n_layers, INIT_STDDEV),
+                          dropout=c.dropout, name="attn")
 
 
 def block_fn(x: jax.Array, is_training: bool, *, config: GPTConfig) -> jax.Array:
   """One pre-norm transformer block: ``[B, T, D] -> [B, T, D]``."""
   c = config
-  attn = common.Attention(n_heads=c.n_heads, n_kv_heads=c.n_heads, head_dim=c.head_dim,
-                          bias=c.bias, w_init=common.normal_init(INIT_STDDEV),
-                          out_init=common.residual_init(c.n_layers, INIT_STDDEV),
-                          dropout=c.dropout, name="attn")
+  attn = _attention(c)
   h = common.LayerNorm(bias=c.bias, eps=LN_EPS, name="ln_1")(x)         # [B, T, D]
   x = x + attn(h, is_training)                                          # [B, T, D]
   h = common.LayerNorm(bias=c.bias, eps=LN_EPS, name="ln_2")(x)         # [B, T, D]
   return x + GeluMLP(c, name="mlp")(h, is_training)                     # [B, T, D]
+
+
+def block_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
+                    config: GPTConfig) -> tuple[jax.Array, dict]:
+  """Cached apply of a block on positions ``pos..``: ``[B, T, D]`` and its KV cache."""
+  c = config
+  attn = _attention(c)
+  h = common.LayerNorm(bias=c.bias, eps=LN_EPS, name="ln_1")(x)         # [B, T, D]
+  a, cache = attn.decode(h, cache, pos)                                 # [B, T, D]
+  x = x + a
+  h = common.LayerNorm(bias=c.bias, eps=LN_EPS, name="ln_2")(x)         # [B, T, D]
+  return x + GeluMLP(c, name="mlp")(h, False), cache                    # [B, T, D]
+
+
+def block_cache(batch: int, max_len: int, *, config: GPTConfig) -> dict:
+  """Empty KV cache of one block: ``{"k", "v": [batch, max_len, n_heads, head_dim]}``."""
+  shape = (batch, max_len, config.n_heads, config.head_dim)
+  dtype = jnp.dtype(config.dtype)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def head_fn(x: jax.Array, is_training: bool, *, config: GPTConfig) -> jax.Array:
@@ -123,12 +157,30 @@ def head_fn(x: jax.Array, is_training: bool, *, config: GPTConfig) -> jax.Array:
   return common.LMHead(config.vocab_size, stddev=INIT_STDDEV, name="lm_head")(h)  # [B, T, V]
 
 
+def head_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
+                   config: GPTConfig) -> tuple[jax.Array, dict]:
+  """Cached apply of the (position-wise) head: ``[B, T, D] -> [B, T, V]``, no cache."""
+  del pos
+  return head_fn(x, False, config=config), cache
+
+
+def no_cache(batch: int, max_len: int) -> dict:
+  """The cache of a layer that keeps nothing between positions."""
+  del batch, max_len
+  return {}
+
+
 def make_layers(config: GPTConfig) -> tuple[list[model_lib.Layer], tuple[model_lib.Tie, ...]]:
-  """The float32 layers ``embed, block_0.., head`` and the embedding tie (if enabled)."""
-  layers = [model_lib.Layer.from_fn("embed", functools.partial(embed_fn, config=config))]
-  layers += [model_lib.Layer.from_fn(f"block_{i}", functools.partial(block_fn, config=config))
+  """The float32 cached layers ``embed, block_0.., head`` and the embedding tie (if enabled)."""
+  p = functools.partial
+  layers: list[model_lib.Layer] = [cached.CachedLayer.from_fns(
+      "embed", p(embed_fn, config=config), p(embed_decode_fn, config=config), no_cache)]
+  layers += [cached.CachedLayer.from_fns(f"block_{i}", p(block_fn, config=config),
+                                         p(block_decode_fn, config=config),
+                                         p(block_cache, config=config))
              for i in range(config.n_layers)]
-  layers.append(model_lib.Layer.from_fn("head", functools.partial(head_fn, config=config)))
+  layers.append(cached.CachedLayer.from_fns("head", p(head_fn, config=config),
+                                            p(head_decode_fn, config=config), no_cache))
   ties: tuple[model_lib.Tie, ...] = ()
   if config.tie_embeddings:
     ties = (model_lib.Tie(source=("embed", "wte", "embeddings"),

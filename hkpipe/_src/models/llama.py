@@ -17,9 +17,12 @@ import functools
 import chex
 import haiku as hk
 import jax
+import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
+from hkpipe._src.models import cached
 from hkpipe._src.models import common
+from hkpipe._src.models import gpt
 
 INIT_STDDEV = 0.02
 
@@ -119,17 +122,47 @@ def embed_fn(tokens: jax.Array, is_training: bool, *, config: LlamaConfig) -> ja
   return common.dropout(x, config.dropout, is_training)
 
 
-def block_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
-  """One pre-RMSNorm block with RoPE GQA attention and SwiGLU: ``[B, T, D] -> [B, T, D]``."""
-  c = config
-  attn = common.Attention(n_heads=c.n_heads, n_kv_heads=c.kv_heads, head_dim=c.head_dim,
+def embed_decode_fn(tokens: jax.Array, cache: dict, pos: jax.Array, *,
+                    config: LlamaConfig) -> tuple[jax.Array, dict]:
+  """Cached apply of ``embed`` (position-free): ``[B, T]`` -> ``[B, T, D]``, no cache."""
+  del pos
+  return embed_fn(tokens, False, config=config), cache
+
+
+def _attention(c: LlamaConfig) -> common.Attention:
+  return common.Attention(n_heads=c.n_heads, n_kv_heads=c.kv_heads, head_dim=c.head_dim,
                           bias=False, w_init=common.normal_init(INIT_STDDEV),
                           out_init=common.residual_init(c.n_layers, INIT_STDDEV),
                           dropout=c.dropout, rope_theta=c.rope_theta, name="attn")
+
+
+def block_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
+  """One pre-RMSNorm block with RoPE GQA attention and SwiGLU: ``[B, T, D] -> [B, T, D]``."""
+  c = config
+  attn = _attention(c)
   h = common.RMSNorm(eps=c.norm_eps, name="attn_norm")(x)               # [B, T, D]
   x = x + attn(h, is_training)                                          # [B, T, D]
   h = common.RMSNorm(eps=c.norm_eps, name="mlp_norm")(x)                # [B, T, D]
   return x + SwiGLU(c, name="mlp")(h, is_training)                      # [B, T, D]
+
+
+def block_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
+                    config: LlamaConfig) -> tuple[jax.Array, dict]:
+  """Cached apply of a block on positions ``pos..`` (RoPE at those positions)."""
+  c = config
+  attn = _attention(c)
+  h = common.RMSNorm(eps=c.norm_eps, name="attn_norm")(x)               # [B, T, D]
+  a, cache = attn.decode(h, cache, pos)                                 # [B, T, D]
+  x = x + a
+  h = common.RMSNorm(eps=c.norm_eps, name="mlp_norm")(x)                # [B, T, D]
+  return x + SwiGLU(c, name="mlp")(h, False), cache                     # [B, T, D]
+
+
+def block_cache(batch: int, max_len: int, *, config: LlamaConfig) -> dict:
+  """Empty KV cache of one block: ``{"k", "v": [batch, max_len, kv_heads, head_dim]}`` (GQA)."""
+  shape = (batch, max_len, config.kv_heads, config.head_dim)
+  dtype = jnp.dtype(config.dtype)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def head_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
@@ -139,12 +172,24 @@ def head_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Arra
   return common.LMHead(config.vocab_size, stddev=INIT_STDDEV, name="lm_head")(h)  # [B, T, V]
 
 
+def head_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
+                   config: LlamaConfig) -> tuple[jax.Array, dict]:
+  """Cached apply of the (position-wise) head: ``[B, T, D] -> [B, T, V]``, no cache."""
+  del pos
+  return head_fn(x, False, config=config), cache
+
+
 def make_layers(config: LlamaConfig) -> tuple[list[model_lib.Layer], tuple[model_lib.Tie, ...]]:
-  """The float32 layers ``embed, block_0.., head`` (no ties)."""
-  layers = [model_lib.Layer.from_fn("embed", functools.partial(embed_fn, config=config))]
-  layers += [model_lib.Layer.from_fn(f"block_{i}", functools.partial(block_fn, config=config))
+  """The float32 cached layers ``embed, block_0.., head`` (no ties)."""
+  p = functools.partial
+  layers: list[model_lib.Layer] = [cached.CachedLayer.from_fns(
+      "embed", p(embed_fn, config=config), p(embed_decode_fn, config=config), gpt.no_cache)]
+  layers += [cached.CachedLayer.from_fns(f"block_{i}", p(block_fn, config=config),
+                                         p(block_decode_fn, config=config),
+                                         p(block_cache, config=config))
              for i in range(config.n_layers)]
-  layers.append(model_lib.Layer.from_fn("head", functools.partial(head_fn, config=config)))
+  layers.append(cached.CachedLayer.from_fns("head", p(head_fn, config=config),
+                                            p(head_decode_fn, config=config), gpt.no_cache))
   return layers, ()
 
 
