@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
   rows_in = np.random.default_rng(0).integers(0, 256, (BATCH, config.seq_len)).astype(np.int32)
   prompt = rows_in[:, :PROMPT]
   key = jax.random.key(0)
-  pipe = hkpipe.Pipeline(model, optax.sgd(0.0), backend="mpmd", num_stages=4,
+  pipe = hkpipe.Pipeline(model, optax.sgd(0.0), backend="mpmd", num_ranks=4,
                          num_microbatches=4)
   state = pipe.init(key, (rows_in, rows_in))
   params = jax.device_put(jax.device_get(pipe.params(state)), jax.devices()[0])

@@ -17,7 +17,7 @@ A bad flag prints one line, ``hkpipe: error: ...``, and exits with status 2.
 Example:
   python launch/sample.py --workdir=workdirs/gpt_cpu --prompt="ROMEO:" --max_new_tokens=100 \
       --temperature=0.8 --top_k=40 --num_samples=2 --host_devices=2 --config.backend=mpmd \
-      --config.pipeline.stages=2
+      --config.pipeline.ranks=2
 """
 
 import os

@@ -183,7 +183,7 @@ def main(argv: list[str]) -> None:
       coordinator_address=args.coordinator_address, num_processes=args.num_processes,
       process_id=args.process_id))
   me = jax.process_index()
-  pipe = hkpipe.Pipeline(wide_model(), optax.adam(1e-3), backend="mpmd", num_stages=2,
+  pipe = hkpipe.Pipeline(wide_model(), optax.adam(1e-3), backend="mpmd", num_ranks=2,
                          num_microbatches=2)
   example = (np.zeros((4, WIDTH), np.float32), np.zeros((4, WIDTH), np.float32))
   like = across(pipe.to_canonical(pipe.init(jax.random.key(0), example)))

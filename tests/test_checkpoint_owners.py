@@ -59,7 +59,7 @@ def test_save_and_restore_touch_only_the_owning_devices(tmp_path):
   device (nothing gathered, widened or copied), a restore leaves exactly the restored leaves, each
   on its own stage's devices, holding the saved values; abstract targets restore the same."""
   pipe = hkpipe.Pipeline(worker.wide_model(width=64, layers=4), optax.adam(1e-3),
-                         backend="mpmd", num_stages=2, num_microbatches=2)
+                         backend="mpmd", num_ranks=2, num_microbatches=2)
   example = (np.zeros((4, 64), np.float32), np.zeros((4, 64), np.float32))
   state = pipe.init(jax.random.key(0), example)
   like = pipe.to_canonical(state)

@@ -90,7 +90,7 @@ def test_dp_on_single_is_an_error():
     ("keep_checkpoints", 0, "keep N >= 1"),
     ("eval_batches", 0, "N >= 1 batches"),
     ("log_every", 0, "log every"),
-    ("sample_temperature", 0.0, "0.8"),
+    ("sample_temperature", -0.5, "0.8"),
     ("data.val_fraction", 1.0, "0.1"),
     ("optim.learning_rate", -1.0, "1e-3"),
     ("optim.max_grad_norm", -1.0, "0 (or leave it unset) to disable"),

@@ -34,7 +34,7 @@ def run(tmp_path_factory):
   c.data.dir = str(data)
   c.num_steps, c.checkpoint_every, c.eval_every, c.sample_tokens = 2, 2, 2, 0
   c.optim.warmup_steps = 1
-  c.backend, c.pipeline.stages, c.pipeline.num_microbatches = "mpmd", 2, 2
+  c.backend, c.pipeline.ranks, c.pipeline.num_microbatches = "mpmd", 2, 2
   work = tmp_path_factory.mktemp("run")
   train_lib.train(c, work, log=io.StringIO())
   return work, c
@@ -87,7 +87,7 @@ def test_sample_command(run):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   cmd = [sys.executable, "launch/sample.py", f"--workdir={work}", f"--prompt={PROMPT}",
          "--max_new_tokens=8", "--temperature=0", "--num_samples=2", "--host_devices=2",
-         "--config.backend=mpmd", "--config.pipeline.stages=2"]
+         "--config.backend=mpmd", "--config.pipeline.ranks=2"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   want = reference(work, config, 8)

@@ -25,7 +25,7 @@ def model():
 def mpmd(model, stages, **kw):  # stages=None: from the mesh
   """An MPMD pipeline, its initial state and that state's canonical params on one device (the
   single-device reference; gathered here, by the test, before decoding)."""
-  pipe = hkpipe.Pipeline(model, optax.adam(1e-2), backend="mpmd", num_stages=stages,
+  pipe = hkpipe.Pipeline(model, optax.adam(1e-2), backend="mpmd", num_ranks=stages,
                          num_microbatches=2, **kw)
   state = pipe.init(jax.random.key(0), batch())
   return pipe, state, jax.device_put(pipe.params(state), jax.devices()[0])
@@ -118,7 +118,7 @@ def test_bad_arguments_fail_before_compiling(model):
   np.testing.assert_array_equal(  # nothing to decode: the prompt, nothing compiled
       np.asarray(pipe.generate(state, prompt, max_new_tokens=0, rng=key)), prompt)
   assert pipelined_decode._stage._cache_size() == before
-  spmd = hkpipe.Pipeline(model, optax.adam(1e-2), backend="spmd", num_stages=2,
+  spmd = hkpipe.Pipeline(model, optax.adam(1e-2), backend="spmd", num_ranks=2,
                          num_microbatches=2)
   with pytest.raises(hkpipe.ConfigError, match="backend='mpmd'"):
     spmd.generate(None, prompt, max_new_tokens=2, rng=key)

@@ -241,3 +241,25 @@ def test_backends_give_the_single_device_loss_trajectory(tmp_path, data_dir, sin
   for step in ref:
     assert got[step] == pytest.approx(ref[step], rel=1e-5), step
   assert val == pytest.approx(ref_val, rel=1e-5)
+
+
+def test_end_of_run_sample_decodes_on_the_stages_without_gathering(tmp_path, data_dir,
+                                                                   monkeypatch):
+  """The mpmd run's sample comes from its own stages (Pipeline.params would gather: it is made to
+  fail) and equals the greedy sample of the same run on one device."""
+  def sample_of(backend, workdir, **pipeline):
+    c = _tiny_config(data_dir, num_steps=3, checkpoint_every=0, eval_every=3, sample_tokens=10,
+                     sample_temperature=0.0)
+    c.model.dropout = 0.0
+    c.backend = backend
+    c.pipeline.num_microbatches = 2
+    c.pipeline.update(pipeline)
+    return train_lib.train(c, workdir)["sample"]
+
+  ref = sample_of("single", tmp_path / "single")
+
+  def no_gather(self, state):
+    raise AssertionError("the end-of-run sample gathered the parameters")
+  monkeypatch.setattr(hkpipe.Pipeline, "params", no_gather)
+  got = sample_of("mpmd", tmp_path / "mpmd", ranks=2)
+  assert got == ref and got.startswith("ROMEO:") and len(got) > len("ROMEO:")

@@ -105,7 +105,7 @@ def validate(config: Any, defaults: Any, *, backends: tuple[str, ...],
   _int(config, "max_consecutive_skips", minimum=1, fix="it is how many training steps in a row "
        "may have a non-finite loss or gradient norm, and be skipped, before the run stops; use "
        "e.g. 5")
-  _number(config, "sample_temperature", low=0.0, low_open=True, fix="use e.g. 0.8")
+  _number(config, "sample_temperature", low=0.0, fix="use e.g. 0.8, or 0 for greedy decoding")
   _int(config, "sample_top_k", minimum=1, optional=True, fix="leave it unset for no top-k, or "
        "use k >= 1")
   _number(config, "peak_tflops", low=0.0, low_open=True, optional=True,

@@ -223,11 +223,30 @@ def eval_loop(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState,
 
 def sample_text(model: Any, params: Any, prompt: str, *, num_tokens: int, seed: int,
                 temperature: float, top_k: int | None) -> str:
-  """Generated continuation of ``prompt`` (byte-level tokens)."""
+  """Generated continuation of ``prompt`` (byte-level tokens) from canonical ``params``."""
   params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
   prompt_tokens = jnp.asarray(data_lib.encode(prompt), jnp.int32)[None]
   out = models.generate(model, params, prompt_tokens, max_new_tokens=num_tokens,
                         rng=jax.random.key(seed), temperature=temperature, top_k=top_k)
+  return data_lib.decode(np.asarray(out[0]))
+
+
+def decodes_in_place(pipe: pipeline_lib.Pipeline, total_tokens: int, context: int) -> bool:
+  """Whether ``pipe.generate`` can sample where the stages live (no gather): ``single``, and
+  ``mpmd`` in one process, when prompt + new tokens fit the context (the KV cache). Otherwise the
+  parameters are gathered first and decoded with a sliding window (``pmap`` holds a full replica
+  anyway; ``spmd`` and multi-process ``mpmd`` decoding are not built yet)."""
+  where = pipe.options.backend == "single" or (
+      pipe.options.backend == "mpmd" and jax.process_count() == 1)
+  return where and total_tokens <= context
+
+
+def sample_in_place(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState, prompt: str, *,
+                    num_tokens: int, seed: int, temperature: float, top_k: int | None) -> str:
+  """Like :func:`sample_text`, decoding on the pipeline's own stages without gathering them."""
+  prompt_tokens = jnp.asarray(data_lib.encode(prompt), jnp.int32)[None]
+  out = pipe.generate(state, prompt_tokens, max_new_tokens=num_tokens, rng=jax.random.key(seed),
+                      temperature=temperature, top_k=top_k)
   return data_lib.decode(np.asarray(out[0]))
 
 
@@ -438,13 +457,17 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   summary["steps"] = state.step
 
   if sample_tokens:
-    params = pipe.params(state)  # every process: it may gather parameters across processes
+    sampling = dict(num_tokens=sample_tokens, seed=config.seed,
+                    temperature=config.sample_temperature, top_k=config.get("sample_top_k"))
+    in_place = decodes_in_place(pipe, len(data_lib.encode(config.sample_prompt)) + sample_tokens,
+                                seq_len)
+    # Every process takes part in a gather; decoding in place happens in one process only.
+    params = None if in_place else pipe.params(state)
     if dog is not None:
       dog.stop()                 # the rest is local to this process
     if lead:
-      text = sample_text(model, params, config.sample_prompt, num_tokens=sample_tokens,
-                         seed=config.seed, temperature=config.sample_temperature,
-                         top_k=config.get("sample_top_k"))
+      text = (sample_in_place(pipe, state, config.sample_prompt, **sampling) if in_place
+              else sample_text(model, params, config.sample_prompt, **sampling))
       (work / "samples.txt").write_text(text)
       say("---- sample ----\n" + text + "\n----------------")
       summary["sample"] = text
