@@ -12,7 +12,6 @@ import time
 import chex
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
 import hkpipe
