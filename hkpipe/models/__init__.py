@@ -12,6 +12,8 @@ Public names:
   :func:`flops_per_token`.
 - Loss: :func:`cross_entropy`.
 - Sampling: :func:`generate`.
+- Sharding: :func:`sharding_rules` (tensor-parallel rules of a GPT/Llama config, see
+  ``docs/sharding.md``).
 - Building blocks for your own models: :func:`causal_attention`, :func:`rope`.
 """
 
@@ -27,6 +29,7 @@ from hkpipe._src.models.gpt import GPTConfig
 from hkpipe._src.models.llama import LlamaConfig
 from hkpipe._src.models.losses import cross_entropy
 from hkpipe._src.models.sampling import generate
+from hkpipe._src.model_rules import sharding_rules
 
 __all__ = (
     "GPTConfig",
@@ -40,5 +43,6 @@ __all__ = (
     "layer_param_counts",
     "param_count",
     "rope",
+    "sharding_rules",
     "summary",
 )
