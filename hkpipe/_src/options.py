@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hkpipe._src import errors
+from hkpipe._src import sharding as sharding_lib
 
 # name -> "module:Class"; imported lazily so a backend's dependencies load only when used.
 _BACKENDS: Mapping[str, str] = {
@@ -43,8 +44,10 @@ def backend_class(name: str) -> Any:
 
 # Options each backend does not use: giving one (a value other than the default) is an error.
 _UNUSED_OPTIONS: Mapping[str, tuple[str, ...]] = {
-    "single": ("schedule", "num_stages", "virtual_stages", "partition", "mesh", "record_timeline"),
-    "pmap": ("schedule", "num_stages", "virtual_stages", "partition", "record_timeline"),
+    "single": ("schedule", "num_stages", "virtual_stages", "partition", "mesh", "record_timeline",
+               "sharding_rules"),
+    "pmap": ("schedule", "num_stages", "virtual_stages", "partition", "record_timeline",
+             "sharding_rules"),
     "spmd": ("record_timeline",),
     "mpmd": (),
 }
@@ -79,7 +82,15 @@ class PipelineOptions:
       pipelined backends only; default ``"params"``.
     devices: devices for the pipeline ranks (one per rank; ``pmap``: the data-parallel devices;
       ``single``: one device), default ``jax.devices()``.
-    mesh: alternatively a mesh with axes ``("pp",)`` or ``("pp", "dp")`` (``pmap``: its devices).
+    mesh: alternatively a mesh with axes ``("pp",)`` or ``("pp", "dp")`` (``pmap``: its devices);
+      ``mpmd`` also takes ``"fsdp"`` and ``"tp"``: ``"pp"`` then any of ``"dp"``, ``"fsdp"``,
+      ``"tp"`` in that order (see ``docs/sharding.md``).
+    sharding_rules: how parameters (and their gradients and optimizer state) are sharded over
+      the mesh's ``"fsdp"``/``"tp"`` axes inside each stage: a ``hkpipe.sharding.Rules`` or a
+      sequence of ``(regex, PartitionSpec)`` pairs. None: a GPT/Llama model from
+      ``hkpipe.models`` on a mesh with ``tp > 1`` uses ``hkpipe.models.sharding_rules(config)``;
+      otherwise every leaf gets the default FSDP spec (replicated without ``"fsdp"``).
+      Pipelined backends only.
     max_grad_norm: clip the global gradient norm (over all stages) to this value; None or 0: no
       clipping.
     remat: recompute each stage's forward in backward (activation checkpointing).
@@ -110,6 +121,7 @@ class PipelineOptions:
   donate: bool = True
   progress: Any = None
   skip_nonfinite: bool = True
+  sharding_rules: Any = None
 
   def __post_init__(self):
     if self.backend not in _BACKENDS:
@@ -122,6 +134,8 @@ class PipelineOptions:
           f"backend={self.backend!r} does not use {shown}; drop "
           f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
           f"({'mpmd' if 'record_timeline' in unused else 'mpmd or spmd'}).")
+    if self.sharding_rules is not None:
+      object.__setattr__(self, "sharding_rules", sharding_lib.as_rules(self.sharding_rules))
     if not isinstance(self.skip_nonfinite, bool):
       raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
                                f"{self.skip_nonfinite!r}.")
