@@ -470,11 +470,18 @@ class Pipeline:
     """
     return self._only("spmd", "layout_report").layout_report(batch, rng)
 
-  def memory_analysis(self, state: TrainState, batch: Batch) -> Any:
+  def memory_analysis(self, state: TrainState | None, batch: Batch) -> Any:
     """XLA's memory analysis (per device) of the compiled ``spmd`` ``train_step`` program for
     this batch shape (``temp_size_in_bytes`` includes the stash).
 
+    On ``mpmd``: a dict with, per rank, the per-device bytes of its sharded state, the step's
+    peak besides it and every compiled program's memory analysis; ``state`` may be None and
+    ``batch`` may hold ``jax.ShapeDtypeStruct`` s, so nothing is allocated (see
+    ``docs/sharding.md``).
+
     Raises:
-      ConfigError: on a backend other than ``spmd``.
+      ConfigError: on a backend other than ``spmd`` and ``mpmd``.
     """
+    if self.options.backend == "mpmd":
+      return self.backend.memory_analysis(state, batch)  # type: ignore[attr-defined]
     return self._only("spmd", "memory_analysis").memory_analysis(state, batch)

@@ -32,6 +32,7 @@ from hkpipe._src.backends.mpmd import _check
 from hkpipe._src.backends.mpmd import _instr as ir
 from hkpipe._src.backends.mpmd import _interp
 from hkpipe._src.backends.mpmd import _lower
+from hkpipe._src.backends.mpmd import _memory
 from hkpipe._src.backends.mpmd import _shard
 from hkpipe._src.backends.mpmd import _text
 from hkpipe._src.backends.mpmd._setup import _Family
@@ -316,6 +317,12 @@ class MpmdBackend(pipeline_lib.Backend):
                else _lower.lower_train(facts, call == "train"))
     _check.check(program)
     return _text.describe(program, _check.liveness(program, setup.num_ranks))
+
+  def memory_analysis(self, state: Any, batch: pipeline_lib.Batch) -> dict:
+    """Per-rank, per-device bytes of the train step from the compiled programs (see
+    ``_memory.report``); ``state`` is unused (may be None) and ``batch`` may be abstract."""
+    del state
+    return _memory.report(self, batch)
 
   def init(self, rng, batch):
     setup = self._setup(batch)
