@@ -67,7 +67,9 @@ def _row(model_name: str, schedule: str, seq: int, remat: bool) -> dict:
   for r, rank in enumerate(plan["ranks"]):
     ranks.append({k: rank[k] for k in ("stages", "devices", "params_bytes", "opt_state_bytes",
                                        "grad_acc_bytes", "state_bytes", "call_peak_bytes",
-                                       "max_temp_bytes", "total_bytes")} | {"rank": r})
+                                       "max_temp_bytes", "total_bytes")}
+                 | {"rank": r, "temp_bytes_by_program": {
+                     name: p["temp_size_in_bytes"] for name, p in rank["programs"].items()}})
   worst = max(r["total_bytes"] for r in ranks)
   return {"model": f"llama3-{model_name}", "backend": "mpmd", "schedule": schedule,
           "mesh": dict(zip(("pp", "fsdp", "tp"), shape)), "seq_len": seq, "global_batch": rows,
