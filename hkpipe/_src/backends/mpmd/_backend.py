@@ -483,8 +483,8 @@ class MpmdBackend(pipeline_lib.Backend):
       p_tree = jax.tree.structure(tuple(stage_params[n] for n in spec.layer_names))
       p_sh = jax.tree.unflatten(p_tree, _shard.named(mesh, pspecs[spec.index]))
       p_sh = dict(zip(spec.layer_names, p_sh))
-      o_sh = jax.tree.structure(stage_opt).unflatten(
-          _shard.opt_shardings(self.optimizer, stage_params, p_sh, rep))
+      o_sh = jax.tree.unflatten(jax.tree.structure(stage_opt),
+                                _shard.opt_shardings(self.optimizer, stage_params, p_sh, rep))
       if self.multi_process and mesh.devices.flat[0].process_index != me:
         # Another process's stage: stand-ins with its shapes and the owner's shardings.
         def remote(x, sh):
