@@ -1,4 +1,4 @@
-"""Unit tests of the sharding rules (hkpipe.sharding): resolution, the default FSDP choice, errors."""
+"""Unit tests of hkpipe.sharding: rule resolution, the default FSDP choice, errors."""
 
 import jax
 import jax.numpy as jnp

@@ -48,7 +48,7 @@ _UNUSED_OPTIONS: Mapping[str, tuple[str, ...]] = {
                "sharding_rules"),
     "pmap": ("schedule", "num_stages", "virtual_stages", "partition", "record_timeline",
              "sharding_rules"),
-    "spmd": ("record_timeline",),
+    "spmd": ("record_timeline", "sharding_rules"),   # sharding_rules: until spmd shards stages
     "mpmd": (),
 }
 _PIPELINED_DEFAULTS: Mapping[str, Any] = {"schedule": "1f1b", "partition": "params"}
@@ -90,7 +90,7 @@ class PipelineOptions:
       sequence of ``(regex, PartitionSpec)`` pairs. None: a GPT/Llama model from
       ``hkpipe.models`` on a mesh with ``tp > 1`` uses ``hkpipe.models.sharding_rules(config)``;
       otherwise every leaf gets the default FSDP spec (replicated without ``"fsdp"``).
-      Pipelined backends only.
+      ``mpmd`` only for now (``spmd`` rejects it until it shards inside stages).
     max_grad_norm: clip the global gradient norm (over all stages) to this value; None or 0: no
       clipping.
     remat: recompute each stage's forward in backward (activation checkpointing).
@@ -133,7 +133,7 @@ class PipelineOptions:
       raise errors.ConfigError(
           f"backend={self.backend!r} does not use {shown}; drop "
           f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
-          f"({'mpmd' if 'record_timeline' in unused else 'mpmd or spmd'}).")
+          f"({'mpmd' if {'record_timeline', 'sharding_rules'} & set(unused) else 'mpmd or spmd'}).")
     if self.sharding_rules is not None:
       object.__setattr__(self, "sharding_rules", sharding_lib.as_rules(self.sharding_rules))
     if not isinstance(self.skip_nonfinite, bool):
