@@ -9,7 +9,8 @@ Public API (everything else is private):
 - Training: :class:`Pipeline`, :class:`PipelineOptions`, :class:`TrainState`,
   :class:`DataLayout` (which batch rows a process feeds), :func:`available_backends`.
 - Submodules: :mod:`hkpipe.models` (GPT, Llama), :mod:`hkpipe.data` (text data),
-  :mod:`hkpipe.schedules` (schedule IR, validator, simulator, pictures) and :mod:`hkpipe.train`
+  :mod:`hkpipe.schedules` (schedule IR, validator, simulator, pictures), :mod:`hkpipe.sharding`
+  (mesh axes and parameter sharding rules) and :mod:`hkpipe.train`
   (training loop, optimizer, checkpoints; imported on demand since it loads orbax).
 """
 
@@ -30,6 +31,7 @@ from hkpipe._src.options import available_backends
 from hkpipe import data
 from hkpipe import models
 from hkpipe import schedules
+from hkpipe import sharding
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,8 @@ Modes:
          loss_and_grads, 2 SGD steps with clipping, eval, params; then an orbax checkpoint of the
          1f1b state saved from both processes and restored into a fresh pipeline.
   pp2dp2: the same model on a (pp=2, dp=2) mesh, each rank's 2 devices on one process (1f1b).
+  pp2fsdp2: the same on a (pp=2, fsdp=2) mesh: parameters and optimizer state sharded over each
+         process's 2 devices (1f1b).
   kill:  trains pp=2 1f1b until killed, writing DIR/steps_pI (the number of finished steps).
   nan:   helpers.float_model on 2 ranks, one per process, Adam without clipping: a finite step,
          a NaN-input step, an inf-loss step (both skipped), a finite step.
@@ -42,7 +44,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--process_id", type=int, required=True)
   parser.add_argument("--host_devices", type=int, default=2)
-  parser.add_argument("--mode", required=True, choices=("pp2", "pp2dp2", "kill", "nan"))
+  parser.add_argument("--mode", required=True, choices=("pp2", "pp2dp2", "pp2fsdp2", "kill",
+                                                               "nan"))
   parser.add_argument("--out", required=True)
   return parser.parse_args(argv)
 
@@ -154,6 +157,19 @@ def main(argv: list[str]) -> None:
     assert_compiled_only_own_stages(pipe)
     save("dp", res)
     log("pp2dp2 done", f"{time.time() - t0:.1f}s")
+  elif args.mode == "pp2fsdp2":
+    grid = np.asarray([jax.local_devices(process_index=p) for p in range(2)], dtype=object)
+    mesh = jax.sharding.Mesh(grid, ("pp", "fsdp"))
+    pipe = pipeline(schedule="1f1b", mesh=mesh,
+                    sharding_rules=hkpipe.sharding.Rules(fsdp_min_size=32))
+    res, state = run_pipeline(pipe)
+    assert_compiled_only_own_stages(pipe)
+    own = [s for s in state.params if jax.tree.leaves(s)[0].is_fully_addressable]
+    w_in = [p["mlp"]["w_in"] for stage in own for name, p in stage.items() if "block" in name]
+    assert w_in and all(not w.sharding.is_fully_replicated and len(w.sharding.device_set) == 2
+                        for w in w_in), [w.sharding for w in w_in]
+    save("fsdp", res)
+    log("pp2fsdp2 done", f"{time.time() - t0:.1f}s")
   elif args.mode == "nan":
     pipe = hkpipe.Pipeline(helpers.float_model(), optax.adam(NAN_LR), backend="mpmd",
                            num_microbatches=NAN_M, num_ranks=2)

@@ -503,7 +503,7 @@ def test_wrong_mesh_axes():
   mesh = jax.make_mesh((2, 2), ("x", "y"), devices=jax.devices()[:4])
   _bad(lambda: hkpipe.Pipeline(c.model, optax.sgd(LR), backend="mpmd", num_microbatches=M,
                                mesh=mesh),
-       c.batch, r"axes \('pp',\) or \('pp', 'dp'\)")
+       c.batch, r"Mesh axis 'x' is not a pipeline axis")
 
 
 def test_microbatch_not_divisible_by_dp():

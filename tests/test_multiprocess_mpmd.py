@@ -116,6 +116,16 @@ def test_pp2_dp2_across_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_pp2_fsdp2_across_processes(tmp_path):
+  """A (pp=2, fsdp=2) mesh, pp across the processes: each process's stage has its parameters
+  and optimizer state sharded over its own 2 devices; results equal the single device's."""
+  launch("pp2fsdp2", tmp_path)
+  expected = expected_run()
+  for process in (0, 1):
+    assert_matches(load(tmp_path, "fsdp", process), expected, f"pp2fsdp2 p{process}")
+
+
+@pytest.mark.slow
 def test_nonfinite_steps_skipped_on_both_processes(tmp_path):
   """Rank 0 on process 0, rank 1 (loss, global norm) on process 1, no clipping: the skip decision
   reaches rank 0 as a NaN factor from the other process. Both processes read skipped = [0, 1, 1, 0],

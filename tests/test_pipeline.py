@@ -235,7 +235,7 @@ def test_facade_stats_outside_mpmd_and_spmd_only_reports(model, batch):
   with pytest.raises(hkpipe.ConfigError, match="backend='spmd' only; this pipeline uses "
                      "backend='single'"):
     pipe.layout_report(batch)
-  with pytest.raises(hkpipe.ConfigError, match="memory_analysis is available on backend='spmd'"):
+  with pytest.raises(hkpipe.ConfigError, match="memory_analysis is available on backend='spmd' or backend='mpmd' only"):
     pipe.memory_analysis(state, batch)
   progress = watchdog.Progress()
   assert hkpipe.Pipeline(model, optax.sgd(0.1), progress=progress).progress is progress

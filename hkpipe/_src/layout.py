@@ -6,6 +6,8 @@ Shared by the pipelined backends (MPMD, SPMD) so they agree on what ``devices``,
 - ranks ``p``: the ``pp`` axis of ``mesh``, else ``len(devices)``, else ``num_ranks`` (the first
   ``num_ranks`` devices), else every device; ``num_ranks``, if given, must equal ``p``;
 - data-parallel width ``dp``: the mesh's ``dp`` axis (1 without a mesh);
+- inside each rank, a sub-mesh ``("dp", "fsdp", "tp")`` of the mesh's inner axes (size 1 where
+  absent; see ``hkpipe._src.sharding``): :meth:`Layout.rank_mesh`;
 - ``v``: ``virtual_stages``, else the schedule's registry default (2 for V schedules, 1 for
   flat ones);
 - the model is cut into ``p * v`` stages.
@@ -22,6 +24,7 @@ import numpy as np
 from hkpipe._src import model as model_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import options as options_lib
+from hkpipe._src import sharding as sharding_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,20 +34,49 @@ class Layout:
   Attributes:
     schedule: the (unlowered) schedule; ``schedule.stage_to_rank[s]`` is stage ``s``'s rank.
     stages: the model stages in model order (``len == schedule.num_stages``).
-    device_grid: numpy object array ``[p, dp]``: row ``r`` holds rank ``r``'s devices.
+    device_grid: numpy object array ``[p, n]``: row ``r`` holds rank ``r``'s ``n = dp * fsdp *
+      tp`` devices (in the mesh's order).
+    inner_axes: the inner axes the mesh has (a subset of ``("dp", "fsdp", "tp")``, in order).
+    inner_shape: the sizes of ``("dp", "fsdp", "tp")`` (1 where absent); default ``(n, 1, 1)``.
   """
 
   schedule: Any
   stages: tuple[partition_lib.StageSpec, ...]
   device_grid: np.ndarray
+  inner_axes: tuple[str, ...] = ("dp",)
+  inner_shape: tuple[int, int, int] | None = None
 
   @property
   def num_ranks(self) -> int:
     return int(self.device_grid.shape[0])
 
   @property
+  def sub_mesh_shape(self) -> tuple[int, int, int]:
+    """``(dp, fsdp, tp)`` of every rank's sub-mesh."""
+    return self.inner_shape or (int(self.device_grid.shape[1]), 1, 1)
+
+  @property
   def dp(self) -> int:
-    return int(self.device_grid.shape[1])
+    return self.sub_mesh_shape[0]
+
+  @property
+  def fsdp(self) -> int:
+    return self.sub_mesh_shape[1]
+
+  @property
+  def tp(self) -> int:
+    return self.sub_mesh_shape[2]
+
+  @property
+  def axis_sizes(self) -> dict[str, int]:
+    """The sizes of the inner axes the mesh has (what sharding rules may name)."""
+    return dict(zip(sharding_lib.INNER_AXES, self.sub_mesh_shape))
+
+  def rank_mesh(self, rank: int) -> Any:
+    """Rank ``rank``'s sub-mesh, axes ``("dp", "fsdp", "tp")`` (all ``Auto``)."""
+    devices = np.asarray(self.device_grid[rank], dtype=object).reshape(self.sub_mesh_shape)
+    return jax.sharding.Mesh(devices, sharding_lib.INNER_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
   def rank_devices(self, rank: int) -> tuple[Any, ...]:
     return tuple(self.device_grid[rank])
@@ -53,14 +85,22 @@ class Layout:
     return self.rank_devices(self.schedule.stage_to_rank[stage])
 
 
-def device_grid(options: options_lib.PipelineOptions) -> np.ndarray:
-  """The ``[p, dp]`` device grid of the options (see module docstring)."""
+def device_grid(options: options_lib.PipelineOptions, inner: bool = False) -> np.ndarray:
+  """The ``[p, n]`` device grid of the options (see module docstring).
+
+  Args:
+    options: the options.
+    inner: accept meshes with any inner axes ``"dp"``, ``"fsdp"``, ``"tp"`` (``n`` is then
+      their product); False: only ``("pp",)`` or ``("pp", "dp")``.
+  """
   if options.mesh is not None and options.devices is not None:
     raise ValueError("Pass either devices=... or mesh=..., not both.")
   if options.mesh is not None:
     mesh = options.mesh
     names = tuple(mesh.axis_names)
-    if names not in (("pp",), ("pp", "dp")):
+    if inner:
+      sharding_lib.check_mesh_axes(names)
+    elif names not in (("pp",), ("pp", "dp")):
       raise ValueError(f"Pipeline meshes need axes ('pp',) or ('pp', 'dp'); got {names}. "
                        "Build one with jax.make_mesh((pp, dp), ('pp', 'dp')).")
     grid = np.asarray(mesh.devices, dtype=object)
@@ -143,21 +183,32 @@ def check_ranks_within_processes(layout: Layout) -> None:
           "use a 'dp' width that divides each process's local device count.")
 
 
+def inner_axes(options: options_lib.PipelineOptions) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """The inner axes the options' mesh has and the ``(dp, fsdp, tp)`` sizes (1 where absent)."""
+  if options.mesh is None:
+    return (), (1, 1, 1)
+  names = tuple(options.mesh.axis_names)
+  sizes = sharding_lib.inner_sizes(names, options.mesh.devices.shape)
+  return (tuple(a for a in sharding_lib.INNER_AXES if a in names),
+          tuple(sizes[a] for a in sharding_lib.INNER_AXES))
+
+
 def resolve(model: model_lib.SequentialModel, options: options_lib.PipelineOptions,
-            example_microbatch: Any) -> Layout:
+            example_microbatch: Any, inner: bool = False) -> Layout:
   """Builds the schedule, the stages and the device grid, validating them against each other.
 
   Args:
     model: the model.
     options: the pipeline options.
     example_microbatch: one microbatch of inputs (for cost-balanced partitioning).
+    inner: accept the inner mesh axes ``"fsdp"``, ``"tp"`` (see :func:`device_grid`).
 
   Raises:
     ValueError: naming the inconsistent option and the fix, before anything is compiled.
   """
   from hkpipe import schedules  # pylint: disable=g-import-not-at-top
 
-  grid = device_grid(options)
+  grid = device_grid(options, inner)
   p = int(grid.shape[0])
   m = cast(int, options.num_microbatches)  # PipelineOptions always sets it
   if isinstance(options.schedule, str):
@@ -191,4 +242,6 @@ def resolve(model: model_lib.SequentialModel, options: options_lib.PipelineOptio
   else:
     stages = partition_lib.partition(model, num_stages, cost=part,
                                      example_inputs=example_microbatch)
-  return Layout(schedule=schedule, stages=stages, device_grid=grid)
+  axes, shape = inner_axes(options) if inner else (("dp",), (int(grid.shape[1]), 1, 1))
+  return Layout(schedule=schedule, stages=stages, device_grid=grid, inner_axes=axes,
+                inner_shape=shape)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import numpy as np
 
 from hkpipe._src import deprecation
 from hkpipe._src import errors
+from hkpipe._src import sharding as sharding_lib
 
 # name -> "module:Class"; imported lazily so a backend's dependencies load only when used.
 _BACKENDS: Mapping[str, str] = {
@@ -55,6 +56,7 @@ OPTION_BACKENDS: Mapping[str, tuple[str, ...]] = {
     "partition": PIPELINED,
     "mesh": ("pmap",) + PIPELINED,
     "record_timeline": ("mpmd",),
+    "sharding_rules": ("mpmd",),  # spmd: until it shards inside stages
 }
 
 
@@ -104,7 +106,15 @@ class PipelineOptions:
       pipelined backends only; default ``"params"``.
     devices: devices for the pipeline ranks (one per rank; ``pmap``: the data-parallel devices;
       ``single``: one device), default ``jax.devices()``.
-    mesh: alternatively a mesh with axes ``("pp",)`` or ``("pp", "dp")`` (``pmap``: its devices).
+    mesh: alternatively a mesh with axes ``("pp",)`` or ``("pp", "dp")`` (``pmap``: its devices);
+      ``mpmd`` also takes ``"fsdp"`` and ``"tp"``: ``"pp"`` then any of ``"dp"``, ``"fsdp"``,
+      ``"tp"`` in that order (see ``docs/sharding.md``).
+    sharding_rules: how parameters (and their gradients and optimizer state) are sharded over
+      the mesh's ``"fsdp"``/``"tp"`` axes inside each stage: a ``hkpipe.sharding.Rules`` or a
+      sequence of ``(regex, PartitionSpec)`` pairs. None: a GPT/Llama model from
+      ``hkpipe.models`` on a mesh with ``tp > 1`` uses ``hkpipe.models.sharding_rules(config)``;
+      otherwise every leaf gets the default FSDP spec (replicated without ``"fsdp"``).
+      ``mpmd`` only for now (``spmd`` rejects it until it shards inside stages).
     max_grad_norm: clip the global gradient norm (over all stages) to this value; None or 0: no
       clipping.
     remat: recompute each stage's forward in backward (activation checkpointing).
@@ -136,6 +146,7 @@ class PipelineOptions:
   donate: bool = True
   progress: Any = None
   skip_nonfinite: bool = True
+  sharding_rules: Any = None
 
   def __post_init__(self):
     if self.backend not in _BACKENDS:
@@ -154,6 +165,8 @@ class PipelineOptions:
           f"backend={self.backend!r} does not use {shown}; drop "
           f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
           f"({' or '.join(backends_using(unused))}).")
+    if self.sharding_rules is not None:
+      object.__setattr__(self, "sharding_rules", sharding_lib.as_rules(self.sharding_rules))
     if not isinstance(self.skip_nonfinite, bool):
       raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
                                f"{self.skip_nonfinite!r}.")

@@ -233,11 +233,12 @@ class Backend(abc.ABC):
   def memory_analysis(self, state: TrainState, batch: Batch) -> Any:
     """XLA's memory analysis of the train step (see ``Pipeline.memory_analysis``)."""
     del state, batch
-    raise self._lacks("memory_analysis", "spmd")
+    raise self._lacks("memory_analysis", "spmd", "mpmd")
 
-  def _lacks(self, what: str, where: str) -> errors.ConfigError:
-    """The error for a feature this backend does not have, naming the backend that has it."""
-    return errors.ConfigError(f"{what} is available on backend={where!r} only; this pipeline "
+  def _lacks(self, what: str, *where: str) -> errors.ConfigError:
+    """The error for a feature this backend does not have, naming the backends that have it."""
+    names = " or ".join(f"backend={w!r}" for w in where)
+    return errors.ConfigError(f"{what} is available on {names} only; this pipeline "
                               f"uses backend={self.options.backend!r} ({type(self).__name__}).")
 
 
@@ -499,11 +500,16 @@ class Pipeline:
     """
     return self.backend.layout_report(batch, rng)
 
-  def memory_analysis(self, state: TrainState, batch: Batch) -> Any:
+  def memory_analysis(self, state: TrainState | None, batch: Batch) -> Any:
     """XLA's memory analysis (per device) of the compiled ``spmd`` ``train_step`` program for
     this batch shape (``temp_size_in_bytes`` includes the stash).
 
+    On ``mpmd``: a dict with, per rank, the per-device bytes of its sharded state, the step's
+    peak besides it and every compiled program's memory analysis; ``state`` may be None and
+    ``batch`` may hold ``jax.ShapeDtypeStruct`` s, so nothing is allocated (see
+    ``docs/sharding.md``).
+
     Raises:
-      ConfigError: on a backend other than ``spmd``.
+      ConfigError: on a backend other than ``spmd`` and ``mpmd``.
     """
     return self.backend.memory_analysis(state, batch)

@@ -13,6 +13,8 @@ Public names:
 - Loss: :func:`cross_entropy`.
 - Sampling: :func:`generate` (KV cache; ``use_cache=False`` recomputes), :class:`CachedLayer`
   (the cached-apply contract for your own layers, see ``docs/generation.md``).
+- Sharding: :func:`sharding_rules` (tensor-parallel rules of a GPT/Llama config, see
+  ``docs/sharding.md``).
 - Building blocks for your own models: :func:`causal_attention`, :func:`cached_attention`,
   :func:`rope`.
 """
@@ -31,6 +33,7 @@ from hkpipe._src.models.gpt import GPTConfig
 from hkpipe._src.models.llama import LlamaConfig
 from hkpipe._src.models.losses import cross_entropy
 from hkpipe._src.models.generate import generate
+from hkpipe._src.model_rules import sharding_rules
 
 __all__ = (
     "CachedLayer",
@@ -46,5 +49,6 @@ __all__ = (
     "layer_param_counts",
     "param_count",
     "rope",
+    "sharding_rules",
     "summary",
 )

@@ -14,6 +14,7 @@ import gc
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -23,6 +24,7 @@ from hkpipe import schedules
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import canonical as canonical_lib
 from hkpipe._src import placement
+from hkpipe._src import sharding as sharding_lib
 from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_transfer as xfer_lib
@@ -30,6 +32,8 @@ from hkpipe._src.backends.mpmd import _check
 from hkpipe._src.backends.mpmd import _instr as ir
 from hkpipe._src.backends.mpmd import _interp
 from hkpipe._src.backends.mpmd import _lower
+from hkpipe._src.backends.mpmd import _memory
+from hkpipe._src.backends.mpmd import _shard
 from hkpipe._src.backends.mpmd import _text
 from hkpipe._src.backends.mpmd._setup import _Family
 from hkpipe._src.backends.mpmd._setup import _microbatch_shapes
@@ -69,7 +73,7 @@ def _runnable(setup: _Setup, program: ir.Program, programs: dict,
     if name[0] in ("p", "acc"):
       return setup._param_specs(name[1])  # pylint: disable=protected-access
     if name[0] == "opt" and opt is not None:
-      return [_spec(a, setup.rep[setup.rank_of[name[1]]]) for a in opt[name[1]][1]]
+      return [_spec(a, sh) for a, sh in zip(opt[name[1]][1], setup.opt_shardings(name[1]))]
     return []      # never donated: outside the liveness count
 
   bound = _interp.bind(program, setup, programs, setup, input_specs)
@@ -113,6 +117,8 @@ class MpmdBackend(pipeline_lib.Backend):
 
   def __init__(self, model, optimizer, options):
     super().__init__(model, optimizer, options)
+    if options.mesh is not None:     # bad axis names fail here, before any compile
+      sharding_lib.check_mesh_axes(tuple(options.mesh.axis_names))
     self.cache = _mpmd_compile.ProgramCache()
     self.last_timeline: tuple[schedules.Record, ...] = ()
     self.last_stash_peaks: tuple[int, ...] = ()
@@ -162,7 +168,7 @@ class MpmdBackend(pipeline_lib.Backend):
       raise ValueError("The MPMD stage partition is not known yet: call init(rng, batch) first "
                        "(it balances layer costs on one microbatch), or pass explicit stage "
                        "boundaries as partition=[...].")
-    layout = layout_lib.resolve(self.model, self.options, mb_inputs)
+    layout = layout_lib.resolve(self.model, self.options, mb_inputs, inner=True)
     schedules.validate(layout.schedule)
     layout_lib.check_ranks_within_processes(layout)
     procs = {int(d.process_index) for d in layout.device_grid.flat}
@@ -241,9 +247,9 @@ class MpmdBackend(pipeline_lib.Backend):
     recycled = self._acc_pool.pop(id(setup), None)
     if recycled is not None:
       return recycled
-    return [jax.device_put([np.zeros(a.shape, a.dtype) for a in f.p_leaves],
-                           setup.rep[setup.rank_of[s]]) if setup.owns_stage(s) else None
-            for s, f in enumerate(setup.fns)]
+    # Created in place, in their shardings (no whole host buffer).
+    return [[jnp.zeros(a.shape, a.dtype, device=sh) for a, sh in zip(f.p_leaves, setup.psh[s])]
+            if setup.owns_stage(s) else None for s, f in enumerate(setup.fns)]
 
   def _execute(self, setup: _Setup, run: _Runnable, store: list) -> None:
     net = _Net(setup, self._next_call())
@@ -317,6 +323,12 @@ class MpmdBackend(pipeline_lib.Backend):
     _check.check(program)
     return _text.describe(program, _check.liveness(program, setup.num_ranks))
 
+  def memory_analysis(self, state: Any, batch: pipeline_lib.Batch) -> dict:
+    """Per-rank, per-device bytes of the train step from the compiled programs (see
+    ``_memory.report``); ``state`` is unused (may be None) and ``batch`` may be abstract."""
+    del state
+    return _memory.report(self, batch)
+
   def init(self, rng, batch):
     setup = self._setup(batch)
     call = self._next_call()
@@ -337,7 +349,7 @@ class MpmdBackend(pipeline_lib.Backend):
       leaves.append([leaf for j, init in enumerate(inits) for leaf in init.fn(keys[r], index[j])])
     for link in setup.ties:
       a, b = link.stage_a, link.stage_b
-      sharding_b = setup.rep[setup.rank_of[b]]
+      sharding_b = setup.psh[b][link.leaf_b]
       if setup.owns_stage(a) and setup.owns_stage(b):
         leaves[b][link.leaf_b] = jax.device_put(leaves[a][link.leaf_a], sharding_b,
                                                 may_alias=False)
@@ -353,9 +365,10 @@ class MpmdBackend(pipeline_lib.Backend):
     for s, programs in enumerate(init_programs):
       shapes = jax.eval_shape(self.optimizer.init, setup.stage_dict(s, setup.fns[s].p_leaves))
       if programs is None:
-        params.append(setup.stage_dict(s, setup.remote_leaves(s, setup.fns[s].p_leaves)))
+        params.append(setup.stage_dict(s, setup.remote_leaves(s, setup.fns[s].p_leaves,
+                                                              setup.psh[s])))
         opt_state.append(jax.tree.structure(shapes).unflatten(
-            setup.remote_leaves(s, jax.tree.leaves(shapes))))
+            setup.remote_leaves(s, jax.tree.leaves(shapes), setup.opt_shardings(s))))
         continue
       params.append(setup.stage_dict(s, leaves[s]))
       opt_state.append(jax.tree.structure(shapes).unflatten(programs[1].fn(*leaves[s])))
@@ -461,19 +474,31 @@ class MpmdBackend(pipeline_lib.Backend):
     all_names = self.model.layer_names
     params, opt_state = [], []
     me = jax.process_index()
-    for spec in self.layout.stages:
-      rep = self._rep(spec.index)
+    layout = self.layout
+    pspecs = _shard.stage_param_specs(
+        self.model, self.options, layout,
+        [tuple(canonical["params"][n] for n in spec.layer_names) for spec in layout.stages])
+    for spec in layout.stages:
+      r = layout.schedule.stage_to_rank[spec.index]
+      mesh = layout.rank_mesh(r)
+      rep = NamedSharding(mesh, P())
       stage_params = {n: canonical["params"][n] for n in spec.layer_names}
       stage_opt = canonical_lib.restrict(canonical["opt_state"], spec.layer_names, all_names)
-      if self.multi_process and rep.mesh.devices.flat[0].process_index != me:
-        # Another process's stage: stand-ins with its shapes and the owner's sharding.
-        def remote(x, rep=rep):
-          return xfer_lib.remote_array(jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=rep))
-        params.append(jax.tree.map(remote, stage_params))
-        opt_state.append(jax.tree.map(remote, stage_opt))
+      # Each leaf in its target sharding (parameters by the rules, optimizer state following).
+      p_tree = jax.tree.structure(tuple(stage_params[n] for n in spec.layer_names))
+      p_sh = jax.tree.unflatten(p_tree, _shard.named(mesh, pspecs[spec.index]))
+      p_sh = dict(zip(spec.layer_names, p_sh))
+      o_sh = jax.tree.unflatten(jax.tree.structure(stage_opt),
+                                _shard.opt_shardings(self.optimizer, stage_params, p_sh, rep))
+      if self.multi_process and mesh.devices.flat[0].process_index != me:
+        # Another process's stage: stand-ins with its shapes and the owner's shardings.
+        def remote(x, sh):
+          return xfer_lib.remote_array(jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh))
+        params.append(jax.tree.map(remote, stage_params, p_sh))
+        opt_state.append(jax.tree.map(remote, stage_opt, o_sh))
         continue
       # Shared optimizer leaves (counters) may be replicated over every process: the copy here.
-      params.append(jax.device_put(stage_params, rep))
-      opt_state.append(jax.device_put(jax.tree.map(placement.local_value, stage_opt), rep))
+      params.append(jax.device_put(stage_params, p_sh))
+      opt_state.append(jax.device_put(jax.tree.map(placement.local_value, stage_opt), o_sh))
     return pipeline_lib.TrainState(step=int(step), params=tuple(params), opt_state=tuple(opt_state),
                          rng=canonical["rng"])

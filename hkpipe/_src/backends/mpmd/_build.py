@@ -37,7 +37,7 @@ class Builders:
   def _input_specs(self, s: int, rng: Any) -> list:
     f, r = self.fns[s], self.rank_of[s]
     rep = self.rep[r]
-    specs = [_spec(a, rep) for a in f.p_leaves]
+    specs = self._param_specs(s)
     specs += [_spec(a, sh) for a, sh in zip(f.x_leaves, self.act_shardings(r, f.x_leaves))]
     if f.is_last:
       specs += [_spec(a, sh) for a, sh in zip(f.t_leaves, self.act_shardings(r, f.t_leaves))]
@@ -46,8 +46,7 @@ class Builders:
                     jax.ShapeDtypeStruct((len(f.layers),), jnp.int32, sharding=rep)]
 
   def _param_specs(self, s: int) -> list:
-    rep = self.rep[self.rank_of[s]]
-    return [_spec(a, rep) for a in self.fns[s].p_leaves]
+    return [_spec(a, sh) for a, sh in zip(self.fns[s].p_leaves, self.psh[s])]
 
   def _acc_specs(self, s: int) -> list:
     """The gradient accumulator of stage ``s`` (one array per parameter)."""
@@ -84,26 +83,33 @@ class Builders:
         continue
       index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
       inits = []
+      start = 0
       for j, layer in enumerate(f.layers):
+        # Each layer's leaves are created directly in their shardings (never whole).
+        stop = start + len(jax.tree.leaves(f.shapes.params[j]))
+        specs, shardings = self.pspecs[s][start:stop], self.psh[s][start:stop]
+        start = stop
         layer_key: tuple = ("layer_init", id(layer),
                             tuple(jax.tree.leaves(f.shapes.layer_inputs[j])), rng.shape,
-                            str(rng.dtype), self.layout.dp)
+                            str(rng.dtype), self.layout.sub_mesh_shape, specs)
         build: Callable[[], _mpmd_compile.Program] = functools.partial(
-            self._compile, f.layer_init(j), [_spec(rng, rep), index], r, out_shardings=rep)
+            self._compile, f.layer_init(j), [_spec(rng, rep), index], r,
+            out_shardings=shardings)
         inits.append(self._placed_or_built(layer_key, (layer,), r, build))
       key: tuple = ("opt_init", id(self.backend.optimizer), tuple(id(l) for l in f.layers),
-                    f.spec.layer_names, tuple(f.p_leaves), self.layout.dp)
+                    f.spec.layer_names, tuple(f.p_leaves), self.layout.sub_mesh_shape,
+                    self.pspecs[s])
       opt = self._placed_or_built(
           key, (self.backend.optimizer,) + f.layers, r,
           lambda: self._compile(progs.opt_init_fn(self.backend.optimizer, f),
-                                self._param_specs(s), r, out_shardings=rep))
+                                self._param_specs(s), r, out_shardings=self.opt_shardings(s)))
       out.append((inits, opt))
     return tuple(out)
 
   def _build_stage_train(self, s: int, rng: Any, kinds: set) -> dict:
     """The forward/backward programs of stage ``s`` that the schedule uses."""
     f, r = self.fns[s], self.rank_of[s]
-    rep = self.rep[r]
+    rep, psh = self.rep[r], list(self.psh[s])
     inputs = self._input_specs(s, rng)
     acc = self._acc_specs(s)
     n_in, n_p = len(inputs), f.np
@@ -115,7 +121,7 @@ class Builders:
       if full:
         p["last"] = build("last", lambda: self._compile(
             f.last(), inputs + acc + [self._scalar(r)], r,
-            out_shardings=([rep] * n_p, rep, dx), donate=range(n_in, n_in + n_p)))
+            out_shardings=(psh, rep, dx), donate=range(n_in, n_in + n_p)))
       if split:
         prog = build("last_fwd_i", lambda: self._compile(
             f.last_fwd_i(), inputs + [self._scalar(r)], r, out_shardings=(rep, dx, None)))
@@ -123,14 +129,14 @@ class Builders:
 
         def last_w():
           res = list(prog.out_specs()[2])
-          return self._compile(f.bwd_w(), inputs + res + acc, r, out_shardings=rep,
+          return self._compile(f.bwd_w(), inputs + res + acc, r, out_shardings=psh,
                                donate=range(n_in + len(res), n_in + len(res) + n_p))
         p["w"] = build("w", last_w)
     else:
       y = self.act_shardings(r, f.y_leaves)
       # Residuals on a single device: give their (only possible) sharding, so the backward can
       # be lowered before the forward has compiled; with dp > 1 the compiler chooses.
-      res_sharding = rep if self.layout.dp == 1 else None
+      res_sharding = rep if len(self.rank_devices(r)) == 1 else None
       prog = build("fwd", lambda: self._compile(f.fwd(), inputs, r,
                                                 out_shardings=(y, res_sharding)))
       p["fwd"] = prog
@@ -142,11 +148,11 @@ class Builders:
         return self._compile(fn, base + (acc if with_acc else []), r,
                              out_shardings=out_shardings, donate=donate)
       if full:
-        p["bwd"] = build("bwd", lambda: backward(f.bwd(), ([rep] * n_p, dx)))
+        p["bwd"] = build("bwd", lambda: backward(f.bwd(), (psh, dx)))
       if split:
         if not f.is_first:
           p["i"] = build("i", lambda: backward(f.bwd_i(), dx, with_acc=False))
-        p["w"] = build("w", lambda: backward(f.bwd_w(), rep))
+        p["w"] = build("w", lambda: backward(f.bwd_w(), psh))
     return p
 
   def split(self, rank: int, leaves: Sequence[Any]) -> list[list]:
@@ -199,7 +205,7 @@ class Builders:
     return self._stage_program(s, "finalize", lambda: self._compile(
         progs.finalize_fn(f, same, [leaf for _, leaf in incoming]),
         self._acc_specs(s) + partner_specs, r,
-        out_shardings=([self.rep[r]] * f.np, self.rep[r]), donate=range(f.np)))
+        out_shardings=(list(self.psh[s]), self.rep[r]), donate=range(f.np)))
 
   def build_steps(self, core: Any, opt: Sequence[tuple[Any, list]] | None) -> dict:
     """Programs of a gradient computation, plus optimizer updates when ``opt`` is given.
@@ -223,8 +229,8 @@ class Builders:
   def _build_update(self, s: int, opt_tree: Any,
                     opt_leaves: Sequence[Any]) -> _mpmd_compile.Program:
     f, r = self.fns[s], self.rank_of[s]
-    rep = self.rep[r]
-    opt_specs = [_spec(a, rep) for a in opt_leaves]
+    rep, psh, opt_sh = self.rep[r], list(self.psh[s]), self.opt_shardings(s)
+    opt_specs = [_spec(a, sh) for a, sh in zip(opt_leaves, opt_sh)]
     same, incoming, partner_specs = self._tie_plan(s)
     args = self._param_specs(s) + opt_specs + self._acc_specs(s)
     args += [self._scalar(r)] if self.scaled_update else partner_specs
@@ -234,7 +240,8 @@ class Builders:
     return self._stage_program(s, "update", lambda: self._compile(
         progs.update_fn(self.backend.optimizer, f, opt_tree, self.options.max_grad_norm, same,
                         [leaf for _, leaf in incoming], self.options.skip_nonfinite), args, r,
-        out_shardings=rep, donate=donate),
+        out_shardings=(psh, opt_sh, psh) + (() if self.scaled_update else (rep,)),
+        donate=donate),
         extra=(opt_tree, tuple((a.shape, jnp.dtype(a.dtype)) for a in opt_leaves)))
 
   def _tie_plan(self, s: int):

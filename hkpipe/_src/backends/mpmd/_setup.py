@@ -15,7 +15,6 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,6 +29,7 @@ from hkpipe._src.backends import _mpmd_programs as progs
 from hkpipe._src.backends import _mpmd_transfer as xfer_lib
 from hkpipe._src.backends.mpmd import _build
 from hkpipe._src.backends.mpmd import _lower
+from hkpipe._src.backends.mpmd import _shard
 
 Kind = schedules.Kind
 
@@ -81,11 +81,10 @@ class _Setup(_build.Builders):
     self.m = self.options.num_microbatches
     self.rank_of = tuple(self.schedule.stage_to_rank)
     self.num_ranks = layout.num_ranks
-    self.meshes = [Mesh(np.asarray(layout.rank_devices(r), dtype=object), ("dp",),
-                        axis_types=(jax.sharding.AxisType.Auto,))
-                   for r in range(self.num_ranks)]
+    # Each rank's sub-mesh ("dp", "fsdp", "tp"); the batch is split over dp and fsdp.
+    self.meshes = [layout.rank_mesh(r) for r in range(self.num_ranks)]
     self.rep = [NamedSharding(mesh, P()) for mesh in self.meshes]
-    self.bat = [NamedSharding(mesh, P("dp")) for mesh in self.meshes]
+    self.bat = [NamedSharding(mesh, P(("dp", "fsdp"))) for mesh in self.meshes]
     self.rank_device_lists = [tuple(mesh.devices.flat) for mesh in self.meshes]
     self.first_rank, self.last_rank = self.rank_of[0], self.rank_of[-1]
     # Across processes each process drives only the ranks whose devices it owns.
@@ -113,6 +112,12 @@ class _Setup(_build.Builders):
     self._check_dp()
     self.order = _mpmd_plan.issue_order(self.schedule)
     self.ties = self._tie_links()
+    # Per stage, the PartitionSpec and sharding of each parameter leaf (also its gradient).
+    self.pspecs = _shard.stage_param_specs(self.model, self.options, layout,
+                                           [f.shapes.params for f in self.fns])
+    self.psh = [_shard.named(self.meshes[self.rank_of[s]], self.pspecs[s])
+                for s in range(self.num_stages)]
+    self._opt_sh: dict[int, list] = {}
     self.lidx = [jax.device_put(np.arange(s.start, s.stop, dtype=np.int32),
                                 self.rep[self.rank_of[s.index]])
                  if self.owns_stage(s.index) else None for s in self.stages]
@@ -126,7 +131,8 @@ class _Setup(_build.Builders):
     # Everything besides a stage's own signature that its programs depend on.
     o = self.options
     self._context = (id(self.model), id(backend.optimizer), self.m, o.remat, o.max_grad_norm,
-                     o.donate, o.skip_nonfinite, layout.dp, jax.tree.structure(mb_targets),
+                     o.donate, o.skip_nonfinite, layout.sub_mesh_shape,
+                     jax.tree.structure(mb_targets),
                      tuple(jax.tree.leaves(mb_targets)))
 
   # -- placement helpers -----------------------------------------------------------------------
@@ -140,10 +146,19 @@ class _Setup(_build.Builders):
     """Whether this process drives stage ``s`` (always, in a single-process run)."""
     return self.rank_of[s] in self.owned
 
-  def remote_leaves(self, s: int, shapes: Sequence[Any]) -> list:
+  def remote_leaves(self, s: int, shapes: Sequence[Any], shardings: Sequence[Any]) -> list:
     """Stand-ins (global arrays without a shard here) for leaves of another process's stage."""
-    rep = self.rep[self.rank_of[s]]
-    return [xfer_lib.remote_array(_spec(a, rep)) for a in shapes]
+    return [xfer_lib.remote_array(_spec(a, sh)) for a, sh in zip(shapes, shardings)]
+
+  def opt_shardings(self, s: int) -> list:
+    """Flat shardings of stage ``s``'s optimizer state: parameter-shaped parts follow their
+    parameter, the rest (counters) is replicated."""
+    if s not in self._opt_sh:
+      f = self.fns[s]
+      self._opt_sh[s] = _shard.opt_shardings(
+          self.backend.optimizer, self.stage_dict(s, f.p_leaves), self.stage_dict(s, self.psh[s]),
+          self.rep[self.rank_of[s]])
+    return self._opt_sh[s]
 
   # -- cross-process messages ------------------------------------------------------------------
 
@@ -233,25 +248,27 @@ class _Setup(_build.Builders):
     return out
 
   def _check_dp(self) -> None:
-    dp = self.layout.dp
+    dp = self.layout.dp * self.layout.fsdp      # FSDP splits the batch too
     if dp == 1:
       return
+    width = (f"dp={dp} (mesh axis 'dp')" if self.layout.fsdp == 1 else
+             f"dp x fsdp = {self.layout.dp} x {self.layout.fsdp} = {dp} (mesh axes 'dp', 'fsdp')")
     sizes = {x.shape[0] for x in jax.tree.leaves((self.mb_inputs, self.mb_targets)) if x.shape}
     mb = sizes.pop() if len(sizes) == 1 else 0
     if not mb or mb % dp:
       raise ValueError(f"The microbatch size {mb} is not divisible by the data-parallel width "
-                       f"dp={dp} (mesh axis 'dp'); use a batch size that is a multiple of "
-                       f"num_microbatches x dp = {self.m * dp}.")
+                       f"{width}; use a batch size that is a multiple of "
+                       f"num_microbatches x {dp} = {self.m * dp}.")
     for f in self.fns:
       for what, leaves in (("input", f.x_leaves), ("output", f.y_leaves)):
         for leaf in leaves:
           if not leaf.shape or leaf.shape[0] != mb:
-            raise ValueError(f"With dp={dp}, every activation between stages must have the "
+            raise ValueError(f"With {width}, every activation between stages must have the "
                              f"microbatch ({mb}) as leading axis; stage {f.spec.index}'s {what} "
                              f"has shape {leaf.shape}.")
 
   def act_shardings(self, rank: int, leaves: Sequence[Any]) -> list:
-    """Activations are split over the rank's ``dp`` devices along the batch axis."""
+    """Activations are split over the rank's ``dp`` x ``fsdp`` devices along the batch axis."""
     return [self.bat[rank] if len(leaf.shape) else self.rep[rank] for leaf in leaves]
 
   def rank_devices(self, rank: int) -> tuple:
@@ -301,7 +318,7 @@ class _Setup(_build.Builders):
     sig = self._sig[s] if self._sig is not None else None
     if sig is None:
       return build()
-    key = (sig, name, extra, self._context)
+    key = (sig, name, extra, self._context, self.pspecs[s])
     refs = (self.model, self.backend.optimizer)
     hit = self._memo_get(key, refs)
     if hit is not None:
