@@ -177,9 +177,11 @@ class SpmdBackend(_Executor):
       x_aval = inputs if s == 0 else boundaries[s - 1]
       stash = jax.eval_shape(record, stage_params[s], x_aval, key_aval, targets)
       backward.append(_StageBackward(box["residuals"], pack.FlatLayout.of(stash)))
+    strides, sizes = pack.slot_arena(
+        [[backward[s].layout for s in plan.rank_stages(r)] for r in range(plan.num_ranks)],
+        plan.tables.stash_peak)
     return _Program(act_codecs=act_codecs, cot_codecs=cot_codecs, payload_bytes=payload,
-                    backward=tuple(backward),
-                    stash_sizes=pack.padded_sizes([b.layout for b in backward]))
+                    backward=tuple(backward), stash_strides=strides, stash_sizes=sizes)
 
   # -- jitted entry points ---------------------------------------------------------------------
 
@@ -310,7 +312,9 @@ class SpmdBackend(_Executor):
     """Bytes of the padded SPMD layout for this batch shape: what padding costs.
 
     Every ``pp`` rank allocates the same shapes, so each buffer is as large as the largest rank
-    (parameters, gradients, optimizer state) or the largest stage (stash rows, boundary payloads).
+    (parameters, gradients, optimizer state, stash) or the largest stage (boundary payloads). The
+    stash is one buffer in which rank ``r`` keeps its own peak number of slots, each the size of
+    its own largest stage's stash, so it is ``max_r peak_r * slot_r`` (per dtype).
 
     Args:
       batch: an example batch (only its shapes are used).
@@ -320,8 +324,9 @@ class SpmdBackend(_Executor):
       A dict with, per rank, ``param_bytes`` (its own parameters) and ``opt_bytes``; per stage,
       ``stash_bytes`` (one microbatch's backward stash); and the padded sizes every rank allocates:
       ``param_buffer_bytes`` (also the gradient accumulator), ``opt_buffer_bytes``,
-      ``stash_row_bytes`` x ``stash_slots``, ``payload_bytes`` x (``act_slots`` + ``cot_slots``),
-      and ``per_rank_peak_stash`` (the schedule's own peak per rank).
+      ``stash_buffer_bytes``, ``payload_bytes`` x (``act_slots`` + ``cot_slots``); per rank,
+      ``per_rank_peak_stash`` (the schedule's own peak) and ``stash_slot_bytes``; and
+      ``stash_row_bytes`` (the largest stage's stash) and ``stash_slots`` (the largest peak).
     """
     self._check_batch(batch)
     plan = self.plan
@@ -337,7 +342,9 @@ class SpmdBackend(_Executor):
         "boundary_bytes": [c.nbytes for c in prog.act_codecs],
         "param_buffer_bytes": sized(plan.param_sizes),
         "opt_buffer_bytes": sized(plan.opt_sizes),
-        "stash_row_bytes": sized(prog.stash_sizes),
+        "stash_row_bytes": sized(pack.padded_sizes([b.layout for b in prog.backward])),
+        "stash_slot_bytes": [sized(st) for st in prog.stash_strides],
+        "stash_buffer_bytes": sized(prog.stash_sizes),
         "stash_slots": tables.num_stash,
         "per_rank_peak_stash": list(tables.stash_peak),
         "payload_bytes": prog.payload_bytes,
@@ -349,8 +356,8 @@ class SpmdBackend(_Executor):
     """XLA's memory analysis (per device) of the compiled ``train_step`` program for this batch
     shape (compiles it if ``train_step`` has not yet; otherwise reuses the cached executable).
 
-    ``temp_size_in_bytes`` includes the stash (``stash_slots`` rows), so it shows each schedule's
-    memory profile.
+    ``temp_size_in_bytes`` includes the stash (``stash_buffer_bytes``), so it shows each
+    schedule's memory profile.
     """
     inputs, targets = self._put_batch(batch)
     prog, tabs = self._program((inputs, targets), state.rng)
