@@ -212,15 +212,15 @@ def place_leaf(x: Any, sharding: NamedSharding) -> Any:
     ValueError: for a global array this process holds no full copy of (another process's leaf):
       it would need a collective.
   """
-  if isinstance(x, jax.Array):
-    if x.sharding == sharding:
-      return x
-    if not x.is_fully_addressable and not (x.is_fully_replicated
-                                           and x.sharding.has_addressable_devices):
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not (x.is_fully_replicated and x.sharding.has_addressable_devices):
       raise ValueError(
           f"A canonical leaf of shape {x.shape} lives on {x.sharding}, which this process "
           f"holds no full copy of, but the spmd pipeline needs it on {sharding.mesh.devices}. "
           "Restore canonical states through hkpipe.train.Checkpointer with "
           "like=pipe.to_canonical(state) (leaves then arrive on their owners), or pass host "
           "(numpy) values.")
+    x = placement.local_value(x)  # this process's copy of a replicated leaf (counters)
   return placement.put_global(x, sharding)
