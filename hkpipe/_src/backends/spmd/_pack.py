@@ -9,8 +9,8 @@ that gap:
   travel between ranks (one ``ppermute`` buffer), padded to the largest boundary.
 - :class:`FlatLayout` packs a pytree into one flat vector *per dtype* (no bit-casting), so that
   gradients can be accumulated and optimizers applied on the packed form; it is used for
-  parameters, gradients and optimizer state (padded per dtype to the largest rank), and, one row
-  per slot, for the backward stashes (padded per dtype to the largest stage).
+  parameters, gradients and optimizer state (padded per dtype to the largest rank), and, one slot
+  per stashed forward, for the backward stashes (see :func:`slot_arena`).
 """
 
 from __future__ import annotations
@@ -284,14 +284,3 @@ def padded_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:
 def zeros(sizes: Mapping[str, int]) -> Bufs:
   """Zero buffers of the given per-dtype sizes."""
   return {k: jnp.zeros((n,), k) for k, n in sizes.items()}
-
-
-def pack_rows(layouts: Sequence[FlatLayout], trees: Sequence[Any],
-              sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
-  """Host-side: ``[len(layouts), size]`` numpy buffers, row ``i`` holding ``trees[i]``."""
-  rows = {k: np.zeros((len(layouts), n), jnp.dtype(k)) for k, n in sizes.items()}
-  for i, (lay, tree) in enumerate(zip(layouts, trees)):
-    leaves = lay.treedef.flatten_up_to(tree)
-    for (k, off, size), x in zip(lay.slots, leaves):
-      rows[k][i, off:off + size] = np.asarray(x).reshape(-1)
-  return rows
