@@ -47,6 +47,7 @@ class SpmdBackend(_Executor):
     self._feed = NamedSharding(self.mesh, placement.process_batch_spec(self.mesh))
     self._plan: _Plan | None = None
     self._programs: dict[Any, tuple[_Program, dict]] = {}
+    self._inits: dict[Any, list] = {}  # per layer input shapes: every rank's init program
 
   @property
   def num_ranks(self) -> int:
@@ -378,8 +379,12 @@ class SpmdBackend(_Executor):
     return (params_rng, one), state_rng, in_avals
 
   def _init_programs(self, in_avals: Sequence[Any]) -> list:
-    return [owners.init_program(self.model, self.optimizer, self.plan, self.mesh, r, in_avals)
-            for r in range(self.num_ranks)]
+    """Every rank's init program for these layer input shapes (built once per shapes)."""
+    key = _shape_key(in_avals)
+    if key not in self._inits:
+      self._inits[key] = [owners.init_program(self.model, self.optimizer, self.plan, self.mesh,
+                                              r, in_avals) for r in range(self.num_ranks)]
+    return self._inits[key]
 
   def init(self, rng, batch):
     """Parameters and optimizer state, each rank's built on its own devices straight into its
