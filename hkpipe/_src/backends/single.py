@@ -49,7 +49,14 @@ class SingleBackend(pipeline_lib.Backend):
   # -- Backend API -----------------------------------------------------------------------------
 
   def _put(self, tree: Any) -> Any:
-    return jax.device_put(tree, self._device) if self._device is not None else tree
+    """``tree`` on this backend's device; without one, kept where it is unless its leaves are
+    spread over several devices (e.g. a pipelined backend's ``to_canonical``): then on the
+    default device."""
+    if self._device is not None:
+      return jax.device_put(tree, self._device)
+    devices = {d for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)
+               for d in x.sharding.device_set}
+    return jax.device_put(tree, jax.devices()[0]) if len(devices) > 1 else tree
 
   def init(self, rng, batch):
     inputs, _ = batch

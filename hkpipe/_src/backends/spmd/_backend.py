@@ -20,9 +20,11 @@ from hkpipe._src import model as model_lib
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import canonical as canonical_lib
 from hkpipe._src import options as options_lib
+from hkpipe._src import partition as partition_lib
 from hkpipe._src import placement
 from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import stage as stage_lib
+from hkpipe._src.backends.spmd import _owners as owners
 from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _tables as tables_lib
 from hkpipe.schedules import _ir
@@ -45,6 +47,7 @@ class SpmdBackend(_Executor):
     self._feed = NamedSharding(self.mesh, placement.process_batch_spec(self.mesh))
     self._plan: _Plan | None = None
     self._programs: dict[Any, tuple[_Program, dict]] = {}
+    self._inits: dict[Any, list] = {}  # per layer input shapes: every rank's init program
 
   @property
   def num_ranks(self) -> int:
@@ -180,9 +183,11 @@ class SpmdBackend(_Executor):
       x_aval = inputs if s == 0 else boundaries[s - 1]
       stash = jax.eval_shape(record, stage_params[s], x_aval, key_aval, targets)
       backward.append(_StageBackward(box["residuals"], pack.FlatLayout.of(stash)))
+    strides, sizes = pack.slot_arena(
+        [[backward[s].layout for s in plan.rank_stages(r)] for r in range(plan.num_ranks)],
+        plan.tables.stash_peak)
     return _Program(act_codecs=act_codecs, cot_codecs=cot_codecs, payload_bytes=payload,
-                    backward=tuple(backward),
-                    stash_sizes=pack.padded_sizes([b.layout for b in backward]))
+                    backward=tuple(backward), stash_strides=strides, stash_sizes=sizes)
 
   # -- jitted entry points ---------------------------------------------------------------------
 
@@ -246,9 +251,6 @@ class SpmdBackend(_Executor):
     inputs, targets = batch
     return (placement.put_process_batch(inputs, self._feed), placement.put_process_batch(targets, self._feed))
 
-  def _put_rows(self, rows: Mapping[str, np.ndarray]) -> dict:
-    return placement.put_global(dict(rows), NamedSharding(self.mesh, P("pp")))
-
   def _put_replicated(self, x: Any) -> Any:
     return placement.put_global(x, NamedSharding(self.mesh, P()))
 
@@ -262,47 +264,25 @@ class SpmdBackend(_Executor):
 
   # -- canonical conversion ----------------------------------------------------------------------
 
-  def _place_canonical(self, tree: Any, replicate: bool) -> Any:
-    """Host leaves -> global arrays replicated over the mesh (``replicate``: what checkpoints
-    save from every process) or arrays on this process's default device."""
-    if replicate:
-      return placement.put_global(tree, NamedSharding(self.mesh, P()))
-    return jax.tree.map(jnp.asarray, tree)
-
-  def _params_to_canonical(self, bufs: Mapping[str, jax.Array], replicate: bool = False) -> dict:
+  def _params_to_canonical(self, bufs: Mapping[str, jax.Array]) -> dict:
+    """Every rank's parameters (or gradients) gathered into one canonical tree on this process's
+    default device: an all-gather (a collective across processes), for small models only."""
     plan, rows = self.plan, self._get_rows(bufs)
     out = {}
     for s, lay in enumerate(plan.stage_layouts):
       r = plan.rank_of(s)
       out.update(_unpack_row(lay, rows, r))
-    return self._place_canonical({n: out[n] for n in self.model.layer_names}, replicate)
+    return jax.tree.map(jnp.asarray, {n: out[n] for n in self.model.layer_names})
 
-  def _opt_to_canonical(self, bufs: Mapping[str, jax.Array], replicate: bool = False) -> Any:
-    plan, rows = self.plan, self._get_rows(bufs)
-    parts = [_unpack_row(plan.opt_layouts[r], rows, r) for r in range(plan.num_ranks)]
-    names = [plan.rank_names(r) for r in range(plan.num_ranks)]
-    return self._place_canonical(canonical_lib.merge(parts, names), replicate)
-
-  def _canonical_rows(self, canonical: Mapping[str, Any]) -> tuple[dict, dict]:
-    plan = self.plan
-    canonical = {"params": placement.gather(canonical["params"]),
-                 "opt_state": placement.gather(canonical["opt_state"])}
+  def _rank_trees(self, canonical: Mapping[str, Any]) -> list[tuple[dict, Any]]:
+    """Per rank, its ``({layer: params}, optimizer state)`` cut from a canonical state; checks
+    the optimizer state splits per layer (before anything is placed or compiled)."""
+    plan, names = self.plan, self.model.layer_names
     params = canonical["params"]
-    missing = set(self.model.layer_names) - set(params)
+    missing = set(names) - set(params)
     if missing:
       raise ValueError(f"Canonical params lack layers {sorted(missing)}.")
-    p_layouts, p_trees = [], []
-    for s, lay in enumerate(plan.stage_layouts):
-      p_layouts.append(lay)
-      p_trees.append({n: params[n] for n in plan.layout.stages[s].layer_names})
-    p_rows = {k: np.zeros((plan.num_ranks, n), jnp.dtype(k)) for k, n in plan.param_sizes.items()}
-    for s, (lay, tree) in enumerate(zip(p_layouts, p_trees)):
-      one = pack.pack_rows([lay], [tree], plan.param_sizes)
-      r = plan.rank_of(s)
-      for k in p_rows:
-        p_rows[k][r] += one[k][0]  # stages of a rank occupy disjoint ranges
-    names = self.model.layer_names
-    o_trees = []
+    out = []
     for r in range(plan.num_ranks):
       tree = canonical_lib.restrict(canonical["opt_state"], plan.rank_names(r), names)
       expected = plan.opt_layouts[r].treedef
@@ -311,9 +291,26 @@ class SpmdBackend(_Executor):
                          f"restricting to rank {r}'s layers is {jax.tree.structure(tree)}, but "
                          f"optimizer.init on those layers gives {expected}). The spmd backend "
                          "needs optax transformations whose state mirrors the parameters.")
-      o_trees.append(tree)
-    o_rows = pack.pack_rows(plan.opt_layouts, o_trees, plan.opt_sizes)
-    return p_rows, o_rows
+      out.append(({n: params[n] for n in plan.rank_names(r)}, tree))
+    return out
+
+  @functools.cached_property
+  def _rank_programs(self) -> dict:
+    """Per rank, the jitted programs that pack/unpack its rows on its own devices."""
+    plan = self.plan
+    ranks = range(plan.num_ranks)
+    return {"pack": [owners.pack_program(plan, self.mesh, r) for r in ranks],
+            "unpack": [owners.unpack_program(plan, self.mesh, r) for r in ranks]}
+
+  def _state(self, rows: Sequence[tuple[dict, dict] | None], rng: Any, step: int
+             ) -> pipeline_lib.TrainState:
+    """A state from every rank's ``(param rows, optimizer rows)`` (None: another process's)."""
+    plan = self.plan
+    return pipeline_lib.TrainState(
+        step=int(step),
+        params=owners.join_rows([r and r[0] for r in rows], self.mesh, plan.param_sizes),
+        opt_state=owners.join_rows([r and r[1] for r in rows], self.mesh, plan.opt_sizes),
+        rng=self._put_replicated(rng))
 
   # -- introspection ---------------------------------------------------------------------------
 
@@ -321,7 +318,9 @@ class SpmdBackend(_Executor):
     """Bytes of the padded SPMD layout for this batch shape: what padding costs.
 
     Every ``pp`` rank allocates the same shapes, so each buffer is as large as the largest rank
-    (parameters, gradients, optimizer state) or the largest stage (stash rows, boundary payloads).
+    (parameters, gradients, optimizer state, stash) or the largest stage (boundary payloads). The
+    stash is one buffer in which rank ``r`` keeps its own peak number of slots, each the size of
+    its own largest stage's stash, so it is ``max_r peak_r * slot_r`` (per dtype).
 
     Args:
       batch: an example batch (only its shapes are used).
@@ -331,8 +330,9 @@ class SpmdBackend(_Executor):
       A dict with, per rank, ``param_bytes`` (its own parameters) and ``opt_bytes``; per stage,
       ``stash_bytes`` (one microbatch's backward stash); and the padded sizes every rank allocates:
       ``param_buffer_bytes`` (also the gradient accumulator), ``opt_buffer_bytes``,
-      ``stash_row_bytes`` x ``stash_slots``, ``payload_bytes`` x (``act_slots`` + ``cot_slots``),
-      and ``per_rank_peak_stash`` (the schedule's own peak per rank).
+      ``stash_buffer_bytes``, ``payload_bytes`` x (``act_slots`` + ``cot_slots``); per rank,
+      ``per_rank_peak_stash`` (the schedule's own peak) and ``stash_slot_bytes``; and
+      ``stash_row_bytes`` (the largest stage's stash) and ``stash_slots`` (the largest peak).
     """
     self._check_batch(batch)
     plan = self.plan
@@ -348,7 +348,9 @@ class SpmdBackend(_Executor):
         "boundary_bytes": [c.nbytes for c in prog.act_codecs],
         "param_buffer_bytes": sized(plan.param_sizes),
         "opt_buffer_bytes": sized(plan.opt_sizes),
-        "stash_row_bytes": sized(prog.stash_sizes),
+        "stash_row_bytes": sized(pack.padded_sizes([b.layout for b in prog.backward])),
+        "stash_slot_bytes": [sized(st) for st in prog.stash_strides],
+        "stash_buffer_bytes": sized(prog.stash_sizes),
         "stash_slots": tables.num_stash,
         "per_rank_peak_stash": list(tables.stash_peak),
         "payload_bytes": prog.payload_bytes,
@@ -360,8 +362,8 @@ class SpmdBackend(_Executor):
     """XLA's memory analysis (per device) of the compiled ``train_step`` program for this batch
     shape (compiles it if ``train_step`` has not yet; otherwise reuses the cached executable).
 
-    ``temp_size_in_bytes`` includes the stash (``stash_slots`` rows), so it shows each schedule's
-    memory profile.
+    ``temp_size_in_bytes`` includes the stash (``stash_buffer_bytes``), so it shows each
+    schedule's memory profile.
     """
     inputs, targets = self._put_batch(batch)
     prog, tabs = self._program((inputs, targets), state.rng)
@@ -371,16 +373,45 @@ class SpmdBackend(_Executor):
 
   # -- Backend API -----------------------------------------------------------------------------
 
-  def init(self, rng, batch):
+  def _init_inputs(self, rng, batch) -> tuple[Any, Any, list]:
+    """``(params rng, state rng, per-layer input shapes)``; resolves (and validates) the layout
+    from shapes alone, so errors come before any compile."""
     size = self._check_batch(batch)
-    inputs, _ = batch
-    one = placement.example_microbatch(inputs, size, self.options.num_microbatches)
+    one = placement.example_microbatch(batch[0], size, self.options.num_microbatches)
     params_rng, state_rng = jax.random.split(rng)
-    # Resolve (and validate) the layout from shapes alone: errors come before any compile.
     self._ensure_plan(jax.eval_shape(self.model.init, params_rng, one), one)
-    params = jax.jit(self.model.init)(params_rng, one)
-    opt_state = jax.jit(self.optimizer.init)(params)
-    return self.from_canonical({"params": params, "opt_state": opt_state, "rng": state_rng}, 0)
+    in_avals = [x for _, x in partition_lib.layer_io_shapes(self.model, one)]
+    return (params_rng, one), state_rng, in_avals
+
+  def _init_programs(self, in_avals: Sequence[Any]) -> list:
+    """Every rank's init program for these layer input shapes (built once per shapes)."""
+    key = _shape_key(in_avals)
+    if key not in self._inits:
+      self._inits[key] = [owners.init_program(self.model, self.optimizer, self.plan, self.mesh,
+                                              r, in_avals) for r in range(self.num_ranks)]
+    return self._inits[key]
+
+  def init(self, rng, batch):
+    """Parameters and optimizer state, each rank's built on its own devices straight into its
+    packed rows (one jitted program per rank; nothing whole on any device or host). Values
+    equal ``model.init`` / ``optimizer.init`` on the whole model."""
+    (params_rng, one), state_rng, in_avals = self._init_inputs(rng, batch)
+    rows = []
+    for r, program in enumerate(self._init_programs(in_avals)):
+      if not owners.is_here(self.mesh, r):
+        rows.append(None)
+        continue
+      here = owners.leaf_sharding(self.mesh, r)
+      rows.append(program(placement.put_global(params_rng, here), placement.put_global(one, here)))
+    return self._state(rows, state_rng, 0)
+
+  def init_memory_analysis(self, rng, batch) -> list:
+    """XLA's memory analysis of every rank's init program (per device of that rank), compiled
+    from shapes only: what ``init`` will allocate, before allocating it."""
+    (params_rng, one), _, in_avals = self._init_inputs(rng, batch)
+    aval = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    return [program.lower(aval(params_rng), jax.tree.map(aval, one)).compile().memory_analysis()
+            for program in self._init_programs(in_avals)]
 
   def loss_and_grads(self, state, batch):
     inputs, targets = self._put_batch(batch)
@@ -404,17 +435,47 @@ class SpmdBackend(_Executor):
     return {"loss": self._jitted["eval"](prog, state.params, inputs, targets, arrays)}
 
   def params(self, state):
-    """Canonical params on this process's default device (an all-gather across processes)."""
+    """Canonical params gathered whole on this process's default device: an explicit gather
+    (an all-gather across processes) for small models, e.g. sampling or tests. Checkpoints use
+    ``to_canonical``, which gathers nothing."""
     return self._params_to_canonical(state.params)
 
   def to_canonical(self, state):
-    """Canonical state as global arrays replicated over the mesh (so that every process holds
-    them and checkpoints save them from every process)."""
-    return {"params": self._params_to_canonical(state.params, replicate=True),
-            "opt_state": self._opt_to_canonical(state.opt_state, replicate=True),
+    """Canonical state where it lives: each layer's parameters and optimizer state as arrays on
+    its owning rank's devices (replicated over that rank's ``dp`` devices; in a multi-process run,
+    arrays without a shard on processes that do not own the rank). Leaves every rank holds a copy
+    of (optimizer step counters) and the rng are replicated over the whole mesh. No device holds
+    more than its rank's share; values equal the single backend's."""
+    plan, programs = self.plan, self._rank_programs["unpack"]
+    params, parts = {}, []
+    for r in range(plan.num_ranks):
+      if owners.is_here(self.mesh, r):
+        p, o = programs[r](owners.split_rows(state.params, self.mesh, r),
+                           owners.split_rows(state.opt_state, self.mesh, r))
+      else:  # another process's rank: shard-less stand-ins of its shapes
+        p, o = owners.remote_rank(plan, self.mesh, r)
+      params.update(p)
+      parts.append(o)
+    opt = canonical_lib.merge(parts, [plan.rank_names(r) for r in range(plan.num_ranks)])
+    shared, program = self._shared
+    if shared:
+      leaves, treedef = jax.tree.flatten(opt)
+      for (j, _), v in zip(shared, program(dict(state.opt_state))):
+        leaves[j] = v
+      opt = jax.tree.unflatten(treedef, leaves)
+    return {"params": {n: params[n] for n in self.model.layer_names}, "opt_state": opt,
             "rng": state.rng}
 
+  @functools.cached_property
+  def _shared(self) -> tuple[list, Any]:
+    """The optimizer leaves every rank holds (see ``owners.shared_opt_leaves``) and the program
+    that replicates rank 0's copies over the mesh."""
+    shared = owners.shared_opt_leaves(self.plan)
+    return shared, owners.shared_program(self.plan, self.mesh, [i for _, i in shared])
+
   def from_canonical(self, canonical: Mapping[str, Any], step: int):
+    """Places a canonical state rank by rank: each rank's leaves are moved to its devices (kept
+    where they already are, e.g. restored with ``like=to_canonical(...)``) and packed there."""
     if self._plan is None:
       # Only explicit stage boundaries can be resolved without an example batch.
       part = self.options.partition
@@ -422,10 +483,15 @@ class SpmdBackend(_Executor):
         raise ValueError("from_canonical on a fresh spmd pipeline needs its stage layout: call "
                          "init(rng, batch) first, or pass explicit partition=[boundaries].")
       self._ensure_plan(canonical["params"], None)
-    p_rows, o_rows = self._canonical_rows(canonical)
-    return pipeline_lib.TrainState(step=int(step), params=self._put_rows(p_rows),
-                         opt_state=self._put_rows(o_rows),
-                         rng=self._put_replicated(canonical["rng"]))
+    trees, programs = self._rank_trees(canonical), self._rank_programs["pack"]
+    rows = []
+    for r, tree in enumerate(trees):
+      if not owners.is_here(self.mesh, r):
+        rows.append(None)
+        continue
+      where = owners.leaf_sharding(self.mesh, r)
+      rows.append(programs[r](*jax.tree.map(lambda x: owners.place_leaf(x, where), tree)))
+    return self._state(rows, canonical["rng"], step)
 
 
 def _unpack_row(lay: pack.FlatLayout, rows: Mapping[str, np.ndarray], r: int) -> Any:

@@ -79,6 +79,7 @@ class _Executor(pipeline_lib.Backend):
     if kind is None:
       return None
     params = lambda: plan.stage_layouts[s].unpack(ctx["params"])
+    strides = prog.stash_strides[plan.rank_of(s)]  # this branch only ever runs on s's rank
 
     def forward(carry, act_in, cot_in, mb, key, a_slot, c_slot, s_slot):
       del cot_in, c_slot
@@ -95,7 +96,7 @@ class _Executor(pipeline_lib.Backend):
             or pack.FlatLayout.of(res).avals != info.layout.avals):
           raise RuntimeError(f"Stage {s}: the vjp residual structure differs between traces "
                              "(non-deterministic stage function?).")
-        stash = info.layout.write_row(stash, res, s_slot)
+        stash = info.layout.write_slot(stash, res, s_slot, strides)
       else:
         y = self._stage_apply(s, params(), x, None, targets, False)
       if last:
@@ -107,7 +108,7 @@ class _Executor(pipeline_lib.Backend):
       grads, stash, loss, _ = carry
       info = prog.backward[s]
       pullback = stage_lib.rebuild_pullback(info.residuals, jax.tree.leaves(params()),
-                                            info.layout.read_row(stash, s_slot))
+                                            info.layout.read_slot(stash, s_slot, strides))
       ct = (jnp.ones((), jnp.float32) if last
             else prog.cot_codecs[s].unpack(index(cot_in, c_slot)))
       cts = pullback(ct)
@@ -130,8 +131,7 @@ class _Executor(pipeline_lib.Backend):
                 for kind, s in tables.branches]
     width = prog.payload_bytes
     grads = pack.zeros(plan.param_sizes) if train else {}
-    stash = ({k: jnp.zeros((tables.num_stash, n), k) for k, n in prog.stash_sizes.items()}
-             if train else {})
+    stash = {k: jnp.zeros((n,), k) for k, n in prog.stash_sizes.items()} if train else {}
     act_in = jnp.zeros((tables.num_act + 1, width), jnp.uint8)  # last row: scratch
     cot_in = jnp.zeros((tables.num_cot + 1 if train else 1, width), jnp.uint8)
     recv_kinds = []  # per delta: does it ever carry activations / (in training) cotangents?

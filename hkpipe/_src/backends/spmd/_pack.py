@@ -9,8 +9,8 @@ that gap:
   travel between ranks (one ``ppermute`` buffer), padded to the largest boundary.
 - :class:`FlatLayout` packs a pytree into one flat vector *per dtype* (no bit-casting), so that
   gradients can be accumulated and optimizers applied on the packed form; it is used for
-  parameters, gradients and optimizer state (padded per dtype to the largest rank), and, one row
-  per slot, for the backward stashes (padded per dtype to the largest stage).
+  parameters, gradients and optimizer state (padded per dtype to the largest rank), and, one slot
+  per stashed forward, for the backward stashes (see :func:`slot_arena`).
 """
 
 from __future__ import annotations
@@ -233,19 +233,43 @@ class FlatLayout:
               for (k, off, size), a in zip(self.slots, self.avals)]
     return self.treedef.unflatten(leaves)
 
-  def write_row(self, bufs: Bufs, tree: Any, row: jax.Array) -> Bufs:
-    """Writes the tree into row ``row`` (traced) of 2-D buffers ``[rows, size]``."""
+  def write_slot(self, bufs: Bufs, tree: Any, slot: jax.Array, strides: Mapping[str, int]
+                 ) -> Bufs:
+    """Writes the tree into slot ``slot`` (traced) of 1-D buffers cut into slots of
+    ``strides[dtype]`` elements (slot ``i`` starts at ``i * stride``)."""
     out = dict(bufs)
-    row = row.astype(jnp.int32)
+    slot = slot.astype(jnp.int32)
     for k, start, flat in self._groups(tree):
-      out[k] = jax.lax.dynamic_update_slice(out[k], flat[None], (row, jnp.int32(start)))
+      out[k] = jax.lax.dynamic_update_slice_in_dim(out[k], flat, slot * strides[k] + start, 0)
     return out
 
-  def read_row(self, bufs: Bufs, row: jax.Array) -> Any:
-    """Reads the tree back from row ``row`` (traced) of 2-D buffers."""
-    r = row.astype(jnp.int32)
-    rows = {k: jax.lax.dynamic_index_in_dim(v, r, 0, keepdims=False) for k, v in bufs.items()}
-    return self.unpack(rows)
+  def read_slot(self, bufs: Bufs, slot: jax.Array, strides: Mapping[str, int]) -> Any:
+    """Reads the tree back from slot ``slot`` (traced) of :meth:`write_slot`'s buffers."""
+    slot = slot.astype(jnp.int32)
+    leaves = [_from_word(jax.lax.dynamic_slice_in_dim(bufs[k], slot * strides[k] + off, size)
+                         .reshape(_word(a).shape), a)
+              for (k, off, size), a in zip(self.slots, self.avals)]
+    return self.treedef.unflatten(leaves)
+
+
+def slot_arena(layouts_per_rank: Sequence[Sequence[FlatLayout]], slots_per_rank: Sequence[int]
+               ) -> tuple[tuple[dict[str, int], ...], dict[str, int]]:
+  """Per-rank slot strides and the shared 1-D buffer length of a slotted store (the stash).
+
+  Rank ``r`` keeps ``slots_per_rank[r]`` slots, each as large as its own largest layout (its
+  stride), so a rank with small stages or few slots does not pay for another rank's: the buffer
+  (every rank allocates the same) holds ``max_r slots_r * stride_r`` elements per dtype, instead of
+  ``max_r slots_r * max_r stride_r``.
+
+  Returns:
+    ``(strides, sizes)``: per rank, per dtype key, the slot stride; per dtype key, the buffer
+    length (at least 1).
+  """
+  strides = tuple(padded_sizes(lays) if lays else {} for lays in layouts_per_rank)
+  keys = sorted({k for st in strides for k in st})
+  full = tuple({k: st.get(k, 0) for k in keys} for st in strides)
+  sizes = {k: max([1] + [n * st[k] for n, st in zip(slots_per_rank, full)]) for k in keys}
+  return full, sizes
 
 
 def padded_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:
@@ -260,14 +284,3 @@ def padded_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:
 def zeros(sizes: Mapping[str, int]) -> Bufs:
   """Zero buffers of the given per-dtype sizes."""
   return {k: jnp.zeros((n,), k) for k, n in sizes.items()}
-
-
-def pack_rows(layouts: Sequence[FlatLayout], trees: Sequence[Any],
-              sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
-  """Host-side: ``[len(layouts), size]`` numpy buffers, row ``i`` holding ``trees[i]``."""
-  rows = {k: np.zeros((len(layouts), n), jnp.dtype(k)) for k, n in sizes.items()}
-  for i, (lay, tree) in enumerate(zip(layouts, trees)):
-    leaves = lay.treedef.flatten_up_to(tree)
-    for (k, off, size), x in zip(lay.slots, leaves):
-      rows[k][i, off:off + size] = np.asarray(x).reshape(-1)
-  return rows

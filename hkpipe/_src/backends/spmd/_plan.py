@@ -94,7 +94,8 @@ class _Program:
   cot_codecs: tuple[pack.ByteCodec, ...]
   payload_bytes: int
   backward: tuple[_StageBackward, ...]
-  stash_sizes: Mapping[str, int]           # per dtype, the padded length of a stash row
+  stash_strides: tuple[Mapping[str, int], ...]  # per rank, per dtype: its stash slots' stride
+  stash_sizes: Mapping[str, int]           # per dtype, the length of the (1-D) stash buffer
 
 
 def _shape_key(tree: Any) -> Any:
