@@ -179,12 +179,12 @@ class _Setup(_build.Builders):
   def recv_specs(self, key: tuple) -> list:
     """Shape, dtype and sharding here of each array of message ``key`` from another process."""
     what = key[0]
-    if what == "acts":
-      s = key[1]
-      leaves = list(self.fns[s - 1].y_leaves)
-      return [_spec(a, sh) for a, sh in zip(leaves, self.act_shardings(self.rank_of[s], leaves))]
-    if what == "cts":
-      f, r = self.fns[key[1] + 1], self.rank_of[key[1]]
+    if what == "F":      # the activation of stage key[1] for stage key[1] + 1 (message_key)
+      leaves = list(self.fns[key[1]].y_leaves)
+      r = self.rank_of[key[1] + 1]
+      return [_spec(a, sh) for a, sh in zip(leaves, self.act_shardings(r, leaves))]
+    if what == "G":      # the input cotangent of stage key[1] for stage key[1] - 1
+      f, r = self.fns[key[1]], self.rank_of[key[1] - 1]
       leaves = [a for a, fl in zip(f.x_leaves, f.x_float) if fl]
       return [_spec(a, sh) for a, sh in zip(leaves, self.act_shardings(r, leaves))]
     if what == "tie":
