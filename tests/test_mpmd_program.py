@@ -11,12 +11,15 @@ import dataclasses
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
 import hkpipe
 from hkpipe import schedules
+from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends import _mpmd_plan
+from hkpipe._src.backends import _mpmd_programs as progs
 from hkpipe._src.backends.mpmd import _check
 from hkpipe._src.backends.mpmd import _instr as ir
 from hkpipe._src.backends.mpmd import _lower
@@ -186,3 +189,21 @@ def test_predicted_bytes_equal_live_device_bytes_at_every_instruction(schedule, 
     text = pipe.describe(batch)
     assert "send the tied gradients of stage 0" in text and "finalize and update stage 1" in text
   assert b.last_stash_peak_bytes == tuple(max(p[r] for p in predicted) for r in range(ranks))
+
+
+def test_stash_packing_round_trips_and_keeps_large_entries_whole():
+  """Small stash entries are packed per dtype into one flat array each and come back exactly;
+  entries over the size limit, and every entry without packing, travel whole."""
+  big = progs.PACK_MAX_BYTES // 4 + 1                      # float32 entries just over the limit
+  stash = [jnp.arange(6.0).reshape(2, 3), jnp.arange(4, dtype=jnp.int32),
+           jnp.ones((big,), jnp.float32), jnp.float32(7.0), jnp.arange(3, dtype=jnp.int32) + 9]
+  residuals = stage_lib.Residuals(None, tuple(("out", i) for i in range(len(stash))), len(stash))
+  layout, arrays = progs.pack_stash(residuals, stash, pack=True)
+  assert layout.num_out == len(arrays) == 3                 # the big one, float32s, int32s
+  assert arrays[0] is stash[2] and layout.slots[2] == (0, None, (big,))
+  assert sorted(a.dtype.name for a in arrays[1:]) == ["float32", "int32"]
+  for got, want in zip(progs.unpack_stash(layout, arrays), stash):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert bool(jnp.array_equal(got, want))
+  layout, arrays = progs.pack_stash(residuals, stash, pack=False)
+  assert layout.num_out == len(stash) and all(a is b for a, b in zip(arrays, stash))

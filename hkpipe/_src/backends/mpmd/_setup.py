@@ -109,7 +109,8 @@ class _Setup(_build.Builders):
                                  x=io[spec.start][1], y=y, targets=mb_targets,
                                  layer_inputs=tuple(io[i][1] for i in range(spec.start, spec.stop)))
       self.fns.append(progs.StageFns(self.model, spec, shapes, self.num_stages, self.m,
-                                     self.options.remat))
+                                     self.options.remat,
+                                     len(self.rank_devices(self.rank_of[spec.index])) == 1))
     self._check_dp()
     self.order = _mpmd_plan.issue_order(self.schedule)
     self.ties = self._tie_links()
