@@ -7,8 +7,8 @@ right after it is produced: a :class:`Send` copies it to a rank of this process,
 another process, whose program starts with the matching :class:`Recv` (pulls wait without
 blocking the host, so every pull is issued first). A value is named by the engine's
 ``message_key`` of the SEND that ``schedules.lower`` puts after its producer, and looked up by
-that of the RECV it puts before its consumer: the engine's one rule pairs them. After a stage's last backward come its tie
-exchange and its finalize step; then the metrics, and the clipped updates. A final pass inserts a
+that of the RECV it puts before its consumer: the engine's one rule pairs them. After a stage's
+last backward come its tie exchange and its finalize step; then the metrics, and the clipped updates. A final pass inserts a
 :class:`Free` after each temporary buffer's last read.
 
 Lowering uses only the layout facts in :class:`Facts`: no compiled program, no array.
@@ -29,8 +29,8 @@ Kind = schedules.Kind
 
 def sent_by(a: schedules.Action, num_stages: int) -> tuple[tuple, int] | None:
   """``(message key, consumer stage)`` of the value compute action ``a`` hands to another
-  stage (its activation or input cotangent), or None: the key of the SEND that
-  ``schedules.lower`` puts after ``a`` when the consumer lives on another rank."""
+  stage (its activation or input cotangent), None if it hands on nothing. The key is that of the
+  SEND ``schedules.lower`` puts after ``a`` when the consumer lives on another rank."""
   for key in _engine.done_keys(a):
     dst = _engine.consumer_stage(key, num_stages)
     if dst is not None:
@@ -40,9 +40,9 @@ def sent_by(a: schedules.Action, num_stages: int) -> tuple[tuple, int] | None:
 
 
 def awaited_by(a: schedules.Action, num_stages: int) -> tuple | None:
-  """The message key of the value compute action ``a`` needs from another stage, or None: the
-  key of the RECV that ``schedules.lower`` puts before ``a`` when the producer lives on another
-  rank (equal to its SEND's key by ``_engine.message_key``)."""
+  """The message key of the value compute action ``a`` needs from another stage (None if it
+  needs none): that of the RECV ``schedules.lower`` puts before ``a`` when the producer lives
+  on another rank, equal to its SEND's key by ``_engine.message_key``."""
   for key in _engine.dependencies(a, num_stages):
     if key[1] != a.stage:
       return _engine.message_key(schedules.Action(a.stage, _engine.COMM[key[0]][1], a.mb))
