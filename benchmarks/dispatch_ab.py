@@ -41,7 +41,8 @@ def worker(steps: int) -> None:
   spec = mpmd_bench.CASES["dispatch"]
   config = models.GPTConfig(**spec["config"])
   model = models.build(config)
-  batch = mpmd_bench._batch(spec["batch"], config.seq_len, config.vocab_size)  # pylint: disable=protected-access
+  batch = mpmd_bench._batch(  # pylint: disable=protected-access
+      spec["batch"], config.seq_len, config.vocab_size)
   devices = jax.devices()[:spec["ranks"]]
   rows = [mpmd_bench.Row(f"mpmd {s}", model, batch, backend="mpmd", schedule=s, devices=devices)
           for s in ("1f1b", "gpipe")]

@@ -8,8 +8,8 @@ another process, whose program starts with the matching :class:`Recv` (pulls wai
 blocking the host, so every pull is issued first). A value is named by the engine's
 ``message_key`` of the SEND that ``schedules.lower`` puts after its producer, and looked up by
 that of the RECV it puts before its consumer: the engine's one rule pairs them. After a stage's
-last backward come its tie exchange and its finalize step; then the metrics, and the clipped updates. A final pass inserts a
-:class:`Free` after each temporary buffer's last read.
+last backward come its tie exchange and its finalize step; then the metrics, and the clipped
+updates. A final pass inserts a :class:`Free` after each temporary buffer's last read.
 
 Lowering uses only the layout facts in :class:`Facts`: no compiled program, no array.
 """
