@@ -24,7 +24,10 @@ see ``shared/notes/environment.md``); the single-device reference runs under the
 
 Warm step times are measured in interleaved rounds (each round times ``--steps`` steps of every
 row in turn), so background load on the shared machine hits all rows alike; medians and minima
-over all rounds are reported, along with the load average before and after.
+over all rounds are reported, along with the load average before and after. "Dispatch" is the
+wall time ``train_step`` takes to return (the host issuing the step; the devices' threads compete
+with it for the cores), "dispatch CPU" the CPU time of the calling thread meanwhile
+(``time.thread_time``), which other processes' load inflates far less.
 
 Caveat (``shared/notes/anchors.md``): simulated devices in one process share the machine's cores,
 so pipelining cannot beat one device here; these numbers measure the MPMD driver's overhead.
@@ -95,25 +98,31 @@ class Row:
     self.loss_step1 = float(metrics["loss"])
     self.steps: list[float] = []
     self.dispatch: list[float] = []
+    self.dispatch_cpu: list[float] = []
     for _ in range(2):                                      # warm-up
       self.state, metrics = self.pipe.train_step(self.state, batch)
     jax.block_until_ready(metrics)
 
   def measure(self, steps: int) -> None:
     for _ in range(steps):
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.thread_time()
       self.state, metrics = self.pipe.train_step(self.state, self.batch)
-      t1 = time.perf_counter()
+      t1, c1 = time.perf_counter(), time.thread_time()
       jax.block_until_ready(metrics)
       self.steps.append(time.perf_counter() - t0)
       self.dispatch.append(t1 - t0)
+      self.dispatch_cpu.append(c1 - c0)
 
   def summary(self) -> dict[str, Any]:
     out = dict(label=self.label, init_s=self.init_s, first_step_s=self.first_step_s,
                step_median_s=statistics.median(self.steps), step_min_s=min(self.steps),
-               dispatch_median_s=statistics.median(self.dispatch), loss_step1=self.loss_step1,
+               dispatch_median_s=statistics.median(self.dispatch),
+               dispatch_cpu_median_s=statistics.median(self.dispatch_cpu),
+               loss_step1=self.loss_step1,
                n_steps=len(self.steps))
-    s = self.pipe.compile_stats
+    s = getattr(self.pipe, "compile_stats", None)
+    if s is None and getattr(self.pipe.backend, "cache", None) is not None:
+      s = self.pipe.backend.cache.stats       # checkouts before Pipeline.compile_stats
     if s is not None:
       out.update(xla_compiles=s.compiled, clones=s.cloned, traced=s.traced,
                  trace_s=s.trace_s, compile_s=s.compile_s, clone_s=s.clone_s)
@@ -141,7 +150,8 @@ def speed_case(name: str, spec: dict, rounds: int, steps: int) -> dict[str, Any]
     row["first_step_ratio"] = row["first_step_s"] / single["first_step_s"]
     row["init_plus_first_step_ratio"] = ((row["init_s"] + row["first_step_s"]) /
                                          (single["init_s"] + single["first_step_s"]))
-  stages = rows[1].pipe.layout.stages
+  pipe = rows[1].pipe
+  stages = (pipe.layout if hasattr(pipe, "layout") else pipe.backend.layout).stages
   return dict(case=name, config=spec["config"], batch=spec["batch"], microbatches=M,
               ranks=spec["ranks"], params=hkpipe.count_params(rows[0].pipe.params(rows[0].state),
                                                               model.ties),
@@ -182,15 +192,17 @@ def _md_speed(case: dict[str, Any]) -> str:
   lines = [f"**{case['case']}** ({case['params']:,} params, batch {case['batch']}, "
            f"{case['microbatches']} microbatches, {case['ranks']} ranks; stages "
            f"{case['stages']})", "",
-           "| row | step median (ms) | step min (ms) | dispatch (ms) | ratio (median) | "
-           "init (s) | first step (s) | first-step ratio | XLA compiles / clones |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| row | step median (ms) | step min (ms) | dispatch (ms) | dispatch CPU (ms) | "
+           "ratio (median) | init (s) | first step (s) | first-step ratio | "
+           "XLA compiles / clones |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in case["rows"]:
     ratio = f"{r['step_ratio']:.2f}x" if "step_ratio" in r else "1"
     fratio = f"{r['first_step_ratio']:.2f}x" if "first_step_ratio" in r else "1"
     comp = f"{r['xla_compiles']} / {r['clones']}" if "xla_compiles" in r else "-"
     lines.append(f"| {r['label']} | {r['step_median_s'] * 1e3:.1f} | {r['step_min_s'] * 1e3:.1f} "
-                 f"| {r['dispatch_median_s'] * 1e3:.1f} | {ratio} | {r['init_s']:.2f} | "
+                 f"| {r['dispatch_median_s'] * 1e3:.1f} | {r['dispatch_cpu_median_s'] * 1e3:.1f} "
+                 f"| {ratio} | {r['init_s']:.2f} | "
                  f"{r['first_step_s']:.2f} | {fratio} | {comp} |")
   return "\n".join(lines)
 

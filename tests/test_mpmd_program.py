@@ -11,15 +11,19 @@ import dataclasses
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
 import hkpipe
 from hkpipe import schedules
+from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends import _mpmd_plan
+from hkpipe._src.backends import _mpmd_programs as progs
 from hkpipe._src.backends.mpmd import _check
 from hkpipe._src.backends.mpmd import _instr as ir
 from hkpipe._src.backends.mpmd import _lower
+from hkpipe.schedules import _engine
 from tests import helpers
 
 
@@ -105,6 +109,35 @@ def test_processes_programs_pair_every_post_with_a_pull():
         {0, 1} if q == 0 else {2, 3})
 
 
+@pytest.mark.parametrize("name", schedules.names())
+def test_transfers_are_the_lowered_schedules_messages(name):
+  """Every cross-rank Send of a program is one SEND/RECV pair of ``schedules.lower`` (same
+  ``message_key``, from the SEND's rank to the RECV's), and every such pair is one Send: the
+  program and the lowered schedule name messages by the engine's one rule."""
+  f = facts(name, 4, 8)
+  sched = schedules.get(name, num_stages=4, num_microbatches=8,
+                        virtual_stages=2 if name == "interleaved_1f1b" else None)
+  lowered = schedules.lower(sched)
+  sends, recvs = {}, {}
+  for rank, row in enumerate(lowered.actions):
+    for a in row:
+      if a.kind in (schedules.Kind.SEND_F, schedules.Kind.SEND_B):
+        sends[_engine.message_key(a)] = rank
+      elif a.kind.is_comm:
+        recvs[_engine.message_key(a)] = rank
+  expected = {key: (sends[key], recvs[key]) for key in sends}
+  assert sends.keys() == recvs.keys() and expected
+  for program in (_lower.lower_train(f), _lower.lower_train(f, False), _lower.lower_eval(f)):
+    moved = {ins.key: (ins.src_rank, ins.dst_rank) for ins in program.instrs
+             if isinstance(ins, ir.Send) and ins.key[0] in ("F", "G")}
+    count = sum(isinstance(ins, ir.Send) and ins.key[0] in ("F", "G") for ins in program.instrs)
+    assert count == len(moved)
+    if program.name == "eval":      # forward only: the activation messages
+      assert moved == {k: v for k, v in expected.items() if k[0] == "F"}
+    else:
+      assert moved == expected
+
+
 def test_describe_prints_the_one_f_one_b_program():
   pipe = hkpipe.Pipeline(helpers.hetero_model(n_mid=2), optax.sgd(0.1), backend="mpmd",
                          num_microbatches=4, devices=jax.devices()[:4], schedule="1f1b",
@@ -114,7 +147,7 @@ def test_describe_prints_the_one_f_one_b_program():
   assert "rank 0: F of stage 0, microbatch 0" in lines[2] and "fwd(p0, x0.0) -> y0.0" in lines[2]
   assert re.search(r"rank 3: F of stage 3, microbatch 0 +last\(p3, x3\.0, t\.0, acc3, loss0\) "
                    r"-> acc3\.1, loss\.0, dx3\.0", text)
-  assert re.search(r"rank 0: send acts \(1, 0\) to rank 1 +copy\(y0\.0\) -> x1\.0", text)
+  assert re.search(r"rank 0: send activations 0F0 to rank 1 +copy\(y0\.0\) -> x1\.0", text)
   assert "process 0: clip and update its stages [0, 1, 2, 3]" in text
   assert lines[-1] == "# peak stashes per rank: rank 0: 4, rank 1: 3, rank 2: 2, rank 3: 1"
   assert sum(bool(re.match(r" *\d+  rank \d: [FB] of stage", ln)) for ln in lines) == 2 * 4 * 4
@@ -155,3 +188,21 @@ def test_predicted_bytes_equal_live_device_bytes_at_every_instruction(schedule, 
     text = pipe.describe(batch)
     assert "send the tied gradients of stage 0" in text and "finalize and update stage 1" in text
   assert pipe.last_stash_peak_bytes == tuple(max(p[r] for p in predicted) for r in range(ranks))
+
+
+def test_stash_packing_round_trips_and_keeps_large_entries_whole():
+  """Small stash entries are packed per dtype into one flat array each and come back exactly;
+  entries over the size limit, and every entry without packing, travel whole."""
+  big = progs.PACK_MAX_BYTES // 4 + 1                      # float32 entries just over the limit
+  stash = [jnp.arange(6.0).reshape(2, 3), jnp.arange(4, dtype=jnp.int32),
+           jnp.ones((big,), jnp.float32), jnp.float32(7.0), jnp.arange(3, dtype=jnp.int32) + 9]
+  residuals = stage_lib.Residuals(None, tuple(("out", i) for i in range(len(stash))), len(stash))
+  layout, arrays = progs.pack_stash(residuals, stash, pack=True)
+  assert layout.num_out == len(arrays) == 3                 # the big one, float32s, int32s
+  assert arrays[0] is stash[2] and layout.slots[2] == (0, None, (big,))
+  assert sorted(a.dtype.name for a in arrays[1:]) == ["float32", "int32"]
+  for got, want in zip(progs.unpack_stash(layout, arrays), stash):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert bool(jnp.array_equal(got, want))
+  layout, arrays = progs.pack_stash(residuals, stash, pack=False)
+  assert layout.num_out == len(stash) and all(a is b for a, b in zip(arrays, stash))

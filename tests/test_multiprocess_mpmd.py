@@ -236,13 +236,13 @@ def test_single_process_defaults_and_no_transport():
 
 
 def test_transfer_ids_are_deterministic_and_distinct():
-  a = xfer.uuid(1, 7, ("acts", 1, 0))
-  assert a == xfer.uuid(1, 7, ("acts", 1, 0)) and 0 <= a < 2**63
+  a = xfer.uuid(1, 7, ("F", 1, 0))
+  assert a == xfer.uuid(1, 7, ("F", 1, 0)) and 0 <= a < 2**63
   others = {xfer.uuid(ns, call, (kind, s, mb)) for ns in (1, 2) for call in range(20)
-            for kind in ("acts", "cts") for s in range(4) for mb in range(8)}
+            for kind in ("F", "G") for s in range(4) for mb in range(8)}
   assert len(others) == 2 * 20 * 2 * 4 * 8
   # Equal across interpreters (Python's str hash is salted per process; this must not be).
-  code = "from hkpipe._src.backends import _mpmd_transfer as x; print(x.uuid(1, 7, ('acts', 1, 0)))"
+  code = "from hkpipe._src.backends import _mpmd_transfer as x; print(x.uuid(1, 7, ('F', 1, 0)))"
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PYTHONHASHSEED": "123"})
   assert out.stdout.strip() == str(a), out.stderr

@@ -147,7 +147,7 @@ def test_fires_only_after_the_deadline_without_progress_and_names_the_position()
   dog = wd.Watchdog(p, wd.WatchdogConfig(floor_s=3.0), clock=clock, on_hang=fired.append)
   p.begin_step(7)
   p.op = "rank 0: B of stage 0, microbatch 3"
-  p.awaiting = (7, "rank 0 (process 0)", xfer.describe(("cts", 0, 3), 1, 1))
+  p.awaiting = (7, "rank 0 (process 0)", xfer.describe(("G", 1, 3), 1, 1))
   assert dog.check() is None
   clock.t += 2.9
   assert dog.check() is None
@@ -182,8 +182,10 @@ def test_report_of_a_compiled_step_names_the_collective_processes():
 
 
 def test_message_descriptions():
-  assert xfer.describe(("acts", 2, 5), 1, 0) == (
+  assert xfer.describe(("F", 1, 5), 1, 0) == (
       "activations of microbatch 5 for stage 2 from rank 1 (process 0)")
+  assert xfer.describe(("G", 3, 0), 3, 1) == (
+      "cotangents of microbatch 0 for stage 2 from rank 3 (process 1)")
   assert xfer.describe(("sq", 1), 1, 1) == "the squared gradient norm of stage 1 from rank 1 " \
                                            "(process 1)"
   assert xfer.describe(("metrics", 0), 3, 1) == ("the step's loss and gradient norm from rank 3 "

@@ -16,6 +16,11 @@ leaves, ``*t`` = target leaves, last stage only):
 - the last stage fuses the loss: ``last(inputs, *acc, loss) -> (acc', loss', dx)``, and in split
   mode ``last_fwd_i(inputs, loss) -> (loss', dx, res)`` plus ``bwd_w`` with a constant cotangent.
 - ``dx`` holds only the inexact (float) leaves of ``x``; integer leaves have no gradient.
+- ``res`` is the stash as :class:`Stash` lays it out: on a one-device rank, stash entries of at
+  most :data:`PACK_MAX_BYTES` are packed per dtype into one flat array each (every array a launch
+  takes or returns costs the host about a microsecond; a transformer block stashes dozens);
+  larger entries, and every entry on a multi-device rank (whose shardings the compiler chooses
+  per entry), stay whole.
 
 Outputs are tuples of flat lists (groups), so that shardings can be given per group (residual
 shardings are left to the compiler when a stage spans several devices) and the driver picks
@@ -60,6 +65,62 @@ class StageShapes:
   layer_inputs: tuple[Any, ...]
 
 
+# Stash entries up to this size are packed (a copy into and out of the packed array costs little).
+PACK_MAX_BYTES = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Stash:
+  """Where a stage's stash entries travel between its forward and its backward.
+
+  Attributes:
+    residuals: the pullback's structure over the stash entries (``stage_lib.Residuals``).
+    slots: per stash entry, ``(array, offset, shape)``: it is ``res[array]`` (offset None) or
+      the ``shape``-d slice from ``offset`` of the flat packed array ``res[array]``.
+    num_out: the number of stash arrays (``res``) a forward returns and a backward takes.
+  """
+
+  residuals: stage_lib.Residuals = stage_lib.Residuals()
+  slots: tuple[tuple[int, int | None, tuple[int, ...]], ...] = ()
+  num_out: int = 0
+
+
+def pack_stash(residuals: stage_lib.Residuals, stash: Sequence[Any],
+               pack: bool) -> tuple[Stash, list]:
+  """Lays ``stash`` out as :class:`Stash` arrays: entries of at most :data:`PACK_MAX_BYTES`
+  packed per dtype (if ``pack``), the others whole. Returns (layout, arrays)."""
+  whole = [i for i, a in enumerate(stash)
+           if not pack or a.size * jnp.dtype(a.dtype).itemsize > PACK_MAX_BYTES]
+  groups: dict[Any, list[int]] = {}
+  for i, a in enumerate(stash):
+    if i not in whole:
+      groups.setdefault(jnp.dtype(a.dtype), []).append(i)
+  slots: list = [None] * len(stash)
+  arrays = []
+  for i in whole:
+    slots[i] = (len(arrays), None, tuple(stash[i].shape))
+    arrays.append(stash[i])
+  for members in groups.values():
+    offset = 0
+    for i in members:
+      slots[i] = (len(arrays), offset, tuple(stash[i].shape))
+      offset += stash[i].size
+    arrays.append(jnp.concatenate([jnp.ravel(stash[i]) for i in members]))
+  return Stash(residuals, tuple(slots), len(arrays)), arrays
+
+
+def unpack_stash(layout: Stash, arrays: Sequence[Any]) -> list:
+  """The stash entries from the arrays :func:`pack_stash` returned."""
+  out = []
+  for k, offset, shape in layout.slots:
+    if offset is None:
+      out.append(arrays[k])
+    else:
+      size = int(np.prod(shape, dtype=np.int64))
+      out.append(jax.lax.slice(arrays[k], (offset,), (offset + size,)).reshape(shape))
+  return out
+
+
 class StageFns:
   """Builds the flat programs of one stage.
 
@@ -70,10 +131,12 @@ class StageFns:
     num_stages: total number of stages (to know whether this one is first/last).
     num_microbatches: ``m``; the loss cotangent is ``1/m`` so gradients are microbatch means.
     remat: recompute the forward in the backward instead of stashing residuals.
+    pack_stash: pack small stash entries (the stage runs on one device; see :class:`Stash`).
   """
 
   def __init__(self, model: model_lib.SequentialModel, spec: partition_lib.StageSpec,
-               shapes: StageShapes, num_stages: int, num_microbatches: int, remat: bool):
+               shapes: StageShapes, num_stages: int, num_microbatches: int, remat: bool,
+               pack_stash: bool = False):
     self.model = model
     self.spec = spec
     self.shapes = shapes
@@ -96,7 +159,8 @@ class StageFns:
     self.ndx = 0 if self.is_first else sum(self.x_float)
     self.ndy = 0 if self.is_last else sum(self.y_float)
     self.n_inputs = self.np + self.nx + self.nt + 4
-    self.res = stage_lib.Residuals()  # filled by tracing fwd (or last_fwd_i)
+    self.pack_stash = pack_stash
+    self.res = Stash()  # filled by tracing fwd (or last_fwd_i)
 
   # -- pieces ----------------------------------------------------------------------------------
 
@@ -139,7 +203,12 @@ class StageFns:
     return stage_lib.vjp_with_stash(f, (p, xf), args)
 
   def _rebuild_vjp(self, inputs: Sequence[Any], res: Sequence[Any]) -> Any:
-    return stage_lib.rebuild_pullback(self.res, inputs, res)
+    return stage_lib.rebuild_pullback(self.res.residuals, inputs, unpack_stash(self.res, res))
+
+  def _stash(self, residuals: stage_lib.Residuals, stash: Sequence[Any]) -> list:
+    """Records the stash layout (for the backward programs); returns the stash arrays."""
+    self.res, arrays = pack_stash(residuals, stash, self.pack_stash)
+    return arrays
 
   @staticmethod
   def _accumulate(acc: Sequence[Any], dp: Sequence[Any]) -> list:
@@ -166,8 +235,8 @@ class StageFns:
     """``fwd(*inputs) -> (y, res)`` (not for the last stage)."""
 
     def stage_fwd(*inputs):
-      y, _, self.res, res = self._vjp(inputs)
-      return jax.tree.leaves(y), res
+      y, _, residuals, stash = self._vjp(inputs)
+      return jax.tree.leaves(y), self._stash(residuals, stash)
 
     return stage_fwd
 
@@ -224,9 +293,9 @@ class StageFns:
 
     def stage_last_fwd_i(*args):
       inputs, loss_acc = args[:self.n_inputs], args[-1]
-      loss, vjp_fn, self.res, res = self._vjp(inputs)
+      loss, vjp_fn, residuals, stash = self._vjp(inputs)
       _, dx = self._grads(vjp_fn, self._cotangent(()))
-      return loss_acc + loss, dx, res
+      return loss_acc + loss, dx, self._stash(residuals, stash)
 
     return stage_last_fwd_i
 

@@ -43,6 +43,8 @@ import jax
 from jax._src import distributed as jax_distributed  # pylint: disable=g-bad-import-order
 from jax.sharding import SingleDeviceSharding
 
+from hkpipe.schedules import _engine
+
 _KV_PREFIX = "hkpipe/mpmd/transfer_server"
 _ADDRESS_TIMEOUT_MS = 60_000      # every process starts its server within the init timeout
 
@@ -62,13 +64,14 @@ def uuid(namespace: int, call: int, key: tuple) -> int:
     namespace: the backend's number in this process (equal on every process when every
       process creates its multi-process pipelines in the same order).
     call: the backend's driver-call counter (every process advances it on every call).
-    key: what the message is, e.g. ``("acts", stage, microbatch)``; ints and strings only.
+    key: what the message is, e.g. ``("F", stage, microbatch)`` (``schedules`` engine's
+      ``message_key``: the activation of ``stage``); ints and strings only.
   """
   digest = hashlib.blake2b(repr((namespace, call, key)).encode(), digest_size=8).digest()
   return int.from_bytes(digest, "little") >> 1
 
 
-_NOUNS = {"acts": "activations", "cts": "cotangents", "tie": "tied-weight gradients",
+_NOUNS = {"F": "activations", "G": "cotangents", "tie": "tied-weight gradients",
           "sq": "the squared gradient norm", "scale": "the global squared gradient norm",
           "metrics": "the step's loss and gradient norm"}
 
@@ -77,8 +80,8 @@ def describe(key: tuple, src_rank: int, process: int) -> str:
   """What message ``key`` is, for people: ``"cotangents of microbatch 3 for stage 0 from rank 1
   (process 1)"`` (``src_rank``, ``process``: the sender)."""
   kind = key[0]
-  if kind in ("acts", "cts"):
-    what = f"{_NOUNS[kind]} of microbatch {key[2]} for stage {key[1]}"
+  if kind in ("F", "G"):         # the engine's message_key: (what, producer stage, microbatch)
+    what = f"{_NOUNS[kind]} of microbatch {key[2]} for stage {key[1] + _engine.FLOW[kind]}"
   elif kind == "tie":
     what = f"{_NOUNS[kind]} for stage {key[1]}"
   elif kind == "sq":

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Union
 
+from hkpipe.schedules import _engine
+
 INPUT, TEMP, OUTPUT = "input", "temp", "output"
 
 
@@ -239,8 +241,11 @@ class Program:
 
 
 _KEY_NAMES = {"scale": "global squared norm"}  # the transfer key of the updates' scalar
+_VALUES = {"F": "activations", "G": "cotangents"}
 
 
 def _key_text(key: tuple) -> str:
+  if key[0] in _VALUES:         # the engine's message key: "activations 0F3", "cotangents 2B/I0"
+    return f"{_VALUES[key[0]]} {_engine.key_text(key)}"
   name = _KEY_NAMES.get(key[0], key[0])
   return f"{name} {key[1:]}" if len(key) > 1 else str(name)

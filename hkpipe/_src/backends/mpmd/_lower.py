@@ -2,12 +2,14 @@
 
 The compute part follows the schedule engine's global issue order
 (``_mpmd_plan.issue_order``, the compute actions of ``schedules.lower`` run by
-``schedules._engine``), filtered to this process's ranks. Each value another rank needs is sent
+``schedules._engine``), filtered to this process's ranks. Each value another stage needs is sent
 right after it is produced: a :class:`Send` copies it to a rank of this process, or posts it to
 another process, whose program starts with the matching :class:`Recv` (pulls wait without
-blocking the host, so every pull is issued first). After a stage's last backward come its tie
-exchange and its finalize step; then the metrics, and the clipped updates. A final pass inserts a
-:class:`Free` after each temporary buffer's last read.
+blocking the host, so every pull is issued first). A value is named by the engine's
+``message_key`` of the SEND that ``schedules.lower`` puts after its producer, and looked up by
+that of the RECV it puts before its consumer: the engine's one rule pairs them. After a stage's
+last backward come its tie exchange and its finalize step; then the metrics, and the clipped
+updates. A final pass inserts a :class:`Free` after each temporary buffer's last read.
 
 Lowering uses only the layout facts in :class:`Facts`: no compiled program, no array.
 """
@@ -20,8 +22,31 @@ from typing import Any
 from hkpipe import schedules
 from hkpipe._src.backends import _mpmd_plan
 from hkpipe._src.backends.mpmd import _instr as ir
+from hkpipe.schedules import _engine
 
 Kind = schedules.Kind
+
+
+def sent_by(a: schedules.Action, num_stages: int) -> tuple[tuple, int] | None:
+  """``(message key, consumer stage)`` of the value compute action ``a`` hands to another
+  stage (its activation or input cotangent), None if it hands on nothing. The key is that of the
+  SEND ``schedules.lower`` puts after ``a`` when the consumer lives on another rank."""
+  for key in _engine.done_keys(a):
+    dst = _engine.consumer_stage(key, num_stages)
+    if dst is not None:
+      send = schedules.Action(a.stage, _engine.COMM[key[0]][0], a.mb)
+      return _engine.message_key(send), dst
+  return None
+
+
+def awaited_by(a: schedules.Action, num_stages: int) -> tuple | None:
+  """The message key of the value compute action ``a`` needs from another stage (None if it
+  needs none): that of the RECV ``schedules.lower`` puts before ``a`` when the producer lives
+  on another rank, equal to its SEND's key by ``_engine.message_key``."""
+  for key in _engine.dependencies(a, num_stages):
+    if key[1] != a.stage:
+      return _engine.message_key(schedules.Action(a.stage, _engine.COMM[key[0]][1], a.mb))
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +220,7 @@ class _TrainLowering:
         if with_update:
           b.input(("opt", s), f"opt{s}", f.rank_of[s])
     self.loss: int = b.inputs.get(("loss",), -1)
-    self.acts: dict = {}
-    self.cts: dict = {}
+    self.inbox: dict = {}         # message key -> the buffer holding it on its consumer's rank
     self.stash: dict = {}
     self.partner: dict = {}
     self.sq: dict = {}
@@ -207,12 +231,16 @@ class _TrainLowering:
     self.version[s] = v = self.version.get(s, 0) + 1
     return self.b.buf(f"acc{s}.{v}", self.f.rank_of[s])
 
-  def _send(self, store: str, src_rank: int, dst_stage: int, mb: int, buf: int) -> None:
-    key = (store, dst_stage, mb)
-    out = self.b.deliver(src_rank, buf, key, self.f.rank_of[dst_stage],
-                         f"{'x' if store == 'acts' else 'dy'}{dst_stage}.{mb}")
+  def _send(self, src_rank: int, a: schedules.Action, buf: int) -> None:
+    """Hands what ``a`` produced for another stage (buffer ``buf``) to that stage's rank."""
+    key, dst = sent_by(a, self.f.num_stages)
+    out = self.b.deliver(src_rank, buf, key, self.f.rank_of[dst], _value_name(key, dst, a.mb))
     if out is not None:
-      (self.acts if store == "acts" else self.cts)[(dst_stage, mb)] = out
+      self.inbox[key] = out
+
+  def _receive(self, a: schedules.Action) -> int:
+    """The buffer holding what ``a`` needs from another stage."""
+    return self.inbox.pop(awaited_by(a, self.f.num_stages))
 
   def action(self, r: int, a: schedules.Action) -> None:
     f, b = self.f, self.b
@@ -225,7 +253,7 @@ class _TrainLowering:
     k = a.kind.name
 
     def x():
-      return inp[("x", mb)] if first else self.acts.pop(key)
+      return inp[("x", mb)] if first else self._receive(a)
 
     def run(program, reads, writes, donates=()):
       b.instrs.append(ir.Run(r, s, k, mb, program, tuple(reads), tuple(writes), tuple(donates)))
@@ -247,32 +275,32 @@ class _TrainLowering:
         y, res = b.buf(f"y{s}.{mb}", r), b.buf(f"res{s}.{mb}", r, stash=key)
         run("fwd", (p, xb) + common, (y, res))
         self.stash[key] = {"x": xb, "res": res}
-        self._send("acts", r, s + 1, mb, y)
+        self._send(r, a, y)
     elif last and a.kind in (Kind.B, Kind.I):
       entry = self.stash.pop(key) if a.kind is Kind.B else self.stash[key]
       dx = entry.pop("dx")
       out = () if first else (b.buf(f"dx{s}.{mb}'", r),)
       run(None, (dx,), out)
       if out:
-        self._send("cts", r, s - 1, mb, out[0])
+        self._send(r, a, out[0])
     elif a.kind is Kind.B:
       st = self.stash.pop(key)
       acc = self.acc_buf(s)
       dx = -1 if first else b.buf(f"dx{s}.{mb}", r)
-      run("bwd", (p, st["x"]) + common + (st["res"], self.cts.pop(key), self.acc[s]),
+      run("bwd", (p, st["x"]) + common + (st["res"], self._receive(a), self.acc[s]),
           (acc, dx), (self.acc[s],))
       self.acc[s] = acc
       if not first:
-        self._send("cts", r, s - 1, mb, dx)
+        self._send(r, a, dx)
     elif a.kind is Kind.I:
       st = self.stash[key]
-      st["dy"] = self.cts.pop(key)
+      st["dy"] = self._receive(a)
       if first:
         run(None, (), ())                 # no input gradient to compute
       else:
         dx = b.buf(f"dx{s}.{mb}", r)
         run("i", (p, st["x"]) + common + (st["res"], st["dy"]), (dx,))
-        self._send("cts", r, s - 1, mb, dx)
+        self._send(r, a, dx)
     else:  # W
       st = self.stash.pop(key)
       acc = self.acc_buf(s)
@@ -283,13 +311,10 @@ class _TrainLowering:
 
   def remote_action(self, r: int, a: schedules.Action) -> None:
     """What another process's action sends to this process: expect it."""
-    f, s, mb = self.f, a.stage, a.mb
-    if a.kind is Kind.F and s != f.num_stages - 1 and f.owns(s + 1):
-      self.acts[(s + 1, mb)] = self.b.recv(("acts", s + 1, mb), r, f.rank_of[s + 1],
-                                           f"x{s + 1}.{mb}")
-    elif a.kind in (Kind.B, Kind.I) and s != 0 and f.owns(s - 1):
-      self.cts[(s - 1, mb)] = self.b.recv(("cts", s - 1, mb), r, f.rank_of[s - 1],
-                                          f"dy{s - 1}.{mb}")
+    sent = sent_by(a, self.f.num_stages)
+    if sent is not None and self.f.owns(sent[1]):
+      key, dst = sent
+      self.inbox[key] = self.b.recv(key, r, self.f.rank_of[dst], _value_name(key, dst, a.mb))
 
   def tie_send(self, s: int) -> None:
     f, b = self.f, self.b
@@ -415,6 +440,12 @@ class _TrainLowering:
     return self.b.program("train" if self.with_update else "grads")
 
 
+def _value_name(key: tuple, stage: int, mb: int) -> str:
+  """The buffer name of message ``key`` on its consumer ``stage``: ``x2.0`` (the input of stage
+  2, microbatch 0) or ``dy1.0`` (the output cotangent of stage 1)."""
+  return f"{'x' if key[0] == 'F' else 'dy'}{stage}.{mb}"
+
+
 def lower_train(facts: Facts, with_update: bool = True) -> ir.Program:
   """The program of one train step (``with_update``) or gradient computation of this process."""
   return _TrainLowering(facts, with_update).lower()
@@ -426,17 +457,20 @@ def lower_eval(facts: Facts) -> ir.Program:
   b = _Builder(f)
   _common_inputs(b, training=False)
   inp = b.inputs
-  acts: dict = {}
+  inbox: dict = {}
   loss: int = inp.get(("loss",), -1)
   last = f.num_stages - 1
   for mb in range(f.num_microbatches):
     for s in range(f.num_stages):
       r = f.rank_of[s]
+      a = schedules.Action(s, Kind.F, mb)
+      sent = sent_by(a, f.num_stages)
       if r not in f.owned:
-        if s != last and f.owns(s + 1):
-          acts[(s + 1, mb)] = b.recv(("acts", s + 1, mb), r, f.rank_of[s + 1], f"x{s + 1}.{mb}")
+        if sent is not None and f.owns(sent[1]):
+          key, dst = sent
+          inbox[key] = b.recv(key, r, f.rank_of[dst], _value_name(key, dst, mb))
         continue
-      x = inp[("x", mb)] if s == 0 else acts.pop((s, mb))
+      x = inp[("x", mb)] if s == 0 else inbox.pop(awaited_by(a, f.num_stages))
       if s == last:
         new = b.buf(f"loss.{mb}", r)
         b.instrs.append(ir.Run(r, s, "F", mb, "eval", (inp[("p", s)], x, inp[("t", mb)],
@@ -446,9 +480,10 @@ def lower_eval(facts: Facts) -> ir.Program:
         y = b.buf(f"y{s}.{mb}", r)
         b.instrs.append(ir.Run(r, s, "F", mb, "eval", (inp[("p", s)], x, inp[("lidx", s)]),
                                (y,)))
-        out = b.deliver(r, y, ("acts", s + 1, mb), f.rank_of[s + 1], f"x{s + 1}.{mb}")
+        key, dst = sent
+        out = b.deliver(r, y, key, f.rank_of[dst], _value_name(key, dst, mb))
         if out is not None:
-          acts[(s + 1, mb)] = out
+          inbox[key] = out
   lr = f.last_rank
   if lr in f.owned:
     mean = b.buf("loss", lr)

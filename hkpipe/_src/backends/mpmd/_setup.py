@@ -108,7 +108,8 @@ class _Setup(_build.Builders):
                                  x=io[spec.start][1], y=y, targets=mb_targets,
                                  layer_inputs=tuple(io[i][1] for i in range(spec.start, spec.stop)))
       self.fns.append(progs.StageFns(self.model, spec, shapes, self.num_stages, self.m,
-                                     self.options.remat))
+                                     self.options.remat,
+                                     len(self.rank_devices(self.rank_of[spec.index])) == 1))
     self._check_dp()
     self.order = _mpmd_plan.issue_order(self.schedule)
     self.ties = self._tie_links()
@@ -194,12 +195,12 @@ class _Setup(_build.Builders):
   def recv_specs(self, key: tuple) -> list:
     """Shape, dtype and sharding here of each array of message ``key`` from another process."""
     what = key[0]
-    if what == "acts":
-      s = key[1]
-      leaves = list(self.fns[s - 1].y_leaves)
-      return [_spec(a, sh) for a, sh in zip(leaves, self.act_shardings(self.rank_of[s], leaves))]
-    if what == "cts":
-      f, r = self.fns[key[1] + 1], self.rank_of[key[1]]
+    if what == "F":      # the activation of stage key[1] for stage key[1] + 1 (message_key)
+      leaves = list(self.fns[key[1]].y_leaves)
+      r = self.rank_of[key[1] + 1]
+      return [_spec(a, sh) for a, sh in zip(leaves, self.act_shardings(r, leaves))]
+    if what == "G":      # the input cotangent of stage key[1] for stage key[1] - 1
+      f, r = self.fns[key[1]], self.rank_of[key[1] - 1]
       leaves = [a for a, fl in zip(f.x_leaves, f.x_float) if fl]
       return [_spec(a, sh) for a, sh in zip(leaves, self.act_shardings(r, leaves))]
     if what == "tie":
