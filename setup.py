@@ -18,7 +18,7 @@ setuptools.setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "tensorboard"],  # tensorboard: reads our event files back
     },
     entry_points={},
 )

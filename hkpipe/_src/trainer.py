@@ -60,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   deadline, also in a single process; 0: off), ``multiple`` (10.0) and ``floor_s`` (120.0).
   Negative values raise ``ConfigError``;
   ``max_consecutive_skips`` (the run stops after this many steps in a row were skipped for a
-  non-finite loss or gradient norm; >= 1).
+  non-finite loss or gradient norm; >= 1); ``tensorboard`` (True: the metrics and the sample also
+  go to TensorBoard event files in ``workdir/tensorboard``).
 
   ``pipeline.stages`` is the deprecated spelling of ``pipeline.ranks`` (it warns).
 
@@ -102,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
       "timeout_s": ml_collections.config_dict.placeholder(float), "multiple": 10.0,
       "floor_s": 120.0})
   c.max_consecutive_skips = step_guard.DEFAULT_MAX_CONSECUTIVE_SKIPS
+  c.tensorboard = True
   return c
 
 
@@ -348,8 +350,9 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
     say(f"Resumed from checkpoint at step {resume_step} in {ckpt.directory}")
   elif had_checkpoints:
     say(f"No usable checkpoint left in {ckpt.directory}; starting from step 0.")
-  writer = (run_log.MetricsWriter(work / "metrics.jsonl", resume_step or 0) if lead
-            else run_log.NoWriter())
+  writer = (run_log.MetricsWriter(work / "metrics.jsonl", resume_step or 0,
+                                  work / "tensorboard" if config.tensorboard else None)
+            if lead else run_log.NoWriter())
   flops_tok = models.flops_per_token(mcfg)
   peak = config.get("peak_tflops")
   tokens_per_step = batch_size * seq_len
@@ -434,7 +437,6 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   if state.step != last_saved:
     ckpt.save(state.step, pipe.to_canonical(state), {**meta, "step": state.step})
   ckpt.close()
-  writer.close()
   summary["steps"] = state.step
 
   if sample_tokens:
@@ -446,7 +448,9 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
                          seed=config.seed, temperature=config.sample_temperature,
                          top_k=config.get("sample_top_k"))
       (work / "samples.txt").write_text(text)
+      writer.text("sample", f"```\n{text}\n```", state.step)
       say("---- sample ----\n" + text + "\n----------------")
       summary["sample"] = text
+  writer.close()
   say(f"Done in {time.time() - t_start:.1f}s; checkpoints in {ckpt.directory}")
   return summary
