@@ -19,12 +19,19 @@ import pytest
 
 import hkpipe
 from hkpipe import train as train_lib
+from hkpipe import report
+from hkpipe import schedules
+from hkpipe._src import config_checks
+from hkpipe._src import report as report_lib
 from hkpipe._src import tensorboard as tb_lib
+from hkpipe._src import trace as trace_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments import shakespeare_gpt  # pylint: disable=wrong-import-position
+
+RANKS, MICROBATCHES = 2, 2
 
 
 def read_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
@@ -52,7 +59,8 @@ def metrics(workdir: pathlib.Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A 4-step MPMD run (2 ranks, 1F1B over 2 microbatches) with every extra turned on."""
+  """A 4-step MPMD run (2 ranks, 1F1B over 2 microbatches) with the timeline recorded and step 3
+  profiled."""
   base = tmp_path_factory.mktemp("report")
   hkpipe.data.prepare(base / "data")
   c = shakespeare_gpt.get_config("runlocal")
@@ -60,7 +68,9 @@ def run(tmp_path_factory):
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 2, 0
   c.sample_tokens = 12
   c.backend = "mpmd"
-  c.pipeline.ranks, c.pipeline.num_microbatches = 2, 2
+  c.pipeline.ranks, c.pipeline.num_microbatches = RANKS, MICROBATCHES
+  c.pipeline.record_timeline = True
+  c.profile_steps = (3, 3)
   work = base / "work"
   summary = train_lib.train(c, work, log=io.StringIO())
   return work, summary
@@ -116,3 +126,134 @@ def test_tensorboard_off_writes_jsonl_only(tmp_path):
   writer.close()
   assert os.listdir(tmp_path) == ["metrics.jsonl"]
   assert metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+# -- pictures -------------------------------------------------------------------------------------
+
+
+def png_size(path: pathlib.Path) -> tuple[int, int]:
+  """(width, height) from a PNG's IHDR chunk (read per the PNG spec, not by the writer)."""
+  data = path.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+  return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_loss_series_equals_metrics_jsonl(run):
+  work, _ = run
+  config = json.loads((work / "config.json").read_text())
+  per_step = config["batch_size"] * config["model"]["seq_len"]
+  series = report.loss_series(metrics(work), per_step)
+  train = [r for r in metrics(work) if "loss" in r]
+  val = [r for r in metrics(work) if "val_loss" in r]
+  assert series["train_step"] == [1, 2, 3, 4] and series["val_step"] == [2, 4]
+  assert series["train_loss"] == [r["loss"] for r in train]
+  assert series["val_loss"] == [r["val_loss"] for r in val]
+  assert series["train_tokens"] == [s * 8 * 16 for s in (1, 2, 3, 4)]  # runlocal: batch 8 x 16
+  assert series["val_tokens"] == [s * 8 * 16 for s in (2, 4)]
+
+
+def test_loss_png_has_its_size_and_both_curves(run):
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  work, _ = run
+  assert png_size(work / "loss.png") == report_lib.LOSS_PNG_SIZE == (1000, 400)
+  pixels = matplotlib.image.imread(work / "loss.png")[..., :3]
+  assert pixels.shape == (400, 1000, 3)
+  for color in ("#1f77b4", "#ff7f0e"):  # matplotlib's first two line colours: train, val
+    rgb = np.array([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    assert (np.abs(pixels - rgb).max(-1) < 0.05).sum() > 50, color
+
+
+def _x_events(trace: dict) -> list[dict]:
+  return [e for e in trace["traceEvents"] if e["ph"] == "X"]
+
+
+def test_trace_has_every_instruction_of_the_schedule_per_rank(run):
+  work, _ = run
+  trace = json.loads((work / "trace.json").read_text())
+  sched = schedules.get("1f1b", num_ranks=RANKS, num_microbatches=MICROBATCHES)
+  events = _x_events(trace)
+  for rank in range(RANKS):
+    mine = [e["args"] for e in events if e["tid"] == rank]
+    assert len(mine) == len(sched.compute_actions(rank))
+    assert sorted((a["stage"], a["kind"], a["microbatch"]) for a in mine) == sorted(
+        (a.stage, a.kind.value, a.mb) for a in sched.compute_actions(rank))
+  # 1F1B, one stage per rank: each microbatch crosses every rank boundary forward and back.
+  starts = {e["id"]: e for e in trace["traceEvents"] if e["ph"] == "s"}
+  ends = {e["id"]: e for e in trace["traceEvents"] if e["ph"] == "f"}
+  assert len(starts) == len(ends) == 2 * (RANKS - 1) * MICROBATCHES
+  for i, start in starts.items():
+    assert start["tid"] != ends[i]["tid"]
+    assert ends[i]["ts"] >= start["ts"]  # the consumer starts after the producer ends
+
+
+def test_timeline_svg_titles_carry_the_bubble_fractions(run):
+  work, _ = run
+  events = _x_events(json.loads((work / "trace.json").read_text()))
+  span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+  measured = 1 - sum(e["dur"] for e in events) / (RANKS * span)
+  simulated = schedules.simulate(schedules.get("1f1b", num_ranks=RANKS,
+                                               num_microbatches=MICROBATCHES)).bubble_ratio
+  svg = (work / "timeline.svg").read_text()
+  assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+  assert f"simulated, unit costs: bubble {simulated:.1%}" in svg
+  assert f"measured, step 4: bubble {measured:.1%}" in svg
+  assert "simulated with the measured per-stage costs: bubble" in svg
+
+
+def test_profile_trace_of_the_chosen_steps(run):
+  work, _ = run
+  assert list((work / "profile").glob("plugins/profile/*/*.xplane.pb"))
+
+
+def test_report_command_redraws_the_files(run, tmp_path, capsys):
+  work, _ = run
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  for name in ("metrics.jsonl", "config.json", "timeline.json"):
+    (copy / name).write_bytes((work / name).read_bytes())
+  assert report.main([str(copy)]) == 0
+  assert sorted(capsys.readouterr().out.split()) == sorted(
+      str(copy / n) for n in ("loss.png", "timeline.svg", "trace.json"))
+  assert (copy / "trace.json").read_text() == (work / "trace.json").read_text()
+  assert report.main([str(tmp_path / "missing")]) == 2
+  assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_processes_are_aligned_by_their_clock_offsets():
+  """Two processes whose clocks differ by 5 s: their records land on process 0's clock."""
+  sched = schedules.get("1f1b", num_ranks=2, num_microbatches=1)
+  true = {0: [("F", 0, 0.0, 1.0), ("B", 0, 4.0, 6.0)], 1: [("F", 1, 1.5, 2.5), ("B", 1, 2.5, 3.5)]}
+  parts = []
+  for proc, offset in ((0, 0.0), (1, 5.0)):
+    origin = 1000.0 + offset + (0.0 if proc == 0 else 1.5)  # its step began 1.5 s later
+    local = [schedules.Record(proc, k, s, 0, a - (origin - offset - 1000.0),
+                              b - (origin - offset - 1000.0)) for k, s, a, b in true[proc]]
+    parts.append(trace_lib.ProcessTimeline(proc, f"h{proc}", tuple(local), origin, offset))
+  timeline = trace_lib.StepTimeline(7, sched, tuple(parts))
+  back = trace_lib.StepTimeline.from_json(json.loads(json.dumps(timeline.to_json())))
+  got = sorted((r.rank, r.kind, r.start, r.end) for r in back.records())
+  assert got == sorted((p, k, a, b) for p, rows in true.items() for k, _, a, b in rows)
+  trace = trace_lib.chrome_trace(back)
+  assert {e["pid"] for e in _x_events(trace)} == {0, 1}
+  flows = [e for e in trace["traceEvents"] if e["ph"] in "sf"]
+  assert [(e["ph"], e["pid"]) for e in flows] == [("s", 0), ("f", 1), ("s", 1), ("f", 0)]
+
+
+@pytest.mark.parametrize("value", [(0,), (3, 2), (1, 99), ("a",), (1, 2, 3)])
+def test_bad_profile_steps_raise(value):
+  c = shakespeare_gpt.get_config("runlocal")
+  c.profile_steps = value
+  with pytest.raises(hkpipe.ConfigError, match="config.profile_steps"):
+    train_lib.validate_config(c)
+
+
+def test_profile_steps_and_record_timeline_config():
+  c = shakespeare_gpt.get_config("runlocal")
+  assert config_checks.profile_window(c) is None
+  c.profile_steps = (4,)
+  assert config_checks.profile_window(c) == (4, 4)
+  c.pipeline.record_timeline = True  # backend single
+  with pytest.raises(hkpipe.ConfigError, match="record_timeline=True"):
+    train_lib.pipeline_options(c)
+  c.backend, c.pipeline.ranks = "mpmd", 2
+  assert train_lib.pipeline_options(c)["record_timeline"] is True

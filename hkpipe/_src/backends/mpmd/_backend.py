@@ -262,6 +262,7 @@ class MpmdBackend(pipeline_lib.Backend):
     device_rank = {d: r for r in setup.owned for d in setup.rank_device_lists[r]}
     trace = _interp.execute_timed(run.bound, store, net, self.progress, device_rank)
     self.last_timeline = trace.records
+    self.last_timeline_origin = trace.origin
     self.last_stash_peaks = run.liveness.peak_stash
     self.last_predicted_bytes = run.liveness.bytes_after or ()
     self.last_measured_bytes = trace.bytes_after
