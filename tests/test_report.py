@@ -12,7 +12,10 @@ import io
 import json
 import os
 import pathlib
+import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -239,6 +242,51 @@ def test_processes_are_aligned_by_their_clock_offsets():
   assert [(e["ph"], e["pid"]) for e in flows] == [("s", 0), ("f", 1), ("s", 1), ("f", 0)]
 
 
+class FakeKV:
+  """The key-value store and barriers of ``jax.distributed``'s client, for threads."""
+
+  def __init__(self):
+    self._values: dict[str, str] = {}
+    self._cond = threading.Condition()
+    self._barriers: dict[str, threading.Barrier] = {}
+
+  def key_value_set(self, key, value):
+    with self._cond:
+      assert key not in self._values, key
+      self._values[key] = value
+      self._cond.notify_all()
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    with self._cond:
+      assert self._cond.wait_for(lambda: key in self._values, timeout_ms / 1000), key
+      return self._values[key]
+
+  def wait_at_barrier(self, barrier_id, timeout_ms, process_ids):
+    with self._cond:
+      barrier = self._barriers.setdefault(barrier_id, threading.Barrier(len(process_ids)))
+    barrier.wait(timeout_ms / 1000)
+
+
+def test_clock_offsets_zero_on_one_host_measured_across_hosts():
+  """Process 1 shares process 0's host (offset 0 whatever its clock); process 2's clock runs
+  5 s ahead on another host: the barrier rounds measure that."""
+  kv, got = FakeKV(), {}
+  setups = {0: ("a", 0.0), 1: ("a", 3.0), 2: ("b", 5.0)}
+
+  def proc(i):
+    host, ahead = setups[i]
+    got[i] = trace_lib.clock_offset(kv, i, 3, run=1, host=host,
+                                    clock=lambda: time.time() + ahead)
+
+  threads = [threading.Thread(target=proc, args=(i,)) for i in setups]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(30)
+  assert got[0] == 0.0 and got[1] == 0.0
+  assert got[2] == pytest.approx(5.0, abs=0.1)
+
+
 @pytest.mark.parametrize("value", [(0,), (3, 2), (1, 99), ("a",), (1, 2, 3)])
 def test_bad_profile_steps_raise(value):
   c = shakespeare_gpt.get_config("runlocal")
@@ -257,3 +305,39 @@ def test_profile_steps_and_record_timeline_config():
     train_lib.pipeline_options(c)
   c.backend, c.pipeline.ranks = "mpmd", 2
   assert train_lib.pipeline_options(c)["record_timeline"] is True
+
+
+@pytest.mark.slow
+def test_two_process_trace_is_merged_on_one_clock(tmp_path):
+  """MPMD with one rank per process: process 0 writes one trace with both processes' ranks; on
+  the aligned clocks every transfer's consumer starts after its producer ended."""
+  hkpipe.data.prepare(tmp_path / "data")
+  work = tmp_path / "mp"
+  flags = ["--config=experiments/shakespeare_gpt.py:runlocal", f"--workdir={work}",
+           f"--config.data.dir={tmp_path / 'data'}", "--config.backend=mpmd",
+           "--config.pipeline.ranks=2", "--config.pipeline.num_microbatches=2",
+           "--config.pipeline.record_timeline=True", "--config.num_steps=3",
+           "--config.eval_every=0", "--config.checkpoint_every=0", "--config.sample_tokens=0"]
+  t0 = time.time()
+  proc = subprocess.run(["bash", "launch/local.sh", "2", "--devices_per_process=1",
+                         "--timeout=400", "--", *flags], cwd=ROOT, capture_output=True,
+                        text=True, timeout=450)
+  print(f"two processes: {time.time() - t0:.1f}s")
+  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+  trace = json.loads((work / "trace.json").read_text())
+  events = _x_events(trace)
+  assert {(e["pid"], e["tid"]) for e in events} == {(0, 0), (1, 1)}
+  sched = schedules.get("1f1b", num_ranks=2, num_microbatches=2)
+  for rank in range(2):
+    assert len([e for e in events if e["tid"] == rank]) == len(sched.compute_actions(rank))
+  slices = {(e["tid"], e["args"]["kind"], e["args"]["microbatch"]): e for e in events}
+  flows = [e for e in trace["traceEvents"] if e["ph"] in "sf"]
+  assert len(flows) == 2 * 2 * (2 - 1) * 2
+  for start, end in zip(flows[::2], flows[1::2]):
+    assert (start["ph"], end["ph"], start["pid"] != end["pid"]) == ("s", "f", True)
+  for mb in range(2):  # causality across processes (one host: one clock)
+    assert slices[(1, "F", mb)]["ts"] >= slices[(0, "F", mb)]["ts"] + slices[(0, "F", mb)]["dur"]
+    assert slices[(0, "B", mb)]["ts"] >= slices[(1, "B", mb)]["ts"] + slices[(1, "B", mb)]["dur"]
+  timeline = json.loads((work / "timeline.json").read_text())
+  assert [(p["process"], p["clock_offset"]) for p in timeline["processes"]] == [(0, 0.0), (1, 0.0)]
+  assert (work / "timeline.svg").exists() and (work / "loss.png").exists()

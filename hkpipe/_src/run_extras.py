@@ -51,7 +51,8 @@ class RunExtras:
     if self.record and self.count > 1:  # every process, before the first step
       self._client = trace_lib.kv_client()
       self._run = trace_lib.run_id(self._client, self.process)
-      self._offset = trace_lib.clock_offset(self._client, self.process, self._run)
+      self._offset = trace_lib.clock_offset(self._client, self.process, self.count,
+                                            self._run)
 
   def before_step(self, step: int) -> None:
     """Called before train step ``step + 1`` runs (``step`` = steps done)."""

@@ -266,8 +266,9 @@ class MpmdBackend(pipeline_lib.Backend):
     self.last_stash_peaks = run.liveness.peak_stash
     self.last_predicted_bytes = run.liveness.bytes_after or ()
     self.last_measured_bytes = trace.bytes_after
-    self.last_stash_peak_bytes = tuple(max([0] + [after[r] for after in trace.bytes_after])
-                                       for r in range(setup.num_ranks))
+    self.last_stash_peak_bytes = tuple(  # 0 for the ranks of other processes
+        max([0] + [after[r] for after in trace.bytes_after if r < len(after)])
+        for r in range(setup.num_ranks))
 
   def _train_family(self, setup: _Setup, state: pipeline_lib.TrainState, with_update: bool) -> _Family:
     opt = None

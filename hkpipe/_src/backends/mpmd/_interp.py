@@ -325,9 +325,12 @@ def execute_timed(bound: Bound, store: list, net: Any, progress: Any,
     ins = step[-1]
     if step[0] != FREE:
       progress.op = ins
+    if isinstance(ins, ir.Run):  # its inputs first: one may come from another process
+      jax.block_until_ready([store[r] for r in ins.reads if store[r] is not None])
     start = time.perf_counter()
     _exec(step, store, net)
-    jax.block_until_ready([store[w] for w in ir.writes_of(ins) if store[w] is not None])
+    if step[0] != PULL:  # a receive may be issued before its sender ran: its consumer waits
+      jax.block_until_ready([store[w] for w in ir.writes_of(ins) if store[w] is not None])
     end = time.perf_counter()
     if isinstance(ins, ir.Run):
       records.append(schedules.Record(ins.rank, schedules.Kind[ins.kind].value, ins.stage,
