@@ -200,7 +200,24 @@ def test_timeline_svg_titles_carry_the_bubble_fractions(run):
   assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
   assert f"simulated, unit costs: bubble {simulated:.1%}" in svg
   assert f"measured, step 4: bubble {measured:.1%}" in svg
-  assert "simulated with the measured per-stage costs: bubble" in svg
+  mean = {(k, st): np.mean([e["dur"] / 1e6 for e in events if e["args"]["kind"] == k
+                            and e["args"]["stage"] == st]) for k in "FB" for st in range(RANKS)}
+  costed = schedules.simulate(
+      schedules.get("1f1b", num_ranks=RANKS, num_microbatches=MICROBATCHES),
+      schedules.Costs(forward=[mean["F", st] for st in range(RANKS)],
+                      backward=[mean["B", st] for st in range(RANKS)]))
+  assert (f"simulated with the measured per-stage costs: bubble {costed.bubble_ratio:.1%}, "
+          f"{costed.makespan * 1e3:.1f} ms") in svg
+
+
+def test_measured_costs_need_every_stage_and_kind():
+  sched = schedules.get("1f1b", num_ranks=2, num_microbatches=2)
+  rec = schedules.Record
+  full = [rec(0, "F", 0, 0, 0, 1), rec(0, "F", 0, 1, 1, 4), rec(1, "F", 1, 0, 4, 5),
+          rec(1, "B", 1, 0, 5, 7), rec(0, "B", 0, 0, 7, 8)]
+  costs = report_lib.measured_costs(full, sched)
+  assert (costs.forward, costs.backward) == ([2.0, 1.0], [1.0, 2.0])
+  assert report_lib.measured_costs(full[:3], sched) is None  # no B measured
 
 
 def test_profile_trace_of_the_chosen_steps(run):

@@ -83,34 +83,38 @@ def bubble_fraction(records: Sequence[schedules.Record], num_ranks: int) -> floa
   return 1.0 - busy / (num_ranks * makespan)
 
 
-def measured_costs(records: Sequence[schedules.Record], num_stages: int) -> schedules.Costs:
-  """Per-stage mean durations of each kind of action, as simulator costs (kinds that did not run
-  keep the default cost of 1; they are not used by the schedule)."""
-  def mean(kind: str) -> list[float] | float:
+def measured_costs(records: Sequence[schedules.Record],
+                   schedule: schedules.Schedule) -> schedules.Costs | None:
+  """Per-stage mean durations of each kind of action the schedule runs, as simulator costs; None
+  when the timeline lacks a (kind, stage) the schedule has (a partial timeline)."""
+  kinds = {a.kind.value for row in schedule.actions for a in row if a.kind.is_compute}
+  means: dict[str, list[float]] = {}
+  for kind in kinds:
     per_stage = [[r.end - r.start for r in records if r.kind == kind and r.stage == s]
-                 for s in range(num_stages)]
+                 for s in range(schedule.num_stages)]
     if not all(per_stage):
-      return 1.0
-    return [float(np.mean(d)) for d in per_stage]
-  backward = mean("B")
-  return schedules.Costs(forward=mean("F"), input_grad=mean("I"), weight_grad=mean("W"),
-                         backward=None if isinstance(backward, float) else backward)
+      return None
+    means[kind] = [float(np.mean(d)) for d in per_stage]
+  return schedules.Costs(forward=means.get("F", 1.0), input_grad=means.get("I", 1.0),
+                         weight_grad=means.get("W", 1.0), backward=means.get("B"))
 
 
 def timeline_panels(timeline: trace_lib.StepTimeline) -> list[tuple[str, list]]:
   """The panels of ``timeline.svg``: ``(title with bubble fraction, records)`` for the schedule
-  simulated with unit costs (B = I + W = 2 F), simulated with the measured per-stage costs, and
-  measured."""
+  simulated with unit costs (B = I + W = 2 F), simulated with the measured per-stage costs (left
+  out for a partial timeline), and measured."""
   sched = timeline.schedule
   measured = timeline.records()
   unit = schedules.simulate(sched)
-  costed = schedules.simulate(sched, measured_costs(measured, sched.num_stages))
+  costs = measured_costs(measured, sched)
   ms = 1e3
-  return [
-      (f"simulated, unit costs: bubble {unit.bubble_ratio:.1%}", unit.records()),
-      (f"simulated with the measured per-stage costs: bubble {costed.bubble_ratio:.1%}, "
-       f"{costed.makespan * ms:.1f} ms",
-       [r._replace(start=r.start * ms, end=r.end * ms) for r in costed.records()]),
+  panels = [(f"simulated, unit costs: bubble {unit.bubble_ratio:.1%}", unit.records())]
+  if costs is not None:
+    costed = schedules.simulate(sched, costs)
+    panels.append((f"simulated with the measured per-stage costs: bubble "
+                   f"{costed.bubble_ratio:.1%}, {costed.makespan * ms:.1f} ms",
+                   [r._replace(start=r.start * ms, end=r.end * ms) for r in costed.records()]))
+  return panels + [
       (f"measured, step {timeline.step}: bubble "
        f"{bubble_fraction(measured, sched.num_ranks):.1%}, "
        f"{(max(r.end for r in measured) - min(r.start for r in measured)) * ms:.1f} ms",

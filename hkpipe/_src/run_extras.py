@@ -93,7 +93,12 @@ class RunExtras:
       return
     if timeline is not None:
       trace_lib.write_timeline(self.work / trace_lib.TIMELINE_FILE, timeline)
-    written = report_lib.write_report(self.work)
+    try:  # the run's work is saved: a picture that fails is reported, not raised
+      written = report_lib.write_report(self.work)
+    except Exception as e:  # pylint: disable=broad-except
+      self.say(f"hkpipe: warning: could not write the pictures and traces: {e!r}; retry with "
+               f"python -m hkpipe.report {self.work}")
+      return
     if timeline is not None:
       measured = report_lib.bubble_fraction(timeline.records(), timeline.schedule.num_ranks)
       self.say(f"Timeline of step {timeline.step}: measured bubble {measured:.1%}, simulated "
