@@ -16,9 +16,10 @@ setuptools.setup(
         "absl-py",
         "ml-collections",
         "numpy",
+        "matplotlib",  # loss.png (hkpipe.report)
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "tensorboard"],  # tensorboard: reads our event files back
     },
     entry_points={},
 )

@@ -11,7 +11,9 @@ Public API (everything else is private):
 - Submodules: :mod:`hkpipe.models` (GPT, Llama), :mod:`hkpipe.data` (text data),
   :mod:`hkpipe.schedules` (schedule IR, validator, simulator, pictures), :mod:`hkpipe.sharding`
   (mesh axes and parameter sharding rules) and :mod:`hkpipe.train`
-  (training loop, optimizer, checkpoints; imported on demand since it loads orbax).
+  (training loop, optimizer, checkpoints; imported on demand since it loads orbax);
+  :mod:`hkpipe.report` (a run's loss picture, timeline picture and trace; imported on demand,
+  ``python -m hkpipe.report WORKDIR``).
 """
 
 from hkpipe._src.errors import ConfigError

@@ -7,6 +7,10 @@ Flags:
                     checkpoint is resumed.
   --host_devices    simulate N CPU devices (for pipelines on a machine without accelerators);
                     must be set before JAX starts, which this launcher does for you.
+  --compilation_cache
+                    JAX's persistent compilation cache: "auto" (default;
+                    $HKPIPE_COMPILATION_CACHE or ~/.cache/hkpipe/jax), "off", or a folder. A
+                    second identical start loads its compiled programs instead of compiling.
   --coordinator_address, --num_processes, --process_id
                     join a multi-process run (see launch/local.py, docs/launch.md): give all
                     three or none; SLURM and Cloud TPU pods are auto-detected.
@@ -39,6 +43,9 @@ _COORDINATOR = flags.DEFINE_string(
     "HKPIPE_* environment variables, SLURM or Cloud TPU pods are auto-detected.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: total processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "auto", "JAX's persistent compilation cache: 'auto' "
+    "($HKPIPE_COMPILATION_CACHE or ~/.cache/hkpipe/jax), 'off', or a folder.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,6 +65,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
   from hkpipe._src import errors  # pylint: disable=g-import-not-at-top
+  from hkpipe._src import compile_cache  # pylint: disable=g-import-not-at-top
+  cache_dir = compile_cache.resolve(_COMPILATION_CACHE.value)
+  counter = None
+  if cache_dir is not None:  # before anything compiles
+    compile_cache.enable(cache_dir)
+    counter = compile_cache.CacheCounter().start()
   try:
     _setup_devices(_HOST_DEVICES.value)
     from hkpipe._src import distributed  # pylint: disable=g-import-not-at-top
@@ -75,6 +88,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train(_CONFIG.value, _WORKDIR.value)
+    if counter is not None and jax.process_index() == 0:
+      print(f"hkpipe: {counter.summary(cache_dir)}", flush=True)
   except errors.ConfigError as e:
     _exit_with_message(e, multi_process=jax.process_count() > 1)
   except train_lib.NonFiniteStepsError as e:  # an explained stop: its message is the report

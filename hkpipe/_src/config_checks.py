@@ -21,8 +21,9 @@ from hkpipe._src.errors import ConfigError
 # rejects which field follows from options.OPTION_BACKENDS, the one table of who uses what.
 _FIELD_OPTION = {"ranks": "num_ranks", "stages": "num_ranks", "schedule": "schedule",
                  "virtual_stages": "virtual_stages", "boundaries": "partition",
-                 "partition_cost": "partition", "dp": "mesh"}
-_NOT_GIVEN = {"ranks": (None, 1), "stages": (None, 1), "dp": (None, 1)}
+                 "partition_cost": "partition", "dp": "mesh", "record_timeline": "record_timeline"}
+_NOT_GIVEN = {"ranks": (None, 1), "stages": (None, 1), "dp": (None, 1),
+              "record_timeline": (None, False)}
 
 
 def _flag(path: str, value: Any) -> str:
@@ -153,10 +154,32 @@ def validate(config: Any, defaults: Any, *, backends: tuple[str, ...],
       raise ConfigError(f"{_flag('pipeline.boundaries', pipe.boundaries)} must be strictly "
                         "increasing layer indices >= 1 (where stages 1, 2, ... start), e.g. "
                         "(2, 4, 6).")
+  profile_window(config)
   if config.batch_size % pipe.num_microbatches:
     raise ConfigError(f"{_flag('batch_size', config.batch_size)} is not divisible by "
                       f"{_flag('pipeline.num_microbatches', pipe.num_microbatches)}; use a batch "
                       f"size that is a multiple of {pipe.num_microbatches}.")
+
+
+def profile_window(config: Any) -> tuple[int, int] | None:
+  """``config.profile_steps`` as ``(first, last)`` train steps (1-based, inclusive; one number:
+  that step alone), or None when unset.
+
+  Raises:
+    ConfigError: not one or two ints with ``1 <= first <= last <= num_steps``.
+  """
+  value = config.get("profile_steps")
+  if value is None:
+    return None
+  steps = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  if len(steps) == 1:
+    steps = steps * 2
+  if (len(steps) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in steps)
+      or not 1 <= steps[0] <= steps[1] <= config.num_steps):
+    raise ConfigError(f"{_flag('profile_steps', value)} must be FIRST,LAST train steps with "
+                      f"1 <= FIRST <= LAST <= num_steps={config.num_steps} (or one step), e.g. "
+                      "--config.profile_steps=5,7.")
+  return steps[0], steps[1]
 
 
 def pipeline_sizes(config: Any, *, device_count: int, process_count: int) -> tuple[int, int]:

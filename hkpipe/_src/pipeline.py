@@ -205,6 +205,7 @@ class Backend(abc.ABC):
   # method (or sets the ``last_*`` attributes on itself). Documented on the ``Pipeline`` facade.
 
   last_timeline: tuple = ()
+  last_timeline_origin: float | None = None
   last_stash_peaks: tuple = ()
   last_stash_peak_bytes: tuple = ()
   last_predicted_bytes: tuple = ()
@@ -458,6 +459,11 @@ class Pipeline:
     ``hkpipe.schedules.Record`` (rank, kind, stage, mb, start, end; seconds), drawable with
     ``hkpipe.schedules.ascii_grid`` / ``svg_timeline``; ``()`` before a step or without it."""
     return self.backend.last_timeline
+
+  @property
+  def last_timeline_origin(self) -> float | None:
+    """``time.time()`` at :attr:`last_timeline`'s time 0 on this process; None without one."""
+    return self.backend.last_timeline_origin
 
   @property
   def last_stash_peaks(self) -> tuple[int, ...]:

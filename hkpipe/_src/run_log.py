@@ -11,6 +11,8 @@ import json
 import pathlib
 from typing import Any, Mapping, TextIO
 
+from hkpipe._src import tensorboard as tb_lib
+
 
 def describe_layout(layout: Any) -> str:
   """Text for the console: the stages with their layers and devices, and the schedule's simulated
@@ -71,22 +73,41 @@ def _jsonable(metrics: Mapping[str, Any]) -> dict:
 
 class MetricsWriter:
   """Appends one JSON object per line to ``metrics.jsonl``; on resume, drops records past the
-  checkpoint so the file describes exactly one run."""
+  checkpoint so the file describes exactly one run.
 
-  def __init__(self, path: pathlib.Path, resume_step: int):
+  With ``tensorboard`` (a folder), every record's numeric fields also go to a new TensorBoard
+  event file there (see ``hkpipe._src.tensorboard``), which starts with a START marker at
+  ``resume_step + 1``: TensorBoard hides what earlier files logged from there on, as the JSONL
+  file drops it.
+  """
+
+  def __init__(self, path: pathlib.Path, resume_step: int,
+               tensorboard: pathlib.Path | None = None):
     self.path = path
     if path.exists():
       kept = [line for line in path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       path.write_text("".join(line + "\n" for line in kept))
     self._file: TextIO = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._events = (None if tensorboard is None
+                    else tb_lib.EventWriter(tensorboard, start_step=resume_step + 1))
 
   def write(self, record: Mapping[str, Any]) -> None:
     self._file.write(json.dumps(_jsonable(record)) + "\n")
     self._file.flush()
+    if self._events is not None:
+      self._events.write(record)
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    """Writes ``text`` to TensorBoard's text tab (JSONL has no text: samples go to
+    ``samples.txt``)."""
+    if self._events is not None:
+      self._events.text(tag, text, step)
 
   def close(self) -> None:
     self._file.close()
+    if self._events is not None:
+      self._events.close()
 
 
 class NoWriter:
@@ -94,6 +115,9 @@ class NoWriter:
 
   def write(self, record: Mapping[str, Any]) -> None:
     del record
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    del tag, text, step
 
   def close(self) -> None:
     pass

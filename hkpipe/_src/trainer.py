@@ -38,6 +38,7 @@ from hkpipe._src import optim
 from hkpipe._src import options as options_lib
 from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import resume as resume_lib
+from hkpipe._src import run_extras
 from hkpipe._src import run_log
 from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
@@ -60,7 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
   deadline, also in a single process; 0: off), ``multiple`` (10.0) and ``floor_s`` (120.0).
   Negative values raise ``ConfigError``;
   ``max_consecutive_skips`` (the run stops after this many steps in a row were skipped for a
-  non-finite loss or gradient norm; >= 1).
+  non-finite loss or gradient norm; >= 1); ``tensorboard`` (True: the metrics and the sample also
+  go to TensorBoard event files in ``workdir/tensorboard``).
 
   ``pipeline.stages`` is the deprecated spelling of ``pipeline.ranks`` (it warns).
 
@@ -87,7 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
       "schedule": ml_collections.config_dict.placeholder(str),
       "virtual_stages": ml_collections.config_dict.placeholder(int),
       "boundaries": ml_collections.config_dict.placeholder(tuple),
-      "partition_cost": ml_collections.config_dict.placeholder(str), "remat": False})
+      "partition_cost": ml_collections.config_dict.placeholder(str), "remat": False,
+      "record_timeline": False})
   c.log_every = 10
   c.eval_every = 100
   c.eval_batches = 4
@@ -102,6 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
       "timeout_s": ml_collections.config_dict.placeholder(float), "multiple": 10.0,
       "floor_s": 120.0})
   c.max_consecutive_skips = step_guard.DEFAULT_MAX_CONSECUTIVE_SKIPS
+  c.tensorboard = True
+  c.profile_steps = ml_collections.config_dict.placeholder(tuple)
   return c
 
 
@@ -175,7 +180,8 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   if backend == "pmap":
     return {**opts, "devices": chosen}
   mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(ranks, dp), ("pp", "dp"))
-  opts.update(mesh=mesh, schedule=pipe.get("schedule"), virtual_stages=pipe.get("virtual_stages"))
+  opts.update(mesh=mesh, schedule=pipe.get("schedule"), virtual_stages=pipe.get("virtual_stages"),
+              record_timeline=bool(pipe.get("record_timeline")))
   boundaries = pipe.get("boundaries")
   opts["partition"] = tuple(boundaries) if boundaries else pipe.get("partition_cost")
   return opts
@@ -367,8 +373,10 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
     say(f"Resumed from checkpoint at step {resume_step} in {ckpt.directory}")
   elif had_checkpoints:
     say(f"No usable checkpoint left in {ckpt.directory}; starting from step 0.")
-  writer = (run_log.MetricsWriter(work / "metrics.jsonl", resume_step or 0) if lead
-            else run_log.NoWriter())
+  writer = (run_log.MetricsWriter(work / "metrics.jsonl", resume_step or 0,
+                                  work / "tensorboard" if config.tensorboard else None)
+            if lead else run_log.NoWriter())
+  extras = run_extras.RunExtras(config, work, pipe, say)  # profiler, timeline, pictures
   flops_tok = models.flops_per_token(mcfg)
   peak = config.get("peak_tflops")
   tokens_per_step = batch_size * seq_len
@@ -384,8 +392,10 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
       step = state.step
       t0 = time.time()
       progress.begin_step(step + 1)
+      extras.before_step(step)
       state, metrics = pipe.train_step(state, train_batch(step))
       done = state.step
+      extras.after_step(done, metrics)
       steps_window += 1
       compiled = done == first_done
       skips.push(done, metrics["skipped"])
@@ -426,6 +436,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         last_saved = done
         t_window, steps_window = time.time(), 0
   except BaseException:
+    extras.abort()
     progress.enter(watchdog_lib.CHECKPOINT)  # the crash save below: a save's deadline
     if state.step != last_saved and state.step > 0:
       # Nothing lost on a crash: keep the last completed step. Across processes the save is
@@ -448,12 +459,12 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
     say(str(stop))
     ckpt.close()
     writer.close()
+    extras.abort()
     raise stop
   progress.enter(watchdog_lib.FINISH)
   if state.step != last_saved:
     ckpt.save(state.step, pipe.to_canonical(state), {**meta, "step": state.step})
   ckpt.close()
-  writer.close()
   summary["steps"] = state.step
 
   if sample_tokens:
@@ -469,7 +480,10 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
       text = (sample_in_place(pipe, state, config.sample_prompt, **sampling) if in_place
               else sample_text(model, params, config.sample_prompt, **sampling))
       (work / "samples.txt").write_text(text)
+      writer.text("sample", f"```\n{text}\n```", state.step)
       say("---- sample ----\n" + text + "\n----------------")
       summary["sample"] = text
+  writer.close()
+  extras.finish()
   say(f"Done in {time.time() - t_start:.1f}s; checkpoints in {ckpt.directory}")
   return summary

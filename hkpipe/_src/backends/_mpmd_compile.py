@@ -11,6 +11,11 @@ to clone.
 
 If a clone fails (a backend that cannot serialize executables, a program with hoisted constants),
 the program is compiled for the new devices instead; correctness never depends on cloning.
+
+With JAX's persistent compilation cache on (``jax_compilation_cache_dir``, as ``launch/train.py``
+sets by default) programs are compiled, never cloned: every placement is then stored in the cache
+and a second start loads them all; and an executable loaded from that cache cannot be cloned
+(jax 0.10.2, CPU: its re-serialized copy fails when called, "Function ... not found").
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from jax.experimental import serialize_executable
 
 from jax._src import compiler as jax_compiler  # pylint: disable=g-bad-import-order
 from jax._src.lib import xla_client
+
+
+def persistent_cache_on() -> bool:
+  """Whether compiles go through JAX's persistent compilation cache."""
+  return bool(jax.config.jax_compilation_cache_dir) and bool(
+      jax.config.jax_enable_compilation_cache)
 
 
 @dataclasses.dataclass
@@ -171,7 +182,7 @@ class ProgramCache:
     # lowered text -> {devices: future of the compiled executable}; the first entry is the one
     # clones are made from.
     self._by_key: dict[str, dict[tuple[Any, ...], concurrent.futures.Future]] = {}
-    self._clone_ok = True
+    self._clone_ok = not persistent_cache_on()
     # Stage-level memo filled by the MPMD setup: (stage signature, program name, ...) ->
     # (program, extra data); lets identical stages skip tracing.
     self.memo: dict[Any, tuple[Program, Any]] = {}

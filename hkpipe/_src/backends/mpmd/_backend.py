@@ -268,11 +268,13 @@ class MpmdBackend(pipeline_lib.Backend):
     device_rank = {d: r for r in setup.owned for d in setup.rank_device_lists[r]}
     trace = _interp.execute_timed(run.bound, store, net, self.progress, device_rank)
     self.last_timeline = trace.records
+    self.last_timeline_origin = trace.origin
     self.last_stash_peaks = run.liveness.peak_stash
     self.last_predicted_bytes = run.liveness.bytes_after or ()
     self.last_measured_bytes = trace.bytes_after
-    self.last_stash_peak_bytes = tuple(max([0] + [after[r] for after in trace.bytes_after])
-                                       for r in range(setup.num_ranks))
+    self.last_stash_peak_bytes = tuple(  # 0 for the ranks of other processes
+        max([0] + [after[r] for after in trace.bytes_after if r < len(after)])
+        for r in range(setup.num_ranks))
 
   def _train_family(self, setup: _Setup, state: pipeline_lib.TrainState, with_update: bool) -> _Family:
     opt = None

@@ -306,10 +306,12 @@ class Trace:
   Attributes:
     records: the executed schedule actions (``schedules.Record``), times in seconds.
     bytes_after: per instruction, per rank, live device bytes above those before the call.
+    origin: ``time.time()`` at the records' time 0 (places them on this process's wall clock).
   """
 
   records: tuple
   bytes_after: tuple[tuple[int, ...], ...]
+  origin: float = 0.0
 
 
 def execute_timed(bound: Bound, store: list, net: Any, progress: Any,
@@ -318,18 +320,21 @@ def execute_timed(bound: Bound, store: list, net: Any, progress: Any,
   live device bytes per rank after each instruction."""
   base = live_device_bytes(device_rank)
   records, after = [], []
-  t0 = time.perf_counter()
+  origin, t0 = time.time(), time.perf_counter()
   for step in bound.steps:
     ins = step[-1]
     if step[0] != FREE:
       progress.op = ins
+    if isinstance(ins, ir.Run):  # its inputs first: one may come from another process
+      jax.block_until_ready([store[r] for r in ins.reads if store[r] is not None])
     start = time.perf_counter()
     _exec(step, store, net)
-    jax.block_until_ready([store[w] for w in ir.writes_of(ins) if store[w] is not None])
+    if step[0] != PULL:  # a receive may be issued before its sender ran: its consumer waits
+      jax.block_until_ready([store[w] for w in ir.writes_of(ins) if store[w] is not None])
     end = time.perf_counter()
     if isinstance(ins, ir.Run):
       records.append(schedules.Record(ins.rank, schedules.Kind[ins.kind].value, ins.stage,
                                       ins.mb, start - t0, end - t0))
     now = live_device_bytes(device_rank)
     after.append(tuple(n - b for n, b in zip(now, base)))
-  return Trace(tuple(records), tuple(after))
+  return Trace(tuple(records), tuple(after), origin)
