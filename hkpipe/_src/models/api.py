@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
+from hkpipe._src.models import attention
 from hkpipe._src.models import cached
 from hkpipe._src.models import gpt
 from hkpipe._src.models import llama
@@ -47,7 +48,9 @@ def build(config: Config) -> LanguageModel:
 
   With ``config.dtype == "bfloat16"`` every layer computes in bfloat16 while its parameters stay
   float32 (:func:`hkpipe.with_compute_dtype`); the head always returns float32 logits. The loss is
-  :func:`cross_entropy` with the config's ``z_loss`` and ``label_smoothing``.
+  :func:`cross_entropy` with the config's ``z_loss`` and ``label_smoothing``; with
+  ``config.loss_chunk_size`` the head returns a :class:`HeadOutput` instead and the loss is
+  :func:`chunked_cross_entropy` (the cached decode apply still returns logits).
 
   Args:
     config: a :class:`GPTConfig` or :class:`LlamaConfig`.
@@ -57,13 +60,20 @@ def build(config: Config) -> LanguageModel:
 
   Raises:
     TypeError: for any other config type.
+    ConfigError: for ``attention_impl="cudnn"`` without a GPU.
   """
+  if isinstance(config, (gpt.GPTConfig, llama.LlamaConfig)):
+    attention.check_available(config.attention_impl)
   layers, ties = _make_layers(config)
   if config.dtype == "bfloat16":
     layers = [cached.cached_with_compute_dtype(layer, jnp.bfloat16)  # type: ignore[arg-type]
               for layer in layers]
-  loss_fn = functools.partial(losses.cross_entropy, z_loss=config.z_loss,
-                              label_smoothing=config.label_smoothing)
+  if config.loss_chunk_size is None:
+    loss_fn = functools.partial(losses.cross_entropy, z_loss=config.z_loss,
+                                label_smoothing=config.label_smoothing)
+  else:
+    loss_fn = functools.partial(losses.chunked_cross_entropy, chunk_size=config.loss_chunk_size,
+                                z_loss=config.z_loss, label_smoothing=config.label_smoothing)
   return LanguageModel(layers=tuple(layers), loss_fn=loss_fn, ties=ties, config=config)
 
 
