@@ -15,6 +15,7 @@ import numpy as np
 
 from hkpipe._src import deprecation
 from hkpipe._src import errors
+from hkpipe._src import remat as remat_lib
 
 # name -> "module:Class"; imported lazily so a backend's dependencies load only when used.
 _BACKENDS: Mapping[str, str] = {
@@ -107,7 +108,10 @@ class PipelineOptions:
     mesh: alternatively a mesh with axes ``("pp",)`` or ``("pp", "dp")`` (``pmap``: its devices).
     max_grad_norm: clip the global gradient norm (over all stages) to this value; None or 0: no
       clipping.
-    remat: recompute each stage's forward in backward (activation checkpointing).
+    remat: rematerialisation of each stage's forward in the backward (activation
+      checkpointing): False (none), True (recompute everything), or a policy name from
+      ``hkpipe._src.remat.POLICIES`` (``"nothing_saveable"``, ``"dots_saveable"``,
+      ``"dots_with_no_batch_dims_saveable"``, ``"offload_dots_with_no_batch_dims"``).
     record_timeline: record the executed per-rank actions with their times (``mpmd`` only).
     donate: donate parameter and optimizer buffers to the update (saves memory; the old state
       becomes invalid after ``train_step``).
@@ -131,7 +135,7 @@ class PipelineOptions:
   devices: Sequence[Any] | None = None
   mesh: Any = None
   max_grad_norm: float | None = None
-  remat: bool = False
+  remat: bool | str = False
   record_timeline: bool = False
   donate: bool = True
   progress: Any = None
@@ -154,6 +158,7 @@ class PipelineOptions:
           f"backend={self.backend!r} does not use {shown}; drop "
           f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
           f"({' or '.join(backends_using(unused))}).")
+    remat_lib.check(self.remat, self.devices)
     if not isinstance(self.skip_nonfinite, bool):
       raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
                                f"{self.skip_nonfinite!r}.")

@@ -52,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
   ``data`` (``dir``, ``source``, ``val_fraction``); ``batch_size``; ``num_steps``; ``optim``
   (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``ranks``, ``dp``,
   ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
-  ``remat``); ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
+  ``remat``, ``remat_policy``: a name from ``hkpipe._src.remat.POLICIES``); ``log_every``,
+  ``eval_every``, ``eval_batches``, ``checkpoint_every``,
   ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported);
   ``watchdog`` (the hang watchdog, see ``hkpipe/_src/watchdog.py`` and docs/launch.md):
   ``timeout_s`` (seconds a train step may make no progress; None: automatic,
@@ -87,7 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
       "schedule": ml_collections.config_dict.placeholder(str),
       "virtual_stages": ml_collections.config_dict.placeholder(int),
       "boundaries": ml_collections.config_dict.placeholder(tuple),
-      "partition_cost": ml_collections.config_dict.placeholder(str), "remat": False})
+      "partition_cost": ml_collections.config_dict.placeholder(str), "remat": False,
+      "remat_policy": ml_collections.config_dict.placeholder(str)})
   c.log_every = 10
   c.eval_every = 100
   c.eval_batches = 4
@@ -163,7 +165,7 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   pipe = config.pipeline
   backend = config.backend
   opts: dict = {"num_microbatches": int(pipe.num_microbatches),
-                "max_grad_norm": config.optim.get("max_grad_norm"), "remat": bool(pipe.remat)}
+                "max_grad_norm": config.optim.get("max_grad_norm"), "remat": pipe.get("remat_policy") or bool(pipe.remat)}
   visible = len(devices) if devices is not None else jax.device_count()
   ranks, dp = config_checks.pipeline_sizes(config, device_count=visible,
                                            process_count=jax.process_count())

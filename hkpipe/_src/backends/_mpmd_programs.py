@@ -34,6 +34,7 @@ import optax
 
 from hkpipe._src import model as model_lib
 from hkpipe._src import partition as partition_lib
+from hkpipe._src import remat as remat_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
 
@@ -125,7 +126,7 @@ class StageFns:
       return stage_lib.stage_output(self.model, self.spec.start, self.spec.stop, params,
                                     jax.tree.unflatten(self.x_tree, full), key, lidx, t, True)
 
-    return jax.checkpoint(f) if self.remat else f
+    return remat_lib.wrap(f, self.remat)
 
   def _vjp(self, args: Sequence[Any]):
     """Runs the forward under ``jax.vjp``; returns (output, vjp_fn, residuals, stash): residuals
