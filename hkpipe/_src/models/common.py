@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hkpipe._src import precision
 from hkpipe._src.models import attention as attention_lib
 from hkpipe._src.models import losses
 
@@ -58,10 +59,17 @@ def check_real(config_name: str, field: str, value: Any, low: float, high: float
 
 
 def check_dtype(config_name: str, value: Any) -> None:
-  """Raises unless ``value`` is one of :data:`DTYPES`."""
-  if value not in DTYPES:
-    _fail(config_name, "dtype", value, f"it must be one of {list(DTYPES)}",
-          'Use "float32", or "bfloat16" for mixed precision (parameters stay float32).')
+  """Raises unless ``value`` is one of :data:`DTYPES` or a ``jmp``-style policy string
+  (``"params=float32,compute=bfloat16,output=float32"``, see :mod:`hkpipe._src.precision`)."""
+  if isinstance(value, str) and "=" in value:
+    try:
+      precision.get_policy(value)
+    except ValueError as e:
+      _fail(config_name, "dtype", value, str(e), "Fix the policy string.")
+  elif value not in DTYPES:
+    _fail(config_name, "dtype", value, f"it must be one of {list(DTYPES)} or a policy string",
+          'Use "float32", or "bfloat16" for mixed precision (parameters stay float32), or '
+          '"params=float32,compute=bfloat16,output=float32".')
 
 
 def check_divides(config_name: str, field: str, value: int, other_field: str, other: int) -> None:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
+from hkpipe._src import precision
 from hkpipe._src.models import cached
 from hkpipe._src.models import common
 
@@ -44,7 +45,9 @@ class GPTConfig:
       branches (training only).
     bias: whether linear layers and LayerNorms have biases/offsets.
     tie_embeddings: share the token embedding with the output head (a :class:`hkpipe.Tie`).
-    dtype: ``"float32"``, or ``"bfloat16"`` for bf16 compute with float32 parameters.
+    dtype: the precision policy (:func:`hkpipe.precision.get_policy`): ``"float32"``, or
+      ``"bfloat16"`` for bf16 compute with float32 parameters, loss and norms, or a ``jmp``-style
+      ``"params=float32,compute=bfloat16,output=float32"``. Applied per layer.
     z_loss: weight of the z-loss term in :func:`cross_entropy` (>= 0).
     label_smoothing: label smoothing of :func:`cross_entropy`, in ``[0, 1)``.
     attention_impl: ``"xla"`` (default, any device) or ``"cudnn"`` (flash attention, GPU only)
@@ -154,7 +157,7 @@ def block_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
 def block_cache(batch: int, max_len: int, *, config: GPTConfig) -> dict:
   """Empty KV cache of one block: ``{"k", "v": [batch, max_len, n_heads, head_dim]}``."""
   shape = (batch, max_len, config.n_heads, config.head_dim)
-  dtype = jnp.dtype(config.dtype)
+  dtype = precision.get_policy(config.dtype).compute_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
+from hkpipe._src import precision
 from hkpipe._src.models import cached
 from hkpipe._src.models import common
 from hkpipe._src.models import gpt
@@ -48,7 +49,9 @@ class LlamaConfig:
     norm_eps: RMSNorm epsilon, > 0.
     dropout: dropout rate in ``[0, 1)`` on attention probabilities and residual branches (training
       only; Llama itself uses 0).
-    dtype: ``"float32"``, or ``"bfloat16"`` for bf16 compute with float32 parameters.
+    dtype: the precision policy (:func:`hkpipe.precision.get_policy`): ``"float32"``, or
+      ``"bfloat16"`` for bf16 compute with float32 parameters, loss and norms, or a ``jmp``-style
+      ``"params=float32,compute=bfloat16,output=float32"``. Applied per layer.
     z_loss: weight of the z-loss term in :func:`cross_entropy` (>= 0).
     label_smoothing: label smoothing of :func:`cross_entropy`, in ``[0, 1)``.
     attention_impl: ``"xla"`` (default, any device) or ``"cudnn"`` (flash attention, GPU only)
@@ -170,7 +173,7 @@ def block_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
 def block_cache(batch: int, max_len: int, *, config: LlamaConfig) -> dict:
   """Empty KV cache of one block: ``{"k", "v": [batch, max_len, kv_heads, head_dim]}`` (GQA)."""
   shape = (batch, max_len, config.kv_heads, config.head_dim)
-  dtype = jnp.dtype(config.dtype)
+  dtype = precision.get_policy(config.dtype).compute_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
