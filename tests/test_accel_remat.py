@@ -9,6 +9,7 @@ import pytest
 
 import hkpipe
 from hkpipe import models
+from hkpipe._src import remat as remat_lib
 from tests import helpers
 
 
@@ -38,7 +39,7 @@ def _reference():
 
 @pytest.mark.parametrize("backend,remat", [
     ("mpmd", "dots_saveable"), ("mpmd", "offload_dots_with_no_batch_dims"),
-    ("spmd", "dots_with_no_batch_dims_saveable"), ("spmd", "nothing_saveable")])
+    ("spmd", "dots_with_no_batch_dims_saveable")])
 def test_policy_grads_equal_no_remat(backend, remat):
   canonical, (ref_loss, ref_grads) = _reference()
   pipe = _pipe(backend, remat)
@@ -46,6 +47,12 @@ def test_policy_grads_equal_no_remat(backend, remat):
   loss, grads = pipe.loss_and_grads(state, _batch())
   helpers.assert_trees_close(loss, ref_loss)
   helpers.assert_trees_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("backend,remat", [("mpmd", ("dots_saveable", False)),
+                                           ("spmd", (False, "nothing_saveable"))])
+def test_per_stage_policies_grads_equal_no_remat(backend, remat):
+  test_policy_grads_equal_no_remat(backend, remat)
 
 
 def test_policies_change_what_spmd_stashes():
@@ -63,3 +70,14 @@ def test_policies_change_what_spmd_stashes():
 def test_unknown_policy_is_a_config_error():
   with pytest.raises(hkpipe.ConfigError, match="remat='everything'"):
     hkpipe.PipelineOptions(backend="mpmd", remat="everything")
+
+
+def test_per_stage_errors_and_trainer_spelling():
+  with pytest.raises(hkpipe.ConfigError, match="per-stage tuple needs backend"):
+    hkpipe.PipelineOptions(backend="single", remat=("dots_saveable",))
+  pipe = _pipe("mpmd", ("dots_saveable", False, True))          # 3 values, 2 stages
+  with pytest.raises(hkpipe.ConfigError, match="3 per-stage values.*2 stages"):
+    pipe.loss_and_grads(pipe.from_canonical(_reference()[0], 0), _batch())
+  assert remat_lib.from_config(True, None) is True
+  assert remat_lib.from_config(False, "dots_saveable") == "dots_saveable"
+  assert remat_lib.from_config(False, "dots_saveable, none") == ("dots_saveable", False)

@@ -111,7 +111,8 @@ class PipelineOptions:
     remat: rematerialisation of each stage's forward in the backward (activation
       checkpointing): False (none), True (recompute everything), or a policy name from
       ``hkpipe._src.remat.POLICIES`` (``"nothing_saveable"``, ``"dots_saveable"``,
-      ``"dots_with_no_batch_dims_saveable"``, ``"offload_dots_with_no_batch_dims"``).
+      ``"dots_with_no_batch_dims_saveable"``, ``"offload_dots_with_no_batch_dims"``); on
+      ``spmd``/``mpmd`` also a tuple of those, one per model stage.
     record_timeline: record the executed per-rank actions with their times (``mpmd`` only).
     donate: donate parameter and optimizer buffers to the update (saves memory; the old state
       becomes invalid after ``train_step``).
@@ -135,7 +136,7 @@ class PipelineOptions:
   devices: Sequence[Any] | None = None
   mesh: Any = None
   max_grad_norm: float | None = None
-  remat: bool | str = False
+  remat: Any = False
   record_timeline: bool = False
   donate: bool = True
   progress: Any = None
@@ -158,7 +159,9 @@ class PipelineOptions:
           f"backend={self.backend!r} does not use {shown}; drop "
           f"{'it' if len(unused) == 1 else 'them'}, or pick a backend that does "
           f"({' or '.join(backends_using(unused))}).")
-    remat_lib.check(self.remat, self.devices)
+    if isinstance(self.remat, list):
+      object.__setattr__(self, "remat", tuple(self.remat))
+    remat_lib.check(self.remat, self.devices, self.backend)
     if not isinstance(self.skip_nonfinite, bool):
       raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
                                f"{self.skip_nonfinite!r}.")

@@ -80,6 +80,7 @@ class StageFns:
     self.shapes = shapes
     self.is_first = spec.index == 0
     self.is_last = spec.index == num_stages - 1
+    self.num_stages = num_stages
     self.m = num_microbatches
     self.remat = remat
     self.layers = model.layers[spec.start:spec.stop]
@@ -126,7 +127,7 @@ class StageFns:
       return stage_lib.stage_output(self.model, self.spec.start, self.spec.stop, params,
                                     jax.tree.unflatten(self.x_tree, full), key, lidx, t, True)
 
-    return remat_lib.wrap(f, self.remat)
+    return remat_lib.wrap(f, remat_lib.for_stage(self.remat, self.spec.index, self.num_stages))
 
   def _vjp(self, args: Sequence[Any]):
     """Runs the forward under ``jax.vjp``; returns (output, vjp_fn, residuals, stash): residuals

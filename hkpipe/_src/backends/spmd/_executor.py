@@ -50,7 +50,8 @@ class _Executor(pipeline_lib.Backend):
     """Forward of stage ``s`` with its pullback split into (residuals, stash); residuals that are
     the parameters themselves are not stashed."""
     fn = lambda p, v: self._stage_apply(s, p, v, key, targets, True)
-    fn = remat_lib.wrap(fn, self.options.remat)
+    fn = remat_lib.wrap(fn, remat_lib.for_stage(self.options.remat, s,
+                                                len(self.plan.layout.stages)))
     kept = jax.tree.leaves(params)
     if s == 0:  # the inputs (e.g. tokens) need no cotangent
       y, _, residuals, stash = stage_lib.vjp_with_stash(lambda p: fn(p, x), (params,), kept)
