@@ -26,6 +26,8 @@ Commands (from the repo root):
   python launch/train.py --config=experiments/gpt2_124m.py:runlocal --workdir=workdirs/gpt2_local
 """
 
+import ml_collections
+
 from hkpipe.train import default_config
 
 MODEL = {"name": "gpt", "vocab_size": 50304, "seq_len": 1024, "d_model": 768, "n_layers": 12,
@@ -42,6 +44,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"Unknown variant {variant!r}; use '', 'cpu' or 'runlocal'.")
   c = default_config()
   c.model.update(MODEL)
+  c.model.loss_chunk_size = ml_collections.config_dict.placeholder(int)  # e.g. 1024 at vocab 128k
   c.optim.update(OPTIM)
   c.batch_size = 32
   c.num_steps = 20000

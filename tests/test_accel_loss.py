@@ -68,3 +68,15 @@ def test_memory_at_vocab_128k():
   print(f"temp bytes at V={v}, N={n}: plain {plain}, chunked {chunked}")
   assert plain >= logits_bytes
   assert chunked < logits_bytes // 2
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generate_with_chunked_head_matches_plain(use_cache):
+  base = dict(vocab_size=40, seq_len=8, d_model=16, n_layers=1, n_heads=2)
+  plain = models.build(models.GPTConfig(**base))
+  chunked = models.build(models.GPTConfig(**base, loss_chunk_size=6))
+  prompt = jax.random.randint(jax.random.key(1), (2, 3), 0, 40)
+  params = plain.init(jax.random.key(0), prompt)
+  run = lambda m: models.generate(m, params, prompt, max_new_tokens=5, rng=jax.random.key(2),
+                                  temperature=0.0, use_cache=use_cache)
+  np.testing.assert_array_equal(run(chunked), run(plain))

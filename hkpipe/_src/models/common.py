@@ -1,9 +1,9 @@
 """Building blocks shared by the model zoo: config checks, norms, embeddings, RoPE, attention.
 
 Everything here is written for the canonical ``[B, T, D]`` activation layout. Parameters are always
-created in float32; under mixed precision :func:`hkpipe.with_compute_dtype` casts them to the
-compute dtype before ``apply``, so the modules compute in whatever dtype their inputs and parameters
-arrive in. Numerically sensitive reductions (norm statistics, softmax) run in float32.
+created in float32; under mixed precision the layer's policy (:mod:`hkpipe.precision`) casts them
+to the compute dtype before ``apply``, so the modules compute in whatever dtype their inputs and
+parameters arrive in. Numerically sensitive reductions (norm statistics, softmax) run in float32.
 """
 
 from __future__ import annotations

@@ -26,6 +26,13 @@ class HeadOutput(NamedTuple):
   w: jax.Array
 
 
+def as_logits(y):
+  """``y`` itself, or for a :class:`HeadOutput` its ``[..., V]`` float32 logits (as LMHead)."""
+  if isinstance(y, HeadOutput):
+    return jnp.einsum("...d,vd->...v", y.hidden, y.w).astype(jnp.float32)
+  return y
+
+
 def _check_targets(lead: tuple[int, ...], targets: jax.Array, what: str) -> None:
   if lead != targets.shape:
     raise ValueError(f"cross_entropy needs {what} [..., V] and targets [...] with matching leading "
