@@ -3,7 +3,8 @@
 Public API (everything else is private):
 
 - Model layer: :class:`Layer`, :class:`SequentialModel`, :class:`Tie`, :func:`count_params`,
-  :func:`with_compute_dtype`; models in :mod:`hkpipe.models`.
+  :func:`with_compute_dtype`; models in :mod:`hkpipe.models`; mixed-precision policies in
+  :mod:`hkpipe.precision`.
 - Partitioning: :func:`partition`, :class:`StageSpec`.
 - Errors: :class:`ConfigError` (bad config values, options and inputs).
 - Training: :class:`Pipeline`, :class:`PipelineOptions`, :class:`TrainState`,
@@ -32,6 +33,7 @@ from hkpipe._src.options import available_backends
 
 from hkpipe import data
 from hkpipe import models
+from hkpipe import precision
 from hkpipe import schedules
 from hkpipe import sharding
 

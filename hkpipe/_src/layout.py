@@ -118,7 +118,7 @@ def device_grid(options: options_lib.PipelineOptions, inner: bool = False) -> np
       devices = default_rank_devices(options.num_ranks)
   if not devices:
     raise ValueError("devices=... is empty; pass at least one device.")
-  if len(set(devices)) != len(devices):
+  if len(set(devices)) != len(devices) and options.backend != "mpmd":  # mpmd: stages may share
     raise ValueError(f"devices=... lists a device twice: {devices}.")
   return np.asarray(devices, dtype=object).reshape(len(devices), 1)
 

@@ -16,6 +16,7 @@ import numpy as np
 from hkpipe._src import deprecation
 from hkpipe._src import errors
 from hkpipe._src import sharding as sharding_lib
+from hkpipe._src import remat as remat_lib
 
 # name -> "module:Class"; imported lazily so a backend's dependencies load only when used.
 _BACKENDS: Mapping[str, str] = {
@@ -117,7 +118,11 @@ class PipelineOptions:
       ``mpmd`` only for now (``spmd`` rejects it until it shards inside stages).
     max_grad_norm: clip the global gradient norm (over all stages) to this value; None or 0: no
       clipping.
-    remat: recompute each stage's forward in backward (activation checkpointing).
+    remat: rematerialisation of each stage's forward in the backward (activation
+      checkpointing): False (none), True (recompute everything), or a policy name from
+      ``hkpipe._src.remat.POLICIES`` (``"nothing_saveable"``, ``"dots_saveable"``,
+      ``"dots_with_no_batch_dims_saveable"``, ``"offload_dots_with_no_batch_dims"``); on
+      ``spmd``/``mpmd`` also a tuple of those, one per model stage.
     record_timeline: record the executed per-rank actions with their times (``mpmd`` only).
     donate: donate parameter and optimizer buffers to the update (saves memory; the old state
       becomes invalid after ``train_step``).
@@ -141,7 +146,7 @@ class PipelineOptions:
   devices: Sequence[Any] | None = None
   mesh: Any = None
   max_grad_norm: float | None = None
-  remat: bool = False
+  remat: Any = False
   record_timeline: bool = False
   donate: bool = True
   progress: Any = None
@@ -167,6 +172,9 @@ class PipelineOptions:
           f"({' or '.join(backends_using(unused))}).")
     if self.sharding_rules is not None:
       object.__setattr__(self, "sharding_rules", sharding_lib.as_rules(self.sharding_rules))
+    if isinstance(self.remat, list):
+      object.__setattr__(self, "remat", tuple(self.remat))
+    remat_lib.check(self.remat, self.devices, self.backend)
     if not isinstance(self.skip_nonfinite, bool):
       raise errors.ConfigError(f"skip_nonfinite must be True or False, got "
                                f"{self.skip_nonfinite!r}.")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from hkpipe._src import model as model_lib
+from hkpipe._src import remat as remat_lib
 from hkpipe._src import step_guard
 
 State = TypeVar("State")
@@ -43,7 +44,7 @@ def microbatch_loss(model: model_lib.SequentialModel, remat: bool) -> Callable:
   def fn(params, x, y, key):
     return model.loss(params, x, y, rng=key, is_training=True).astype(jnp.float32)
 
-  return jax.checkpoint(fn) if remat else fn
+  return remat_lib.wrap(fn, remat)
 
 
 def accumulate(loss_and_grad: Callable[[Any, Any], tuple[jax.Array, Any]], params: Any,

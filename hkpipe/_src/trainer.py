@@ -37,6 +37,7 @@ from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import options as options_lib
 from hkpipe._src import pipeline as pipeline_lib
+from hkpipe._src import remat as remat_lib
 from hkpipe._src import resume as resume_lib
 from hkpipe._src import run_extras
 from hkpipe._src import run_log
@@ -53,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   ``data`` (``dir``, ``source``, ``val_fraction``); ``batch_size``; ``num_steps``; ``optim``
   (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``ranks``, ``dp``,
   ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
-  ``remat``); ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
+  ``remat``, ``remat_policy``: a name from ``hkpipe._src.remat.POLICIES``, or per-stage names
+  separated by commas, ``none`` for no remat); ``log_every``,
+  ``eval_every``, ``eval_batches``, ``checkpoint_every``,
   ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported);
   ``watchdog`` (the hang watchdog, see ``hkpipe/_src/watchdog.py`` and docs/launch.md):
   ``timeout_s`` (seconds a train step may make no progress; None: automatic,
@@ -90,7 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
       "virtual_stages": ml_collections.config_dict.placeholder(int),
       "boundaries": ml_collections.config_dict.placeholder(tuple),
       "partition_cost": ml_collections.config_dict.placeholder(str), "remat": False,
-      "record_timeline": False})
+      "record_timeline": False,
+
+      "remat_policy": ml_collections.config_dict.placeholder(str)})
   c.log_every = 10
   c.eval_every = 100
   c.eval_batches = 4
@@ -168,7 +173,7 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   pipe = config.pipeline
   backend = config.backend
   opts: dict = {"num_microbatches": int(pipe.num_microbatches),
-                "max_grad_norm": config.optim.get("max_grad_norm"), "remat": bool(pipe.remat)}
+                "max_grad_norm": config.optim.get("max_grad_norm"), "remat": remat_lib.from_config(pipe.remat, pipe.get("remat_policy"))}
   visible = len(devices) if devices is not None else jax.device_count()
   ranks, dp = config_checks.pipeline_sizes(config, device_count=visible,
                                            process_count=jax.process_count())

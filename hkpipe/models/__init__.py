@@ -10,7 +10,8 @@ Public names:
 - Building: :func:`build`, :class:`LanguageModel`.
 - Inspection: :func:`summary`, :func:`param_count`, :func:`layer_param_counts`,
   :func:`flops_per_token`.
-- Loss: :func:`cross_entropy`.
+- Loss: :func:`cross_entropy`; :func:`chunked_cross_entropy` and :class:`HeadOutput` for large
+  vocabularies (``loss_chunk_size``).
 - Sampling: :func:`generate` (KV cache; ``use_cache=False`` recomputes), :class:`CachedLayer`
   (the cached-apply contract for your own layers, see ``docs/generation.md``).
 - Sharding: :func:`sharding_rules` (tensor-parallel rules of a GPT/Llama config, see
@@ -31,6 +32,8 @@ from hkpipe._src.models.common import causal_attention
 from hkpipe._src.models.common import rope
 from hkpipe._src.models.gpt import GPTConfig
 from hkpipe._src.models.llama import LlamaConfig
+from hkpipe._src.models.losses import HeadOutput
+from hkpipe._src.models.losses import chunked_cross_entropy
 from hkpipe._src.models.losses import cross_entropy
 from hkpipe._src.models.generate import generate
 from hkpipe._src.model_rules import sharding_rules
@@ -38,10 +41,12 @@ from hkpipe._src.model_rules import sharding_rules
 __all__ = (
     "CachedLayer",
     "GPTConfig",
+    "HeadOutput",
     "LanguageModel",
     "LlamaConfig",
     "build",
     "cached_attention",
+    "chunked_cross_entropy",
     "causal_attention",
     "cross_entropy",
     "flops_per_token",

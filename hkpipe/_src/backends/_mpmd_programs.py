@@ -39,6 +39,7 @@ import optax
 
 from hkpipe._src import model as model_lib
 from hkpipe._src import partition as partition_lib
+from hkpipe._src import remat as remat_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
 
@@ -142,6 +143,7 @@ class StageFns:
     self.shapes = shapes
     self.is_first = spec.index == 0
     self.is_last = spec.index == num_stages - 1
+    self.num_stages = num_stages
     self.m = num_microbatches
     self.remat = remat
     self.layers = model.layers[spec.start:spec.stop]
@@ -189,7 +191,7 @@ class StageFns:
       return stage_lib.stage_output(self.model, self.spec.start, self.spec.stop, params,
                                     jax.tree.unflatten(self.x_tree, full), key, lidx, t, True)
 
-    return jax.checkpoint(f) if self.remat else f
+    return remat_lib.wrap(f, remat_lib.for_stage(self.remat, self.spec.index, self.num_stages))
 
   def _vjp(self, args: Sequence[Any]):
     """Runs the forward under ``jax.vjp``; returns (output, vjp_fn, residuals, stash): residuals

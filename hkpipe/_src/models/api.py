@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
-from hkpipe._src.models import cached
+from hkpipe._src import precision
+from hkpipe._src.models import attention
 from hkpipe._src.models import gpt
 from hkpipe._src.models import llama
 from hkpipe._src.models import losses
@@ -45,9 +46,12 @@ def _make_layers(config: Config) -> tuple[list[model_lib.Layer], tuple[model_lib
 def build(config: Config) -> LanguageModel:
   """Builds the layers ``embed, block_0, ..., block_{n_layers-1}, head`` and the loss of a config.
 
-  With ``config.dtype == "bfloat16"`` every layer computes in bfloat16 while its parameters stay
-  float32 (:func:`hkpipe.with_compute_dtype`); the head always returns float32 logits. The loss is
-  :func:`cross_entropy` with the config's ``z_loss`` and ``label_smoothing``.
+  ``config.dtype`` names the precision policy (:func:`hkpipe.precision.get_policy`), applied per
+  layer: with ``"bfloat16"`` every layer computes in bfloat16 while its parameters stay float32,
+  and the head returns float32 logits. The loss is
+  :func:`cross_entropy` with the config's ``z_loss`` and ``label_smoothing``; with
+  ``config.loss_chunk_size`` the head returns a :class:`HeadOutput` instead and the loss is
+  :func:`chunked_cross_entropy` (the cached decode apply still returns logits).
 
   Args:
     config: a :class:`GPTConfig` or :class:`LlamaConfig`.
@@ -57,13 +61,20 @@ def build(config: Config) -> LanguageModel:
 
   Raises:
     TypeError: for any other config type.
+    ConfigError: for ``attention_impl="cudnn"`` without a GPU.
   """
+  if isinstance(config, (gpt.GPTConfig, llama.LlamaConfig)):
+    attention.check_available(config.attention_impl)
   layers, ties = _make_layers(config)
-  if config.dtype == "bfloat16":
-    layers = [cached.cached_with_compute_dtype(layer, jnp.bfloat16)  # type: ignore[arg-type]
-              for layer in layers]
-  loss_fn = functools.partial(losses.cross_entropy, z_loss=config.z_loss,
-                              label_smoothing=config.label_smoothing)
+  policy = precision.get_policy(config.dtype)
+  layers = [precision.apply_to_layer(layer, policy, last=i == len(layers) - 1)
+            for i, layer in enumerate(layers)]
+  if config.loss_chunk_size is None:
+    loss_fn = functools.partial(losses.cross_entropy, z_loss=config.z_loss,
+                                label_smoothing=config.label_smoothing)
+  else:
+    loss_fn = functools.partial(losses.chunked_cross_entropy, chunk_size=config.loss_chunk_size,
+                                z_loss=config.z_loss, label_smoothing=config.label_smoothing)
   return LanguageModel(layers=tuple(layers), loss_fn=loss_fn, ties=ties, config=config)
 
 

@@ -1,9 +1,9 @@
 """Building blocks shared by the model zoo: config checks, norms, embeddings, RoPE, attention.
 
 Everything here is written for the canonical ``[B, T, D]`` activation layout. Parameters are always
-created in float32; under mixed precision :func:`hkpipe.with_compute_dtype` casts them to the
-compute dtype before ``apply``, so the modules compute in whatever dtype their inputs and parameters
-arrive in. Numerically sensitive reductions (norm statistics, softmax) run in float32.
+created in float32; under mixed precision the layer's policy (:mod:`hkpipe.precision`) casts them
+to the compute dtype before ``apply``, so the modules compute in whatever dtype their inputs and
+parameters arrive in. Numerically sensitive reductions (norm statistics, softmax) run in float32.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from hkpipe._src import precision
+from hkpipe._src.models import attention as attention_lib
+from hkpipe._src.models import losses
 
 DTYPES = ("float32", "bfloat16")
 
@@ -55,10 +59,17 @@ def check_real(config_name: str, field: str, value: Any, low: float, high: float
 
 
 def check_dtype(config_name: str, value: Any) -> None:
-  """Raises unless ``value`` is one of :data:`DTYPES`."""
-  if value not in DTYPES:
-    _fail(config_name, "dtype", value, f"it must be one of {list(DTYPES)}",
-          'Use "float32", or "bfloat16" for mixed precision (parameters stay float32).')
+  """Raises unless ``value`` is one of :data:`DTYPES` or a ``jmp``-style policy string
+  (``"params=float32,compute=bfloat16,output=float32"``, see :mod:`hkpipe._src.precision`)."""
+  if isinstance(value, str) and "=" in value:
+    try:
+      precision.get_policy(value)
+    except ValueError as e:
+      _fail(config_name, "dtype", value, str(e), "Fix the policy string.")
+  elif value not in DTYPES:
+    _fail(config_name, "dtype", value, f"it must be one of {list(DTYPES)} or a policy string",
+          'Use "float32", or "bfloat16" for mixed precision (parameters stay float32), or '
+          '"params=float32,compute=bfloat16,output=float32".')
 
 
 def check_divides(config_name: str, field: str, value: int, other_field: str, other: int) -> None:
@@ -79,7 +90,10 @@ def check_common(config: Any) -> None:
   check_real(name, "dropout", config.dropout, 0.0, 1.0)
   check_real(name, "z_loss", config.z_loss, 0.0, None)
   check_real(name, "label_smoothing", config.label_smoothing, 0.0, 1.0)
+  if config.loss_chunk_size is not None:
+    check_positive_int(name, "loss_chunk_size", config.loss_chunk_size)
   check_dtype(name, config.dtype)
+  attention_lib.check_impl(name, config.attention_impl)
 
 
 def check_tokens(tokens: jax.Array, seq_len: int) -> None:
@@ -253,8 +267,12 @@ class LMHead(hk.Module):
     self.vocab_size = vocab_size
     self.stddev = stddev
 
-  def __call__(self, x: jax.Array) -> jax.Array:                        # x [B, T, D]
+  def __call__(self, x: jax.Array, chunked: bool = False) -> Any:       # x [B, T, D]
+    """``[B, T, V]`` float32 logits, or with ``chunked`` a :class:`losses.HeadOutput` of ``x``
+    and the compute-dtype weight, for :func:`losses.chunked_cross_entropy`."""
     w = param("w", (self.vocab_size, x.shape[-1]), normal_init(self.stddev))  # [V, D]
+    if chunked:
+      return losses.HeadOutput(x, w.astype(x.dtype))
     logits = jnp.einsum("btd,vd->btv", x, w.astype(x.dtype))            # [B, T, V]
     return logits.astype(jnp.float32)
 
@@ -354,13 +372,17 @@ class Attention(hk.Module):
   """Causal self-attention: q/k/v projections, optional RoPE, grouped-query attention, output.
 
   Parameters: ``w_q [D, H*hd]``, ``w_k [D, K*hd]``, ``w_v [D, K*hd]``, ``w_o [H*hd, D]`` and, with
-  ``bias``, ``b_q``, ``b_k``, ``b_v``, ``b_o``.
+  ``bias``, ``b_q``, ``b_k``, ``b_v``, ``b_o``. The attention itself runs through
+  ``jax.nn.dot_product_attention`` with implementation ``impl`` (see :mod:`attention`), except
+  with attention dropout active, where the reference :func:`causal_attention` is used.
   """
 
   def __init__(self, *, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool,
                w_init: hk.initializers.Initializer, out_init: hk.initializers.Initializer,
-               dropout: float = 0.0, rope_theta: float | None = None, name: str | None = None):
+               dropout: float = 0.0, rope_theta: float | None = None, impl: str = "xla",
+               name: str | None = None):
     super().__init__(name=name)
+    self.impl = impl
     self.n_heads = n_heads
     self.n_kv_heads = n_kv_heads
     self.head_dim = head_dim
@@ -412,13 +434,15 @@ class Attention(hk.Module):
                                                 axis=1)                 # [B, L, K, hd]
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos,
                                                 axis=1)                 # [B, L, K, hd]
-    y = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), positions)
+    y = attention_lib.over_cache(q, k_all.astype(q.dtype), v_all.astype(q.dtype), positions)
     return self._out(y, d), {"k": k_all, "v": v_all}
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:     # x [B, T, D]
     t, d = x.shape[1], x.shape[2]
     q, k, v = self._qkv(x, jnp.arange(t))
-    use_dropout = is_training and self.dropout > 0.0
-    y = causal_attention(q, k, v, dropout_rate=self.dropout,
-                         dropout_rng=hk.next_rng_key() if use_dropout else None)  # [B, T, H, hd]
+    if is_training and self.dropout > 0.0:
+      y = causal_attention(q, k, v, dropout_rate=self.dropout,
+                           dropout_rng=hk.next_rng_key())               # [B, T, H, hd]
+    else:
+      y = attention_lib.causal(q, k, v, self.impl)                      # [B, T, H, hd]
     return dropout(self._out(y, d), self.dropout, is_training)

@@ -13,6 +13,7 @@ Layers (canonical parameter layout)::
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import chex
 import haiku as hk
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
+from hkpipe._src import precision
 from hkpipe._src.models import cached
 from hkpipe._src.models import common
 from hkpipe._src.models import gpt
@@ -47,9 +49,16 @@ class LlamaConfig:
     norm_eps: RMSNorm epsilon, > 0.
     dropout: dropout rate in ``[0, 1)`` on attention probabilities and residual branches (training
       only; Llama itself uses 0).
-    dtype: ``"float32"``, or ``"bfloat16"`` for bf16 compute with float32 parameters.
+    dtype: the precision policy (:func:`hkpipe.precision.get_policy`): ``"float32"``, or
+      ``"bfloat16"`` for bf16 compute with float32 parameters, loss and norms, or a ``jmp``-style
+      ``"params=float32,compute=bfloat16,output=float32"``. Applied per layer.
     z_loss: weight of the z-loss term in :func:`cross_entropy` (>= 0).
     label_smoothing: label smoothing of :func:`cross_entropy`, in ``[0, 1)``.
+    attention_impl: ``"xla"`` (default, any device) or ``"cudnn"`` (flash attention, GPU only)
+      for ``jax.nn.dot_product_attention``; see ``docs/accelerators.md``.
+    loss_chunk_size: None (plain loss on ``[B, T, V]`` logits), or a number of tokens: the head
+      then returns its hidden state and weight (:class:`HeadOutput`) and the loss computes the
+      logits that many tokens at a time (:func:`chunked_cross_entropy`).
   """
 
   vocab_size: int
@@ -65,6 +74,8 @@ class LlamaConfig:
   dtype: str = "float32"
   z_loss: float = 0.0
   label_smoothing: float = 0.0
+  attention_impl: str = "xla"
+  loss_chunk_size: int | None = None
 
   def __post_init__(self):
     common.check_common(self)
@@ -133,7 +144,8 @@ def _attention(c: LlamaConfig) -> common.Attention:
   return common.Attention(n_heads=c.n_heads, n_kv_heads=c.kv_heads, head_dim=c.head_dim,
                           bias=False, w_init=common.normal_init(INIT_STDDEV),
                           out_init=common.residual_init(c.n_layers, INIT_STDDEV),
-                          dropout=c.dropout, rope_theta=c.rope_theta, name="attn")
+                          dropout=c.dropout, rope_theta=c.rope_theta, impl=c.attention_impl,
+                          name="attn")
 
 
 def block_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
@@ -161,22 +173,24 @@ def block_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
 def block_cache(batch: int, max_len: int, *, config: LlamaConfig) -> dict:
   """Empty KV cache of one block: ``{"k", "v": [batch, max_len, kv_heads, head_dim]}`` (GQA)."""
   shape = (batch, max_len, config.kv_heads, config.head_dim)
-  dtype = jnp.dtype(config.dtype)
+  dtype = precision.get_policy(config.dtype).compute_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def head_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
+def head_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig,
+            chunked: bool | None = None) -> Any:
   """Final RMSNorm and untied output projection: ``[B, T, D] -> [B, T, V]`` float32 logits."""
-  del is_training
+  del is_training  # with ``loss_chunk_size``: a HeadOutput instead of logits (see the config)
   h = common.RMSNorm(eps=config.norm_eps, name="norm")(x)               # [B, T, D]
-  return common.LMHead(config.vocab_size, stddev=INIT_STDDEV, name="lm_head")(h)  # [B, T, V]
+  return common.LMHead(config.vocab_size, stddev=INIT_STDDEV, name="lm_head")(
+      h, chunked=config.loss_chunk_size is not None if chunked is None else chunked)  # [B, T, V]
 
 
 def head_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
                    config: LlamaConfig) -> tuple[jax.Array, dict]:
   """Cached apply of the (position-wise) head: ``[B, T, D] -> [B, T, V]``, no cache."""
   del pos
-  return head_fn(x, False, config=config), cache
+  return head_fn(x, False, config=config, chunked=False), cache
 
 
 def make_layers(config: LlamaConfig) -> tuple[list[model_lib.Layer], tuple[model_lib.Tie, ...]]:

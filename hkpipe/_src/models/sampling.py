@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from hkpipe._src import errors
 from hkpipe._src import model as model_lib
+from hkpipe._src.models import losses
 
 
 def _is_int(x: Any) -> bool:
@@ -156,7 +157,7 @@ def _step(model: model_lib.SequentialModel, params: Any, window: jax.Array, leng
     ``(window, length, token [B], done [B], logits [B, V])``.
   """
   w = window.shape[1]
-  logits = model.apply(params, window)                                  # [B, W, V]
+  logits = losses.as_logits(model.apply(params, window))                # [B, W, V]
   last = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1,
                                       keepdims=False).astype(jnp.float32)  # [B, V]
   keys = row_keys(rng, step, jnp.arange(window.shape[0]))

@@ -12,6 +12,7 @@ import numpy as np
 
 from hkpipe._src import model as model_lib
 from hkpipe._src import pipeline as pipeline_lib
+from hkpipe._src import remat as remat_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
 from hkpipe._src.backends.spmd import _pack as pack
@@ -49,8 +50,8 @@ class _Executor(pipeline_lib.Backend):
     """Forward of stage ``s`` with its pullback split into (residuals, stash); residuals that are
     the parameters themselves are not stashed."""
     fn = lambda p, v: self._stage_apply(s, p, v, key, targets, True)
-    if self.options.remat:
-      fn = jax.checkpoint(fn)
+    fn = remat_lib.wrap(fn, remat_lib.for_stage(self.options.remat, s,
+                                                len(self.plan.layout.stages)))
     kept = jax.tree.leaves(params)
     if s == 0:  # the inputs (e.g. tokens) need no cotangent
       y, _, residuals, stash = stage_lib.vjp_with_stash(lambda p: fn(p, x), (params,), kept)
