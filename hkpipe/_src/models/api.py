@@ -15,8 +15,9 @@ from hkpipe._src.models import cached
 from hkpipe._src.models import gpt
 from hkpipe._src.models import llama
 from hkpipe._src.models import losses
+from hkpipe._src.models import trm
 
-Config = Union[gpt.GPTConfig, llama.LlamaConfig]
+Config = Union[gpt.GPTConfig, llama.LlamaConfig, trm.TRMConfig]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,11 @@ def build(config: Config) -> LanguageModel:
   Raises:
     TypeError: for any other config type.
   """
+  if isinstance(config, trm.TRMConfig):  # embed | recur, the deep-supervision loss
+    layers = trm.make_layers(config)
+    if config.dtype == "bfloat16":
+      layers = [model_lib.with_compute_dtype(layer, jnp.bfloat16) for layer in layers]
+    return LanguageModel(layers=tuple(layers), loss_fn=trm.loss_fn(config), config=config)
   layers, ties = _make_layers(config)
   if config.dtype == "bfloat16":
     layers = [cached.cached_with_compute_dtype(layer, jnp.bfloat16)  # type: ignore[arg-type]
@@ -81,6 +87,8 @@ def layer_param_counts(config: Config) -> dict[str, int]:
     return gpt.layer_param_counts(config)
   if isinstance(config, llama.LlamaConfig):
     return llama.layer_param_counts(config)
+  if isinstance(config, trm.TRMConfig):
+    return trm.layer_param_counts(config)
   raise TypeError(f"Expected a GPTConfig or LlamaConfig, got {type(config).__name__}.")
 
 
@@ -99,6 +107,8 @@ def flops_per_token(config: Config) -> int:
   Returns:
     FLOPs per trained token. MFU = ``flops_per_token * tokens_per_second / peak_flops``.
   """
+  if isinstance(config, trm.TRMConfig):
+    return trm.flops_per_token(config)
   counts = layer_param_counts(config)
   n = sum(c for name, c in counts.items() if name != "embed")
   return 6 * n + 12 * config.n_layers * config.d_model * config.seq_len
