@@ -77,3 +77,13 @@ def ema_params(opt_state: Any) -> Any:
       if found is not None:
         return found
   return None
+
+
+def eval_state(pipe: Any, state: Any) -> Any:
+  """``state`` with its parameters replaced by the EMA ones (in the pipeline's own layout), for
+  ``pipe.eval_step``; ``state`` itself when its optimizer keeps no EMA. Every process calls it."""
+  canonical = pipe.to_canonical(state)
+  ema = ema_params(canonical["opt_state"])
+  if ema is None:
+    return state
+  return pipe.from_canonical({**canonical, "params": ema}, state.step)
