@@ -138,7 +138,7 @@ def test_overfits_four_puzzles_to_full_cell_accuracy():
   config = dataclasses.replace(TINY, d_model=32, n_supervision=2, h_cycles=1)
   model = models.build(config)
   params = model.init(jax.random.key(0), x)
-  opt = optax.adam(3e-3)
+  opt = optax.adam(1e-2)  # measured: 100% cell and exact accuracy from step 300 on
   state = opt.init(params)
 
   @jax.jit
@@ -155,6 +155,7 @@ def test_overfits_four_puzzles_to_full_cell_accuracy():
   assert float(metrics["exact_accuracy"]) == 1.0
 
 
+@pytest.mark.slow
 def test_data_parallel_pmap_matches_single_device():
   config = dataclasses.replace(TINY, n_supervision=2)
   model = models.build(config)
@@ -277,6 +278,7 @@ def test_ema_equals_an_independent_computation():
     np.testing.assert_allclose(ema_lib.ema_params(state)[k]["w"], avg[k], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_ema_eval_state_on_a_pipeline_uses_the_average():
   model = models.build(TINY)
   tokens = jnp.asarray(sudoku.generate(sudoku.SudokuSpec(
