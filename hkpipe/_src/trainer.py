@@ -32,19 +32,21 @@ from hkpipe import models
 from hkpipe._src import checkpoint as ckpt_lib
 from hkpipe._src import config_checks
 from hkpipe._src import data as data_lib
+from hkpipe._src import ema as ema_lib
 from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import optim
 from hkpipe._src import options as options_lib
 from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import remat as remat_lib
+from hkpipe._src import puzzles
 from hkpipe._src import resume as resume_lib
 from hkpipe._src import run_extras
 from hkpipe._src import run_log
 from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
 
-_MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig"}
+_MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig", "trm": "TRMConfig"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -78,7 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = ml_collections.ConfigDict({"name": "gpt"})
   c.data = ml_collections.ConfigDict({
-      "dir": "", "source": "", "val_fraction": 0.1})
+      "dir": "", "source": "", "val_fraction": 0.1,
+      # Puzzles generated for model.name="trm" (hkpipe/_src/sudoku.py, SudokuSpec).
+      "sudoku": {"seed": 0, "train_base": 200, "test_base": 50, "augmentations": 20,
+                 "min_givens": 17}})
   c.batch_size = 32
   c.num_steps = 1000
   c.optim = ml_collections.ConfigDict({
@@ -112,6 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_consecutive_skips = step_guard.DEFAULT_MAX_CONSECUTIVE_SKIPS
   c.tensorboard = True
   c.profile_steps = ml_collections.config_dict.placeholder(tuple)
+  c.ema_decay = ml_collections.config_dict.placeholder(float)  # None: no EMA (hkpipe/_src/ema.py)
   return c
 
 
@@ -125,7 +131,10 @@ def validate_config(config: Any) -> None:
   config_checks.validate(config, default_config(), backends=options_lib.available_backends(),
                          schedule_names=schedules.names())
   watchdog_lib.WatchdogConfig.from_config(config.get("watchdog"))
-  model_config(config)
+  if config.get("ema_decay") is not None:
+    ema_lib.check_decay(config.ema_decay, "config.ema_decay")
+  if isinstance(model_config(config), models.TRMConfig):
+    puzzles.spec(config)
 
 
 def model_config(config: Any) -> Any:
@@ -306,9 +315,13 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
 
   # Data.
   data_dir = config.data.dir or str(work / "data")
-  data_lib.prepare(data_dir, config.data.source or None, val_fraction=config.data.val_fraction)
-  tokens = data_lib.load(data_dir)
   mcfg = model_config(config)
+  is_trm = isinstance(mcfg, models.TRMConfig)
+  if is_trm:  # generated puzzles instead of text
+    tokens = data_lib.TokenData(train=None, val=None, vocab_size=puzzles.VOCAB_SIZE)
+  else:
+    data_lib.prepare(data_dir, config.data.source or None, val_fraction=config.data.val_fraction)
+    tokens = data_lib.load(data_dir)
   if mcfg.vocab_size < tokens.vocab_size:
     raise errors.ConfigError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
                              f"data's vocabulary ({tokens.vocab_size}); set it to at least "
@@ -325,7 +338,10 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   model = models.build(mcfg)
   ocfg = optimizer_config(config)
   lr_at = optim.lr_schedule(ocfg)
-  pipe = pipeline_lib.Pipeline(model, optim.adamw(ocfg), backend=config.backend, progress=progress,
+  optimizer = optim.adamw(ocfg)
+  if config.get("ema_decay") is not None:  # evaluation then uses the EMA weights
+    optimizer = ema_lib.with_ema(optimizer, config.ema_decay)
+  pipe = pipeline_lib.Pipeline(model, optimizer, backend=config.backend, progress=progress,
                      **pipe_options)
   # Each process feeds its own rows of the global batch, or the whole batch (MPMD).
   feed = pipe.data_layout(batch_size)
@@ -339,6 +355,11 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   def val_batch(i: int):
     return data_lib.sample_batch(tokens.val, batch_size=batch_size, seq_len=seq_len,
                                  seed=config.seed, step=i, split="val", **shard)
+
+  # Puzzles (model.name="trm"): generated Sudoku rows; eval adds cell/exact accuracy.
+  train_batch, val_batch = (puzzles.batch_fns(config, data_dir, shard) if is_trm
+                            else (train_batch, val_batch))
+  accuracy = puzzles.accuracy_fn(model) if is_trm else None
 
   # A checkpoint of another model or vocabulary is an error here, before anything compiles.
   ckpt = ckpt_lib.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
@@ -428,11 +449,17 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         t_window, steps_window = time.time(), 0
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
         progress.enter(watchdog_lib.EVAL)
-        val = eval_loop(pipe, state, val_batch, config.eval_batches)
+        scored = (ema_lib.eval_state(pipe, state) if config.get("ema_decay") is not None
+                  else state)  # evaluation uses the EMA weights when config.ema_decay is set
+        val = eval_loop(pipe, scored, val_batch, config.eval_batches)
+        extra = (accuracy(pipe.params(scored), val_batch, config.eval_batches)
+                 if accuracy is not None else {})
         progress.end()
-        writer.write({"step": done, "val_loss": val})
+        writer.write({"step": done, "val_loss": val, **extra})
         summary["last_val_loss"] = val
-        say(run_log.eval_line(done, config.num_steps, val))
+        summary.update(extra)
+        say(run_log.eval_line(done, config.num_steps, val) + "".join(
+            f" {k}={v:.4f}" for k, v in extra.items()))
         t_window, steps_window = time.time(), 0
       if config.checkpoint_every and done % config.checkpoint_every == 0:
         progress.enter(watchdog_lib.CHECKPOINT)

@@ -6,7 +6,8 @@ token cross-entropy loss. See ``docs/models.md``.
 
 Public names:
 
-- Configs: :class:`GPTConfig`, :class:`LlamaConfig`.
+- Configs: :class:`GPTConfig`, :class:`LlamaConfig`, :class:`TRMConfig` (the Tiny Recursive
+  Model: layers ``embed, recur``, loss :func:`trm_loss`, accuracy :func:`trm_metrics`).
 - Building: :func:`build`, :class:`LanguageModel`.
 - Inspection: :func:`summary`, :func:`param_count`, :func:`layer_param_counts`,
   :func:`flops_per_token`.
@@ -34,6 +35,9 @@ from hkpipe._src.models.gpt import GPTConfig
 from hkpipe._src.models.llama import LlamaConfig
 from hkpipe._src.models.losses import HeadOutput
 from hkpipe._src.models.losses import chunked_cross_entropy
+from hkpipe._src.models.trm import TRMConfig
+from hkpipe._src.models.trm import trm_loss
+from hkpipe._src.models.trm import trm_metrics
 from hkpipe._src.models.losses import cross_entropy
 from hkpipe._src.models.generate import generate
 from hkpipe._src.model_rules import sharding_rules
@@ -56,4 +60,7 @@ __all__ = (
     "rope",
     "sharding_rules",
     "summary",
+    "TRMConfig",
+    "trm_loss",
+    "trm_metrics",
 )

@@ -16,8 +16,9 @@ from hkpipe._src.models import attention
 from hkpipe._src.models import gpt
 from hkpipe._src.models import llama
 from hkpipe._src.models import losses
+from hkpipe._src.models import trm
 
-Config = Union[gpt.GPTConfig, llama.LlamaConfig]
+Config = Union[gpt.GPTConfig, llama.LlamaConfig, trm.TRMConfig]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,12 @@ def build(config: Config) -> LanguageModel:
   """
   if isinstance(config, (gpt.GPTConfig, llama.LlamaConfig)):
     attention.check_available(config.attention_impl)
+  if isinstance(config, trm.TRMConfig):  # embed | recur, the deep-supervision loss
+    policy = precision.get_policy(config.dtype)
+    layers = trm.make_layers(config)
+    layers = [precision.apply_to_layer(layer, policy, last=i == len(layers) - 1)
+              for i, layer in enumerate(layers)]
+    return LanguageModel(layers=tuple(layers), loss_fn=trm.loss_fn(config), config=config)
   layers, ties = _make_layers(config)
   policy = precision.get_policy(config.dtype)
   layers = [precision.apply_to_layer(layer, policy, last=i == len(layers) - 1)
@@ -92,6 +99,8 @@ def layer_param_counts(config: Config) -> dict[str, int]:
     return gpt.layer_param_counts(config)
   if isinstance(config, llama.LlamaConfig):
     return llama.layer_param_counts(config)
+  if isinstance(config, trm.TRMConfig):
+    return trm.layer_param_counts(config)
   raise TypeError(f"Expected a GPTConfig or LlamaConfig, got {type(config).__name__}.")
 
 
@@ -110,6 +119,8 @@ def flops_per_token(config: Config) -> int:
   Returns:
     FLOPs per trained token. MFU = ``flops_per_token * tokens_per_second / peak_flops``.
   """
+  if isinstance(config, trm.TRMConfig):
+    return trm.flops_per_token(config)
   counts = layer_param_counts(config)
   n = sum(c for name, c in counts.items() if name != "embed")
   return 6 * n + 12 * config.n_layers * config.d_model * config.seq_len
