@@ -349,16 +349,16 @@ class MpmdBackend(pipeline_lib.Backend):
       index = jax.device_put([np.int32(start + j) for j in range(len(inits))],
                              [setup.rep[r]] * len(inits))
       leaves.append([leaf for j, init in enumerate(inits) for leaf in init.fn(keys[r], index[j])])
-    for link in setup.ties:
+    for k, link in enumerate(setup.ties):
       a, b = link.stage_a, link.stage_b
       sharding_b = setup.psh[b][link.leaf_b]
       if setup.owns_stage(a) and setup.owns_stage(b):
         leaves[b][link.leaf_b] = jax.device_put(leaves[a][link.leaf_a], sharding_b,
                                                 may_alias=False)
-      elif setup.owns_stage(a):             # a copy: the update may donate the original
+      elif setup.owns_stage(a):  # a copy (the update may donate the original), in b's layout
+        wire = setup.tie_wire(a, k)
         setup.post(call, ("tie_init", b, link.leaf_b),
-                   [jax.device_put(leaves[a][link.leaf_a], leaves[a][link.leaf_a].sharding,
-                                   may_alias=False)])
+                   [jax.device_put(leaves[a][link.leaf_a], wire, may_alias=False)])
       elif setup.owns_stage(b):
         spec = _spec(setup.fns[b].p_leaves[link.leaf_b], sharding_b)
         leaves[b][link.leaf_b] = setup.pull(call, ("tie_init", b, link.leaf_b),
