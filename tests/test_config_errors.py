@@ -336,3 +336,87 @@ def test_launcher_non_finite_stop_is_one_line_with_status_3(tmp_path):
   line = out.stderr.strip().splitlines()[-1]
   assert line.startswith("hkpipe: error: Training stopped at step") and "learning rate" in line, line
   assert "Traceback" not in out.stderr
+
+
+# -- sharding inside stages: pipeline.fsdp / pipeline.tp / pipeline.sharding_rules -------------
+
+
+def test_fsdp_and_tp_build_the_mesh_and_the_rules():
+  """ranks x dp x fsdp x tp devices, rank-major: each rank's sub-mesh is one contiguous block of
+  devices; "model" names the model's tensor-parallel rules over the mesh's inner axes."""
+  config = _config(ranks=2, fsdp=2, tp=2, sharding_rules="model")
+  config.backend = "mpmd"
+  options = train_lib.pipeline_options(config)
+  mesh = options["mesh"]
+  assert mesh.axis_names == ("pp", "dp", "fsdp", "tp") and mesh.devices.shape == (2, 1, 2, 2)
+  assert list(mesh.devices.flat) == jax.devices()[:8]
+  expected = hkpipe.models.sharding_rules(train_lib.model_config(config), axes=("fsdp", "tp"))
+  assert options["sharding_rules"] == expected
+  config = _config(fsdp=2, sharding_rules="fsdp")      # ranks default: 8 devices / fsdp 2
+  config.backend = "mpmd"
+  options = train_lib.pipeline_options(config)
+  assert options["mesh"].axis_names == ("pp", "dp", "fsdp")
+  assert options["mesh"].devices.shape == (4, 1, 2)
+  assert options["sharding_rules"] == hkpipe.sharding.Rules()
+  pipe = hkpipe.Pipeline(hkpipe.models.build(train_lib.model_config(config)), optax.sgd(0.1),
+                         backend="mpmd", **options)
+  assert (pipe.options.mesh.shape["fsdp"], pipe.options.sharding_rules) == (2, hkpipe.sharding.Rules())
+
+
+@pytest.mark.parametrize("backend", ["single", "pmap", "spmd"])
+@pytest.mark.parametrize("field,value", [("fsdp", 2), ("tp", 2), ("sharding_rules", "model")])
+def test_sharding_inside_stages_is_rejected_where_unsupported(backend, field, value):
+  """The backends that do not shard inside stages (options.OPTION_BACKENDS, row sharding_rules)
+  reject the fields, naming the field and the backend that takes it."""
+  config = _config(**{field: value})
+  config.backend = backend
+  with pytest.raises(hkpipe.ConfigError) as e:
+    train_lib.pipeline_options(config)
+  msg = str(e.value)
+  assert f"does not use config.pipeline.{field}={value!r}" in msg, msg
+  assert "--config.backend=mpmd" in msg and "drop it" in msg, msg
+  users = hkpipe._src.options.backends_using(["sharding_rules"])  # pylint: disable=protected-access
+  assert (backend in users) is False
+  if backend == "spmd":
+    assert "sharding inside stages" in msg, msg
+
+
+@pytest.mark.parametrize("pipeline,words", [
+    (dict(ranks=2, fsdp=2, tp=4), ["pipeline.fsdp=2, pipeline.tp=4", "needs 16 devices",
+                                   "ranks x dp x fsdp x tp", "--host_devices=16"]),
+    (dict(fsdp=16), ["dp=1 x pipeline.fsdp=16", "leave no device", "--host_devices"]),
+    (dict(ranks=2, fsdp=4, num_microbatches=4), ["has 2 rows", "dp x fsdp = 1 x 4 = 4",
+                                                 "multiple of 16"]),
+])
+def test_fsdp_and_tp_sizes_that_do_not_fit_name_the_fix(pipeline, words):
+  config = _config(**pipeline)
+  config.backend = "mpmd"
+  with pytest.raises(hkpipe.ConfigError) as e:
+    train_lib.pipeline_options(config)
+  for w in words:
+    assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("field,value,fix", [
+    ("pipeline.fsdp", 0, "FSDP width"), ("pipeline.tp", -2, "tensor-parallel width"),
+    ("pipeline.sharding_rules", "megatron", "'fsdp', 'model'")])
+def test_bad_fsdp_tp_and_rules_values(field, value, fix):
+  config = _config()
+  config.backend = "mpmd"
+  config.pipeline[field.split(".")[1]] = value
+  with pytest.raises(hkpipe.ConfigError, match=rf"config\.{field}={value!r}") as e:
+    train_lib.validate_config(config)
+  assert fix in str(e.value)
+
+
+def test_mpmd_ranks_must_divide_over_processes():
+  """Across processes every MPMD rank's sub-mesh must sit on one process: pipeline_sizes (a pure
+  function of the config and the counts) refuses ranks that are not a multiple of the processes
+  (a 2-process run with fsdp: tests/test_launch.py)."""
+  from hkpipe._src import config_checks  # pylint: disable=g-import-not-at-top
+  config = _config(ranks=1, fsdp=2)
+  config.backend = "mpmd"
+  with pytest.raises(hkpipe.ConfigError, match=r"pipeline.ranks=1 is not a multiple of 2"):
+    config_checks.pipeline_sizes(config, device_count=8, process_count=2)
+  config.pipeline.ranks = 2
+  assert config_checks.pipeline_sizes(config, device_count=8, process_count=2) == (2, 1, 2, 1)

@@ -93,29 +93,33 @@ def _state_leaves(state) -> list:
   return jax.tree.leaves((state.params, state.opt_state))
 
 
-def _tied_ids(pipe, state) -> set:
-  """ids of the arrays of weights tied across stages (kept replicated by design)."""
-  out = set()
+def _tied_leaves(pipe, state) -> list:
+  """Both copies of every weight tied across stages (GPT: embedding on the first stage, head on
+  the last)."""
+  out = []
   for tie in pipe.backend.model.ties:
     for layer, module, param in (tie.source, tie.target):
       for s, spec in enumerate(pipe.layout.stages):
         if layer in spec.layer_names:
-          out.add(id(state.params[s][layer][module][param]))
+          out.append(state.params[s][layer][module][param])
   return out
 
 
 def _check_memory(pipe, state, before: set, fsdp: int, tp: int) -> None:
   """Per device: the shards of the sharded state leaves take <= their share / (fsdp x tp) x 1.1;
-  every 2-D non-tied parameter is sharded; nothing else bigger than one layer's share is alive."""
+  every 2-D parameter (tied ones too) is sharded; nothing else bigger than one layer's share is
+  alive."""
   k = fsdp * tp
   leaves = _state_leaves(state)
-  tied = _tied_ids(pipe, state)
+  for a in _tied_leaves(pipe, state):   # the tie exchange moves sharded gradients
+    assert not a.sharding.is_fully_replicated, (a.shape, a.sharding)
+    assert max(hkpipe.sharding.shard_bytes([a]).values()) <= a.nbytes / k * 1.1
   for s, spec in enumerate(pipe.layout.stages):
     for layer in spec.layer_names:
       for path, leaf in jax.tree_util.tree_flatten_with_path(state.params[s][layer])[0]:
         if fsdp == 1 and "wpe" in str(path):
           continue          # no tensor-parallel rule for GPT's position table
-        if leaf.ndim == 2 and leaf.size >= MIN_SIZE and id(leaf) not in tied:
+        if leaf.ndim == 2 and leaf.size >= MIN_SIZE:
           assert not leaf.sharding.is_fully_replicated, (layer, leaf.shape, leaf.sharding)
   sharded = [a for a in leaves if not a.sharding.is_fully_replicated]
   assert sharded
@@ -203,6 +207,18 @@ def test_fused_and_clipped_updates(kw, cache):
   _check_equivalence("gpt", *MESHES["fsdp2_tp2"], "1f1b", cache, **kw)
 
 
+def test_tied_weights_in_different_layouts(cache):
+  """The two copies of GPT's tied embedding laid out differently (embedding rows over fsdp by
+  the default rule, head columns by this rule): the tie exchange reshards each gradient into its
+  partner's layout, and training still matches one device."""
+  rules = hkpipe.sharding.Rules(((r"^head/lm_head/w$", P(None, "fsdp")),), fsdp_min_size=MIN_SIZE)
+  pipe, state = _check_equivalence("gpt", *MESHES["fsdp2"], "zb_h1", cache, sharding_rules=rules)
+  embed, head = _tied_leaves(pipe, state)
+  assert embed.sharding.spec == P("fsdp") or embed.sharding.spec == P("fsdp", None), embed.sharding
+  assert head.sharding.spec == P(None, "fsdp"), head.sharding
+  np.testing.assert_array_equal(np.asarray(embed), np.asarray(head))   # still one weight
+
+
 def test_default_rules_and_layout():
   """No rules given: a GPT on a tp mesh uses hkpipe.models.sharding_rules; the layout reports
   the sub-mesh. Nothing is compiled (``describe`` only lowers the instruction program)."""
@@ -221,7 +237,7 @@ def test_default_rules_and_layout():
   assert specs["block_0/attn/w_q"] == P("fsdp", "tp")
   assert specs["block_0/mlp/w_out"] == P("tp", "fsdp")
   assert specs["block_0/ln_1/scale"] == P()                 # below the default size threshold
-  assert specs["embed/wte/embeddings"] == P()                # tied across stages: replicated
+  assert specs["embed/wte/embeddings"] == P("tp", "fsdp")   # tied across stages: sharded too
   assert cache_free(pipe)
 
 

@@ -10,20 +10,39 @@ does not use. Both are pure functions of the config and the device/process count
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from hkpipe._src import deprecation
 from hkpipe._src import options as options_lib
 from hkpipe._src.errors import ConfigError
 
 # The PipelineOptions option each config.pipeline.* field sets (``pipeline.dp`` sizes the device
-# set, which only backends taking a mesh use), and the values that mean "not given". Which backend
-# rejects which field follows from options.OPTION_BACKENDS, the one table of who uses what.
+# set, which only backends taking a mesh use; ``pipeline.fsdp``/``tp`` add mesh axes inside the
+# stages, which only backends that shard inside stages, i.e. take ``sharding_rules``, use), and the
+# values that mean "not given". Which backend rejects which field follows from
+# options.OPTION_BACKENDS, the one table of who uses what.
 _FIELD_OPTION = {"ranks": "num_ranks", "stages": "num_ranks", "schedule": "schedule",
                  "virtual_stages": "virtual_stages", "boundaries": "partition",
-                 "partition_cost": "partition", "dp": "mesh", "record_timeline": "record_timeline"}
-_NOT_GIVEN = {"ranks": (None, 1), "stages": (None, 1), "dp": (None, 1),
-              "record_timeline": (None, False)}
+                 "partition_cost": "partition", "dp": "mesh", "record_timeline": "record_timeline",
+                 "fsdp": "sharding_rules", "tp": "sharding_rules",
+                 "sharding_rules": "sharding_rules"}
+_NOT_GIVEN = {"ranks": (None, 1), "stages": (None, 1), "dp": (None, 1), "fsdp": (None, 1),
+              "tp": (None, 1), "record_timeline": (None, False)}
+
+# Names ``config.pipeline.sharding_rules`` accepts (unset: the pipeline's default rules).
+SHARDING_RULES = {
+    "fsdp": "the default FSDP rule for every leaf (its largest dimension divisible by fsdp)",
+    "model": "the model's tensor-parallel rules (hkpipe.models.sharding_rules), FSDP elsewhere",
+}
+
+
+class Sizes(NamedTuple):
+  """Device counts of a run: pipeline ranks, and per rank ``dp`` x ``fsdp`` x ``tp`` devices."""
+
+  ranks: int
+  dp: int
+  fsdp: int = 1
+  tp: int = 1
 
 
 def _flag(path: str, value: Any) -> str:
@@ -138,6 +157,18 @@ def validate(config: Any, defaults: Any, *, backends: tuple[str, ...],
                       "virtual_stages stages.", stacklevel=3)
   _int(config, "pipeline.dp", minimum=1, optional=True,
        fix="give the data-parallel width, e.g. --config.pipeline.dp=2, or leave it unset")
+  _int(config, "pipeline.fsdp", minimum=1, optional=True,
+       fix="give the FSDP width inside each stage, e.g. --config.pipeline.fsdp=2, or leave it "
+       "unset")
+  _int(config, "pipeline.tp", minimum=1, optional=True,
+       fix="give the tensor-parallel width inside each stage, e.g. --config.pipeline.tp=2, or "
+       "leave it unset")
+  rules = config.pipeline.get("sharding_rules")
+  if rules is not None and rules not in SHARDING_RULES:
+    raise ConfigError(f"{_flag('pipeline.sharding_rules', rules)} is unknown; use one of "
+                      f"{list(SHARDING_RULES)} ("
+                      + "; ".join(f"{k!r}: {v}" for k, v in SHARDING_RULES.items())
+                      + "), or leave it unset for the pipeline's default.")
   _int(config, "pipeline.virtual_stages", minimum=1, optional=True,
        fix="give the stages per rank, e.g. 2, or leave it unset (the schedule's default)")
   pipe = config.pipeline
@@ -182,14 +213,18 @@ def profile_window(config: Any) -> tuple[int, int] | None:
   return steps[0], steps[1]
 
 
-def pipeline_sizes(config: Any, *, device_count: int, process_count: int) -> tuple[int, int]:
-  """The ``(pipeline ranks, data-parallel width)`` that ``config.backend`` runs with.
+def pipeline_sizes(config: Any, *, device_count: int, process_count: int) -> Sizes:
+  """The device counts (:class:`Sizes`) that ``config.backend`` runs with.
 
-  - ``single``: ``(1, 1)``; ``pipeline.ranks``/``dp`` other than 1 and the pipeline-only fields
-    are rejected.
-  - ``pmap``: ``(1, dp)``, ``dp`` defaulting to every device of the run; ``pipeline.ranks``
+  - ``single``: ``(1, 1, 1, 1)``; ``pipeline.ranks``/``dp``/``fsdp``/``tp`` other than 1 and the
+    pipeline-only fields are rejected.
+  - ``pmap``: ``(1, dp, 1, 1)``, ``dp`` defaulting to every device of the run; ``pipeline.ranks``
     other than 1 and the pipeline-only fields are rejected.
-  - ``spmd``/``mpmd``: ``dp`` defaults to 1 and ``ranks`` to every device divided by ``dp``.
+  - ``spmd``/``mpmd``: ``dp``, ``fsdp`` and ``tp`` default to 1 and ``ranks`` to every device
+    divided by ``dp x fsdp x tp``. ``fsdp``/``tp`` (mesh axes inside each stage) and
+    ``sharding_rules`` only on the backends that shard inside stages (``options.OPTION_BACKENDS``,
+    row ``sharding_rules``). Across processes, MPMD needs ``ranks`` to be a multiple of the
+    process count, so that every rank's ``dp x fsdp x tp`` devices are on one process.
 
   ``pipeline.stages`` is read as the deprecated spelling of ``pipeline.ranks`` (``validate``
   warns about it).
@@ -205,37 +240,56 @@ def pipeline_sizes(config: Any, *, device_count: int, process_count: int) -> tup
            if option in unused and pipe.get(f) not in _NOT_GIVEN.get(f, (None,))]
   if given:
     shown = ", ".join(_flag(f"pipeline.{f}", pipe[f]) for f in given)
+    users = options_lib.backends_using(sorted({_FIELD_OPTION[f] for f in given})) or ("mpmd",)
     use = "pipeline.dp for data parallelism or " if backend == "single" else ""
-    raise ConfigError(f"backend={backend!r} does not use {shown}; drop "
+    alt = users[0] + (f" (or {', '.join(users[1:])})" if len(users) > 1 else "")
+    if backend in options_lib.PIPELINED:   # what it lacks: sharding inside stages
+      why, goal = f" (sharding inside stages: {' and '.join(users)} only, for now)", ""
+    else:
+      why, goal = "", " to pipeline the model"
+    raise ConfigError(f"backend={backend!r} does not use {shown}{why}; drop "
                       f"{'it' if len(given) == 1 else 'them'}, or use {use}"
-                      "--config.backend=mpmd (or spmd) to pipeline the model.")
+                      f"--config.backend={alt}{goal}.")
   if backend == "single":
-    return 1, 1
+    return Sizes(1, 1)
+  fsdp = 1 if pipe.get("fsdp") is None else int(pipe.fsdp)
+  tp = 1 if pipe.get("tp") is None else int(pipe.tp)
   if backend == "pmap":
     ranks, dp = 1, (device_count if pipe.dp is None else int(pipe.dp))
   else:
     dp = 1 if pipe.dp is None else int(pipe.dp)
-    ranks = device_count // dp if ranks is None else int(ranks)
+    ranks = device_count // (dp * fsdp * tp) if ranks is None else int(ranks)
     if ranks < 1:
-      raise ConfigError(f"{_flag('pipeline.dp', pipe.dp)} leaves no device for the pipeline "
-                        f"({device_count} visible); lower it or simulate more devices with "
+      raise ConfigError(f"pipeline.dp={dp} x pipeline.fsdp={fsdp} x pipeline.tp={tp} = "
+                        f"{dp * fsdp * tp} devices per rank leave no device for the pipeline "
+                        f"({device_count} visible); lower them or simulate more devices with "
                         f"--host_devices.")
-  need = ranks * dp
+  sizes = Sizes(ranks, dp, fsdp, tp)
+  need = ranks * dp * fsdp * tp
+  shown = f"pipeline.ranks={ranks}, pipeline.dp={dp}"
+  shown += "".join(f", pipeline.{k}={v}" for k, v in (("fsdp", fsdp), ("tp", tp)) if v > 1)
   if need > device_count:
-    raise ConfigError(f"backend={backend!r} with pipeline.ranks={ranks}, pipeline.dp={dp} needs "
-                      f"{need} devices but {device_count} are visible; lower them, or on CPU "
-                      f"simulate more with --host_devices={need} (launch/train.py).")
+    raise ConfigError(f"backend={backend!r} with {shown} needs {need} devices but "
+                      f"{device_count} are visible (ranks x dp x fsdp x tp); lower them, or on "
+                      f"CPU simulate more with --host_devices={need} (launch/train.py).")
   if process_count > 1 and need % process_count:
-    raise ConfigError(f"pipeline.ranks={ranks} x pipeline.dp={dp} = {need} devices cannot be "
-                      f"spread evenly over {process_count} processes; use a multiple of "
-                      f"{process_count}.")
+    raise ConfigError(f"{shown} = {need} devices cannot be spread evenly over {process_count} "
+                      f"processes; use a multiple of {process_count}.")
+  if backend == "mpmd" and process_count > 1 and ranks % process_count:
+    raise ConfigError(f"backend='mpmd' across {process_count} processes drives each pipeline "
+                      f"rank from one process, but pipeline.ranks={ranks} is not a multiple of "
+                      f"{process_count} (a rank's dp x fsdp x tp devices would span processes); "
+                      f"use pipeline.ranks = a multiple of {process_count}.")
   m = int(pipe.num_microbatches)
   rows = config.batch_size // m
-  if rows % dp:
+  width = dp * fsdp                   # FSDP splits the batch too; tp does not
+  if rows % width:
+    what = f"dp={dp}" if fsdp == 1 else f"dp x fsdp = {dp} x {fsdp} = {width}"
     raise ConfigError(f"Each of the {m} microbatches of batch_size={config.batch_size} has {rows} "
-                      f"rows, not divisible by the data-parallel width dp={dp}; use a batch size "
-                      f"that is a multiple of {m * dp} (num_microbatches x dp).")
+                      f"rows, not divisible by the data-parallel width {what}; use a batch size "
+                      f"that is a multiple of {m * width} (num_microbatches x "
+                      f"{'dp' if fsdp == 1 else 'dp x fsdp'}).")
   if backend != "mpmd" and process_count > 1 and config.batch_size % process_count:
     raise ConfigError(f"batch_size={config.batch_size} cannot be split into {process_count} equal "
                       f"process-local parts; use a multiple of {process_count}.")
-  return ranks, dp
+  return sizes

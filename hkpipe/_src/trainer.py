@@ -43,6 +43,7 @@ from hkpipe._src import puzzles
 from hkpipe._src import resume as resume_lib
 from hkpipe._src import run_extras
 from hkpipe._src import run_log
+from hkpipe._src import sharding as sharding_lib
 from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
 
@@ -55,10 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
   Fields (see docs/training.md): ``seed``; ``model`` (``name`` + the model config's fields);
   ``data`` (``dir``, ``source``, ``val_fraction``); ``batch_size``; ``num_steps``; ``optim``
   (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``ranks``, ``dp``,
-  ``num_microbatches``, ``schedule``, ``virtual_stages``, ``boundaries``, ``partition_cost``,
-  ``remat``, ``remat_policy``: a name from ``hkpipe._src.remat.POLICIES``, or per-stage names
-  separated by commas, ``none`` for no remat); ``log_every``,
-  ``eval_every``, ``eval_batches``, ``checkpoint_every``,
+  ``fsdp``, ``tp``, ``sharding_rules``, ``num_microbatches``, ``schedule``, ``virtual_stages``,
+  ``boundaries``, ``partition_cost``, ``remat``, ``remat_policy``: a name from
+  ``hkpipe._src.remat.POLICIES``, or per-stage names separated by commas, ``none`` for no remat);
+  ``log_every``, ``eval_every``, ``eval_batches``, ``checkpoint_every``,
   ``keep_checkpoints``; ``sample_*``; ``peak_tflops`` (for MFU; None: not reported);
   ``watchdog`` (the hang watchdog, see ``hkpipe/_src/watchdog.py`` and docs/launch.md):
   ``timeout_s`` (seconds a train step may make no progress; None: automatic,
@@ -72,7 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
   ``pipeline.stages`` is the deprecated spelling of ``pipeline.ranks`` (it warns).
 
   Unset ``pipeline`` fields take the backend's defaults: ``ranks`` = every device / ``dp`` and
-  ``dp`` = 1 on ``spmd``/``mpmd``, ``dp`` = every device on ``pmap``, ``schedule`` = ``"1f1b"``,
+  ``dp`` = ``fsdp`` = ``tp`` = 1 on ``spmd``/``mpmd``, ``dp`` = every device on ``pmap``,
+  ``sharding_rules`` = the pipeline's default (see ``pipeline_options``), ``schedule`` = ``"1f1b"``,
   ``partition_cost`` = ``"params"``; a field the backend does not use is an error (see
   :func:`validate_config`).
   """
@@ -94,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
       "ranks": ml_collections.config_dict.placeholder(int),
       "stages": ml_collections.config_dict.placeholder(int),  # deprecated spelling of ranks
       "dp": ml_collections.config_dict.placeholder(int), "num_microbatches": 1,
+      "fsdp": ml_collections.config_dict.placeholder(int),
+      "tp": ml_collections.config_dict.placeholder(int),
+      "sharding_rules": ml_collections.config_dict.placeholder(str),
       "schedule": ml_collections.config_dict.placeholder(str),
       "virtual_stages": ml_collections.config_dict.placeholder(int),
       "boundaries": ml_collections.config_dict.placeholder(tuple),
@@ -169,11 +174,16 @@ def optimizer_config(config: Any) -> optim.OptimizerConfig:
 def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   """``Pipeline`` keyword options for ``config.backend`` and ``config.pipeline``.
 
-  ``pipeline.ranks`` is the number of pipeline ranks (devices along ``pp``) and ``pipeline.dp`` the
-  data-parallel width (unset: see :func:`default_config`); the pipelined backends get a
-  ``(pp, dp)`` mesh of ``ranks * dp`` devices, ``pmap`` gets ``dp`` devices, ``single`` one
+  ``pipeline.ranks`` is the number of pipeline ranks (devices along ``pp``), ``pipeline.dp`` the
+  data-parallel width and ``pipeline.fsdp`` / ``pipeline.tp`` the FSDP and tensor-parallel widths
+  inside each rank (unset: see :func:`default_config`); the pipelined backends get a
+  ``(pp, dp)`` mesh of ``ranks * dp`` devices, with axes ``"fsdp"`` / ``"tp"`` added when those
+  are above 1 (``ranks * dp * fsdp * tp`` devices); ``pmap`` gets ``dp`` devices, ``single`` one
   device. Without ``devices``, they are the first ones of the run, spread evenly over the
-  processes (see ``layout.spread_devices``).
+  processes (see ``layout.spread_devices``; each rank's devices are on one process).
+  ``pipeline.sharding_rules`` names built-in rules (``config_checks.SHARDING_RULES``): ``"fsdp"``
+  (the default FSDP rule for every leaf) or ``"model"`` (``hkpipe.models.sharding_rules`` of the
+  model config over the mesh's inner axes); unset, the pipeline's default.
 
   Raises:
     ConfigError: for fields the backend does not use and sizes that do not fit (see
@@ -182,22 +192,32 @@ def pipeline_options(config: Any, devices: list[Any] | None = None) -> dict:
   pipe = config.pipeline
   backend = config.backend
   opts: dict = {"num_microbatches": int(pipe.num_microbatches),
-                "max_grad_norm": config.optim.get("max_grad_norm"), "remat": remat_lib.from_config(pipe.remat, pipe.get("remat_policy"))}
+                "max_grad_norm": config.optim.get("max_grad_norm"),
+                "remat": remat_lib.from_config(pipe.remat, pipe.get("remat_policy"))}
   visible = len(devices) if devices is not None else jax.device_count()
-  ranks, dp = config_checks.pipeline_sizes(config, device_count=visible,
-                                           process_count=jax.process_count())
+  sizes = config_checks.pipeline_sizes(config, device_count=visible,
+                                       process_count=jax.process_count())
   if backend == "single":
     first = devices[0] if devices is not None else jax.local_devices()[0]
     return {**opts, "devices": [first]}
-  chosen = list(devices[:ranks * dp]) if devices is not None else layout_lib.spread_devices(
-      ranks * dp)
+  count = sizes.ranks * sizes.dp * sizes.fsdp * sizes.tp
+  chosen = list(devices[:count]) if devices is not None else layout_lib.spread_devices(count)
   if backend == "pmap":
     return {**opts, "devices": chosen}
-  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape(ranks, dp), ("pp", "dp"))
+  axes = (("pp", sizes.ranks), ("dp", sizes.dp)) + tuple(
+      (a, n) for a, n in (("fsdp", sizes.fsdp), ("tp", sizes.tp)) if n > 1)
+  mesh = jax.sharding.Mesh(np.asarray(chosen).reshape([n for _, n in axes]),
+                           tuple(a for a, _ in axes))
   opts.update(mesh=mesh, schedule=pipe.get("schedule"), virtual_stages=pipe.get("virtual_stages"),
               record_timeline=bool(pipe.get("record_timeline")))
   boundaries = pipe.get("boundaries")
   opts["partition"] = tuple(boundaries) if boundaries else pipe.get("partition_cost")
+  rules = pipe.get("sharding_rules")
+  if rules == "fsdp":
+    opts["sharding_rules"] = sharding_lib.Rules()
+  elif rules == "model":
+    opts["sharding_rules"] = models.sharding_rules(
+        model_config(config), axes=tuple(a for a, _ in axes if a in ("fsdp", "tp")))
   return opts
 
 

@@ -9,7 +9,6 @@ microbatch signature; a call fills the store with its inputs and executes the bo
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 from typing import Any, Mapping, Sequence
 
@@ -29,64 +28,16 @@ from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_transfer as xfer_lib
 from hkpipe._src.backends.mpmd import _check
-from hkpipe._src.backends.mpmd import _instr as ir
 from hkpipe._src.backends.mpmd import _interp
 from hkpipe._src.backends.mpmd import _lower
 from hkpipe._src.backends.mpmd import _memory
+from hkpipe._src.backends.mpmd import _runnable as _run
 from hkpipe._src.backends.mpmd import _shard
 from hkpipe._src.backends.mpmd import _text
 from hkpipe._src.backends.mpmd._setup import _Family
 from hkpipe._src.backends.mpmd._setup import _microbatch_shapes
 from hkpipe._src.backends.mpmd._setup import _Setup
 from hkpipe._src.backends.mpmd._setup import _spec
-
-
-@dataclasses.dataclass(frozen=True)
-class _Net:
-  """Cross-process messages of one driver call (the ``_interp`` ``net`` interface)."""
-
-  setup: _Setup
-  call: int
-
-  def post(self, key: tuple, arrays: Sequence[Any], first_shard_only: bool) -> None:
-    self.setup.post(self.call, key, arrays, first_shard_only)
-
-  def pull(self, key: tuple, process: int, specs: Sequence[Any], label: Any) -> list:
-    return self.setup.pull(self.call, key, process, specs, label)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Runnable:
-  """A bound program, the store slots of its constant inputs, and its predicted memory."""
-
-  bound: _interp.Bound
-  template: tuple
-  liveness: _check.Liveness
-
-
-def _runnable(setup: _Setup, program: ir.Program, programs: dict,
-              opt: Sequence[Any] | None) -> _Runnable:
-  """Checks, binds and measures ``program``; fills a store template with constant inputs."""
-  _check.check(program)
-
-  def input_specs(name: tuple) -> list:
-    if name[0] in ("p", "acc"):
-      return setup._param_specs(name[1])  # pylint: disable=protected-access
-    if name[0] == "opt" and opt is not None:
-      return [_spec(a, sh) for a, sh in zip(opt[name[1]][1], setup.opt_shardings(name[1]))]
-    return []      # never donated: outside the liveness count
-
-  bound = _interp.bind(program, setup, programs, setup, input_specs)
-  template: list = [None] * len(program.buffers)
-  for name, b in program.inputs.items():
-    if name[0] == "lidx":
-      template[b] = [setup.lidx[name[1]]]
-    elif name[0] == "mb":
-      template[b] = [setup.mb_ids[name[1]][name[2]]]
-    elif name[0] == "loss":
-      template[b] = [setup.loss0]
-  return _Runnable(bound, tuple(template),
-                   _check.liveness(program, setup.num_ranks, bound.nbytes))
 
 
 class MpmdBackend(pipeline_lib.Backend):
@@ -212,7 +163,7 @@ class MpmdBackend(pipeline_lib.Backend):
     self._calls += 1
     return self._calls
 
-  def _store(self, setup: _Setup, run: _Runnable, state: pipeline_lib.TrainState, batch: pipeline_lib.Batch,
+  def _store(self, setup: _Setup, run: _run.Runnable, state: pipeline_lib.TrainState, batch: pipeline_lib.Batch,
              training: bool) -> list:
     """The buffer store of one call: constant inputs, then this call's inputs."""
     store = list(run.template)
@@ -251,8 +202,8 @@ class MpmdBackend(pipeline_lib.Backend):
     return [[jnp.zeros(a.shape, a.dtype, device=sh) for a, sh in zip(f.p_leaves, setup.psh[s])]
             if setup.owns_stage(s) else None for s, f in enumerate(setup.fns)]
 
-  def _execute(self, setup: _Setup, run: _Runnable, store: list) -> None:
-    net = _Net(setup, self._next_call())
+  def _execute(self, setup: _Setup, run: _run.Runnable, store: list) -> None:
+    net = _run.Net(setup, self._next_call())
     if not self.options.record_timeline:
       # The loop creates thousands of short-lived objects (array handles, lists) that reference
       # counting frees; Python's cycle collector would only rescan them, so it pauses meanwhile.
@@ -286,7 +237,7 @@ class MpmdBackend(pipeline_lib.Backend):
       program = _lower.lower_train(setup.facts(), with_update)
       _check.check(program)       # before compiling anything for it
       programs = setup.build_steps(core, opt)
-      return _Family(programs, _runnable(setup, program, programs, opt))
+      return _Family(programs, _run.runnable(setup, program, programs, opt))
     return setup.family("train" if with_update else "grads", build)
 
   def _eval_family(self, setup: _Setup, state: pipeline_lib.TrainState) -> _Family:
@@ -294,10 +245,10 @@ class MpmdBackend(pipeline_lib.Backend):
       program = _lower.lower_eval(setup.facts())
       _check.check(program)
       programs = setup.build_eval(state.rng)
-      return _Family(programs, _runnable(setup, program, programs, None))
+      return _Family(programs, _run.runnable(setup, program, programs, None))
     return setup.family("eval", build)
 
-  def _metrics(self, run: _Runnable, store: list) -> tuple:
+  def _metrics(self, run: _run.Runnable, store: list) -> tuple:
     """(loss, grad_norm, skipped) of a call: computed here or received from the metrics rank's
     process."""
     out = run.bound.program.outputs
@@ -349,16 +300,16 @@ class MpmdBackend(pipeline_lib.Backend):
       index = jax.device_put([np.int32(start + j) for j in range(len(inits))],
                              [setup.rep[r]] * len(inits))
       leaves.append([leaf for j, init in enumerate(inits) for leaf in init.fn(keys[r], index[j])])
-    for link in setup.ties:
+    for k, link in enumerate(setup.ties):
       a, b = link.stage_a, link.stage_b
       sharding_b = setup.psh[b][link.leaf_b]
       if setup.owns_stage(a) and setup.owns_stage(b):
         leaves[b][link.leaf_b] = jax.device_put(leaves[a][link.leaf_a], sharding_b,
                                                 may_alias=False)
-      elif setup.owns_stage(a):             # a copy: the update may donate the original
+      elif setup.owns_stage(a):  # a copy (the update may donate the original), in b's layout
+        wire = setup.tie_wire(a, k)
         setup.post(call, ("tie_init", b, link.leaf_b),
-                   [jax.device_put(leaves[a][link.leaf_a], leaves[a][link.leaf_a].sharding,
-                                   may_alias=False)])
+                   [jax.device_put(leaves[a][link.leaf_a], wire, may_alias=False)])
       elif setup.owns_stage(b):
         spec = _spec(setup.fns[b].p_leaves[link.leaf_b], sharding_b)
         leaves[b][link.leaf_b] = setup.pull(call, ("tie_init", b, link.leaf_b),
@@ -412,7 +363,7 @@ class MpmdBackend(pipeline_lib.Backend):
     setup = self._setup(batch)
     run = self._eval_family(setup, state).bound
     store = self._store(setup, run, state, batch, training=False)
-    _interp.execute(run.bound, store, _Net(setup, self._next_call()), self.progress)
+    _interp.execute(run.bound, store, _run.Net(setup, self._next_call()), self.progress)
     return {"loss": store[run.bound.program.outputs[("loss",)]][0]}
 
   def params(self, state):

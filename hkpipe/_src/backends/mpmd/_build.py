@@ -254,8 +254,8 @@ class Builders:
         incoming.append((k, link.leaf_a))
       elif link.stage_b == s:
         incoming.append((k, link.leaf_b))
-    rep = self.rep[self.rank_of[s]]
-    specs = [_spec(self.fns[s].p_leaves[leaf], rep) for _, leaf in incoming]
+    # A partner gradient arrives in the layout of the leaf it is added to.
+    specs = [_spec(self.fns[s].p_leaves[leaf], self.psh[s][leaf]) for _, leaf in incoming]
     return same, incoming, specs
 
   # -- driver ops ------------------------------------------------------------------------------

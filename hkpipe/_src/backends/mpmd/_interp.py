@@ -49,6 +49,27 @@ def transfer(shardings: Sequence[Any]) -> Callable[[Sequence[jax.Array]], list]:
   return move
 
 
+def reshard_transfer(src: Sequence[Any], wire: Sequence[Any],
+                     dst: Sequence[Any]) -> Callable[[Sequence[jax.Array]], list]:
+  """Returns ``move(arrays)``: copies arrays laid out as ``src`` to ``dst``.
+
+  ``wire[i]`` has ``src[i]``'s devices and ``dst[i]``'s layout (``dst[i]`` may be on other
+  devices, with the same mesh shape): an array whose ``src`` differs from its ``wire`` is first
+  resharded on its own devices, then every array is copied by :func:`transfer`. Always a copy.
+  """
+  fix = [i for i, (s, w) in enumerate(zip(src, wire)) if s != w]
+  copy = transfer(dst)
+  if not fix:
+    return copy
+
+  def move(arrays):
+    arrays = list(arrays)
+    for i, a in zip(fix, jax.device_put([arrays[i] for i in fix], [wire[i] for i in fix])):
+      arrays[i] = a
+    return copy(arrays)
+  return move
+
+
 @dataclasses.dataclass(frozen=True)
 class Bound:
   """A program ready to execute.
@@ -144,20 +165,23 @@ class _Binder:
 
   def tie(self, ins: ir.TieSend) -> tuple:
     setup = self.setup
-    f = setup.fns[ins.stage]
+    f, own = setup.fns[ins.stage], setup.psh[ins.stage]
     local, remote = [], []
-    for leaf, (t, k, r), w in zip(ins.leaves, ins.targets, ins.writes):
-      spec = jax.ShapeDtypeStruct(f.p_leaves[leaf].shape, f.p_leaves[leaf].dtype,
-                                  sharding=setup.rep[r])
-      if w >= 0:
+    for leaf, (t, k, _), w in zip(ins.leaves, ins.targets, ins.writes):
+      wire = setup.tie_wire(ins.stage, k)
+      if w >= 0:     # into the partner leaf's own sharding, on the partner's rank
+        dst = setup.psh[t][setup.tie_partner(k, ins.stage)[1]]
+        spec = jax.ShapeDtypeStruct(f.p_leaves[leaf].shape, f.p_leaves[leaf].dtype, sharding=dst)
         self.specs[w], self.nbytes[w] = [spec], spec_bytes([spec])
-        local.append((leaf, w, setup.rep[r]))
-      else:
-        remote.append((leaf, ("tie", t, k)))
-    move = transfer([sh for _, _, sh in local])
-    copy = transfer([setup.rep[ins.rank]] * len(remote))
-    return (TIE, ins.reads[0], tuple((l, w) for l, w, _ in local), move,
-            tuple(remote), copy, ins)
+        local.append((leaf, w, own[leaf], wire, dst))
+      else:          # posted in the partner's layout, on this rank's devices
+        remote.append((leaf, ("tie", t, k), own[leaf], wire))
+    move = reshard_transfer([x[2] for x in local], [x[3] for x in local],
+                            [x[4] for x in local])
+    copy = reshard_transfer([x[2] for x in remote], [x[3] for x in remote],
+                            [x[3] for x in remote])
+    return (TIE, ins.reads[0], tuple((x[0], x[1]) for x in local), move,
+            tuple((x[0], x[1]) for x in remote), copy, ins)
 
   def finalize(self, ins: ir.Finalize) -> tuple:
     if ins.fused:

@@ -206,7 +206,7 @@ class _Setup(_build.Builders):
     if what == "tie":
       t, k = key[1], key[2]
       leaf = next(leaf for leaf, _, kk in self.facts().tie_sends(t) if kk == k)
-      return [_spec(self.fns[t].p_leaves[leaf], self.rep[self.rank_of[t]])]
+      return [_spec(self.fns[t].p_leaves[leaf], self.psh[t][leaf])]
     if what == "sq":
       return [self._scalar(self.last_rank)]
     if what == "scale":
@@ -397,14 +397,14 @@ class _Setup(_build.Builders):
             tuple(leaf for _, leaf in incoming), jax.tree.structure(f.shapes.x),
             jax.tree.structure(f.shapes.y))
 
-  def _tie_sends(self, s: int) -> list:
-    """(leaf of stage ``s``, (partner stage, tie index), partner sharding) per cross-stage tie."""
-    sends = []
-    for k, link in enumerate(self.ties):
-      if link.stage_a == link.stage_b:
-        continue
-      if link.stage_a == s:
-        sends.append((link.leaf_a, (link.stage_b, k), self.rep[self.rank_of[link.stage_b]]))
-      elif link.stage_b == s:
-        sends.append((link.leaf_b, (link.stage_a, k), self.rep[self.rank_of[link.stage_a]]))
-    return sends
+  def tie_partner(self, k: int, s: int) -> tuple[int, int]:
+    """``(stage, leaf)`` of the other side of cross-stage tie ``k``, seen from stage ``s``."""
+    link = self.ties[k]
+    return (link.stage_b, link.leaf_b) if link.stage_a == s else (link.stage_a, link.leaf_a)
+
+  def tie_wire(self, s: int, k: int) -> NamedSharding:
+    """How stage ``s``'s gradient of cross-stage tie ``k`` is laid out when it leaves its rank:
+    on its rank's mesh with the partner leaf's ``PartitionSpec``, so its shards line up with the
+    partner's devices (the same layout as the leaf's own when both sides share the spec)."""
+    t, partner = self.tie_partner(k, s)
+    return NamedSharding(self.meshes[self.rank_of[s]], self.pspecs[t][partner])

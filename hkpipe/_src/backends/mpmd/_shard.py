@@ -3,10 +3,9 @@
 Each rank's devices form a sub-mesh ``("dp", "fsdp", "tp")`` (``Layout.rank_mesh``). A stage's
 parameter leaves (and its gradient accumulator, same layout) get the ``PartitionSpec`` the
 pipeline's sharding rules give them (``hkpipe._src.sharding``; default rules from
-``model_rules``); its optimizer state follows them; scalars are replicated.
-
-One exception: a weight tied across stages (GPT's embedding and head) is replicated on both of
-its stages, since the tie exchange (``_interp``) moves its gradient as a replicated array.
+``model_rules``); its optimizer state follows them; scalars are replicated. A weight tied across
+stages (GPT's embedding and head) is sharded by the rules on both of its stages: the tie exchange
+(``_interp``) moves each gradient into its partner leaf's own sharding.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from jax.sharding import PartitionSpec as P
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import model_rules
 from hkpipe._src import sharding as sharding_lib
-from hkpipe._src import stage as stage_lib
 
 
 def _is_spec(x: Any) -> bool:
@@ -44,7 +42,7 @@ def stage_param_specs(model: Any, options: Any, layout: layout_lib.Layout,
   """Per stage, the ``PartitionSpec`` of each flat parameter leaf (stage layer order).
 
   Args:
-    model: the model (its ties and, for default rules, its config).
+    model: the model (its layer order and, for default rules, its config).
     options: the pipeline options (``sharding_rules``).
     layout: the layout (stages, inner mesh axes).
     stage_params: per stage, a tuple of per-layer parameter trees (arrays or shapes).
@@ -56,13 +54,7 @@ def stage_param_specs(model: Any, options: Any, layout: layout_lib.Layout,
   canonical = {n: tree for ns, trees in zip(names, stage_params) for n, tree in zip(ns, trees)}
   canonical = {layer.name: canonical[layer.name] for layer in model.layers}
   specs = sharding_lib.resolve(canonical, rules_of(model, options, layout), axis_sizes(layout))
-  per_stage = [list(jax.tree.leaves(tuple(specs[n] for n in ns), is_leaf=_is_spec))
-               for ns in names]
-  for tie in stage_lib.locate_ties(model.ties, list(stage_params), names):
-    (sa, la), (sb, lb) = tie.source, tie.target
-    if sa != sb:
-      per_stage[sa][la] = per_stage[sb][lb] = P()
-  return [tuple(s) for s in per_stage]
+  return [tuple(jax.tree.leaves(tuple(specs[n] for n in ns), is_leaf=_is_spec)) for ns in names]
 
 
 def named(mesh: jax.sharding.Mesh, specs: Sequence[P]) -> list[NamedSharding]:
