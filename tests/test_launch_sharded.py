@@ -54,6 +54,7 @@ def test_readme_fsdp_command_trains_like_one_device(tmp_path):
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-5000:]
   assert "stage 0 (rank 0, devices 0,1)" in out and "stage 1 (rank 1, devices 2,3)" in out, out
+  assert ", dp=1, fsdp=2" in out, out
   got = _losses(tmp_path / "w")
 
   config = shakespeare_gpt.get_config("cpu")

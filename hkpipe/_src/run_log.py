@@ -20,7 +20,9 @@ def describe_layout(layout: Any) -> str:
   from hkpipe import schedules  # pylint: disable=g-import-not-at-top
   sched = layout.schedule
   lines = [f"schedule {sched.name}: {sched.num_ranks} ranks x {sched.stages_per_rank} stage(s)/rank"
-           f", {sched.num_microbatches} microbatches, dp={layout.dp}"]
+           f", {sched.num_microbatches} microbatches, dp={layout.dp}"
+           + "".join(f", {axis}={getattr(layout, axis, 1)}" for axis in ("fsdp", "tp")
+                     if getattr(layout, axis, 1) > 1)]
   for spec in layout.stages:
     devs = ",".join(str(d.id) for d in layout.stage_devices(spec.index))
     lines.append(f"  stage {spec.index} (rank {sched.stage_to_rank[spec.index]}, devices {devs}): "
