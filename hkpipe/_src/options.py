@@ -56,7 +56,7 @@ OPTION_BACKENDS: Mapping[str, tuple[str, ...]] = {
     "partition": PIPELINED,
     "mesh": ("pmap",) + PIPELINED,
     "record_timeline": ("mpmd",),
-    "sharding_rules": ("mpmd",),  # spmd: until it shards inside stages
+    "sharding_rules": ("mpmd", "spmd"),
 }
 
 
