@@ -3,7 +3,6 @@ canonical conversion (the executor bodies are in ``_executor``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -21,16 +20,14 @@ from hkpipe._src import options as options_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import placement
 from hkpipe._src import pipeline as pipeline_lib
-from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends.spmd import _owners as owners
 from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _tables as tables_lib
+from hkpipe._src.backends.spmd import _planning as planning
 from hkpipe._src.backends.spmd import _zero as zero
-from hkpipe._src.backends.mpmd import _shard as rules_lib
-from hkpipe.schedules import _ir
 from hkpipe._src.backends.spmd._executor import _Executor
 from hkpipe._src.backends.spmd._plan import _check_schedule, _Plan, _Program, _shape_key
-from hkpipe._src.backends.spmd._plan import _StageBackward, _Tie
+from hkpipe._src.backends.spmd._plan import _StageBackward
 
 
 class SpmdBackend(_Executor):
@@ -94,58 +91,11 @@ class SpmdBackend(_Executor):
                        "num_microbatches or the mesh's dp/fsdp axes.")
     return size
 
-  def _make_plan(self, param_avals: Mapping[str, Any], example_microbatch: Any) -> _Plan:
-    layout = layout_lib.resolve(self.model, self.options, example_microbatch, inner=True)
-    # The rules are checked (ConfigError before any compile) so that options move between
-    # backends, but spmd stores every leaf split evenly over ("fsdp", "tp") whatever they say.
-    rules_lib.stage_param_specs(self.model, self.options, layout, [
-        tuple(param_avals[n] for n in st.layer_names) for st in layout.stages])
-    schedule = layout.schedule
-    if not isinstance(schedule, _ir.Schedule):
-      raise TypeError(f"options.schedule resolved to {type(schedule).__name__}; expected a "
-                      "hkpipe.schedules Schedule.")
-    p = layout.num_ranks
-    stage_layouts: list[pack.FlatLayout | None] = [None] * len(layout.stages)
-    rank_layouts = []
-    for r in range(p):
-      base: dict[str, int] = {}
-      for s in schedule.stages_of_rank(r):
-        tree = {n: param_avals[n] for n in layout.stages[s].layer_names}
-        lay = pack.FlatLayout.of(tree, base)
-        stage_layouts[s] = lay
-        base = dict(lay.ends)
-        rank_layouts.append(lay)
-    param_sizes = zero.padded(pack.padded_sizes(rank_layouts), self.state_shards)
-    opt_layouts = []
-    for r in range(p):
-      rank_params = {n: param_avals[n] for s in schedule.stages_of_rank(r)
-                     for n in layout.stages[s].layer_names}
-      opt_layouts.append(pack.FlatLayout.of(jax.eval_shape(self.optimizer.init, rank_params)))
-    assert all(lay is not None for lay in stage_layouts)
-    plan = _Plan(layout=layout, stage_layouts=tuple(stage_layouts),  # type: ignore[arg-type]
-                 param_sizes=param_sizes,
-                 opt_layouts=tuple(opt_layouts), opt_sizes=zero.padded(pack.padded_sizes(opt_layouts), self.state_shards),
-                 ties=(), tables=tables_lib.build(schedule))
-    return dataclasses.replace(plan, ties=self._locate_ties(plan))
-
-  def _locate_ties(self, plan: _Plan) -> tuple[_Tie, ...]:
-    trees = [lay.treedef.unflatten(lay.avals) for lay in plan.stage_layouts]
-    names = [st.layer_names for st in plan.layout.stages]
-    out = []
-    for tie in stage_lib.locate_ties(self.model.ties, trees, names):
-      sides = []
-      for s, leaf in (tie.source, tie.target):
-        k, off, size = plan.stage_layouts[s].slots[leaf]
-        on = tuple(r == plan.rank_of(s) for r in range(plan.num_ranks))
-        sides.append((k, size, on, tuple(off if o else 0 for o in on)))
-      (k, size, src_on, src_off), (_, _, tgt_on, tgt_off) = sides
-      out.append(_Tie(k, size, src_on, src_off, tgt_on, tgt_off))
-    return tuple(out)
-
   def _ensure_plan(self, params: Mapping[str, Any], example_microbatch: Any) -> _Plan:
     if self._plan is None:
       avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), dict(params))
-      self._plan = self._make_plan(avals, example_microbatch)
+      self._plan = planning.make_plan(self.model, self.optimizer, self.options, avals,
+                                      example_microbatch, self.state_shards)
     return self._plan
 
   # -- programs (per batch shape) --------------------------------------------------------------
