@@ -58,7 +58,7 @@ OPTION_BACKENDS: Mapping[str, tuple[str, ...]] = {
     "mesh": ("pmap",) + PIPELINED,
     "record_timeline": ("mpmd",),
     # Sharding inside stages: also config.pipeline.fsdp/tp (mesh axes inside each stage).
-    "sharding_rules": ("mpmd",),  # spmd: until it shards inside stages
+    "sharding_rules": PIPELINED,
 }
 
 

@@ -1,8 +1,9 @@
 """The SPMD backend: the whole pipeline step is one jitted ``jax.shard_map`` program.
 
-The mesh has axes ``("pp", "dp")``. Rank ``r`` of ``pp`` holds only its own stages' parameters
-(and optimizer state); ``dp`` replicates the pipeline, each replica taking an equal slice of every
-microbatch. The executor reads the schedule IR and runs it tick by tick: a ``lax.scan`` over ticks
+The mesh has axes ``("pp", "dp", "fsdp", "tp")`` (size 1 for those the user's mesh lacks). Rank
+``r`` of ``pp`` holds only its own stages' parameters (and optimizer state), stored split over its
+``("fsdp", "tp")`` devices and gathered for the step (ZeRO-3 style storage, see ``_zero``); ``dp``
+replicates the pipeline; every microbatch is split evenly over ``("dp", "fsdp")``. The executor reads the schedule IR and runs it tick by tick: a ``lax.scan`` over ticks
 in which every rank selects its action (``F``/``B``/``I``/``W`` of one stage, or idle) from a
 static table with ``lax.switch``, then activations and cotangents move with ``lax.ppermute`` (see
 ``_tables``). Forwards use ``jax.vjp`` and stash the residuals the backward needs (only the
@@ -31,10 +32,10 @@ rank's ``dp`` devices), step counters and the rng replicated over the mesh; ``fr
 packs each rank's leaves on its devices, leaving in place those already there.
 
 Microbatches and ``dp``: the global batch is cut into ``num_microbatches`` microbatches as on the
-single backend, and each microbatch is split evenly across the ``dp`` replicas, so the batch size
-must be a multiple of ``num_microbatches * dp``. Loss and gradients equal the single backend's (all
-losses are means over equally sized examples). With ``dp > 1`` each replica folds its ``dp`` index
-into the microbatch dropout key (independent masks, not the reference's draws).
+single backend, and each microbatch is split evenly across the ``dp x fsdp`` devices, so the batch
+size must be a multiple of ``num_microbatches * dp * fsdp``. Loss and gradients equal the single backend's (all
+losses are means over equally sized examples). With ``dp x fsdp > 1`` each batch shard folds its
+index into the microbatch dropout key (independent masks, not the reference's draws).
 
 Multi-process: the mesh may span the devices of every process (each process runs the same
 program). Each process passes its own rows of the global batch; they are placed on its own devices

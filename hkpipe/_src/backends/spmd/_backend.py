@@ -3,7 +3,6 @@ canonical conversion (the executor bodies are in ``_executor``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -11,8 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType
-from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -23,25 +20,28 @@ from hkpipe._src import options as options_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import placement
 from hkpipe._src import pipeline as pipeline_lib
-from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends.spmd import _owners as owners
 from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _tables as tables_lib
-from hkpipe.schedules import _ir
+from hkpipe._src.backends.spmd import _planning as planning
+from hkpipe._src.backends.spmd import _zero as zero
 from hkpipe._src.backends.spmd._executor import _Executor
 from hkpipe._src.backends.spmd._plan import _check_schedule, _Plan, _Program, _shape_key
-from hkpipe._src.backends.spmd._plan import _StageBackward, _Tie
+from hkpipe._src.backends.spmd._plan import _StageBackward
 
 
 class SpmdBackend(_Executor):
-  """Pipeline parallelism inside one ``shard_map`` program over a ``("pp", "dp")`` mesh."""
+  """Pipeline parallelism inside one ``shard_map`` program over a ``("pp", "dp", "fsdp", "tp")``
+  mesh (state stored split over ``("fsdp", "tp")``: see ``_zero``)."""
 
   def __init__(self, model: model_lib.SequentialModel, optimizer: optax.GradientTransformation,
                options: options_lib.PipelineOptions):
     super().__init__(model, optimizer, options)
     _check_schedule(options.schedule)
-    self._grid = layout_lib.device_grid(options)
-    self.mesh = Mesh(self._grid, ("pp", "dp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    self._grid = layout_lib.device_grid(options, inner=True)
+    self._inner = layout_lib.inner_axes(options)[1] if options.mesh is not None else (
+        int(self._grid.shape[1]), 1, 1)  # (dp, fsdp, tp)
+    self.mesh = zero.make_mesh(self._grid, self._inner)
     # Where process-local batch rows land (P() in one process); raises early on meshes that
     # leave a process out or do not follow process order.
     self._feed = NamedSharding(self.mesh, placement.process_batch_spec(self.mesh))
@@ -55,7 +55,17 @@ class SpmdBackend(_Executor):
 
   @property
   def dp(self) -> int:
-    return int(self._grid.shape[1])
+    return int(self._inner[0])
+
+  @property
+  def batch_shards(self) -> int:
+    """How many pieces each microbatch is split into: ``dp x fsdp``."""
+    return int(self._inner[0] * self._inner[1])
+
+  @property
+  def state_shards(self) -> int:
+    """How many pieces each rank's state is split into: ``fsdp x tp``."""
+    return int(self._inner[1] * self._inner[2])
 
   @property
   def plan(self) -> _Plan:
@@ -73,68 +83,25 @@ class SpmdBackend(_Executor):
 
   def _check_batch(self, batch: pipeline_lib.Batch) -> int:
     size = self.global_batch_size(batch)
-    m, dp = self.options.num_microbatches, self.dp
+    m, dp = self.options.num_microbatches, self.batch_shards
     if size % (m * dp):
       raise ValueError(f"The spmd backend splits each of the num_microbatches={m} microbatches "
-                       f"across dp={dp} replicas, so the batch size must be a multiple of "
+                       f"across dp x fsdp={dp} devices, so the batch size must be a multiple of "
                        f"{m} * {dp} = {m * dp}; got {size}. Change the batch size, "
-                       "num_microbatches or the mesh's dp axis.")
+                       "num_microbatches or the mesh's dp/fsdp axes.")
     return size
-
-  def _make_plan(self, param_avals: Mapping[str, Any], example_microbatch: Any) -> _Plan:
-    layout = layout_lib.resolve(self.model, self.options, example_microbatch)
-    schedule = layout.schedule
-    if not isinstance(schedule, _ir.Schedule):
-      raise TypeError(f"options.schedule resolved to {type(schedule).__name__}; expected a "
-                      "hkpipe.schedules Schedule.")
-    p = layout.num_ranks
-    stage_layouts: list[pack.FlatLayout | None] = [None] * len(layout.stages)
-    rank_layouts = []
-    for r in range(p):
-      base: dict[str, int] = {}
-      for s in schedule.stages_of_rank(r):
-        tree = {n: param_avals[n] for n in layout.stages[s].layer_names}
-        lay = pack.FlatLayout.of(tree, base)
-        stage_layouts[s] = lay
-        base = dict(lay.ends)
-        rank_layouts.append(lay)
-    param_sizes = pack.padded_sizes(rank_layouts)
-    opt_layouts = []
-    for r in range(p):
-      rank_params = {n: param_avals[n] for s in schedule.stages_of_rank(r)
-                     for n in layout.stages[s].layer_names}
-      opt_layouts.append(pack.FlatLayout.of(jax.eval_shape(self.optimizer.init, rank_params)))
-    assert all(lay is not None for lay in stage_layouts)
-    plan = _Plan(layout=layout, stage_layouts=tuple(stage_layouts),  # type: ignore[arg-type]
-                 param_sizes=param_sizes,
-                 opt_layouts=tuple(opt_layouts), opt_sizes=pack.padded_sizes(opt_layouts),
-                 ties=(), tables=tables_lib.build(schedule))
-    return dataclasses.replace(plan, ties=self._locate_ties(plan))
-
-  def _locate_ties(self, plan: _Plan) -> tuple[_Tie, ...]:
-    trees = [lay.treedef.unflatten(lay.avals) for lay in plan.stage_layouts]
-    names = [st.layer_names for st in plan.layout.stages]
-    out = []
-    for tie in stage_lib.locate_ties(self.model.ties, trees, names):
-      sides = []
-      for s, leaf in (tie.source, tie.target):
-        k, off, size = plan.stage_layouts[s].slots[leaf]
-        on = tuple(r == plan.rank_of(s) for r in range(plan.num_ranks))
-        sides.append((k, size, on, tuple(off if o else 0 for o in on)))
-      (k, size, src_on, src_off), (_, _, tgt_on, tgt_off) = sides
-      out.append(_Tie(k, size, src_on, src_off, tgt_on, tgt_off))
-    return tuple(out)
 
   def _ensure_plan(self, params: Mapping[str, Any], example_microbatch: Any) -> _Plan:
     if self._plan is None:
       avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), dict(params))
-      self._plan = self._make_plan(avals, example_microbatch)
+      self._plan = planning.make_plan(self.model, self.optimizer, self.options, avals,
+                                      example_microbatch, self.state_shards)
     return self._plan
 
   # -- programs (per batch shape) --------------------------------------------------------------
 
   def _local_microbatch(self, tree: Any) -> Any:
-    div = self.options.num_microbatches * self.dp
+    div = self.options.num_microbatches * self.batch_shards
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // div,) + tuple(x.shape[1:]),
                                                        x.dtype), tree)
 
@@ -196,13 +163,14 @@ class SpmdBackend(_Executor):
                          check_vma=False)
 
   def _microbatches(self, tree: Any) -> Any:
-    """Inside the jitted step: global ``[B, ...]`` -> ``[m, dp, B/(m dp), ...]`` sharded over
-    ``dp`` (microbatch ``i`` = the reference's rows ``i*B/m ..``, split evenly over ``dp``).
+    """Inside the jitted step: global ``[B, ...]`` -> ``[m, k, B/(m k), ...]`` sharded over
+    ``("dp", "fsdp")`` (``k = dp x fsdp``; microbatch ``i`` = the reference's rows ``i*B/m ..``,
+    split evenly over the ``k`` devices).
 
     Doing it in the program lets XLA move rows between processes when a process's own rows are
     not the ones its devices need (e.g. ``pp`` across processes: every rank needs every row)."""
-    m, dp = self.options.num_microbatches, self.dp
-    sharding = NamedSharding(self.mesh, P(None, "dp"))
+    m, dp = self.options.num_microbatches, self.batch_shards
+    sharding = NamedSharding(self.mesh, zero.DATA_SPEC)
 
     def split(x):
       x = x.reshape((m, dp, x.shape[0] // (m * dp)) + tuple(x.shape[1:]))
@@ -214,21 +182,21 @@ class SpmdBackend(_Executor):
   def _jitted(self) -> dict:
     """The three jitted programs; ``prog`` is static (hashable by identity). Batches come in as
     global ``[B, ...]`` arrays (see ``_put_batch``)."""
-    pp, data = P("pp"), P(None, "dp")
+    pp, data, st = P("pp"), zero.DATA_SPEC, zero.STATE_SPEC
 
     def train(prog, params, opt, rng, step, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._train_body, prog),
-                           (pp, pp, P(), P(), data, data, pp), (pp, pp, P()))
+                           (st, st, P(), P(), data, data, pp), (st, st, P()))
       return fn(params, opt, rng, step, *self._microbatches((inputs, targets)), tabs)
 
     def grads(prog, params, rng, step, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._loss_grads_body, prog),
-                           (pp, P(), P(), data, data, pp), (P(), pp))
+                           (st, P(), P(), data, data, pp), (P(), pp))
       return fn(params, rng, step, *self._microbatches((inputs, targets)), tabs)
 
     def evaluate(prog, params, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._eval_body, prog),
-                           (pp, data, data, pp), P())
+                           (st, data, data, pp), P())
       return fn(params, *self._microbatches((inputs, targets)), tabs)
 
     donate = (1, 2) if self.options.donate else ()

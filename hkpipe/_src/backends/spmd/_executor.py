@@ -16,6 +16,7 @@ from hkpipe._src import remat as remat_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
 from hkpipe._src.backends.spmd import _pack as pack
+from hkpipe._src.backends.spmd import _zero as zero
 from hkpipe._src.backends.spmd._plan import _Plan, _Program, _Tie
 from hkpipe.schedules import _ir
 
@@ -32,6 +33,12 @@ class _Executor(pipeline_lib.Backend):
 
     @property
     def dp(self) -> int: ...
+
+    @property
+    def batch_shards(self) -> int: ...
+
+    @property
+    def state_shards(self) -> int: ...
 
     @property
     def num_ranks(self) -> int: ...
@@ -62,8 +69,8 @@ class _Executor(pipeline_lib.Backend):
   def _microbatch_key(self, rng: jax.Array, step: jax.Array, mb: jax.Array) -> jax.Array:
     key = model_lib.microbatch_rng(rng, step, mb)
     assert key is not None
-    if self.dp > 1:
-      key = jax.random.fold_in(key, jax.lax.axis_index("dp"))
+    if self.batch_shards > 1:
+      key = jax.random.fold_in(key, zero.batch_index())
     return key
 
   # -- the executor (runs inside shard_map, on one (pp, dp) shard) -------------------------------
@@ -163,8 +170,8 @@ class _Executor(pipeline_lib.Backend):
     """Inside shard_map: mean loss and mean, tied, dp-averaged grads (local buffers)."""
     m = self.options.num_microbatches
     loss, grads = self._run_pipeline(prog, True, params, rng, step, inputs, targets, tabs)
-    loss = jax.lax.pmean(jax.lax.psum(loss, "pp") / m, "dp")
-    grads = jax.lax.pmean({k: g / m for k, g in grads.items()}, "dp")
+    loss = jax.lax.pmean(jax.lax.psum(loss, "pp") / m, zero.BATCH_AXES)
+    grads = jax.lax.pmean({k: g / m for k, g in grads.items()}, zero.BATCH_AXES)
     return loss, self._tie_grads(grads)
 
   def _tie_grads(self, grads: dict) -> dict:
@@ -201,8 +208,8 @@ class _Executor(pipeline_lib.Backend):
     return params, plan.opt_layouts[rank].pack_into(opt, opt_tree)
 
   def _train_body(self, prog, params, opt, rng, step, inputs, targets, tabs):
-    params = {k: v[0] for k, v in params.items()}
-    opt = {k: v[0] for k, v in opt.items()}
+    z = self.state_shards
+    params, opt = zero.gather(params, z), zero.gather(opt, z)
     loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
                                    _rows(tabs))
     sq = jax.lax.psum(step_lib.sq_norm_share(grads, self._tied_copies(grads)), "pp")
@@ -211,20 +218,20 @@ class _Executor(pipeline_lib.Backend):
     # loss and norm are global (psum over pp, pmean over dp): every shard decides alike.
     (params, opt), metrics = step_lib.guarded_update(self.options.skip_nonfinite, loss, sq,
                                                      update, (params, opt))
-    expand = lambda d: {k: v[None] for k, v in d.items()}
-    return expand(params), expand(opt), metrics
+    return zero.own_piece(params, z), zero.own_piece(opt, z), metrics
 
   def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
-    params = {k: v[0] for k, v in params.items()}
+    params = zero.gather(params, self.state_shards)
     loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
                                    _rows(tabs))
     return loss, {k: v[None] for k, v in grads.items()}
 
   def _eval_body(self, prog, params, inputs, targets, tabs):
-    params = {k: v[0] for k, v in params.items()}
+    params = zero.gather(params, self.state_shards)
     loss, _ = self._run_pipeline(prog, False, params, None, None, _local(inputs),
                                  _local(targets), _rows(tabs))
-    return jax.lax.pmean(jax.lax.psum(loss, "pp") / self.options.num_microbatches, "dp")
+    return jax.lax.pmean(jax.lax.psum(loss, "pp") / self.options.num_microbatches,
+                         zero.BATCH_AXES)
 
 
 def _switch_in_place(index: jax.Array, branches: Sequence[Any], carry: Any, *args: Any) -> Any:
@@ -258,7 +265,7 @@ def _sides_here(tie: _Tie) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array
 
 
 def _local(tree: Any) -> Any:
-  """Drops the size-1 ``dp`` axis of a ``[m, 1, b, ...]`` shard."""
+  """Drops the size-1 batch-shard axis of a ``[m, 1, b, ...]`` shard."""
   return jax.tree.map(lambda x: x[:, 0], tree)
 
 

@@ -33,18 +33,20 @@ from hkpipe._src import canonical as canonical_lib
 from hkpipe._src import model as model_lib
 from hkpipe._src import placement
 from hkpipe._src.backends.spmd import _pack as pack
+from hkpipe._src.backends.spmd import _zero as zero
 from hkpipe._src.backends.spmd._plan import _Plan
 
 
 def rank_mesh(mesh: Mesh, rank: int) -> Mesh:
-  """Rank ``rank``'s devices as a ``("pp", "dp")`` mesh with ``pp`` of size 1."""
+  """Rank ``rank``'s devices as a mesh of the same axes with ``pp`` of size 1."""
   grid = np.asarray(mesh.devices, dtype=object)[rank:rank + 1]
   return Mesh(grid, mesh.axis_names, axis_types=mesh.axis_types)
 
 
 def row_sharding(mesh: Mesh, rank: int) -> NamedSharding:
-  """Where rank ``rank``'s ``[1, n]`` rows live: every device of the rank (its dp replicas)."""
-  return NamedSharding(rank_mesh(mesh, rank), P("pp"))
+  """Where rank ``rank``'s ``[1, n]`` rows live: split over the rank's ``("fsdp", "tp")``
+  devices, replicated over its ``dp`` replicas."""
+  return NamedSharding(rank_mesh(mesh, rank), zero.STATE_SPEC)
 
 
 def leaf_sharding(mesh: Mesh, rank: int) -> NamedSharding:
@@ -89,9 +91,9 @@ def split_rows(bufs: Mapping[str, jax.Array], mesh: Mesh, rank: int) -> dict[str
 
 def join_rows(rows: Sequence[Mapping[str, jax.Array] | None], mesh: Mesh,
               sizes: Mapping[str, int]) -> dict[str, jax.Array]:
-  """Global ``[pp, n]`` buffers sharded ``P("pp")`` from every rank's ``[1, n]`` rows (None for
-  ranks of other processes), without copying."""
-  sharding = NamedSharding(mesh, P("pp"))
+  """Global ``[pp, n]`` buffers sharded ``zero.STATE_SPEC`` from every rank's ``[1, n]`` rows
+  (None for ranks of other processes), without copying."""
+  sharding = NamedSharding(mesh, zero.STATE_SPEC)
   out = {}
   for k, n in sizes.items():
     shards = [s.data for r in rows if r is not None for s in r[k].addressable_shards]

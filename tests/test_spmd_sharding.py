@@ -1,0 +1,186 @@
+"""SPMD with mesh axes inside stages (fsdp, tp): equivalence with one device, memory, errors.
+
+Each case builds an spmd pipeline on a ``("pp", "fsdp", "tp")`` mesh of the 8 simulated devices
+and checks, against the single-device reference (fp32, rtol 1e-5, atol 1e-6): the initial
+parameters, the loss and every gradient leaf, and two AdamW steps (losses and parameters).
+Memory is measured from the arrays' addressable shards (``shard.data.nbytes``) and
+``jax.live_arrays()``; the share it is compared with is computed from the reference's own
+parameters and ``optimizer.init`` of each rank's layers, not from the backend's plan.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import hkpipe
+from tests import helpers
+
+M = 2
+KEY = jax.random.key(7)
+GPT = hkpipe.models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=2)
+LLAMA = hkpipe.models.LlamaConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=4,
+                                  n_kv_heads=2)
+
+
+def _optimizer():
+  return optax.adamw(1e-4, weight_decay=0.1)
+
+
+@functools.lru_cache(maxsize=None)
+def _case(name: str) -> tuple[hkpipe.SequentialModel, Any]:
+  if name == "gpt":          # tied embedding (stage 0) and head (stage 1)
+    return hkpipe.models.build(GPT), helpers.token_batch(batch=8, seq=8, vocab=32, seed=1)
+  if name == "llama":        # grouped-query attention: 4 query heads, 2 key/value heads
+    return hkpipe.models.build(LLAMA), helpers.token_batch(batch=8, seq=8, vocab=32, seed=2)
+  assert name == "hetero"
+  return helpers.hetero_model(n_mid=2), helpers.token_batch(batch=8, seq=5)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name: str) -> dict:
+  """Single-device init, loss, gradients and two AdamW steps (built from the layers alone)."""
+  model, batch = _case(name)
+  pipe = hkpipe.Pipeline(model, _optimizer(), backend="single", num_microbatches=M,
+                         donate=False)
+  state = pipe.init(KEY, batch)
+  out = {"params": jax.device_get(pipe.params(state))}
+  out["loss"], out["grads"] = jax.device_get(pipe.loss_and_grads(state, batch))
+  losses = []
+  for _ in range(2):
+    state, metrics = pipe.train_step(state, batch)
+    losses.append(jax.device_get(metrics["loss"]))
+  out["losses"], out["final"] = losses, jax.device_get(pipe.params(state))
+  return out
+
+
+def _pipeline(name: str, shape: tuple[int, ...], axes: tuple[str, ...], schedule: str,
+              **kw) -> hkpipe.Pipeline:
+  model, _ = _case(name)
+  mesh = jax.make_mesh(shape, axes, devices=jax.devices()[:int(np.prod(shape))])
+  return hkpipe.Pipeline(model, _optimizer(), backend="spmd", mesh=mesh, num_microbatches=M,
+                         schedule=schedule, donate=False, **kw)
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def _rank_shares(pipe, params: dict) -> list[int]:
+  """Per rank, the bytes of its layers' parameters and of ``optimizer.init`` on them."""
+  layout = pipe.layout
+  out = []
+  for r in range(layout.num_ranks):
+    names = [n for s in layout.schedule.stages_of_rank(r) for n in layout.stages[s].layer_names]
+    mine = {n: params[n] for n in names}
+    out.append(_nbytes(mine) + _nbytes(jax.eval_shape(_optimizer().init, mine)))
+  return out
+
+
+def _check_memory(pipe, state, before: set, z: int, ref_params: dict) -> None:
+  """Per device: the state's shards take <= the largest rank's share / (fsdp x tp) x 1.1 (every
+  rank's buffers are padded to the largest rank); nothing else bigger than one layer's share
+  (params + Adam moments) / (fsdp x tp) is alive after init."""
+  leaves = jax.tree.leaves((state.params, state.opt_state))
+  share = max(_rank_shares(pipe, ref_params))
+  measured = hkpipe.sharding.shard_bytes(leaves)
+  assert set(measured) == set(pipe.layout.device_grid.flat)
+  for d, nbytes in measured.items():
+    assert nbytes <= share / z * 1.1, (d, nbytes, share, z)
+  for a in leaves:                    # really split: each shard is 1/z of the rank's row
+    assert {s.data.shape for s in a.addressable_shards} == {(1, a.shape[1] // z)}
+  layer_share = max(_nbytes(p) * 3 / z for p in ref_params.values())
+  ids = {id(a) for a in leaves}
+  # The state's own per-device buffers (``shard.data`` views of them are live arrays too).
+  own = {sh.data.unsafe_buffer_pointer() for a in leaves for sh in a.addressable_shards}
+  for a in jax.live_arrays():
+    if id(a) in ids or id(a) in before:
+      continue
+    if a.is_fully_addressable and len(a.addressable_shards) == 1 and (
+        a.addressable_shards[0].data.unsafe_buffer_pointer() in own):
+      continue
+    for shard in a.addressable_shards:
+      assert shard.data.nbytes <= layer_share, (a.shape, a.sharding, layer_share)
+
+
+def _check_equivalence(name, shape, axes, schedule):
+  _, batch = _case(name)
+  ref = _reference(name)
+  pipe = _pipeline(name, shape, axes, schedule)
+  before = {id(a) for a in jax.live_arrays()}
+  state = pipe.init(KEY, batch)
+  sizes = dict(zip(axes, shape))
+  _check_memory(pipe, state, before, sizes.get("fsdp", 1) * sizes.get("tp", 1), ref["params"])
+  helpers.assert_trees_close(pipe.params(state), ref["params"])
+  loss, grads = pipe.loss_and_grads(state, batch)
+  helpers.assert_trees_close(loss, ref["loss"])
+  helpers.assert_trees_close(grads, ref["grads"])
+  for step in range(2):
+    state, metrics = pipe.train_step(state, batch)
+    helpers.assert_trees_close(metrics["loss"], ref["losses"][step])
+  helpers.assert_trees_close(pipe.params(state), ref["final"])
+  return pipe, state
+
+
+MESHES = {"fsdp2": ((2, 2), ("pp", "fsdp")), "tp2": ((2, 2), ("pp", "tp")),
+          "fsdp2_tp2": ((2, 2, 2), ("pp", "fsdp", "tp"))}
+FAST = [("gpt", "fsdp2_tp2", "1f1b"), ("llama", "tp2", "zb_h1"), ("hetero", "fsdp2", "zb_h1")]
+ALL = ([(m, mesh, s) for m in ("gpt", "llama") for mesh in MESHES for s in ("1f1b", "zb_h1")]
+       + [("hetero", "fsdp2", s) for s in ("1f1b", "zb_h1")])
+
+
+@pytest.mark.parametrize("name,mesh,schedule", FAST)
+def test_matches_single_device(name, mesh, schedule):
+  pipe, state = _check_equivalence(name, *MESHES[mesh], schedule)
+  if name != "gpt":
+    return
+  # A canonical round trip (what checkpoints do) puts every buffer back, split alike.
+  back = pipe.from_canonical(pipe.to_canonical(state), state.step)
+  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
+                  jax.tree.leaves((back.params, back.opt_state))):
+    assert a.sharding == b.sharding, (a.sharding, b.sharding)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,mesh,schedule", [c for c in ALL if c not in FAST])
+def test_matches_single_device_all(name, mesh, schedule):
+  _check_equivalence(name, *MESHES[mesh], schedule)
+
+
+@pytest.mark.parametrize("shape,axes,rules,words", [
+    ((2, 2), ("pp", "fsdp"), [(r"attn/w_x$", P("fsdp"))], ["attn/w_x", "matches no parameter"]),
+    ((2, 2), ("pp", "fsdp"), [(r"attn/w_q$", P(None, "tp"))],
+     ["block_0/attn/w_q", "'tp'", "no 'tp' axis"]),
+    ((2, 3), ("pp", "tp"), [(r"attn/w_q$", P(None, "tp"))],
+     ["block_0/attn/w_q", "size 16", "tp = 3", "not divisible"]),
+])
+def test_bad_rules_fail_before_compiling(shape, axes, rules, words):
+  model, batch = _case("gpt")
+  mesh = jax.make_mesh(shape, axes, devices=jax.devices()[:int(np.prod(shape))])
+  pipe = hkpipe.Pipeline(model, _optimizer(), backend="spmd", mesh=mesh, num_microbatches=M,
+                         sharding_rules=rules)
+  with pytest.raises(hkpipe.ConfigError) as e:
+    pipe.init(KEY, batch)
+  for w in words:
+    assert w in str(e.value), (w, str(e.value))
+  assert not pipe.backend._inits and not pipe.backend._programs  # pylint: disable=protected-access
+
+
+def test_bad_axes_and_batch():
+  model, batch = _case("gpt")
+  with pytest.raises(hkpipe.ConfigError, match="Mesh axis 'model' is not a pipeline axis"):
+    hkpipe.Pipeline(model, _optimizer(), backend="spmd", num_microbatches=M,
+                    mesh=jax.make_mesh((2, 2), ("pp", "model"), devices=jax.devices()[:4]))
+  # fsdp splits the batch: 6 rows do not make 2 microbatches over fsdp = 4 devices.
+  mesh = jax.make_mesh((2, 4), ("pp", "fsdp"), devices=jax.devices()[:8])
+  pipe = hkpipe.Pipeline(model, _optimizer(), backend="spmd", mesh=mesh, num_microbatches=M)
+  with pytest.raises(ValueError, match=r"dp x fsdp=4 devices.*2 \* 4 = 8; got 6"):
+    pipe.init(KEY, (batch[0][:6], batch[1][:6]))
+  assert not pipe.backend._inits and not pipe.backend._programs  # pylint: disable=protected-access
