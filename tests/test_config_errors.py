@@ -363,7 +363,7 @@ def test_fsdp_and_tp_build_the_mesh_and_the_rules():
   assert (pipe.options.mesh.shape["fsdp"], pipe.options.sharding_rules) == (2, hkpipe.sharding.Rules())
 
 
-@pytest.mark.parametrize("backend", ["single", "pmap", "spmd"])
+@pytest.mark.parametrize("backend", ["single", "pmap"])
 @pytest.mark.parametrize("field,value", [("fsdp", 2), ("tp", 2), ("sharding_rules", "model")])
 def test_sharding_inside_stages_is_rejected_where_unsupported(backend, field, value):
   """The backends that do not shard inside stages (options.OPTION_BACKENDS, row sharding_rules)
@@ -377,8 +377,14 @@ def test_sharding_inside_stages_is_rejected_where_unsupported(backend, field, va
   assert "--config.backend=mpmd" in msg and "drop it" in msg, msg
   users = hkpipe._src.options.backends_using(["sharding_rules"])  # pylint: disable=protected-access
   assert (backend in users) is False
-  if backend == "spmd":
-    assert "sharding inside stages" in msg, msg
+
+
+def test_spmd_takes_fsdp_and_tp_like_mpmd():
+  """spmd shards inside stages too (ZeRO-3 style storage): the same fields build the same mesh."""
+  config = _config(ranks=2, fsdp=2, tp=2, sharding_rules="model")
+  config.backend = "spmd"
+  mesh = train_lib.pipeline_options(config)["mesh"]
+  assert mesh.axis_names == ("pp", "dp", "fsdp", "tp") and mesh.devices.shape == (2, 1, 2, 2)
 
 
 @pytest.mark.parametrize("pipeline,words", [
