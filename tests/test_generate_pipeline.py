@@ -122,3 +122,25 @@ def test_bad_arguments_fail_before_compiling(model):
                          num_microbatches=2)
   with pytest.raises(hkpipe.ConfigError, match="backend='mpmd'"):
     spmd.generate(None, prompt, max_new_tokens=2, rng=key)
+
+
+def test_sharded_stages_decode_in_place(model, monkeypatch):
+  """On a pp2 x fsdp2 x tp2 mesh (parameters sharded inside each stage) decoding runs on each
+  rank's 4 devices, with the sharded parameters as they are, and equals one device."""
+  mesh = jax.make_mesh((2, 2, 2), ("pp", "fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  pipe, state, params = mpmd(model, None, mesh=mesh)
+  sharded = [leaf for leaf in jax.tree.leaves(state.params)
+             if getattr(leaf, "ndim", 0) == 2 and not leaf.sharding.is_fully_replicated]
+  assert sharded  # the rules did shard the stages
+  seen = spy_on_stages(monkeypatch)
+  pipe.backend.params = pipe.backend.to_canonical = None  # any gather would fail
+  prompt = batch()[0][:, :5]
+  kw = dict(max_new_tokens=T - 5, rng=jax.random.key(0), temperature=0.0)
+  out = pipe.generate(state, prompt, num_groups=2, **kw)
+  np.testing.assert_array_equal(np.asarray(out), single_device(model, params, prompt, **kw))
+  ranks = {spec.layer_names[0]: set(pipe.layout.stage_devices(spec.index))
+           for spec in pipe.layout.stages}
+  assert seen and all(len(devs) == 4 for devs in ranks.values())
+  for name, inputs, outputs, _ in seen:
+    assert inputs == outputs == ranks[name]
