@@ -43,7 +43,7 @@ from hkpipe._src import run_log
 from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
 
-_MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig"}
+_MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig", "moe": "MoEConfig"}
 
 
 def default_config() -> ml_collections.ConfigDict:

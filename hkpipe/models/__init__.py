@@ -1,4 +1,5 @@
-"""hkpipe's model zoo: GPT-2 (nanoGPT) and Llama-style language models as layer chains.
+"""hkpipe's model zoo: GPT-2 (nanoGPT), Llama-style and gpt-oss style mixture-of-experts language
+models as layer chains.
 
 ``build(config)`` returns a :class:`hkpipe.SequentialModel` with layers named ``"embed"``,
 ``"block_0"`` ... ``"block_{n_layers-1}"`` and ``"head"`` (final norm + output projection) and the
@@ -6,8 +7,9 @@ token cross-entropy loss. See ``docs/models.md``.
 
 Public names:
 
-- Configs: :class:`GPTConfig`, :class:`LlamaConfig`.
-- Building: :func:`build`, :class:`LanguageModel`.
+- Configs: :class:`GPTConfig`, :class:`LlamaConfig`, :class:`MoEConfig`.
+- Building: :func:`build`, :class:`LanguageModel`, :class:`MoELanguageModel`.
+- MoE: :func:`expert_load` (per-block expert load of a batch).
 - Inspection: :func:`summary`, :func:`param_count`, :func:`layer_param_counts`,
   :func:`flops_per_token`.
 - Loss: :func:`cross_entropy`.
@@ -20,6 +22,7 @@ Public names:
 """
 
 from hkpipe._src.models.api import LanguageModel
+from hkpipe._src.models.api import MoELanguageModel
 from hkpipe._src.models.api import build
 from hkpipe._src.models.api import flops_per_token
 from hkpipe._src.models.api import layer_param_counts
@@ -31,6 +34,8 @@ from hkpipe._src.models.common import causal_attention
 from hkpipe._src.models.common import rope
 from hkpipe._src.models.gpt import GPTConfig
 from hkpipe._src.models.llama import LlamaConfig
+from hkpipe._src.models.moe import expert_load
+from hkpipe._src.models.moe_config import MoEConfig
 from hkpipe._src.models.losses import cross_entropy
 from hkpipe._src.models.generate import generate
 from hkpipe._src.model_rules import sharding_rules
@@ -40,10 +45,13 @@ __all__ = (
     "GPTConfig",
     "LanguageModel",
     "LlamaConfig",
+    "MoEConfig",
+    "MoELanguageModel",
     "build",
     "cached_attention",
     "causal_attention",
     "cross_entropy",
+    "expert_load",
     "flops_per_token",
     "generate",
     "layer_param_counts",
