@@ -10,7 +10,7 @@ Megatron style, with FSDP on the other dimension of every matrix:
 
 MoE blocks (:class:`hkpipe.models.MoEConfig`) shard their experts the same way on the last two
 axes: ``w_gate``, ``w_up`` ``[E, D, F]`` as ``P(None, "fsdp", "tp")``, ``w_down`` ``[E, F, D]`` as
-``P(None, "tp", "fsdp")``; the router ``[D, E]`` and the attention sinks stay replicated.
+``P(None, "tp", "fsdp")``; the router ``[D, E]`` and the attention sinks fall to the default rule.
 
 Everything else (norms, the other biases, GPT's position table) falls to the default FSDP rule.
 """
@@ -69,8 +69,7 @@ def sharding_rules(config: Any, axes: Sequence[str] = ("fsdp", "tp"),
   elif isinstance(config, MoEConfig):
     rules = [(r"/attn/w_[qkv]$", column), (r"/attn/w_o$", row),
              (r"/moe/w_(gate|up)$", _spec((None,) + _COLUMN, axes)),
-             (r"/moe/w_down$", _spec((None,) + _ROW, axes)),
-             (r"/moe/w_router$", P()), (r"/attn/sinks$", P())]
+             (r"/moe/w_down$", _spec((None,) + _ROW, axes))]
   else:
     raise errors.ConfigError(f"sharding_rules knows GPTConfig, LlamaConfig and MoEConfig, got "
                              f"{type(config).__name__}; write hkpipe.sharding.Rules for it.")

@@ -34,6 +34,7 @@ from hkpipe._src import config_checks
 from hkpipe._src import data as data_lib
 from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
+from hkpipe._src.models import moe
 from hkpipe._src import optim
 from hkpipe._src import options as options_lib
 from hkpipe._src import pipeline as pipeline_lib
@@ -426,6 +427,8 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         val = eval_loop(pipe, state, val_batch, config.eval_batches)
         progress.end()
         writer.write({"step": done, "val_loss": val})
+        if isinstance(mcfg, models.MoEConfig):  # per-block expert load of a validation batch
+          writer.write({"step": done, **moe.load_record(mcfg, pipe.params(state), val_batch(0)[0])})
         summary["last_val_loss"] = val
         say(run_log.eval_line(done, config.num_steps, val))
         t_window, steps_window = time.time(), 0

@@ -212,3 +212,19 @@ def active_params_per_token(config: MoEConfig) -> int:
   counts = layer_param_counts(config)
   inactive = 3 * (config.n_experts - config.experts_per_token) * config.d_model * config.ff_dim
   return sum(c for name, c in counts.items() if name != "embed") - config.n_layers * inactive
+
+
+_expert_load_jit = jax.jit(expert_load, static_argnums=0)
+
+
+def load_record(config: MoEConfig, params: Any, tokens: Any) -> dict[str, float]:
+  """Flat metrics of :func:`expert_load` for ``metrics.jsonl``: ``moe/block_i/load_e`` (fraction
+  of block i's assignments routed to expert e), ``moe/block_i/dropped`` and ``moe/max_load`` (the
+  largest fraction anywhere; ``1 / E`` when perfectly balanced)."""
+  params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
+  stats = jax.device_get(_expert_load_jit(config, params, jnp.asarray(tokens, jnp.int32)))
+  record = {"moe/max_load": float(stats["load"].max())}
+  for i, (load, dropped) in enumerate(zip(stats["load"], stats["dropped"])):
+    record.update({f"moe/block_{i}/load_{e}": float(f) for e, f in enumerate(load)})
+    record[f"moe/block_{i}/dropped"] = float(dropped)
+  return record
