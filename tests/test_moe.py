@@ -176,7 +176,8 @@ def test_sink_window_attention_equals_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("window,sinks", [(3, True), (2, False)])
+@pytest.mark.parametrize("window,sinks", [(3, True),
+                                          pytest.param(2, False, marks=pytest.mark.slow)])
 def test_generation_cached_equals_recompute(window, sinks):
   c = CONFIG.replace(sliding_window=window, attention_sinks=sinks)
   model = M.build(c)
