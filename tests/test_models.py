@@ -105,7 +105,7 @@ def test_config_defaults():
 
 
 def test_build_rejects_other_configs():
-  with pytest.raises(TypeError, match="GPTConfig or LlamaConfig"):
+  with pytest.raises(TypeError, match="GPTConfig, LlamaConfig, MoEConfig or TRMConfig"):
     M.build(dict(d_model=32))
 
 

@@ -163,7 +163,7 @@ def _launch(workdir, *extra, config="experiments/shakespeare_gpt.py:runlocal"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["shakespeare_gpt", "shakespeare_llama"])
+@pytest.mark.parametrize("experiment", ["shakespeare_gpt", "shakespeare_llama", "moe_tiny"])
 def test_launcher_end_to_end(tmp_path, data_dir, experiment):
   proc = _launch(tmp_path / "w", f"--config.data.dir={data_dir}", "--config.num_steps=4",
                  config=f"experiments/{experiment}.py:runlocal")

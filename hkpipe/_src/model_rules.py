@@ -8,6 +8,10 @@ Megatron style, with FSDP on the other dimension of every matrix:
   parallel, ``P("tp", "fsdp")``;
 - token embedding and LM head ``[V, D]``: vocabulary parallel, ``P("tp", "fsdp")``.
 
+MoE blocks (:class:`hkpipe.models.MoEConfig`) shard their experts the same way on the last two
+axes: ``w_gate``, ``w_up`` ``[E, D, F]`` as ``P(None, "fsdp", "tp")``, ``w_down`` ``[E, F, D]`` as
+``P(None, "tp", "fsdp")``; the router ``[D, E]`` and the attention sinks fall to the default rule.
+
 Everything else (norms, the other biases, GPT's position table) falls to the default FSDP rule.
 """
 
@@ -35,7 +39,8 @@ def sharding_rules(config: Any, axes: Sequence[str] = ("fsdp", "tp"),
   """The tensor-parallel :class:`hkpipe.sharding.Rules` of a GPT or Llama config.
 
   Args:
-    config: a :class:`hkpipe.models.GPTConfig` or :class:`hkpipe.models.LlamaConfig`.
+    config: a :class:`hkpipe.models.GPTConfig`, :class:`hkpipe.models.LlamaConfig` or
+      :class:`hkpipe.models.MoEConfig`.
     axes: the inner mesh axes to use (``"fsdp"``, ``"tp"``); an axis left out is replaced by
       None in every spec (e.g. ``axes=("tp",)`` for a mesh without ``"fsdp"``).
     fsdp_min_size: passed to :class:`hkpipe.sharding.Rules` (for the leaves no rule matches).
@@ -46,6 +51,7 @@ def sharding_rules(config: Any, axes: Sequence[str] = ("fsdp", "tp"),
   # Imported here: hkpipe._src.models imports the model layer, which must not import this.
   from hkpipe._src.models.gpt import GPTConfig  # pylint: disable=g-import-not-at-top
   from hkpipe._src.models.llama import LlamaConfig  # pylint: disable=g-import-not-at-top
+  from hkpipe._src.models.moe_config import MoEConfig  # pylint: disable=g-import-not-at-top
 
   bad = [a for a in axes if a not in sharding_lib.PARAM_AXES]
   if bad:
@@ -60,8 +66,12 @@ def sharding_rules(config: Any, axes: Sequence[str] = ("fsdp", "tp"),
   elif isinstance(config, LlamaConfig):
     rules = [(r"/attn/w_[qkv]$", column), (r"/attn/w_o$", row),
              (r"/mlp/w_(gate|up)$", column), (r"/mlp/w_down$", row)]
+  elif isinstance(config, MoEConfig):
+    rules = [(r"/attn/w_[qkv]$", column), (r"/attn/w_o$", row),
+             (r"/moe/w_(gate|up)$", _spec((None,) + _COLUMN, axes)),
+             (r"/moe/w_down$", _spec((None,) + _ROW, axes))]
   else:
-    raise errors.ConfigError(f"sharding_rules knows GPTConfig and LlamaConfig, got "
+    raise errors.ConfigError(f"sharding_rules knows GPTConfig, LlamaConfig and MoEConfig, got "
                              f"{type(config).__name__}; write hkpipe.sharding.Rules for it.")
   rules += [(r"^embed/wte/embeddings$", vocab), (r"^head/lm_head/w$", vocab)]
   return sharding_lib.Rules(tuple(rules), fsdp_min_size=fsdp_min_size)

@@ -35,6 +35,7 @@ from hkpipe._src import data as data_lib
 from hkpipe._src import ema as ema_lib
 from hkpipe._src import errors
 from hkpipe._src import layout as layout_lib
+from hkpipe._src.models import moe
 from hkpipe._src import optim
 from hkpipe._src import options as options_lib
 from hkpipe._src import pipeline as pipeline_lib
@@ -47,7 +48,8 @@ from hkpipe._src import sharding as sharding_lib
 from hkpipe._src import step_guard
 from hkpipe._src import watchdog as watchdog_lib
 
-_MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig", "trm": "TRMConfig"}
+_MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig", "moe": "MoEConfig",
+                  "trm": "TRMConfig"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -476,6 +478,9 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
                  if accuracy is not None else {})
         progress.end()
         writer.write({"step": done, "val_loss": val, **extra})
+        if isinstance(mcfg, models.MoEConfig):  # per-block expert load of a validation batch
+          writer.write({"step": done, **moe.load_record(mcfg, pipe.params(state),
+                                                         val_batch(0)[0])})
         summary["last_val_loss"] = val
         summary.update(extra)
         say(run_log.eval_line(done, config.num_steps, val) + "".join(

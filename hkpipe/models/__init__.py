@@ -1,4 +1,5 @@
-"""hkpipe's model zoo: GPT-2 (nanoGPT) and Llama-style language models as layer chains.
+"""hkpipe's model zoo: GPT-2 (nanoGPT), Llama-style and gpt-oss style mixture-of-experts language
+models as layer chains.
 
 ``build(config)`` returns a :class:`hkpipe.SequentialModel` with layers named ``"embed"``,
 ``"block_0"`` ... ``"block_{n_layers-1}"`` and ``"head"`` (final norm + output projection) and the
@@ -6,9 +7,11 @@ token cross-entropy loss. See ``docs/models.md``.
 
 Public names:
 
-- Configs: :class:`GPTConfig`, :class:`LlamaConfig`, :class:`TRMConfig` (the Tiny Recursive
-  Model: layers ``embed, recur``, loss :func:`trm_loss`, accuracy :func:`trm_metrics`).
-- Building: :func:`build`, :class:`LanguageModel`.
+- Configs: :class:`GPTConfig`, :class:`LlamaConfig`, :class:`MoEConfig` (gpt-oss style
+  mixture of experts), :class:`TRMConfig` (the Tiny Recursive Model: layers ``embed, recur``, loss
+  :func:`trm_loss`, accuracy :func:`trm_metrics`).
+- Building: :func:`build`, :class:`LanguageModel`, :class:`MoELanguageModel`.
+- MoE: :func:`expert_load` (per-block expert load of a batch).
 - Inspection: :func:`summary`, :func:`param_count`, :func:`layer_param_counts`,
   :func:`flops_per_token`.
 - Loss: :func:`cross_entropy`; :func:`chunked_cross_entropy` and :class:`HeadOutput` for large
@@ -22,6 +25,7 @@ Public names:
 """
 
 from hkpipe._src.models.api import LanguageModel
+from hkpipe._src.models.api import MoELanguageModel
 from hkpipe._src.models.api import build
 from hkpipe._src.models.api import flops_per_token
 from hkpipe._src.models.api import layer_param_counts
@@ -38,6 +42,8 @@ from hkpipe._src.models.losses import chunked_cross_entropy
 from hkpipe._src.models.trm import TRMConfig
 from hkpipe._src.models.trm import trm_loss
 from hkpipe._src.models.trm import trm_metrics
+from hkpipe._src.models.moe import expert_load
+from hkpipe._src.models.moe_config import MoEConfig
 from hkpipe._src.models.losses import cross_entropy
 from hkpipe._src.models.generate import generate
 from hkpipe._src.model_rules import sharding_rules
@@ -48,11 +54,14 @@ __all__ = (
     "HeadOutput",
     "LanguageModel",
     "LlamaConfig",
+    "MoEConfig",
+    "MoELanguageModel",
     "build",
     "cached_attention",
     "chunked_cross_entropy",
     "causal_attention",
     "cross_entropy",
+    "expert_load",
     "flops_per_token",
     "generate",
     "layer_param_counts",

@@ -16,9 +16,11 @@ from hkpipe._src.models import attention
 from hkpipe._src.models import gpt
 from hkpipe._src.models import llama
 from hkpipe._src.models import losses
+from hkpipe._src.models import moe
 from hkpipe._src.models import trm
+from hkpipe._src.models.moe_config import MoEConfig
 
-Config = Union[gpt.GPTConfig, llama.LlamaConfig, trm.TRMConfig]
+Config = Union[gpt.GPTConfig, llama.LlamaConfig, MoEConfig, trm.TRMConfig]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +37,39 @@ class LanguageModel(model_lib.SequentialModel):
   config: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class MoELanguageModel(LanguageModel):
+  """The :class:`LanguageModel` of an :class:`MoEConfig`.
+
+  Its layers pass ``(h, aux)`` pairs and its head returns ``(logits, aux)`` (see
+  ``docs/models.md``); :meth:`apply` returns the logits alone, like every language model, and
+  :meth:`loss` adds the blocks' auxiliary losses to the cross-entropy.
+  """
+
+  def apply(self, params: model_lib.Params, inputs: Any, *, rng: jax.Array | None = None,
+            is_training: bool = False) -> Any:
+    """The ``[B, T, V]`` logits of ``inputs``."""
+    return self.apply_range(params, inputs, 0, len(self.layers), rng=rng,
+                            is_training=is_training)[0]
+
+  def loss(self, params: model_lib.Params, inputs: Any, targets: Any, *,
+           rng: jax.Array | None = None, is_training: bool = False) -> jax.Array:
+    """Cross-entropy plus the weighted auxiliary losses of every block, of one (micro)batch."""
+    outputs = self.apply_range(params, inputs, 0, len(self.layers), rng=rng,
+                               is_training=is_training)
+    return self.loss_fn(outputs, targets)
+
+
 def _make_layers(config: Config) -> tuple[list[model_lib.Layer], tuple[model_lib.Tie, ...]]:
   if isinstance(config, gpt.GPTConfig):
     return gpt.make_layers(config)
   if isinstance(config, llama.LlamaConfig):
     return llama.make_layers(config)
-  raise TypeError(f"build() takes a GPTConfig or LlamaConfig, got {type(config).__name__}. "
-                  "Construct one of those configs (or assemble your own hkpipe.SequentialModel).")
+  if isinstance(config, MoEConfig):
+    return moe.make_layers(config)
+  raise TypeError(f"build() takes a GPTConfig, LlamaConfig, MoEConfig or TRMConfig, got "
+                  f"{type(config).__name__}. Construct one of those configs (or assemble your "
+                  "own hkpipe.SequentialModel).")
 
 
 def build(config: Config) -> LanguageModel:
@@ -55,7 +83,7 @@ def build(config: Config) -> LanguageModel:
   :func:`chunked_cross_entropy` (the cached decode apply still returns logits).
 
   Args:
-    config: a :class:`GPTConfig` or :class:`LlamaConfig`.
+    config: a :class:`GPTConfig`, :class:`LlamaConfig` or :class:`MoEConfig`.
 
   Returns:
     A :class:`LanguageModel` (a :class:`hkpipe.SequentialModel`).
@@ -73,6 +101,12 @@ def build(config: Config) -> LanguageModel:
               for i, layer in enumerate(layers)]
     return LanguageModel(layers=tuple(layers), loss_fn=trm.loss_fn(config), config=config)
   layers, ties = _make_layers(config)
+  if isinstance(config, MoEConfig):  # aux losses travel with the activations, kept in float32
+    if config.dtype == "bfloat16":
+      layers = [moe.with_compute_dtype(layer, jnp.bfloat16) for layer in layers]  # type: ignore[arg-type]
+    loss_fn = functools.partial(moe.loss, z_loss=config.z_loss,
+                                label_smoothing=config.label_smoothing)
+    return MoELanguageModel(layers=tuple(layers), loss_fn=loss_fn, ties=ties, config=config)
   policy = precision.get_policy(config.dtype)
   layers = [precision.apply_to_layer(layer, policy, last=i == len(layers) - 1)
             for i, layer in enumerate(layers)]
@@ -101,7 +135,10 @@ def layer_param_counts(config: Config) -> dict[str, int]:
     return llama.layer_param_counts(config)
   if isinstance(config, trm.TRMConfig):
     return trm.layer_param_counts(config)
-  raise TypeError(f"Expected a GPTConfig or LlamaConfig, got {type(config).__name__}.")
+  if isinstance(config, MoEConfig):
+    return moe.layer_param_counts(config)
+  raise TypeError(f"Expected a GPTConfig, LlamaConfig, MoEConfig or TRMConfig, got "
+                  f"{type(config).__name__}.")
 
 
 def flops_per_token(config: Config) -> int:
@@ -111,18 +148,23 @@ def flops_per_token(config: Config) -> int:
   ``embed`` layer: all block weights plus the final norm and the ``[V, D]`` output projection (which
   is a matmul even when tied). Embedding lookups are treated as free, as in the PaLM formula. The
   second term is the attention score and value matmuls (``QK^T`` and ``PV``) at full context
-  length, without discounting the causal mask.
+  length, without discounting the causal mask. For an :class:`MoEConfig`, ``N`` counts only the
+  ``experts_per_token`` experts a token uses (active parameters), and sliding windows are not
+  discounted either.
 
   Args:
-    config: a :class:`GPTConfig` or :class:`LlamaConfig`.
+    config: a :class:`GPTConfig`, :class:`LlamaConfig` or :class:`MoEConfig`.
 
   Returns:
     FLOPs per trained token. MFU = ``flops_per_token * tokens_per_second / peak_flops``.
   """
   if isinstance(config, trm.TRMConfig):
     return trm.flops_per_token(config)
-  counts = layer_param_counts(config)
-  n = sum(c for name, c in counts.items() if name != "embed")
+  if isinstance(config, MoEConfig):
+    n = moe.active_params_per_token(config)
+  else:
+    counts = layer_param_counts(config)
+    n = sum(c for name, c in counts.items() if name != "embed")
   return 6 * n + 12 * config.n_layers * config.d_model * config.seq_len
 
 
