@@ -226,6 +226,9 @@ def test_window_and_sinks_change_the_model():
     (dict(attention_sinks=1), r"MoEConfig\.attention_sinks=1 .*bool"),
     (dict(n_kv_heads=3), r"MoEConfig\.n_kv_heads=3 .*must divide n_heads=4"),
     (dict(d_model=12), r"odd head dim"),
+    (dict(dtype="params=float32,compute=bfloat16,output=float32"), r"MoEConfig\.dtype=.*'float32' or 'bfloat16'"),
+    (dict(attention_impl="cudnn"), r"MoEConfig\.attention_impl='cudnn' .*'xla' only"),
+    (dict(loss_chunk_size=8), r"MoEConfig\.loss_chunk_size=8 .*no chunked loss"),
 ])
 def test_bad_config_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):

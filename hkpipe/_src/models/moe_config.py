@@ -49,6 +49,8 @@ class MoEConfig:
       losses and the auxiliary-loss carrier stay float32).
     z_loss: weight of the output z-loss in :func:`cross_entropy` (>= 0).
     label_smoothing: label smoothing of :func:`cross_entropy`, in ``[0, 1)``.
+    attention_impl: ``"xla"`` only (the field is shared with the other configs).
+    loss_chunk_size: None only (the chunked loss is not built for the MoE head yet).
   """
 
   vocab_size: int
@@ -72,10 +74,24 @@ class MoEConfig:
   dtype: str = "float32"
   z_loss: float = 0.0
   label_smoothing: float = 0.0
+  attention_impl: str = "xla"
+  loss_chunk_size: int | None = None
 
   def __post_init__(self):
     name = "MoEConfig"
     common.check_common(self)
+    # Fields shared with GPTConfig/LlamaConfig that the MoE model does not implement yet: rejected,
+    # never ignored.
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"MoEConfig.dtype={self.dtype!r} is invalid: the MoE model takes "
+                       "'float32' or 'bfloat16' (float32 parameters, router and aux losses); "
+                       "precision policy strings are for GPTConfig/LlamaConfig.")
+    if self.attention_impl != "xla":
+      raise ValueError(f"MoEConfig.attention_impl={self.attention_impl!r} is invalid: MoE "
+                       "attention (sliding window, sinks) runs as 'xla' only; drop the field.")
+    if self.loss_chunk_size is not None:
+      raise ValueError(f"MoEConfig.loss_chunk_size={self.loss_chunk_size!r} is invalid: the MoE "
+                       "head returns (logits, aux) and has no chunked loss yet; drop the field.")
     if self.n_kv_heads is not None:
       common.check_positive_int(name, "n_kv_heads", self.n_kv_heads)
       common.check_divides(name, "n_kv_heads", self.n_kv_heads, "n_heads", self.n_heads)
