@@ -28,6 +28,7 @@ from hkpipe._src import errors
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import pipelined_decode
+from hkpipe._src import run_log
 from hkpipe._src import trainer
 from hkpipe._src.models import generate as generate_lib
 from hkpipe._src.models import sampling
@@ -151,5 +152,5 @@ def sample(workdir: str | pathlib.Path, request: Request,
       num_groups=request.num_groups))
   layout = pipe.layout
   info = {"step": step, "backend": config.backend,
-          "layout": trainer.describe_layout(layout) if layout is not None else "one device"}
+          "layout": run_log.describe_layout(layout) if layout is not None else "one device"}
   return [data_lib.decode(row) for row in out], info
