@@ -107,9 +107,11 @@ class _Setup(_build.Builders):
       shapes = progs.StageShapes(params=tuple(io[i][0] for i in range(spec.start, spec.stop)),
                                  x=io[spec.start][1], y=y, targets=mb_targets,
                                  layer_inputs=tuple(io[i][1] for i in range(spec.start, spec.stop)))
+      # Stash packing is off: on an idle 2-core CPU it cut host dispatch (1F1B 19.0 -> 13.7 ms)
+      # but the extra concatenates and slices made the dispatch-bound step slower (20.8 -> 23.4
+      # ms; benchmarks/README.md, "MPMD dispatch"), and the step is what users wait for.
       self.fns.append(progs.StageFns(self.model, spec, shapes, self.num_stages, self.m,
-                                     self.options.remat,
-                                     len(self.rank_devices(self.rank_of[spec.index])) == 1))
+                                     self.options.remat, pack_stash=False))
     self._check_dp()
     self.order = _mpmd_plan.issue_order(self.schedule)
     self.ties = self._tie_links()
