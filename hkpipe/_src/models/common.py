@@ -430,10 +430,7 @@ class Attention(hk.Module):
     t, d = x.shape[1], x.shape[2]
     positions = pos + jnp.arange(t)                                     # [T]
     q, k, v = self._qkv(x, positions)
-    k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos,
-                                                axis=1)                 # [B, L, K, hd]
-    v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos,
-                                                axis=1)                 # [B, L, K, hd]
+    k_all, v_all = write_cache(cache, k, v, pos)                        # [B, L, K, hd] each
     y = attention_lib.over_cache(q, k_all.astype(q.dtype), v_all.astype(q.dtype), positions)
     return self._out(y, d), {"k": k_all, "v": v_all}
 
@@ -446,3 +443,18 @@ class Attention(hk.Module):
     else:
       y = attention_lib.causal(q, k, v, self.impl)                      # [B, T, H, hd]
     return dropout(self._out(y, d), self.dropout, is_training)
+
+
+def write_cache(cache: dict, k: jax.Array, v: jax.Array,
+                pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The cache's ``[B, L, K, hd]`` keys and values with ``k``, ``v`` (``[B, T, K, hd]``) written
+  at positions ``pos..pos+T``."""
+  k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, axis=1)
+  v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, axis=1)
+  return k_all, v_all
+
+
+def empty_cache(batch: int, max_len: int, heads: int, head_dim: int, dtype: Any) -> dict:
+  """An empty KV cache of one attention layer: ``{"k", "v": [batch, max_len, heads, head_dim]}``."""
+  shape = (batch, max_len, heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

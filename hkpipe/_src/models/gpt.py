@@ -19,7 +19,6 @@ from typing import Any
 import chex
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
 from hkpipe._src import precision
@@ -156,9 +155,8 @@ def block_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
 
 def block_cache(batch: int, max_len: int, *, config: GPTConfig) -> dict:
   """Empty KV cache of one block: ``{"k", "v": [batch, max_len, n_heads, head_dim]}``."""
-  shape = (batch, max_len, config.n_heads, config.head_dim)
-  dtype = precision.get_policy(config.dtype).compute_dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return common.empty_cache(batch, max_len, config.n_heads, config.head_dim,
+                            precision.get_policy(config.dtype).compute_dtype)
 
 
 def head_fn(x: jax.Array, is_training: bool, *, config: GPTConfig,

@@ -18,7 +18,6 @@ from typing import Any
 import chex
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 from hkpipe._src import model as model_lib
 from hkpipe._src import precision
@@ -172,9 +171,8 @@ def block_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
 
 def block_cache(batch: int, max_len: int, *, config: LlamaConfig) -> dict:
   """Empty KV cache of one block: ``{"k", "v": [batch, max_len, kv_heads, head_dim]}`` (GQA)."""
-  shape = (batch, max_len, config.kv_heads, config.head_dim)
-  dtype = precision.get_policy(config.dtype).compute_dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return common.empty_cache(batch, max_len, config.kv_heads, config.head_dim,
+                            precision.get_policy(config.dtype).compute_dtype)
 
 
 def head_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig,

@@ -82,10 +82,7 @@ class SinkAttention(common.Attention):
     t, d = x.shape[1], x.shape[2]
     positions = pos + jnp.arange(t)                                     # [T]
     q, k, v = self._qkv(x, positions)
-    k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos,
-                                                axis=1)                 # [B, L, K, hd]
-    v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos,
-                                                axis=1)                 # [B, L, K, hd]
+    k_all, v_all = common.write_cache(cache, k, v, pos)                 # [B, L, K, hd] each
     y = sink_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), positions,
                        window=self.window, sinks=self._sinks())
     return self._out(y, d), {"k": k_all, "v": v_all}
