@@ -341,3 +341,24 @@ def test_pipelined_equals_single_device(backend, stages):
     state, metrics = pipe.train_step(state, batch)
     helpers.assert_trees_close(metrics["loss"], ref_metrics[k])
   helpers.assert_trees_close(pipe.params(state), ref_params, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_experts_on_pp2_fsdp2_tp2_equal_single_device():
+  """MPMD on a pp2 x fsdp2 x tp2 mesh: the MoE rules shard the experts inside each stage, and
+  loss, every gradient and 2 AdamW steps still equal the single device."""
+  model, batch, opt, init, (ref_loss, ref_grads), ref_metrics, ref_params = _reference(4)
+  mesh = jax.make_mesh((2, 2, 2), ("pp", "fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  pipe = hkpipe.Pipeline(model, opt, backend="mpmd", num_microbatches=4, mesh=mesh, donate=False)
+  state = pipe.init(jax.random.key(42), batch)
+  experts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+             if "w_gate" in jax.tree_util.keystr(path)]
+  assert experts and all(not leaf.sharding.is_fully_replicated for leaf in experts)
+  helpers.assert_trees_close(pipe.params(state), init)
+  loss, grads = pipe.loss_and_grads(state, batch)
+  helpers.assert_trees_close(loss, ref_loss)
+  helpers.assert_trees_close(grads, ref_grads)
+  for k in range(2):
+    state, metrics = pipe.train_step(state, batch)
+    helpers.assert_trees_close(metrics["loss"], ref_metrics[k])
+  helpers.assert_trees_close(pipe.params(state), ref_params, rtol=1e-4, atol=1e-5)
