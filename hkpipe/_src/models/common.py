@@ -79,6 +79,33 @@ def check_divides(config_name: str, field: str, value: int, other_field: str, ot
           f"Choose {field} among the divisors of {other}, or change {other_field}.")
 
 
+class LlamaDims:
+  """Derived widths of the Llama-style configs (``LlamaConfig``, ``MoEConfig``): a mixin over
+  their ``n_heads``, ``n_kv_heads``, ``d_model`` and ``d_ff`` fields."""
+
+  n_heads: int
+  n_kv_heads: int | None
+  d_model: int
+  d_ff: int | None
+
+  @property
+  def kv_heads(self) -> int:
+    """Number of key/value heads: ``n_kv_heads`` or, when None, ``n_heads``."""
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    """Width of one attention head, ``d_model // n_heads``."""
+    return self.d_model // self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    """SwiGLU hidden width: ``d_ff`` or, when None, ``ceil(8 * d_model / 3)`` rounded up to 8."""
+    if self.d_ff is not None:
+      return self.d_ff
+    return -(-(8 * self.d_model) // 24) * 8
+
+
 def check_common(config: Any) -> None:
   """Checks the fields every language-model config shares."""
   name = type(config).__name__

@@ -29,7 +29,7 @@ INIT_STDDEV = 0.02
 
 
 @chex.dataclass(frozen=True, mappable_dataclass=False)
-class LlamaConfig:
+class LlamaConfig(common.LlamaDims):
   """Llama-style configuration. Validated on construction; frozen and hashable.
 
   Attributes:
@@ -88,23 +88,6 @@ class LlamaConfig:
     common.check_real("LlamaConfig", "rope_theta", self.rope_theta, 0.0, None,
                       low_inclusive=False)
     common.check_real("LlamaConfig", "norm_eps", self.norm_eps, 0.0, None, low_inclusive=False)
-
-  @property
-  def kv_heads(self) -> int:
-    """Number of key/value heads: ``n_kv_heads`` or, when None, ``n_heads``."""
-    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-  @property
-  def head_dim(self) -> int:
-    """Width of one attention head, ``d_model // n_heads``."""
-    return self.d_model // self.n_heads
-
-  @property
-  def ff_dim(self) -> int:
-    """SwiGLU hidden width: ``d_ff`` or, when None, ``ceil(8 * d_model / 3)`` rounded up to 8."""
-    if self.d_ff is not None:
-      return self.d_ff
-    return -(-(8 * self.d_model) // 24) * 8
 
 
 class SwiGLU(hk.Module):

@@ -10,7 +10,7 @@ ROUTER_SOFTMAX = ("topk", "all")
 
 
 @chex.dataclass(frozen=True, mappable_dataclass=False)
-class MoEConfig:
+class MoEConfig(common.LlamaDims):
   """gpt-oss style mixture-of-experts decoder. Validated on construction; frozen and hashable.
 
   A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, no biases, untied head) whose
@@ -120,22 +120,6 @@ class MoEConfig:
     common.check_real(name, "rope_theta", self.rope_theta, 0.0, None, low_inclusive=False)
     common.check_real(name, "norm_eps", self.norm_eps, 0.0, None, low_inclusive=False)
 
-  @property
-  def kv_heads(self) -> int:
-    """Number of key/value heads: ``n_kv_heads`` or, when None, ``n_heads``."""
-    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-  @property
-  def head_dim(self) -> int:
-    """Width of one attention head, ``d_model // n_heads``."""
-    return self.d_model // self.n_heads
-
-  @property
-  def ff_dim(self) -> int:
-    """Expert hidden width: ``d_ff`` or ``ceil(8 * d_model / 3)`` rounded up to 8."""
-    if self.d_ff is not None:
-      return self.d_ff
-    return -(-(8 * self.d_model) // 24) * 8
 
   def window_of(self, layer: int) -> int | None:
     """The attention window of block ``layer``: ``sliding_window`` on even blocks, else None."""
