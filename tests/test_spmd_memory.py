@@ -65,6 +65,7 @@ def _shares(model, batch, pipe):
 
 def test_init_builds_each_rank_share_on_its_own_devices(setup):
   model, batch, pipe = setup
+  gc.collect()  # other tests' dead arrays must not be freed between the two snapshots
   before = _per_device(jax.live_arrays())
   state = pipe.init(jax.random.key(0), batch)
   jax.block_until_ready(state)
@@ -91,6 +92,7 @@ def test_to_canonical_keeps_each_leaf_on_its_owner(setup):
   expected = ref.to_canonical(ref_state)
   pipe.init(jax.random.key(0), batch)  # resolves the layout (when this test runs alone)
   state = pipe.from_canonical(expected, ref_state.step)
+  gc.collect()
   before = _per_device(jax.live_arrays())
   canonical = jax.block_until_ready(pipe.to_canonical(state))
   gc.collect()
