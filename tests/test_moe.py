@@ -323,6 +323,20 @@ def test_single_backend_equals_plain_jax_grad():
   helpers.assert_trees_close(ref_params, params, rtol=1e-4, atol=1e-5)
 
 
+def _check_against_reference(pipe, state, batch, init, ref_loss, ref_grads, ref_metrics,
+                             ref_params):
+  """Initial params, loss, every gradient, 2 AdamW steps and the final params equal the
+  single-device reference."""
+  helpers.assert_trees_close(pipe.params(state), init)
+  loss, grads = pipe.loss_and_grads(state, batch)
+  helpers.assert_trees_close(loss, ref_loss)
+  helpers.assert_trees_close(grads, ref_grads)
+  for k in range(2):
+    state, metrics = pipe.train_step(state, batch)
+    helpers.assert_trees_close(metrics["loss"], ref_metrics[k])
+  helpers.assert_trees_close(pipe.params(state), ref_params, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend,stages", [
     ("mpmd", 2), ("spmd", 2),
     pytest.param("mpmd", 4, marks=pytest.mark.slow),
@@ -333,14 +347,7 @@ def test_pipelined_equals_single_device(backend, stages):
                          devices=jax.devices()[:stages], donate=False)
   state = pipe.init(jax.random.key(42), batch)
   assert len(pipe.layout.stages) == stages
-  helpers.assert_trees_close(pipe.params(state), init)
-  loss, grads = pipe.loss_and_grads(state, batch)
-  helpers.assert_trees_close(loss, ref_loss)
-  helpers.assert_trees_close(grads, ref_grads)
-  for k in range(2):
-    state, metrics = pipe.train_step(state, batch)
-    helpers.assert_trees_close(metrics["loss"], ref_metrics[k])
-  helpers.assert_trees_close(pipe.params(state), ref_params, rtol=1e-4, atol=1e-5)
+  _check_against_reference(pipe, state, batch, init, ref_loss, ref_grads, ref_metrics, ref_params)
 
 
 def test_sharded_experts_on_pp2_fsdp2_tp2_equal_single_device():
@@ -354,11 +361,4 @@ def test_sharded_experts_on_pp2_fsdp2_tp2_equal_single_device():
   experts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
              if "w_gate" in jax.tree_util.keystr(path)]
   assert experts and all(not leaf.sharding.is_fully_replicated for leaf in experts)
-  helpers.assert_trees_close(pipe.params(state), init)
-  loss, grads = pipe.loss_and_grads(state, batch)
-  helpers.assert_trees_close(loss, ref_loss)
-  helpers.assert_trees_close(grads, ref_grads)
-  for k in range(2):
-    state, metrics = pipe.train_step(state, batch)
-    helpers.assert_trees_close(metrics["loss"], ref_metrics[k])
-  helpers.assert_trees_close(pipe.params(state), ref_params, rtol=1e-4, atol=1e-5)
+  _check_against_reference(pipe, state, batch, init, ref_loss, ref_grads, ref_metrics, ref_params)
