@@ -53,6 +53,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 # Shared with the test (the reference must use exactly these).
 M, LR, MAX_NORM, STEPS, SEED = 4, 0.5, 0.05, 2, 42
 NAN_M, NAN_LR = 2, 1e-2   # mode "nan"
+STALL_S = 200             # a mode takes 15-60 s; past this the worker prints stacks and exits
 
 
 def model() -> hkpipe.SequentialModel:
@@ -111,6 +112,11 @@ def pipeline(**kw) -> hkpipe.Pipeline:
                          max_grad_norm=MAX_NORM, **kw)
 
 
+def tracked(pipes: list, pipe: hkpipe.Pipeline) -> hkpipe.Pipeline:
+  pipes.append(pipe)
+  return pipe
+
+
 def main(argv: list[str]) -> None:
   args = _parse(argv)
   # Before anything touches a device: simulated CPU devices, then the multi-process runtime.
@@ -121,13 +127,22 @@ def main(argv: list[str]) -> None:
       process_id=args.process_id))
   t0 = time.time()
   me = jax.process_index()
+  pipes: list = []          # every pipeline this process built (the stall report reads them)
+
+  def where() -> str:
+    if not pipes:
+      return "no pipeline built yet"
+    progress = pipes[-1].backend.progress
+    return f"last instruction: {progress.op}; awaiting: {progress.awaiting}"
+
+  helpers.exit_with_stacks_after(STALL_S, where)
 
   def save(name: str, res: dict) -> None:
     np.savez(os.path.join(args.out, f"{name}_p{me}.npz"), **res)
 
   if args.mode == "pp2":
     for schedule in ("1f1b", "zbv"):
-      pipe = pipeline(schedule=schedule, num_ranks=2)
+      pipe = tracked(pipes, pipeline(schedule=schedule, num_ranks=2))
       res, state = run_pipeline(pipe)
       assert_compiled_only_own_stages(pipe)
       ranks = [d.process_index for d in pipe.layout.device_grid[:, 0]]
@@ -138,7 +153,7 @@ def main(argv: list[str]) -> None:
         ckpt = checkpoint.Checkpointer(os.path.join(args.out, "ckpt"))
         ckpt.save(STEPS, pipe.to_canonical(state), {"step": STEPS})
         ckpt.wait()
-        fresh = pipeline(schedule="1f1b", num_ranks=2)
+        fresh = tracked(pipes, pipeline(schedule="1f1b", num_ranks=2))
         other = fresh.init(jax.random.key(SEED + 1), batch(0))
         restored, meta = ckpt.restore(STEPS, fresh.to_canonical(other))
         back = fresh.from_canonical(restored, meta["step"])
@@ -152,7 +167,7 @@ def main(argv: list[str]) -> None:
   elif args.mode == "pp2dp2":
     grid = np.asarray([jax.local_devices(process_index=p) for p in range(2)], dtype=object)
     mesh = jax.sharding.Mesh(grid, ("pp", "dp"))
-    pipe = pipeline(schedule="1f1b", mesh=mesh)
+    pipe = tracked(pipes, pipeline(schedule="1f1b", mesh=mesh))
     res, _ = run_pipeline(pipe)
     assert_compiled_only_own_stages(pipe)
     save("dp", res)
@@ -160,8 +175,8 @@ def main(argv: list[str]) -> None:
   elif args.mode == "pp2fsdp2":
     grid = np.asarray([jax.local_devices(process_index=p) for p in range(2)], dtype=object)
     mesh = jax.sharding.Mesh(grid, ("pp", "fsdp"))
-    pipe = pipeline(schedule="1f1b", mesh=mesh,
-                    sharding_rules=hkpipe.sharding.Rules(fsdp_min_size=32))
+    pipe = tracked(pipes, pipeline(schedule="1f1b", mesh=mesh,
+                                   sharding_rules=hkpipe.sharding.Rules(fsdp_min_size=32)))
     res, state = run_pipeline(pipe)
     assert_compiled_only_own_stages(pipe)
     own = [s for s in state.params if jax.tree.leaves(s)[0].is_fully_addressable]
@@ -171,8 +186,8 @@ def main(argv: list[str]) -> None:
     save("fsdp", res)
     log("pp2fsdp2 done", f"{time.time() - t0:.1f}s")
   elif args.mode == "nan":
-    pipe = hkpipe.Pipeline(helpers.float_model(), optax.adam(NAN_LR), backend="mpmd",
-                           num_microbatches=NAN_M, num_ranks=2)
+    pipe = tracked(pipes, hkpipe.Pipeline(helpers.float_model(), optax.adam(NAN_LR),
+                                          backend="mpmd", num_microbatches=NAN_M, num_ranks=2))
     batches = helpers.float_batches()
     state = pipe.init(jax.random.key(SEED), batches[0])
     res = flat(pipe.params(state), "init")
@@ -187,7 +202,7 @@ def main(argv: list[str]) -> None:
     save("nan", res)
     log("nan done", f"{time.time() - t0:.1f}s")
   else:  # kill: train until the test kills a process
-    pipe = pipeline(schedule="1f1b", num_ranks=2)
+    pipe = tracked(pipes, pipeline(schedule="1f1b", num_ranks=2))
     state = pipe.init(jax.random.key(SEED), batch(0))
     step_file = os.path.join(args.out, f"steps_p{me}")
     for step in range(100_000):

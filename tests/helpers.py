@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import sys
+import threading
+import time
 from typing import Any
 
 import chex
@@ -106,6 +111,28 @@ def stop_processes(procs: list, logs: list) -> None:
       p.wait()
   for f in logs:
     f.close()
+
+
+def exit_with_stacks_after(seconds: float, where: Any = None) -> None:
+  """Ends this (worker) process with status 70 after ``seconds``, first printing every thread's
+  Python stack and ``where()`` (e.g. an MPMD driver's last instruction and awaited message).
+
+  For the multi-process workers: a hang then fails the test with where each process stood,
+  well before the launcher's own timeout.
+  """
+  def fire() -> None:
+    time.sleep(seconds)
+    text = ""
+    try:
+      text = str(where()) if where is not None else ""
+    except Exception as e:  # pylint: disable=broad-except
+      text = f"(where() failed: {e!r})"
+    print(f"[stall] no result after {seconds:.0f} s; {text}", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(70)
+
+  threading.Thread(target=fire, name="stall-report", daemon=True).start()
 
 
 # -- non-finite steps (tests/test_step_guard.py, the "nan" multi-process MPMD worker) -------------

@@ -115,7 +115,7 @@ def test_transfers_are_the_lowered_schedules_messages(name):
   ``message_key``, from the SEND's rank to the RECV's), and every such pair is one Send: the
   program and the lowered schedule name messages by the engine's one rule."""
   f = facts(name, 4, 8)
-  sched = schedules.get(name, num_stages=4, num_microbatches=8,
+  sched = schedules.get(name, num_ranks=4, num_microbatches=8,
                         virtual_stages=2 if name == "interleaved_1f1b" else None)
   lowered = schedules.lower(sched)
   sends, recvs = {}, {}
