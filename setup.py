@@ -19,7 +19,9 @@ setuptools.setup(
         "matplotlib",  # loss.png (hkpipe.report)
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "tensorboard"],  # tensorboard: reads our event files back
+        "test": ["pytest", "pytest-xdist", "hypothesis", "tensorboard",  # tensorboard: reads our event files back
+                 # the docs site (tests/test_docs_site.py builds it with --strict)
+                 "mkdocs>=1.6,<2", "mkdocstrings[python]>=1.0,<2", "mkdocstrings-python>=2.0,<3"],
     },
     entry_points={},
 )

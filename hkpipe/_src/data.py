@@ -38,6 +38,7 @@ import numpy as np
 from hkpipe._src.errors import ConfigError
 
 BYTE_VOCAB_SIZE = 256
+"""Vocabulary size of the byte-level encoding (one token per byte)."""
 WRITTEN_BY = "hkpipe.data.prepare"  # meta.json["written_by"] of the folders prepare() wrote
 _SPLITS = {"train": 0, "val": 1}
 _META = "meta.json"

@@ -30,9 +30,11 @@ from jax.sharding import PartitionSpec as P
 from hkpipe._src import errors
 
 AXES = ("pp", "dp", "fsdp", "tp")
+"""The mesh axis names, in mesh order: pipeline, data, fully sharded data, tensor parallel."""
 INNER_AXES = ("dp", "fsdp", "tp")       # the sub-mesh of one pipeline rank, in this order
 PARAM_AXES = ("fsdp", "tp")             # the axes sharding rules may name
 DEFAULT_FSDP_MIN_SIZE = 1 << 14         # elements; smaller unmatched leaves stay replicated
+"""Leaves no rule matches and with fewer elements than this stay replicated (default FSDP)."""
 
 
 def check_mesh_axes(names: Sequence[str], *, require_pp: bool = True) -> None:

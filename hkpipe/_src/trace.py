@@ -96,6 +96,7 @@ def write_timeline(path: pathlib.Path, timeline: StepTimeline) -> None:
 
 
 def read_timeline(path: pathlib.Path) -> StepTimeline:
+  """The :class:`StepTimeline` a run wrote to ``path`` (``timeline.json``)."""
   return StepTimeline.from_json(json.loads(path.read_text()))
 
 
