@@ -3,7 +3,9 @@
 hkpipe's docstrings are Google style with two reST habits that Markdown renders badly:
 
 - cross-reference roles, ``:class:`Pipeline``` or ``:func:`~hkpipe.models.build```, become inline
-  code (``Pipeline``, ``build``);
+  code (``Pipeline``, ``build``) linked to the object's API entry where the name resolves (in the
+  docstring's scope, as Python would, plus inherited members) to a documented object; names that
+  resolve to nothing documented stay plain code (optional autorefs: no warning);
 - literal blocks, a line ending in ``::`` followed by an indented block, become fenced code blocks
   (the ``::`` becomes ``:``).
 
@@ -21,9 +23,33 @@ import griffe
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|exc|obj|const):`(~?)([^`]+)`")
 
 
-def _role_to_code(match: re.Match[str]) -> str:
-  tilde, target = match.groups()
-  return f"`{target.rsplit('.', 1)[-1] if tilde else target}`"
+def _lookup(scope: griffe.Object, name: str) -> str | None:
+  """The path of ``name`` seen from ``scope`` (then its parents), or None."""
+  while scope is not None:
+    members = scope.all_members if scope.is_class else scope.members
+    if name in members:
+      member = members[name]
+      return member.target_path if member.is_alias else member.path
+    scope = scope.parent
+  return None
+
+
+def _resolve(obj: griffe.Object, target: str) -> str | None:
+  """The path a role's target names in ``obj``'s docstring: absolute or looked up in its scope."""
+  head, _, rest = target.partition(".")
+  if head == obj.package.name:
+    return target
+  found = _lookup(obj, head)
+  return found and (f"{found}.{rest}" if rest else found)
+
+
+def _roles(obj: griffe.Object, text: str) -> str:
+  def code(match: re.Match[str]) -> str:
+    tilde, target = match.groups()
+    shown = f"<code>{target.rsplit('.', 1)[-1] if tilde else target}</code>"
+    path = _resolve(obj, target)
+    return f'<autoref identifier="{path}" optional>{shown}</autoref>' if path else shown
+  return _ROLE.sub(code, text)
 
 
 def _indent(line: str) -> int:
@@ -61,14 +87,22 @@ def _literal_blocks(lines: list[str]) -> list[str]:
   return out
 
 
-def to_markdown(text: str) -> str:
-  """The Markdown form of one docstring (roles -> inline code, literal blocks -> fences)."""
-  return "\n".join(_literal_blocks(_ROLE.sub(_role_to_code, text).split("\n")))
+def to_markdown(obj: griffe.Object, text: str) -> str:
+  """The Markdown form of ``obj``'s docstring ``text`` (roles -> code, literal blocks -> fences)."""
+  return "\n".join(_literal_blocks(_roles(obj, text).split("\n")))
+
+
+def _walk(obj: griffe.Object):
+  yield obj
+  for member in obj.members.values():
+    if not member.is_alias:
+      yield from _walk(member)
 
 
 class RstToMarkdown(griffe.Extension):
-  """Rewrites every docstring griffe loads with :func:`to_markdown`."""
+  """Rewrites the docstrings of a loaded package with :func:`to_markdown`."""
 
-  def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
-    if obj.docstring is not None:
-      obj.docstring.value = to_markdown(obj.docstring.value)
+  def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+    for obj in _walk(pkg):
+      if obj.docstring is not None:
+        obj.docstring.value = to_markdown(obj, obj.docstring.value)

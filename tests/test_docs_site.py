@@ -155,3 +155,28 @@ def test_rest_markup_is_rendered_as_markdown(site):
   markup = page_html(site, "api/schedules.md")
   code = re.search(r"Typical use:</p>\s*<pre><code>(.*?)</code></pre>", markup, flags=re.S)
   assert code and "schedules.get(" in html.unescape(code.group(1))
+
+
+def test_cross_references_link_to_existing_anchors(site):
+  """The docstrings' ``:class:``/``:func:`` references link to the documented objects, and every
+  link of the API pages lands on a page and anchor that exist."""
+  checked = 0
+  for path in sorted((site / "api").rglob("index.html")):
+    for href in re.findall(r'<a [^>]*href="([^"]+)"', path.read_text()):
+      if re.match(r"[a-z]+:", href) or not href.strip("#"):
+        continue                                           # external, or a bare "#"
+      target, _, anchor = href.partition("#")
+      page = (path.parent / target).resolve() if target else path
+      if page.is_dir():
+        page = page / "index.html"
+      assert page.is_file(), (path, href)
+      if anchor:
+        assert f'id="{anchor}"' in page.read_text(), (path, href)
+      checked += 1
+  assert checked > 100, checked
+  markup = page_html(site, "api/hkpipe.md")
+  # Pipeline's docstring names :meth:`data_layout` (defined on a private base class).
+  assert re.search(r'href="#hkpipe\.Pipeline\.data_layout"><code>data_layout</code>',
+                   section(markup, "hkpipe.Pipeline"))
+  # The package docstring names :mod:`hkpipe.models`, documented on its own page.
+  assert 'href="../models/#hkpipe.models"><code>hkpipe.models</code>' in markup
