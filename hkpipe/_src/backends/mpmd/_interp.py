@@ -78,8 +78,9 @@ class Bound:
     program: the instruction program.
     steps: per instruction, its resolved step.
     nbytes: per buffer, its bytes on its rank's devices (all shards; 0 for inputs not known).
-    fast: ``(step, dropped buffers)`` pairs: the steps with each :class:`Free` folded into the
-      step before it (what :func:`execute` runs).
+    fast: ``(step, dropped buffers, pulled reads)`` triples: the steps with each :class:`Free`
+      folded into the step before it (what :func:`execute` runs); the pulled reads are the
+      buffers the step reads that another process sends (see :func:`execute`).
   """
 
   program: ir.Program
@@ -236,11 +237,18 @@ def bind(program: ir.Program, setup: Any, programs: dict, io: Any,
     b.nbytes[buf] = spec_bytes(b.specs[buf])
   steps = tuple(b.bind(ins) for ins in program.instrs)
   fast: list = []
+  pulled: set[int] = set()         # buffers holding data another process sends
   for step in steps:
     if step[0] == FREE and fast:
-      fast[-1] = (fast[-1][0], fast[-1][1] + step[1])
-    else:
-      fast.append((step, ()))
+      fast[-1] = (fast[-1][0], fast[-1][1] + step[1], fast[-1][2])
+      continue
+    if step[0] == PULL:
+      pulled.add(step[5])
+    elif step[0] == MOVE:           # a pass-through hands the (maybe pulled) arrays on
+      pulled.update(w for r, w in step[1] if r in pulled)
+    waits = () if step[0] in (PULL, MOVE, FREE) else tuple(
+        r for r in ir.reads_of(step[-1]) if r in pulled)
+    fast.append((step, (), waits))
   return Bound(program, steps, tuple(b.nbytes), tuple(fast))
 
 
@@ -295,9 +303,21 @@ def _exec(step: tuple, store: list, net: Any) -> None:
 
 def execute(bound: Bound, store: list, net: Any, progress: Any) -> None:
   """Runs every step; ``progress.op`` names the instruction being issued (hang watchdog; a
-  :class:`Free`, folded into the step before it, issues nothing that could hang)."""
-  for step, drops in bound.fast:
+  :class:`Free`, folded into the step before it, issues nothing that could hang).
+
+  A step that reads data pulled from another process is issued only once that data has
+  arrived. Issued earlier, it would wait on its device, and the CPU runtime admits only about
+  32 such in-flight computations per device (jax 0.10.2; not configurable): once they are all
+  waiting, further dispatches block, the transfer server's copies of arrays this process
+  already computed never run, and two processes that wait on each other stop for good
+  (docs/design/multiprocess.md, section 5). Waiting on the host in program order cannot
+  deadlock: every process issues its instructions in one global order consistent with the data
+  dependencies, and posts each message as soon as its producer is issued.
+  """
+  for step, drops, pulled in bound.fast:
     progress.op = step[-1]
+    if pulled:
+      jax.block_until_ready([store[b] for b in pulled])
     _exec(step, store, net)
     for b in drops:
       store[b] = None
