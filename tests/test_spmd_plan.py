@@ -23,9 +23,9 @@ KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
 
 
 def _case():
-  model = models.build(models.GPTConfig(vocab_size=256, seq_len=8, d_model=32, n_layers=4,
+  model = models.build(models.GPTConfig(vocab_size=128, seq_len=8, d_model=16, n_layers=2,
                                         n_heads=2))
-  tokens = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.int32)
+  tokens = np.random.default_rng(0).integers(0, 128, (8, 8), dtype=np.int32)
   mesh = jax.make_mesh((2, 2, 2), ("pp", "fsdp", "tp"))
   pipe = hkpipe.Pipeline(model, optax.adamw(1e-2), backend="spmd", mesh=mesh,
                          num_microbatches=M, schedule="zb_h1")
