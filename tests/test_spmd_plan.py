@@ -84,6 +84,12 @@ def test_plan_from_shapes_equals_the_real_step_and_allocates_nothing():
                                    - expected["alias_size_in_bytes"]
                                    + expected["temp_size_in_bytes"])
     assert rank["total_bytes"] > rank["state_bytes"]
+  # After a real step program exists, planning reuses its cached per-shape program.
+  backend, built = pipe.backend, []
+  build = backend._build_program  # pylint: disable=protected-access
+  backend._build_program = lambda *a: built.append(a) or build(*a)
+  assert pipe.memory_analysis(None, _abstract(batch)) == plan
+  assert not built
 
 
 @pytest.mark.parametrize("rows", [(6, 6), (8, 4)])
