@@ -25,6 +25,7 @@ from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _tables as tables_lib
 from hkpipe._src.backends.spmd import _planning as planning
 from hkpipe._src.backends.spmd import _zero as zero
+from hkpipe._src.backends.spmd import _memory as memory
 from hkpipe._src.backends.spmd._executor import _Executor
 from hkpipe._src.backends.spmd._plan import _check_schedule, _Plan, _Program, _shape_key
 from hkpipe._src.backends.spmd._plan import _StageBackward
@@ -326,13 +327,20 @@ class SpmdBackend(_Executor):
         "cot_slots": tables.num_cot,
     }
 
-  def memory_analysis(self, state: pipeline_lib.TrainState, batch: pipeline_lib.Batch) -> Any:
+  def memory_analysis(self, state: pipeline_lib.TrainState | None, batch: pipeline_lib.Batch
+                      ) -> Any:
     """XLA's memory analysis (per device) of the compiled ``train_step`` program for this batch
     shape (compiles it if ``train_step`` has not yet; otherwise reuses the cached executable).
 
     ``temp_size_in_bytes`` includes the stash (``stash_buffer_bytes``), so it shows each
     schedule's memory profile.
+
+    With ``state=None`` nothing is allocated: ``batch`` may hold ``jax.ShapeDtypeStruct`` s, the
+    step is compiled for the abstract state and the result is the per-rank report dict of the
+    ``mpmd`` backend (see ``_memory.report``).
     """
+    if state is None:
+      return memory.report(self, batch)
     inputs, targets = self._put_batch(batch)
     prog, tabs = self._program((inputs, targets), state.rng)
     lowered = self._jitted["train"].lower(prog, state.params, state.opt_state, state.rng,

@@ -1,0 +1,117 @@
+"""SPMD planning from shapes: ``pipe.memory_analysis(None, abstract_batch)`` compiles the train
+step for the abstract state and allocates nothing.
+
+Evidence independent of the planner: the compiler's memory analysis of the step lowered from the
+real state (``init``) and a placed batch, the shardings and per-device shard bytes of that real
+state, and ``jax.live_arrays()`` before and after planning.
+"""
+
+import gc
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import hkpipe
+from hkpipe import models
+from hkpipe._src.backends.spmd import _memory
+
+M = 2
+KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+        "temp_size_in_bytes")
+
+
+def _case():
+  model = models.build(models.GPTConfig(vocab_size=128, seq_len=8, d_model=16, n_layers=2,
+                                        n_heads=2))
+  tokens = np.random.default_rng(0).integers(0, 128, (8, 8), dtype=np.int32)
+  mesh = jax.make_mesh((2, 2, 2), ("pp", "fsdp", "tp"))
+  pipe = hkpipe.Pipeline(model, optax.adamw(1e-2), backend="spmd", mesh=mesh,
+                         num_microbatches=M, schedule="zb_h1")
+  return pipe, (tokens, tokens)
+
+
+def _abstract(batch):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+
+
+def _live():
+  gc.collect()
+  return {id(a): a for a in jax.live_arrays()}
+
+
+def _shard_bytes_per_device(tree) -> dict:
+  out: dict = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
+
+
+def test_plan_from_shapes_equals_the_real_step_and_allocates_nothing():
+  pipe, batch = _case()
+  before = _live()
+  plan = pipe.memory_analysis(None, _abstract(batch))
+  new = [a for k, a in _live().items() if k not in before]
+  assert not new, [(a.shape, a.dtype) for a in new]  # not even the key or the tick tables
+
+  state = pipe.init(jax.random.key(0), batch)
+  # The abstract state is the real one's shapes, dtypes and shardings.
+  abstract = _memory.abstract_state(pipe.backend)
+  real_leaves = jax.tree.leaves((state.params, state.opt_state, state.rng))
+  abstract_leaves = jax.tree.leaves((abstract.params, abstract.opt_state, abstract.rng))
+  assert len(real_leaves) == len(abstract_leaves)
+  for a, b in zip(real_leaves, abstract_leaves):
+    assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding), (a, b)
+
+  # Same compiled program: XLA's numbers equal those of the step lowered from the real state.
+  real = pipe.memory_analysis(state, batch)
+  expected = {k: int(getattr(real, k)) for k in KEYS}
+  assert expected["temp_size_in_bytes"] > 0
+  held = _shard_bytes_per_device((state.params, state.opt_state))
+  assert len(plan["ranks"]) == 2 and plan["sub_mesh"] == {"dp": 1, "fsdp": 2, "tp": 2}
+  assert (plan["schedule"], plan["num_microbatches"]) == ("zb_h1", M)
+  for r, rank in enumerate(plan["ranks"]):
+    assert rank["programs"] == {"train_step": expected}
+    assert rank["stages"] == [r] and rank["devices"] == 4
+    # The state's pieces each device really holds.
+    for d in pipe.layout.rank_devices(r):
+      assert rank["params_bytes"] + rank["opt_state_bytes"] == rank["state_bytes"] == held[d]
+    assert rank["max_temp_bytes"] == expected["temp_size_in_bytes"]
+    assert rank["total_bytes"] == (expected["argument_size_in_bytes"]
+                                   + expected["output_size_in_bytes"]
+                                   - expected["alias_size_in_bytes"]
+                                   + expected["temp_size_in_bytes"])
+    assert rank["total_bytes"] > rank["state_bytes"]
+  # After a real step program exists, planning reuses its cached per-shape program.
+  backend, built = pipe.backend, []
+  build = backend._build_program  # pylint: disable=protected-access
+  backend._build_program = lambda *a: built.append(a) or build(*a)
+  assert pipe.memory_analysis(None, _abstract(batch)) == plan
+  assert not built
+
+
+@pytest.mark.parametrize("rows", [(6, 6), (8, 4)])
+def test_bad_batch_shape_fails_before_compiling(rows):
+  pipe, (tokens, _) = _case()
+  batch = (jax.ShapeDtypeStruct((rows[0], 8), np.int32),
+           jax.ShapeDtypeStruct((rows[1], 8), np.int32))
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    match = "multiple of 2 \\* 2 = 4; got 6" if rows[0] == rows[1] else "same leading"
+    with pytest.raises(ValueError, match=match):
+      pipe.memory_analysis(None, batch)
+    compiled = [e for e in events if e.endswith("backend_compile_duration")]
+    jax.jit(lambda v: v * 3 + 1)(np.arange(tokens.shape[0] + 7))  # control: a compile is seen
+    compiled_after = [e for e in events if e.endswith("backend_compile_duration")]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiled
+  assert compiled_after
