@@ -184,6 +184,9 @@ class Introspection:
     ``batch`` may hold ``jax.ShapeDtypeStruct`` s, so nothing is allocated (see
     ``docs/sharding.md``).
 
+    On ``spmd`` with ``state=None``: the same per-rank dict, planned from abstract shapes
+    (nothing allocated); with a real state, XLA's ``memory_analysis()`` object as above.
+
     Raises:
       ConfigError: on a backend other than ``spmd`` and ``mpmd``.
     """
