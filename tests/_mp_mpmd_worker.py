@@ -12,6 +12,9 @@ Modes:
   pp2fsdp2: the same on a (pp=2, fsdp=2) mesh: parameters and optimizer state sharded over each
          process's 2 devices (1f1b).
   kill:  trains pp=2 1f1b until killed, writing DIR/steps_pI (the number of finished steps).
+  deep:  a wider GPT (deep_model) on the (pp=2, dp=2) mesh with DEEP_M = 32 microbatches, whose
+         host dispatch runs far ahead of its devices: before the driver waited for pulled data
+         on the host, every run stopped for good here (see hkpipe/_src/backends/mpmd/_interp.py).
   nan:   helpers.float_model on 2 ranks, one per process, Adam without clipping: a finite step,
          a NaN-input step, an inf-loss step (both skipped), a finite step.
 
@@ -45,7 +48,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--process_id", type=int, required=True)
   parser.add_argument("--host_devices", type=int, default=2)
   parser.add_argument("--mode", required=True, choices=("pp2", "pp2dp2", "pp2fsdp2", "kill",
-                                                               "nan"))
+                                                               "nan", "deep"))
   parser.add_argument("--out", required=True)
   return parser.parse_args(argv)
 
@@ -60,6 +63,20 @@ def model() -> hkpipe.SequentialModel:
   """GPT with tied embedding and head: embed, block_0, block_1, head."""
   return models.build(models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2,
                                        n_heads=2))
+
+
+DEEP_M, DEEP_T = 32, 32
+
+
+def deep_model() -> hkpipe.SequentialModel:
+  """A GPT whose steps take longer than their dispatch (mode "deep")."""
+  return models.build(models.GPTConfig(vocab_size=32, seq_len=DEEP_T, d_model=128, n_layers=2,
+                                       n_heads=2))
+
+
+def deep_batch(step: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(200 + step)
+  return tuple(rng.integers(0, 32, (2 * DEEP_M, DEEP_T), dtype=np.int32) for _ in range(2))
 
 
 def batch(step: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -185,6 +202,18 @@ def main(argv: list[str]) -> None:
                         for w in w_in), [w.sharding for w in w_in]
     save("fsdp", res)
     log("pp2fsdp2 done", f"{time.time() - t0:.1f}s")
+  elif args.mode == "deep":
+    grid = np.asarray([jax.local_devices(process_index=p) for p in range(2)], dtype=object)
+    pipe = tracked(pipes, hkpipe.Pipeline(
+        deep_model(), optax.sgd(LR), backend="mpmd", num_microbatches=DEEP_M, schedule="1f1b",
+        mesh=jax.sharding.Mesh(grid, ("pp", "dp"))))
+    state = pipe.init(jax.random.key(SEED), deep_batch(0))
+    losses = []
+    for step in range(STEPS):
+      state, metrics = pipe.train_step(state, deep_batch(step))
+      losses.append(metrics["loss"])          # read after both steps: dispatch runs ahead
+    save("deep", {"losses": np.asarray([float(x) for x in losses])})
+    log("deep done", f"{time.time() - t0:.1f}s")
   elif args.mode == "nan":
     pipe = tracked(pipes, hkpipe.Pipeline(helpers.float_model(), optax.adam(NAN_LR),
                                           backend="mpmd", num_microbatches=NAN_M, num_ranks=2))

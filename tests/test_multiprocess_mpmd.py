@@ -106,6 +106,25 @@ def test_pp2_across_processes_1f1b_zbv_and_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_dispatch_far_ahead_of_the_devices_does_not_stop_the_processes(tmp_path):
+  """32 microbatches on a (pp=2, dp=2) mesh: each process's host issues far more work than its
+  devices have done. Before the driver waited on the host for pulled data, this run stopped
+  for good every time (the CPU runtime's ~32 in-flight computations per device all waited on
+  the peer, so neither sent anything); now both finish with the single-device losses."""
+  launch("deep", tmp_path)
+  pipe = hkpipe.Pipeline(worker.deep_model(), optax.sgd(worker.LR), backend="single",
+                         num_microbatches=worker.DEEP_M, donate=False)
+  state = pipe.init(jax.random.key(worker.SEED), worker.deep_batch(0))
+  expected = []
+  for step in range(worker.STEPS):
+    state, metrics = pipe.train_step(state, worker.deep_batch(step))
+    expected.append(float(metrics["loss"]))
+  for process in (0, 1):
+    np.testing.assert_allclose(load(tmp_path, "deep", process)["losses"], expected, rtol=RTOL,
+                               atol=ATOL, err_msg=f"p{process}")
+
+
+@pytest.mark.slow
 def test_pp2_dp2_across_processes(tmp_path):
   """A (pp=2, dp=2) mesh: each rank's 2 devices on one process; batch-split activations and
   replicated tie gradients, norms and clip factors cross processes as per-device shards."""
