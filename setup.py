@@ -17,6 +17,7 @@ setuptools.setup(
         "ml-collections",
         "numpy",
         "matplotlib",  # loss.png (hkpipe.report)
+        "tokenizers>=0.20",  # data.tokenizer="bpe" (hkpipe/_src/tokenizer.py), trained locally
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "hypothesis", "tensorboard",  # tensorboard: reads our event files back

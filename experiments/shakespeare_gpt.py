@@ -26,6 +26,10 @@ def get_config(arg: str | None = None):
   c.model.update({"name": "gpt", "vocab_size": 256, "seq_len": 256, "d_model": 384,
                   "n_layers": 6, "n_heads": 6, "dropout": 0.2, "bias": False,
                   "tie_embeddings": True, "dtype": "float32"})
+  # Tokens: "bytes" (256 ids), or "bpe": a byte-level BPE of data.vocab_size ids trained on the
+  # corpus and cached in data.dir; the model's vocab_size then follows data.vocab_size.
+  c.data.tokenizer = "bytes"
+  c.data.vocab_size = None  # bpe: e.g. 1024 (unset: 1024); bytes: unset
   c.batch_size = 64
   c.num_steps = 5000
   c.optim.update({"learning_rate": 1e-3, "warmup_steps": 100, "min_lr_ratio": 0.1,

@@ -31,7 +31,7 @@ import re
 import socket
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -43,11 +43,14 @@ WRITTEN_BY = "hkpipe.data.prepare"  # meta.json["written_by"] of the folders pre
 _SPLITS = {"train": 0, "val": 1}
 _META = "meta.json"
 _BINS = ("train.bin", "val.bin")
-_FINALS = (*_BINS, _META)
+TOKENIZER_FILE = "tokenizer.json"  # a BPE folder's trained tokenizer (hkpipe/_src/tokenizer.py)
+_FINALS = (*_BINS, TOKENIZER_FILE, _META)  # renamed into place in this order: meta.json last
 # prepare()'s temporary files: "<final name>.hkpipe-tmp.<host>.<pid>.<8 hex>"; nothing else is ever
 # deleted, and these only when this host's process <pid> is gone (a crash left them).
-_TMP_RE = re.compile(r"^(?P<final>train\.bin|val\.bin|meta\.json)\.hkpipe-tmp\."
-                     r"(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}$")
+_TMP_RE = re.compile(r"^(?P<final>train\.bin|val\.bin|tokenizer\.json|meta\.json)"
+                     r"\.hkpipe-tmp\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}$")
+# Subfolders holding BPE-tokenised copies of a corpus (hkpipe/_src/tokenizer.py): not "other files".
+CACHE_RE = re.compile(r"^bpe\d+-[0-9a-f]{16}$")
 _WRITER_WAIT_S = 60.0  # longest wait for another process that is renaming its files into place
 _FIX_OWN = ('write a meta.json next to them, e.g. {"vocab_size": 50257, "dtype": "uint16"} '
             "(the vocabulary size and the unsigned integer type the .bin files were written with)")
@@ -132,7 +135,8 @@ def _listing(folder: pathlib.Path) -> tuple[set[str], list[re.Match], list[str]]
   names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
   temps = [m for m in map(_TMP_RE.match, names) if m]
   finals = {n for n in names if n in _FINALS}
-  others = [n for n in names if n not in _FINALS and not _TMP_RE.match(n)]
+  others = [n for n in names
+            if n not in _FINALS and not _TMP_RE.match(n) and not CACHE_RE.match(n)]
   return finals, temps, others
 
 
@@ -231,7 +235,8 @@ def validate(data_dir: str | os.PathLike) -> dict:
     raise FileNotFoundError(f"No meta.json under {str(folder)!r}; run hkpipe.data.prepare() "
                             f"first.{own}")
   meta = _read_meta(folder)
-  missing = [n for n in _BINS if not (folder / n).is_file()]
+  needed = (*_BINS, TOKENIZER_FILE) if meta.get("tokenizer") == "bpe" else _BINS
+  missing = [n for n in needed if not (folder / n).is_file()]
   if missing:
     raise ConfigError(f"{str(folder)!r} has a meta.json ({_describe(meta)}) but no "
                       f"{' or '.join(missing)}; put the missing file(s) back, or remove the folder "
@@ -255,8 +260,9 @@ def validate(data_dir: str | os.PathLike) -> dict:
 # ---- Preparing --------------------------------------------------------------------------------
 
 def _check_request(folder: pathlib.Path, meta: dict, source: pathlib.Path | None,
-                   val_fraction: float) -> None:
-  """Raises unless the data in ``folder`` (described by ``meta``) is what was requested."""
+                   val_fraction: float, expected: dict) -> None:
+  """Raises unless the data in ``folder`` (described by ``meta``) is what was requested
+  (``expected``: further ``meta.json`` fields that must match, e.g. the tokenizer)."""
   held = _describe(meta)
   if not _written_by_hkpipe(meta):
     if source is None:
@@ -268,22 +274,24 @@ def _check_request(folder: pathlib.Path, meta: dict, source: pathlib.Path | None
         f"{str(source)!r}, use another data.dir (a new or empty folder), or remove "
         f"{str(folder)!r} yourself.")
   same_source = source is None or _same_path(meta.get("source"), source)
-  if same_source and meta.get("val_fraction") == val_fraction:
+  differ = {k: v for k, v in expected.items() if meta.get(k) != v}
+  if same_source and meta.get("val_fraction") == val_fraction and not differ:
     return
   wanted = "none (use the folder's data)" if source is None else repr(str(source))
+  also = "".join(f", {k}={v!r} (the folder has {meta.get(k)!r})" for k, v in differ.items())
   raise ConfigError(
       f"data.dir {str(folder)!r} holds {held}, but source={wanted} with "
-      f"val_fraction={val_fraction} was requested. Request what the folder holds, use another "
-      f"data.dir (a new or empty folder) for the new data, or remove {str(folder)!r} yourself to "
-      "prepare it again.")
+      f"val_fraction={val_fraction}{also} was requested. Request what the folder holds, use "
+      f"another data.dir (a new or empty folder) for the new data, or remove {str(folder)!r} "
+      "yourself to prepare it again.")
 
 
 def _same_path(held: Any, source: pathlib.Path) -> bool:
   return isinstance(held, str) and pathlib.Path(held).resolve() == source.resolve()
 
 
-def _existing(folder: pathlib.Path, source: pathlib.Path | None,
-              val_fraction: float) -> dict | None:
+def _existing(folder: pathlib.Path, source: pathlib.Path | None, val_fraction: float,
+              expected: dict) -> dict | None:
   """The validated meta of the data already in ``folder`` (None when it holds none)."""
   finals = _wait_for_writers(folder)
   if not finals:
@@ -295,11 +303,11 @@ def _existing(folder: pathlib.Path, source: pathlib.Path | None,
         f"files it did not write. If these are your own token files, {_FIX_OWN}; otherwise "
         "use another data.dir or remove them yourself.")
   meta = validate(folder)
-  _check_request(folder, meta, source, val_fraction)
+  _check_request(folder, meta, source, val_fraction, expected)
   return meta
 
 
-def _tokenise(src: pathlib.Path, val_fraction: float) -> tuple[dict, dict[str, np.ndarray]]:
+def _tokenise(src: pathlib.Path, val_fraction: float) -> tuple[dict, dict[str, Any]]:
   """``(meta, {"train.bin": tokens, "val.bin": tokens})`` of the text files under ``src``."""
   train_parts, val_parts = [], []
   for path in _text_files(src):
@@ -353,6 +361,23 @@ def prepare(data_dir: str | os.PathLike, source: str | os.PathLike | None = None
   Raises:
     ConfigError: a bad ``val_fraction``, or any case above, with the value and the fix.
   """
+  return prepare_with(data_dir, source, val_fraction=val_fraction,
+                      expected={"tokenizer": "bytes"}, tokenise=_tokenise)
+
+
+def prepare_with(data_dir: str | os.PathLike, source: str | os.PathLike | None, *,
+                 val_fraction: float, expected: dict,
+                 tokenise: Callable[[pathlib.Path, float], tuple[dict, dict[str, Any]]]) -> dict:
+  """:func:`prepare` with another tokenisation (one home for the folder rules and the writing).
+
+  Args:
+    data_dir, source, val_fraction: as :func:`prepare`.
+    expected: ``meta.json`` fields a folder prepared by hkpipe must hold to be reused (e.g.
+      ``{"tokenizer": "bytes"}``).
+    tokenise: ``(source folder or file, val_fraction) -> (meta, {final name: content})``; the
+      content of ``train.bin``/``val.bin`` is an array, of ``tokenizer.json`` a str; ``meta``
+      holds the ``expected`` fields. Every process must produce the same content.
+  """
   if not 0.0 < val_fraction < 1.0:
     raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}.")
   out = pathlib.Path(data_dir)
@@ -361,7 +386,7 @@ def prepare(data_dir: str | os.PathLike, source: str | os.PathLike | None = None
   src = pathlib.Path(source) if source is not None else None
   if out.is_dir():
     _remove_crash_leftovers(out)
-  meta = _existing(out, src, val_fraction)
+  meta = _existing(out, src, val_fraction, expected)
   if meta is not None:
     return meta
   others = _listing(out)[2]
@@ -370,17 +395,21 @@ def prepare(data_dir: str | os.PathLike, source: str | os.PathLike | None = None
     raise ConfigError(f"data.dir {str(out)!r} is not empty ({shown}), so hkpipe will not tokenise "
                       "into it. Use a new or empty folder as data.dir, or, if it holds your own "
                       f"train.bin/val.bin, {_FIX_OWN}.")
-  meta, arrays = _tokenise(src if src is not None else shakespeare_dir(), val_fraction)
+  meta, contents = tokenise(src if src is not None else shakespeare_dir(), val_fraction)
   out.mkdir(parents=True, exist_ok=True)
-  temps = {name: out / _tmp_name(name) for name in _FINALS}
+  names = [n for n in _FINALS if n in contents or n == _META]  # meta.json last
+  temps = {name: out / _tmp_name(name) for name in names}
   try:
-    for name, tokens in arrays.items():
-      tokens.tofile(temps[name])
+    for name, content in contents.items():
+      if isinstance(content, str):
+        temps[name].write_text(content, encoding="utf-8")
+      else:
+        content.tofile(temps[name])
     temps[_META].write_text(json.dumps(meta, indent=1))
-    done = _existing(out, src, val_fraction)  # another process may have finished meanwhile
+    done = _existing(out, src, val_fraction, expected)  # another process may have finished
     if done is not None:
       return done
-    for name in _FINALS:  # meta.json last: its presence means the .bin files are complete
+    for name in names:  # meta.json last: its presence means the other files are complete
       os.replace(temps[name], out / name)
   finally:
     for tmp in temps.values():

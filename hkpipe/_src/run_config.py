@@ -19,6 +19,7 @@ from hkpipe._src import remat as remat_lib
 from hkpipe._src import puzzles
 from hkpipe._src import sharding as sharding_lib
 from hkpipe._src import step_guard
+from hkpipe._src import tokenizer as tokenizer_lib
 from hkpipe._src import watchdog as watchdog_lib
 
 _MODEL_CONFIGS = {"gpt": "GPTConfig", "llama": "LlamaConfig", "moe": "MoEConfig",
@@ -29,7 +30,8 @@ def default_config() -> ml_collections.ConfigDict:
   """Every field ``train`` reads, with defaults; experiments override what they need.
 
   Fields (see docs/training.md): ``seed``; ``model`` (``name`` + the model config's fields);
-  ``data`` (``dir``, ``source``, ``val_fraction``); ``batch_size``; ``num_steps``; ``optim``
+  ``data`` (``dir``, ``source``, ``val_fraction``, ``tokenizer``: ``"bytes"`` or ``"bpe"``,
+  ``vocab_size``: the BPE's, which the model's follows); ``batch_size``; ``num_steps``; ``optim``
   (AdamW + schedule + ``max_grad_norm``); ``backend``; ``pipeline`` (``ranks``, ``dp``,
   ``fsdp``, ``tp``, ``sharding_rules``, ``num_microbatches``, ``schedule``, ``virtual_stages``,
   ``boundaries``, ``partition_cost``, ``remat``, ``remat_policy``: a name from
@@ -58,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({"name": "gpt"})
   c.data = ml_collections.ConfigDict({
       "dir": "", "source": "", "val_fraction": 0.1,
+      # "bytes" or "bpe" (hkpipe/_src/tokenizer.py); vocab_size: the BPE's (the model's follows).
+      "tokenizer": "bytes", "vocab_size": ml_collections.config_dict.placeholder(int),
       # Puzzles generated for model.name="trm" (hkpipe/_src/sudoku.py, SudokuSpec).
       "sudoku": {"seed": 0, "train_base": 200, "test_base": 50, "augmentations": 20,
                  "min_givens": 17}})
@@ -115,10 +119,14 @@ def validate_config(config: Any) -> None:
     ema_lib.check_decay(config.ema_decay, "config.ema_decay")
   if isinstance(model_config(config), models.TRMConfig):
     puzzles.spec(config)
+  tokenizer_lib.spec(config)
 
 
 def model_config(config: Any) -> Any:
   """The frozen model config (``GPTConfig`` or ``LlamaConfig``) described by ``config.model``.
+
+  With ``config.data.tokenizer="bpe"`` the model's ``vocab_size`` is the tokenizer's,
+  ``config.data.vocab_size`` (``config.model.vocab_size`` is not used).
 
   Raises:
     ConfigError: for an unknown model name, unknown or missing fields, or invalid values.
@@ -129,6 +137,9 @@ def model_config(config: Any) -> Any:
     raise errors.ConfigError(f"config.model.name={name!r} is unknown; use one of "
                              f"{list(_MODEL_CONFIGS)}.")
   cls = getattr(models, _MODEL_CONFIGS[name])
+  tokenizer = tokenizer_lib.spec(config)
+  if tokenizer.name != "bytes":
+    fields["vocab_size"] = tokenizer.vocab_size
   known = [f.name for f in dataclasses.fields(cls)]
   unknown = sorted(set(fields) - set(known))
   if unknown:

@@ -23,12 +23,12 @@ import numpy as np
 
 from hkpipe import models
 from hkpipe._src import checkpoint as ckpt_lib
-from hkpipe._src import data as data_lib
 from hkpipe._src import errors
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import pipelined_decode
 from hkpipe._src import run_log
+from hkpipe._src import tokenizer as tokenizer_lib
 from hkpipe._src import trainer
 from hkpipe._src.models import generate as generate_lib
 from hkpipe._src.models import sampling
@@ -43,7 +43,7 @@ class Request:
   """What to sample (checked by :meth:`hkpipe.Pipeline.generate` before compiling).
 
   Attributes:
-    prompt: text; encoded as bytes.
+    prompt: text; encoded with the run's tokenizer (bytes or its BPE).
     max_new_tokens: tokens per sample; None: fill the model's context after the prompt.
     temperature, top_k, top_p: as :func:`hkpipe.models.generate` (``top_k=0``/``top_p=1``: off).
     num_samples: how many samples of the prompt (the batch).
@@ -70,23 +70,20 @@ def _set(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
 
 
 def run_config(checkpoints: ckpt_lib.Checkpointer, overrides: Mapping[str, Any]
-               ) -> tuple[ml_collections.ConfigDict, int]:
-  """The newest checkpoint's run config with the layout overrides applied, and its step.
+               ) -> tuple[ml_collections.ConfigDict, int, tokenizer_lib.Tokenizer]:
+  """The newest checkpoint's run config with the layout overrides applied, its step, and the
+  tokenizer the run trained with.
 
   Raises:
-    ConfigError: no checkpoint, an override outside the layout fields, or a non-byte vocabulary.
+    ConfigError: no checkpoint, an override outside the layout fields, or a vocabulary of no
+      known tokenizer (neither bytes nor the run's BPE).
   """
   newest = checkpoints.newest_meta()
   if newest is None:
     raise errors.ConfigError(f"No checkpoint in {checkpoints.directory}; train the run first "
                              "(launch/train.py --workdir=...) or point --workdir at a run.")
   step, meta = newest
-  vocab = meta.get("data", {}).get("vocab_size")
-  if vocab != data_lib.BYTE_VOCAB_SIZE:
-    raise errors.ConfigError(f"The run in {checkpoints.directory} was trained on a vocabulary of "
-                             f"{vocab} tokens; text prompts are byte-level ("
-                             f"{data_lib.BYTE_VOCAB_SIZE} tokens), so sample it with "
-                             "hkpipe.models.generate and your tokenizer.")
+  tokenizer = tokenizer_lib.of_run(meta.get("data", {}), str(checkpoints.directory))
   config = ml_collections.ConfigDict(meta["config"])
   other = sorted(k for k in overrides if not k.startswith(LAYOUT_FIELDS))
   if other:
@@ -101,7 +98,7 @@ def run_config(checkpoints: ckpt_lib.Checkpointer, overrides: Mapping[str, Any]
   for path, value in overrides.items():
     _set(config, path, value)
   trainer.validate_config(config)
-  return config, step
+  return config, step, tokenizer
 
 
 def restore(config: ml_collections.ConfigDict, checkpoints: ckpt_lib.Checkpointer
@@ -127,9 +124,9 @@ def sample(workdir: str | pathlib.Path, request: Request,
     ``(texts, info)``: the decoded samples (prompt included) and ``{"step", "backend", "layout"}``.
   """
   checkpoints = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints")
-  config, _ = run_config(checkpoints, dict(overrides or {}))
+  config, _, tokenizer = run_config(checkpoints, dict(overrides or {}))
   seq_len = int(config.model.seq_len)
-  prompt = data_lib.encode(request.prompt)
+  prompt = tokenizer.encode(request.prompt)
   if prompt.size == 0:
     raise errors.ConfigError("--prompt is empty; give at least one character to continue.")
   n = request.max_new_tokens
@@ -153,4 +150,4 @@ def sample(workdir: str | pathlib.Path, request: Request,
   layout = pipe.layout
   info = {"step": step, "backend": config.backend,
           "layout": run_log.describe_layout(layout) if layout is not None else "one device"}
-  return [data_lib.decode(row) for row in out], info
+  return [tokenizer.decode(row) for row in out], info

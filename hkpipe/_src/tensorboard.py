@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Mapping
 TAGS = {
     "loss": "train/loss",
     "val_loss": "val/loss",
+    "val_bpb": "val/bpb",
     "grad_norm": "train/grad_norm",
     "lr": "train/lr",
     "skipped_steps": "train/skipped_steps",

@@ -39,6 +39,7 @@ from hkpipe._src import resume as resume_lib
 from hkpipe._src import run_extras
 from hkpipe._src import run_log
 from hkpipe._src import step_guard
+from hkpipe._src import tokenizer as tokenizer_lib
 from hkpipe._src import watchdog as watchdog_lib
 from hkpipe._src.run_config import default_config  # re-exported: hkpipe.train
 from hkpipe._src.run_config import model_config
@@ -90,13 +91,14 @@ def eval_loop(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState,
 
 
 def sample_text(model: Any, params: Any, prompt: str, *, num_tokens: int, seed: int,
-                temperature: float, top_k: int | None) -> str:
-  """Generated continuation of ``prompt`` (byte-level tokens) from canonical ``params``."""
+                temperature: float, top_k: int | None,
+                tokenizer: tokenizer_lib.Tokenizer = tokenizer_lib.ByteTokenizer()) -> str:
+  """Generated continuation of ``prompt`` (``tokenizer``'s tokens) from canonical ``params``."""
   params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
-  prompt_tokens = jnp.asarray(data_lib.encode(prompt), jnp.int32)[None]
+  prompt_tokens = jnp.asarray(tokenizer.encode(prompt), jnp.int32)[None]
   out = models.generate(model, params, prompt_tokens, max_new_tokens=num_tokens,
                         rng=jax.random.key(seed), temperature=temperature, top_k=top_k)
-  return data_lib.decode(np.asarray(out[0]))
+  return tokenizer.decode(np.asarray(out[0]))
 
 
 def decodes_in_place(pipe: pipeline_lib.Pipeline, total_tokens: int, context: int) -> bool:
@@ -110,12 +112,13 @@ def decodes_in_place(pipe: pipeline_lib.Pipeline, total_tokens: int, context: in
 
 
 def sample_in_place(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState, prompt: str, *,
-                    num_tokens: int, seed: int, temperature: float, top_k: int | None) -> str:
+                    num_tokens: int, seed: int, temperature: float, top_k: int | None,
+                    tokenizer: tokenizer_lib.Tokenizer = tokenizer_lib.ByteTokenizer()) -> str:
   """Like :func:`sample_text`, decoding on the pipeline's own stages without gathering them."""
-  prompt_tokens = jnp.asarray(data_lib.encode(prompt), jnp.int32)[None]
+  prompt_tokens = jnp.asarray(tokenizer.encode(prompt), jnp.int32)[None]
   out = pipe.generate(state, prompt_tokens, max_new_tokens=num_tokens, rng=jax.random.key(seed),
                       temperature=temperature, top_k=top_k)
-  return data_lib.decode(np.asarray(out[0]))
+  return tokenizer.decode(np.asarray(out[0]))
 
 
 def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) -> dict:
@@ -165,20 +168,25 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   data_dir = config.data.dir or str(work / "data")
   mcfg = model_config(config)
   is_trm = isinstance(mcfg, models.TRMConfig)
+  tokenizer, folder, data_meta = None, None, {}
   if is_trm:  # generated puzzles instead of text
     tokens = data_lib.TokenData(train=None, val=None, vocab_size=puzzles.VOCAB_SIZE)
-  else:
-    data_lib.prepare(data_dir, config.data.source or None, val_fraction=config.data.val_fraction)
-    tokens = data_lib.load(data_dir)
+  else:  # bytes: data_dir itself; bpe: a subfolder keyed by vocab_size and corpus
+    folder, data_meta = tokenizer_lib.prepare_tokens(
+        data_dir, config.data.source or None, tokenizer_lib.spec(config),
+        val_fraction=config.data.val_fraction)
+    tokens = data_lib.load(folder)
+    tokenizer = tokenizer_lib.load_tokenizer(folder)
   if mcfg.vocab_size < tokens.vocab_size:
     raise errors.ConfigError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than the "
                              f"data's vocabulary ({tokens.vocab_size}); set it to at least "
                              f"{tokens.vocab_size}.")
   sample_tokens = int(config.sample_tokens)
-  if sample_tokens and tokens.vocab_size != data_lib.BYTE_VOCAB_SIZE:
+  if sample_tokens and tokenizer is None:
     say(f"hkpipe: warning: sample_tokens={sample_tokens} is ignored: text samples need byte-level "
-        f"data (vocabulary {data_lib.BYTE_VOCAB_SIZE}) and this data's vocabulary is "
-        f"{tokens.vocab_size}; set --config.sample_tokens=0 to silence this.")
+        f"data (vocabulary {data_lib.BYTE_VOCAB_SIZE}) or a BPE tokenizer (data.tokenizer='bpe') "
+        f"and this data's vocabulary is {tokens.vocab_size}; set --config.sample_tokens=0 to "
+        "silence this.")
     sample_tokens = 0
   seq_len, batch_size = mcfg.seq_len, int(config.batch_size)
 
@@ -212,6 +220,8 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   # A checkpoint of another model or vocabulary is an error here, before anything compiles.
   ckpt = ckpt_lib.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
   meta = resume_lib.run_meta(json.loads(config.to_json_best_effort()), tokens.vocab_size)
+  if tokenizer is not None and tokenizer.name != "bytes":  # sampling decodes with it
+    meta["data"]["tokenizer_dir"] = str(pathlib.Path(folder).resolve())
   said: set[str] = set()
 
   def check_saved(step: int, saved: dict) -> None:
@@ -303,6 +313,8 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         extra = (accuracy(pipe.params(scored), val_batch, config.eval_batches)
                  if accuracy is not None else {})
         progress.end()
+        bpb = tokenizer_lib.val_bits_per_byte(data_meta, val)
+        extra = {**({} if bpb is None else {"val_bpb": bpb}), **extra}
         writer.write({"step": done, "val_loss": val, **extra})
         if isinstance(mcfg, models.MoEConfig):  # per-block expert load of a validation batch
           writer.write({"step": done, **moe.load_record(mcfg, pipe.params(state),
@@ -353,7 +365,8 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   if sample_tokens:
     sampling = dict(num_tokens=sample_tokens, seed=config.seed,
                     temperature=config.sample_temperature, top_k=config.get("sample_top_k"))
-    in_place = decodes_in_place(pipe, len(data_lib.encode(config.sample_prompt)) + sample_tokens,
+    sampling["tokenizer"] = tokenizer
+    in_place = decodes_in_place(pipe, len(tokenizer.encode(config.sample_prompt)) + sample_tokens,
                                 seq_len)
     # Every process takes part in a gather; decoding in place happens in one process only.
     params = None if in_place else pipe.params(state)
