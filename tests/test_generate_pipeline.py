@@ -118,10 +118,35 @@ def test_bad_arguments_fail_before_compiling(model):
   np.testing.assert_array_equal(  # nothing to decode: the prompt, nothing compiled
       np.asarray(pipe.generate(state, prompt, max_new_tokens=0, rng=key)), prompt)
   assert pipelined_decode._stage._cache_size() == before
-  spmd = hkpipe.Pipeline(model, optax.adam(1e-2), backend="spmd", num_ranks=2,
+  pmap = hkpipe.Pipeline(model, optax.adam(1e-2), backend="pmap", num_microbatches=2)
+  with pytest.raises(hkpipe.ConfigError, match="decodes where the stages live.*backend='pmap'"):
+    pmap.generate(None, prompt, max_new_tokens=2, rng=key)
+  assert not pmap.decodes_in_place and pipe.decodes_in_place
+
+
+def test_spmd_decodes_each_stage_on_its_rank(model, monkeypatch, schedule="zbv"):
+  """spmd (2 ranks x 2 dp devices, zbv: 2 stages per rank) decodes every stage on its rank's
+  devices from the packed state, without gathering, and equals one device."""
+  mesh = jax.make_mesh((2, 2), ("pp", "dp"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  pipe = hkpipe.Pipeline(model, optax.adam(1e-2), backend="spmd", mesh=mesh, schedule=schedule,
                          num_microbatches=2)
-  with pytest.raises(hkpipe.ConfigError, match="backend='mpmd'"):
-    spmd.generate(None, prompt, max_new_tokens=2, rng=key)
+  state = pipe.init(jax.random.key(0), batch())
+  params = jax.device_put(pipe.params(state), jax.devices()[0])   # the reference's, gathered
+  seen = spy_on_stages(monkeypatch)
+  pipe.backend.params = pipe.backend.to_canonical = None          # any gather would fail
+  prompt = batch()[0][:, :6]
+  kw = dict(max_new_tokens=T - 6, rng=jax.random.key(0), temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(pipe.generate(state, prompt, **kw)),
+                                single_device(model, params, prompt, **kw))
+  kw = dict(max_new_tokens=T - 6, rng=jax.random.key(3), temperature=1.0, top_k=20)
+  np.testing.assert_array_equal(np.asarray(pipe.generate(state, prompt, num_groups=4, **kw)),
+                                single_device(model, params, prompt, **kw))
+  ranks = {spec.layer_names[0]: set(pipe.layout.stage_devices(spec.index))
+           for spec in pipe.layout.stages}
+  assert len(ranks) == 4 and seen
+  for name, inputs, outputs, _ in seen:
+    assert inputs == outputs == ranks[name], (name, inputs, outputs)
 
 
 def test_sharded_stages_decode_in_place(model, monkeypatch):

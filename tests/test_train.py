@@ -244,8 +244,8 @@ def test_backends_give_the_single_device_loss_trajectory(tmp_path, data_dir, sin
 
 def test_end_of_run_sample_decodes_on_the_stages_without_gathering(tmp_path, data_dir,
                                                                    monkeypatch):
-  """The mpmd run's sample comes from its own stages (Pipeline.params would gather: it is made to
-  fail) and equals the greedy sample of the same run on one device."""
+  """The mpmd and spmd runs' samples come from their own stages (Pipeline.params would gather: it
+  is made to fail) and equal the greedy sample of the same run on one device."""
   def sample_of(backend, workdir, **pipeline):
     c = _tiny_config(data_dir, num_steps=3, checkpoint_every=0, eval_every=3, sample_tokens=10,
                      sample_temperature=0.0)
@@ -262,3 +262,4 @@ def test_end_of_run_sample_decodes_on_the_stages_without_gathering(tmp_path, dat
   monkeypatch.setattr(hkpipe.Pipeline, "params", no_gather)
   got = sample_of("mpmd", tmp_path / "mpmd", ranks=2)
   assert got == ref and got.startswith("ROMEO:") and len(got) > len("ROMEO:")
+  assert sample_of("spmd", tmp_path / "spmd", ranks=2) == ref

@@ -239,6 +239,19 @@ class Backend(abc.ABC):
     del state, batch
     raise self._lacks("memory_analysis", "spmd", "mpmd")
 
+  @property
+  def decodes_in_place(self) -> bool:
+    """Whether :meth:`stage_params` hands out the stages where they live (``Pipeline.generate``
+    then decodes without gathering)."""
+    return False
+
+  def stage_params(self, state: TrainState) -> tuple[layout_lib.Layout | None, list] | None:
+    """Each stage's parameters where they live, for decoding without a gather:
+    ``(layout, [params of stage s])``, layout None for one whole model on one device; None when
+    this backend cannot (``Pipeline.generate`` then refuses, naming the ones that can)."""
+    del state
+    return None
+
   def _lacks(self, what: str, *where: str) -> errors.ConfigError:
     """The error for a feature this backend does not have, naming the backends that have it."""
     names = " or ".join(f"backend={w!r}" for w in where)
@@ -335,8 +348,8 @@ class Pipeline(pipeline_info.Introspection):
 
   def generate(self, state: TrainState, prompt_tokens: Any, **kwargs: Any) -> jax.Array:
     """KV-cache decoding of ``[B, P]`` prompts with this pipeline's own layout, no gather:
-    ``mpmd`` decodes each stage on its rank, ``num_groups`` sequence groups interleaved across
-    the ranks; ``single`` on its device. ``kwargs``: ``max_new_tokens``, ``rng`` and the
+    ``mpmd`` and ``spmd`` (in one process) decode each stage on its rank, ``num_groups``
+    sequence groups interleaved across the ranks; ``single`` on its device. ``kwargs``: ``max_new_tokens``, ``rng`` and the
     sampling options of :func:`hkpipe.models.generate`, ``num_groups``. Returns ``[B, P +
     max_new_tokens]`` int32 tokens; a ``ConfigError`` before compiling for bad arguments or
     another backend. See ``docs/generation.md``."""

@@ -175,6 +175,12 @@ class Introspection:
     """
     return self.backend.layout_report(batch, rng)
 
+  @property
+  def decodes_in_place(self) -> bool:
+    """Whether :meth:`generate` decodes where the stages live, without gathering them:
+    ``single``, and ``mpmd`` and ``spmd`` in one process."""
+    return self.backend.decodes_in_place
+
   def memory_analysis(self, state: TrainState | None, batch: Batch) -> Any:
     """XLA's memory analysis (per device) of the compiled ``spmd`` ``train_step`` program for
     this batch shape (``temp_size_in_bytes`` includes the stash).

@@ -1,14 +1,17 @@
-"""KV-cache decoding with a trained MPMD pipeline's own layout (``Pipeline.generate``).
+"""KV-cache decoding with a trained pipeline's own layout (``Pipeline.generate``).
 
-Nothing is gathered: stage ``s`` decodes with ``state.params[s]`` where it lives (the devices of
-rank ``schedule.stage_to_rank[s]``), and keeps its layers' KV caches there, one cache per group
-of sequences (its rows split over the rank's ``dp`` devices when they divide). One decoding step
-of one group walks the stages in model order: each stage's program (``jax.jit`` of the stage's
-cached applies; compiled once per rank, since its inputs live on that rank's devices) runs on its
-rank, and its activations are transferred to the next stage's rank; the last stage's logits are sampled there and the token goes back to the first
-stage's rank. Dispatch is asynchronous, so with ``G`` groups in flight, rank ``r`` works on group
-``g`` while rank ``r + 1`` works on group ``g - 1``: the groups are interleaved across ranks the
-way microbatches are in training, and ``G >= ranks`` keeps every rank busy.
+Nothing is gathered: stage ``s`` decodes with its parameters where they live, on the devices of
+rank ``schedule.stage_to_rank[s]`` (the backend's ``stage_params`` hook: ``mpmd`` hands out
+``state.params[s]``, ``spmd`` unpacks each rank's parameters on that rank's devices), and keeps
+its layers' KV caches there, one cache per group of sequences (its rows split over the rank's
+``dp`` devices when they divide). One decoding step of one group walks the stages in model
+order: each stage's program (``jax.jit`` of the stage's cached applies; compiled once per rank,
+since its inputs live on that rank's devices) runs on its rank, and its activations are
+transferred to the next stage's rank; the last stage's logits are sampled there and the token
+goes back to the first stage's rank. Dispatch is asynchronous, so with ``G`` groups in flight,
+rank ``r`` works on group ``g`` while rank ``r + 1`` works on group ``g - 1``: the groups are
+interleaved across ranks the way microbatches are in training, and ``G >= ranks`` keeps every
+rank busy.
 
 Every group samples with the per-row keys of :mod:`hkpipe._src.models.sampling` (its rows'
 indices in the whole batch), so the tokens equal single-device decoding's for any grouping.
@@ -85,7 +88,6 @@ def generate(pipe: Any, state: Any, prompt_tokens: Any, *, max_new_tokens: int, 
   Returns:
     ``[B, P + max_new_tokens]`` int32 tokens: the prompt followed by the samples.
   """
-  backend = pipe.options.backend
   model = pipe.model
   window_len = generate_lib.context_len(model, seq_len)
   prompt = generate_lib.check_prompt(prompt_tokens, max_new_tokens)
@@ -93,27 +95,29 @@ def generate(pipe: Any, state: Any, prompt_tokens: Any, *, max_new_tokens: int, 
   settings.check_vocab(getattr(getattr(model, "config", None), "vocab_size", None))
   layers = cached.check_cached(model.layers)
   generate_lib.check_fits(prompt.shape[1], max_new_tokens, window_len)
-  if backend == "single":  # the parameters already live whole on one device
-    return generate_lib.generate(model, state.params, prompt, max_new_tokens=max_new_tokens,
-                                 rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 end_token=end_token, seq_len=window_len, use_cache=True)
-  if backend != "mpmd":
+  where = pipe.backend.stage_params(state)
+  if where is None:
+    backend = pipe.options.backend
+    if jax.process_count() > 1 and backend in ("mpmd", "spmd"):
+      raise errors.ConfigError("Pipeline.generate does not decode across processes yet; run the "
+                               "sampling in one process (launch/sample.py without "
+                               "--num_processes).")
     raise errors.ConfigError(
-        f"Pipeline.generate runs on backend='mpmd' (each stage decodes where it lives) or "
-        f"'single'; this pipeline uses backend={backend!r}. Restore its checkpoint into an mpmd "
+        f"Pipeline.generate decodes where the stages live, on backend='single', 'mpmd' or "
+        f"'spmd'; this pipeline uses backend={backend!r}. Restore its checkpoint into such a "
         "pipeline (launch/sample.py --config.backend=mpmd), or decode a small model on one "
         "device with hkpipe.models.generate(model, pipe.params(state), ...).")
-  if pipe.backend.multi_process:
-    raise errors.ConfigError("Pipeline.generate does not decode across processes yet; run the "
-                             "sampling in one process (launch/sample.py without "
-                             "--num_processes).")
+  layout, stage_params = where
+  if layout is None:  # the whole model lives on one device
+    return generate_lib.generate(model, stage_params[0], prompt, max_new_tokens=max_new_tokens,
+                                 rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 end_token=end_token, seq_len=window_len, use_cache=True)
   batch = prompt.shape[0]
   if max_new_tokens == 0:
     return jnp.asarray(prompt)
-  layout = pipe.layout
   groups = check_groups(default_groups(batch, layout.num_ranks) if num_groups is None
                         else num_groups, batch)
-  return _decode(layout, layers, state.params, prompt, max_new_tokens, rng, settings, groups,
+  return _decode(layout, layers, stage_params, prompt, max_new_tokens, rng, settings, groups,
                  window_len)
 
 

@@ -102,13 +102,12 @@ def sample_text(model: Any, params: Any, prompt: str, *, num_tokens: int, seed: 
 
 
 def decodes_in_place(pipe: pipeline_lib.Pipeline, total_tokens: int, context: int) -> bool:
-  """Whether ``pipe.generate`` can sample where the stages live (no gather): ``single``, and
-  ``mpmd`` in one process, when prompt + new tokens fit the context (the KV cache). Otherwise the
-  parameters are gathered first and decoded with a sliding window (``pmap`` holds a full replica
-  anyway; ``spmd`` and multi-process ``mpmd`` decoding are not built yet)."""
-  where = pipe.options.backend == "single" or (
-      pipe.options.backend == "mpmd" and jax.process_count() == 1)
-  return where and total_tokens <= context
+  """Whether ``pipe.generate`` can sample where the stages live (no gather): on ``single``, and
+  on ``mpmd`` and ``spmd`` in one process (``Pipeline.decodes_in_place``), when prompt + new
+  tokens fit the context (the KV cache). Otherwise the parameters are gathered first and decoded
+  with a sliding window (``pmap`` holds a full replica anyway; decoding across processes is not
+  built yet)."""
+  return pipe.decodes_in_place and total_tokens <= context
 
 
 def sample_in_place(pipe: pipeline_lib.Pipeline, state: pipeline_lib.TrainState, prompt: str, *,

@@ -81,6 +81,12 @@ class SingleBackend(pipeline_lib.Backend):
   def to_canonical(self, state):
     return {"params": state.params, "opt_state": state.opt_state, "rng": state.rng}
 
+  decodes_in_place = True
+
+  def stage_params(self, state):
+    """The whole model, already on one device."""
+    return None, [state.params]
+
   def from_canonical(self, canonical: Mapping[str, Any], step: int):
     return pipeline_lib.TrainState(step=int(step), params=self._put(canonical["params"]),
                          opt_state=self._put(canonical["opt_state"]),

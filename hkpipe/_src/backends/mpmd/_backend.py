@@ -383,6 +383,15 @@ class MpmdBackend(pipeline_lib.Backend):
                  for s in range(setup.num_stages)]
     return setup.canonical(setup.gather(call, "params", per_stage))
 
+  @property
+  def decodes_in_place(self) -> bool:
+    """In one process: each stage decodes on its rank (across processes: not built yet)."""
+    return not self.multi_process
+
+  def stage_params(self, state):
+    """``state.params`` as they are (stage ``s`` on its rank's devices); None across processes."""
+    return (self.layout, list(state.params)) if self.decodes_in_place else None
+
   def to_canonical(self, state):
     names = [spec.layer_names for spec in self.layout.stages]
     params: dict = {}

@@ -269,7 +269,8 @@ class SpmdBackend(_Executor):
     plan = self.plan
     ranks = range(plan.num_ranks)
     return {"pack": [owners.pack_program(plan, self.mesh, r) for r in ranks],
-            "unpack": [owners.unpack_program(plan, self.mesh, r) for r in ranks]}
+            "unpack": [owners.unpack_program(plan, self.mesh, r) for r in ranks],
+            "params": [owners.unpack_params_program(plan, self.mesh, r) for r in ranks]}
 
   def _state(self, rows: Sequence[tuple[dict, dict] | None], rng: Any, step: int
              ) -> pipeline_lib.TrainState:
@@ -415,6 +416,22 @@ class SpmdBackend(_Executor):
     (an all-gather across processes) for small models, e.g. sampling or tests. Checkpoints use
     ``to_canonical``, which gathers nothing."""
     return self._params_to_canonical(state.params)
+
+  @property
+  def decodes_in_place(self) -> bool:
+    """In one process: each stage decodes on its rank's devices (across processes: not built)."""
+    return jax.process_count() == 1
+
+  def stage_params(self, state):
+    """Each stage's parameters unpacked on its rank's devices (replicated there; no optimizer
+    state, nothing on another rank); None across processes."""
+    if not self.decodes_in_place:
+      return None
+    params: dict = {}
+    for r, program in enumerate(self._rank_programs["params"]):
+      params.update(program(owners.split_rows(state.params, self.mesh, r)))
+    stages = self.layout.stages
+    return self.layout, [{name: params[name] for name in spec.layer_names} for spec in stages]
 
   def to_canonical(self, state):
     """Canonical state where it lives: each layer's parameters and optimizer state as arrays on

@@ -19,6 +19,8 @@ others' arrays with shard-less global arrays of the right shape and sharding.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -146,14 +148,20 @@ def pack_rank(plan: _Plan, rank: int, params: Mapping[str, Any], opt_state: Any
   return expand(bufs), expand(opt)
 
 
-def unpack_rank(plan: _Plan, rank: int, prow: Mapping[str, jax.Array],
-                orow: Mapping[str, jax.Array]) -> tuple[dict, Any]:
-  """Inverse of :func:`pack_rank` (traced): ``({layer: params}, optimizer state)``."""
+def _unpack_params(plan: _Plan, rank: int, prow: Mapping[str, jax.Array]) -> dict:
+  """``{layer: params}`` of rank ``rank`` from its parameter rows (traced)."""
   prow = {k: v[0] for k, v in prow.items()}
   params = {}
   for s in plan.rank_stages(rank):
     params.update(plan.stage_layouts[s].unpack(prow))
-  return params, plan.opt_layouts[rank].unpack({k: v[0] for k, v in orow.items()})
+  return params
+
+
+def unpack_rank(plan: _Plan, rank: int, prow: Mapping[str, jax.Array],
+                orow: Mapping[str, jax.Array]) -> tuple[dict, Any]:
+  """Inverse of :func:`pack_rank` (traced): ``({layer: params}, optimizer state)``."""
+  return (_unpack_params(plan, rank, prow),
+          plan.opt_layouts[rank].unpack({k: v[0] for k, v in orow.items()}))
 
 
 def init_program(model: model_lib.SequentialModel, optimizer: optax.GradientTransformation,
@@ -177,6 +185,13 @@ def unpack_program(plan: _Plan, mesh: Mesh, rank: int) -> Callable:
   """Jitted ``(param rows, optimizer rows) -> (params, opt_state)`` of rank ``rank``, the leaves
   replicated over the rank's devices."""
   return jax.jit(lambda p, o: unpack_rank(plan, rank, p, o),
+                 out_shardings=leaf_sharding(mesh, rank))
+
+
+def unpack_params_program(plan: _Plan, mesh: Mesh, rank: int) -> Callable:
+  """Jitted ``param rows -> {layer: params}`` of rank ``rank``, the leaves replicated over the
+  rank's devices (no optimizer state: what decoding needs)."""
+  return jax.jit(functools.partial(_unpack_params, plan, rank),
                  out_shardings=leaf_sharding(mesh, rank))
 
 
