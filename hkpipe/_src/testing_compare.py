@@ -105,7 +105,7 @@ class LeafDiff:
     where = f" at index {self.index}" if self.index else ""
     return (f"{name}: shape {self.shape} {self.dtype} (reference {self.expected_dtype}), max abs "
             f"diff {self.max_abs:.3g}, max rel diff {self.max_rel:.3g}; worst element{where}: "
-            f"{self.actual_value!r} vs reference {self.expected_value!r} "
+            f"{self.actual_value:.8g} vs reference {self.expected_value:.8g} "
             f"({self.excess:.3g}x the tolerance {self.tolerance})")
 
 
