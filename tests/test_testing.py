@@ -9,6 +9,7 @@ the helpers; reported numbers are recomputed here with numpy.
 from __future__ import annotations
 
 import functools
+import pathlib
 import re
 
 import haiku as hk
@@ -205,3 +206,12 @@ def test_invalid_schedule_is_reported_with_its_row():
     testing.assert_schedule_invalid(good)
   with pytest.raises(AssertionError, match="does not match 'deadlock'"):
     testing.assert_schedule_invalid(bad, match="deadlock")
+
+
+def test_docs_example_runs():
+  """docs/testing.md's user test of a custom model, run as written."""
+  text = (pathlib.Path(__file__).parents[1] / "docs" / "testing.md").read_text()
+  code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+  namespace: dict = {}
+  exec(compile(code, "docs/testing.md", "exec"), namespace)  # pylint: disable=exec-used
+  namespace["test_my_model_pipelines"]()
