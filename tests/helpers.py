@@ -96,7 +96,7 @@ SHARDED_GPT = hkpipe.models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_la
                                       n_heads=2)
 SHARDED_LLAMA = hkpipe.models.LlamaConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2,
                                           n_heads=4, n_kv_heads=2)
-SHARDED_M, SHARDED_KEY = 2, jax.random.key(7)
+SHARDED_M, SHARDED_SEED = 2, 7  # a seed, not a key: workers import helpers before jax starts
 
 
 def sharded_optimizer() -> optax.GradientTransformation:
@@ -124,18 +124,18 @@ def sharded_reference(name: str, max_grad_norm: float | None = None):
   model, batch = sharded_case(name)
   pipe = hkpipe.Pipeline(model, sharded_optimizer(), backend="single",
                          num_microbatches=SHARDED_M, max_grad_norm=max_grad_norm)
-  return hkpipe.testing.reference_run(pipe, batch, steps=2, rng=SHARDED_KEY)
+  return hkpipe.testing.reference_run(pipe, batch, steps=2, rng=jax.random.key(SHARDED_SEED))
 
 
 def assert_sharded_matches_reference(name: str, pipe: hkpipe.Pipeline, state, reference):
-  """``pipe`` (already initialised to ``state`` with :data:`SHARDED_KEY`) equals the single device
-  (``reference``, from :func:`sharded_reference`) on the initial parameters, the loss and every
-  gradient leaf and two AdamW steps (fp32, rtol 1e-5, atol 1e-6). Returns the state after the
-  steps."""
+  """``pipe`` (already initialised to ``state`` with ``jax.random.key(SHARDED_SEED)``) equals the
+  single device (``reference``, from :func:`sharded_reference`) on the initial parameters, the
+  loss and every gradient leaf and two AdamW steps (fp32, rtol 1e-5, atol 1e-6). Returns the
+  state after the steps."""
   _, batch = sharded_case(name)
   return hkpipe.testing.assert_pipeline_matches_reference(
-      pipe, batch, steps=2, rng=SHARDED_KEY, state=state, reference=reference, rtol=RTOL,
-      atol=ATOL)
+      pipe, batch, steps=2, rng=jax.random.key(SHARDED_SEED), state=state, reference=reference,
+      rtol=RTOL, atol=ATOL)
 
 
 def stop_processes(procs: list, logs: list) -> None:

@@ -22,7 +22,7 @@ from tests import helpers
 
 M = helpers.SHARDED_M
 MIN_SIZE = 32          # small leaves stay replicated; the tiny test matrices are sharded
-KEY = helpers.SHARDED_KEY
+KEY = jax.random.key(helpers.SHARDED_SEED)
 GPT, LLAMA = helpers.SHARDED_GPT, helpers.SHARDED_LLAMA
 _optimizer = helpers.sharded_optimizer
 _case = helpers.sharded_case

@@ -21,7 +21,7 @@ import hkpipe
 from tests import helpers
 
 M = helpers.SHARDED_M
-KEY = helpers.SHARDED_KEY
+KEY = jax.random.key(helpers.SHARDED_SEED)
 _optimizer = helpers.sharded_optimizer
 _case = helpers.sharded_case
 
