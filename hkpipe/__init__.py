@@ -36,6 +36,7 @@ from hkpipe import models
 from hkpipe import precision
 from hkpipe import schedules
 from hkpipe import sharding
+from hkpipe import testing
 
 __version__ = "0.1.0"
 

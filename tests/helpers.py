@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import faulthandler
+import functools
 import os
 import sys
 import threading
 import time
 from typing import Any
 
-import chex
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -68,39 +68,74 @@ def token_batch(batch: int = 8, seq: int = 5, vocab: int = 11, seed: int = 0):
 
 
 def assert_trees_close(actual: Any, expected: Any, rtol: float = RTOL, atol: float = ATOL):
-  """Same structure, every leaf close (fp32 tolerance of the equivalence suite)."""
-  chex.assert_trees_all_equal_structs(actual, expected)
-  chex.assert_trees_all_close(jax.device_get(actual), jax.device_get(expected),
-                              rtol=rtol, atol=atol)
+  """Same structure, every leaf close (fp32 tolerance of the equivalence suite); a failure names
+  the worst leaf (``hkpipe.testing.assert_trees_close``)."""
+  hkpipe.testing.assert_trees_close(actual, expected, rtol=rtol, atol=atol)
 
 
 def assert_matches_reference(model: hkpipe.SequentialModel, batch, *, num_microbatches: int,
                              steps: int = 3, lr: float = 0.5, **pipeline_kwargs):
-  """Loss, canonical grads and ``steps`` SGD updates of a backend equal the single device's.
+  """Loss, canonical grads and ``steps`` SGD updates of a backend equal the single device's
+  (``hkpipe.testing.assert_pipeline_matches_reference``; parameters after each step within
+  rtol 1e-4, atol 1e-5). Returns ``(pipeline, state after the steps)``.
 
   Plain SGD with a large learning rate (AdamW would normalise away scaling bugs).
   """
-  opt = optax.sgd(lr)
-  ref = hkpipe.Pipeline(model, opt, backend="single", num_microbatches=num_microbatches,
-                        donate=False)
-  pipe = hkpipe.Pipeline(model, opt, num_microbatches=num_microbatches, donate=False,
+  pipe = hkpipe.Pipeline(model, optax.sgd(lr), num_microbatches=num_microbatches, donate=False,
                          **pipeline_kwargs)
-  rng = jax.random.key(42)
-  ref_state = ref.init(rng, batch)
-  state = pipe.init(rng, batch)
-  assert_trees_close(pipe.params(state), ref.params(ref_state))
-
-  loss, grads = pipe.loss_and_grads(state, batch)
-  ref_loss, ref_grads = ref.loss_and_grads(ref_state, batch)
-  assert_trees_close(loss, ref_loss)
-  assert_trees_close(grads, ref_grads)
-
-  for _ in range(steps):
-    state, metrics = pipe.train_step(state, batch)
-    ref_state, ref_metrics = ref.train_step(ref_state, batch)
-    assert_trees_close(metrics["loss"], ref_metrics["loss"])
-  assert_trees_close(pipe.params(state), ref.params(ref_state), rtol=1e-4, atol=1e-5)
+  state = hkpipe.testing.assert_pipeline_matches_reference(
+      pipe, batch, steps=steps, rng=jax.random.key(42), rtol=RTOL, atol=ATOL, params_rtol=1e-4,
+      params_atol=1e-5)
   return pipe, state
+
+
+# -- the tiny GPT / Llama / hetero cases of the sharded equivalence suites --------------------
+# (tests/test_mpmd_sharding.py, tests/test_spmd_sharding.py: M = 2 microbatches, AdamW, 2 steps)
+
+SHARDED_GPT = hkpipe.models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2,
+                                      n_heads=2)
+SHARDED_LLAMA = hkpipe.models.LlamaConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2,
+                                          n_heads=4, n_kv_heads=2)
+SHARDED_M, SHARDED_SEED = 2, 7  # a seed, not a key: workers import helpers before jax starts
+
+
+def sharded_optimizer() -> optax.GradientTransformation:
+  # A small step: Adam normalises each update, so it would amplify (to ~lr) the float rounding
+  # noise of near-zero gradients, which tensor-parallel sums reorder.
+  return optax.adamw(1e-4, weight_decay=0.1)
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_case(name: str) -> tuple[hkpipe.SequentialModel, Any]:
+  """``(model, batch)`` of ``"gpt"`` (tied embedding and head), ``"llama"`` (grouped-query
+  attention: 4 query heads, 2 key/value heads) or ``"hetero"`` (:func:`hetero_model`)."""
+  if name == "gpt":
+    return hkpipe.models.build(SHARDED_GPT), token_batch(batch=8, seq=8, vocab=32, seed=1)
+  if name == "llama":
+    return hkpipe.models.build(SHARDED_LLAMA), token_batch(batch=8, seq=8, vocab=32, seed=2)
+  assert name == "hetero"
+  return hetero_model(n_mid=2), token_batch(batch=8, seq=5)
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_reference(name: str, max_grad_norm: float | None = None):
+  """The single-device run of :func:`sharded_case` ``name`` (init, loss, gradients, two AdamW
+  steps) as a ``hkpipe.testing.ReferenceRun``, built from the layers alone."""
+  model, batch = sharded_case(name)
+  pipe = hkpipe.Pipeline(model, sharded_optimizer(), backend="single",
+                         num_microbatches=SHARDED_M, max_grad_norm=max_grad_norm)
+  return hkpipe.testing.reference_run(pipe, batch, steps=2, rng=jax.random.key(SHARDED_SEED))
+
+
+def assert_sharded_matches_reference(name: str, pipe: hkpipe.Pipeline, state, reference):
+  """``pipe`` (already initialised to ``state`` with ``jax.random.key(SHARDED_SEED)``) equals the
+  single device (``reference``, from :func:`sharded_reference`) on the initial parameters, the
+  loss and every gradient leaf and two AdamW steps (fp32, rtol 1e-5, atol 1e-6). Returns the
+  state after the steps."""
+  _, batch = sharded_case(name)
+  return hkpipe.testing.assert_pipeline_matches_reference(
+      pipe, batch, steps=2, rng=jax.random.key(SHARDED_SEED), state=state, reference=reference,
+      rtol=RTOL, atol=ATOL)
 
 
 def stop_processes(procs: list, logs: list) -> None:

@@ -288,25 +288,21 @@ def test_bf16_keeps_aux_float32_and_close_to_fp32():
 
 @functools.lru_cache(maxsize=None)
 def _reference(num_microbatches: int):
+  """``(model, batch, optimizer, hkpipe.testing.ReferenceRun)`` of the single device: init,
+  loss, gradients and 2 AdamW steps."""
   model = M.build(CONFIG)
   batch = (tokens(batch=8, seed=12), tokens(batch=8, seed=13))
   opt = optax.adamw(1e-2, weight_decay=0.1)
-  ref = hkpipe.Pipeline(model, opt, backend="single", num_microbatches=num_microbatches,
-                        donate=False)
-  state = ref.init(jax.random.key(42), batch)
-  init = ref.params(state)
-  loss_grads = ref.loss_and_grads(state, batch)
-  metrics = []
-  for _ in range(2):
-    state, m = ref.train_step(state, batch)
-    metrics.append(m["loss"])
-  return model, batch, opt, init, loss_grads, metrics, ref.params(state)
+  ref = hkpipe.Pipeline(model, opt, backend="single", num_microbatches=num_microbatches)
+  return model, batch, opt, hkpipe.testing.reference_run(ref, batch, steps=2,
+                                                         rng=jax.random.key(42))
 
 
 def test_single_backend_equals_plain_jax_grad():
   """The reference itself: plain jax.grad of the layer chain's loss (mean over 4 microbatches)
   and optax AdamW, without any hkpipe Pipeline."""
-  model, batch, opt, params, (ref_loss, ref_grads), ref_metrics, ref_params = _reference(4)
+  model, batch, opt, ref = _reference(4)
+  params = ref.init_params
   parts = [jax.tree.map(lambda a, i=i: a[2 * i:2 * i + 2], batch) for i in range(4)]
   value_and_grad = jax.jit(jax.value_and_grad(model.loss))
   opt_state = opt.init(params)
@@ -314,27 +310,21 @@ def test_single_backend_equals_plain_jax_grad():
     outs = [value_and_grad(params, *part) for part in parts]
     loss = sum(o[0] for o in outs) / 4
     grads = jax.tree.map(lambda *g: sum(g) / 4, *[o[1] for o in outs])
-    helpers.assert_trees_close(ref_metrics[k], loss)
+    helpers.assert_trees_close(ref.step_metrics[k]["loss"], loss)
     if k == 0:
-      helpers.assert_trees_close(ref_loss, loss)
-      helpers.assert_trees_close(ref_grads, grads)
+      helpers.assert_trees_close(ref.loss, loss)
+      helpers.assert_trees_close(ref.grads, grads)
     updates, opt_state = opt.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-  helpers.assert_trees_close(ref_params, params, rtol=1e-4, atol=1e-5)
+  helpers.assert_trees_close(ref.step_params[-1], params, rtol=1e-4, atol=1e-5)
 
 
-def _check_against_reference(pipe, state, batch, init, ref_loss, ref_grads, ref_metrics,
-                             ref_params):
-  """Initial params, loss, every gradient, 2 AdamW steps and the final params equal the
-  single-device reference."""
-  helpers.assert_trees_close(pipe.params(state), init)
-  loss, grads = pipe.loss_and_grads(state, batch)
-  helpers.assert_trees_close(loss, ref_loss)
-  helpers.assert_trees_close(grads, ref_grads)
-  for k in range(2):
-    state, metrics = pipe.train_step(state, batch)
-    helpers.assert_trees_close(metrics["loss"], ref_metrics[k])
-  helpers.assert_trees_close(pipe.params(state), ref_params, rtol=1e-4, atol=1e-5)
+def _check_against_reference(pipe, state, batch, ref):
+  """Initial params, loss, every gradient, 2 AdamW steps (losses, gradient norms, params after
+  each step) equal the single-device reference ``ref``."""
+  hkpipe.testing.assert_pipeline_matches_reference(
+      pipe, batch, steps=2, rng=jax.random.key(42), state=state, reference=ref,
+      rtol=helpers.RTOL, atol=helpers.ATOL, params_rtol=1e-4, params_atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,stages", [
@@ -342,18 +332,18 @@ def _check_against_reference(pipe, state, batch, init, ref_loss, ref_grads, ref_
     pytest.param("mpmd", 4, marks=pytest.mark.slow),
     pytest.param("spmd", 4, marks=pytest.mark.slow)])
 def test_pipelined_equals_single_device(backend, stages):
-  model, batch, opt, init, (ref_loss, ref_grads), ref_metrics, ref_params = _reference(4)
+  model, batch, opt, ref = _reference(4)
   pipe = hkpipe.Pipeline(model, opt, backend=backend, num_microbatches=4,
                          devices=jax.devices()[:stages], donate=False)
   state = pipe.init(jax.random.key(42), batch)
   assert len(pipe.layout.stages) == stages
-  _check_against_reference(pipe, state, batch, init, ref_loss, ref_grads, ref_metrics, ref_params)
+  _check_against_reference(pipe, state, batch, ref)
 
 
 def test_sharded_experts_on_pp2_fsdp2_tp2_equal_single_device():
   """MPMD on a pp2 x fsdp2 x tp2 mesh: the MoE rules shard the experts inside each stage, and
   loss, every gradient and 2 AdamW steps still equal the single device."""
-  model, batch, opt, init, (ref_loss, ref_grads), ref_metrics, ref_params = _reference(4)
+  model, batch, opt, ref = _reference(4)
   mesh = jax.make_mesh((2, 2, 2), ("pp", "fsdp", "tp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   pipe = hkpipe.Pipeline(model, opt, backend="mpmd", num_microbatches=4, mesh=mesh, donate=False)
@@ -361,4 +351,4 @@ def test_sharded_experts_on_pp2_fsdp2_tp2_equal_single_device():
   experts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
              if "w_gate" in jax.tree_util.keystr(path)]
   assert experts and all(not leaf.sharding.is_fully_replicated for leaf in experts)
-  _check_against_reference(pipe, state, batch, init, ref_loss, ref_grads, ref_metrics, ref_params)
+  _check_against_reference(pipe, state, batch, ref)

@@ -9,12 +9,10 @@ Memory is measured from the arrays' addressable shards (``shard.data.nbytes``) a
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -22,47 +20,12 @@ import hkpipe
 from hkpipe._src.backends import _mpmd_compile
 from tests import helpers
 
-M = 2
+M = helpers.SHARDED_M
 MIN_SIZE = 32          # small leaves stay replicated; the tiny test matrices are sharded
-KEY = jax.random.key(7)
-
-
-def _optimizer():
-  # A small step: Adam normalises each update, so it would amplify (to ~lr) the float rounding
-  # noise of near-zero gradients, which tensor-parallel sums reorder.
-  return optax.adamw(1e-4, weight_decay=0.1)
-
-
-GPT = hkpipe.models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=2)
-LLAMA = hkpipe.models.LlamaConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=4,
-                                  n_kv_heads=2)
-
-
-@functools.lru_cache(maxsize=None)
-def _case(name: str) -> tuple[hkpipe.SequentialModel, Any]:
-  if name == "gpt":          # tied embedding (stage 0) and head (stage 1)
-    return hkpipe.models.build(GPT), helpers.token_batch(batch=8, seq=8, vocab=32, seed=1)
-  if name == "llama":        # grouped-query attention: 4 query heads, 2 key/value heads
-    return hkpipe.models.build(LLAMA), helpers.token_batch(batch=8, seq=8, vocab=32, seed=2)
-  assert name == "hetero"
-  return helpers.hetero_model(n_mid=2), helpers.token_batch(batch=8, seq=5)
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(name: str, max_grad_norm: float | None = None) -> dict:
-  """Single-device init, loss, gradients and two AdamW steps (built from the layers alone)."""
-  model, batch = _case(name)
-  pipe = hkpipe.Pipeline(model, _optimizer(), backend="single", num_microbatches=M,
-                         donate=False, max_grad_norm=max_grad_norm)
-  state = pipe.init(KEY, batch)
-  out = {"params": jax.device_get(pipe.params(state))}
-  out["loss"], out["grads"] = jax.device_get(pipe.loss_and_grads(state, batch))
-  losses = []
-  for _ in range(2):
-    state, metrics = pipe.train_step(state, batch)
-    losses.append(jax.device_get(metrics["loss"]))
-  out["losses"], out["final"] = losses, jax.device_get(pipe.params(state))
-  return out
+KEY = jax.random.key(helpers.SHARDED_SEED)
+GPT, LLAMA = helpers.SHARDED_GPT, helpers.SHARDED_LLAMA
+_optimizer = helpers.sharded_optimizer
+_case = helpers.sharded_case
 
 
 @pytest.fixture(scope="module")
@@ -145,21 +108,13 @@ def _check_memory(pipe, state, before: set, fsdp: int, tp: int) -> None:
 
 def _check_equivalence(name, shape, axes, schedule, cache, **kw):
   _, batch = _case(name)
-  ref = _reference(name, kw.get("max_grad_norm"))
+  ref = helpers.sharded_reference(name, kw.get("max_grad_norm"))   # before the live-array snapshot
   pipe = _pipeline(name, shape, axes, schedule, cache, **kw)
   before = {id(a) for a in jax.live_arrays()}
   state = pipe.init(KEY, batch)
   sizes = dict(zip(axes, shape))
   _check_memory(pipe, state, before, sizes.get("fsdp", 1), sizes.get("tp", 1))
-  helpers.assert_trees_close(pipe.params(state), ref["params"])
-  loss, grads = pipe.loss_and_grads(state, batch)
-  helpers.assert_trees_close(loss, ref["loss"])
-  helpers.assert_trees_close(grads, ref["grads"])
-  for step in range(2):
-    state, metrics = pipe.train_step(state, batch)
-    helpers.assert_trees_close(metrics["loss"], ref["losses"][step])
-  helpers.assert_trees_close(pipe.params(state), ref["final"])
-  return pipe, state
+  return pipe, helpers.assert_sharded_matches_reference(name, pipe, state, ref)
 
 
 MESHES = {"fsdp2": ((2, 2), ("pp", "fsdp")), "tp2": ((2, 2), ("pp", "tp")),

@@ -10,54 +10,20 @@ parameters and ``optimizer.init`` of each rank's layers, not from the backend's 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import hkpipe
 from tests import helpers
 
-M = 2
-KEY = jax.random.key(7)
-GPT = hkpipe.models.GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=2)
-LLAMA = hkpipe.models.LlamaConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=4,
-                                  n_kv_heads=2)
-
-
-def _optimizer():
-  return optax.adamw(1e-4, weight_decay=0.1)
-
-
-@functools.lru_cache(maxsize=None)
-def _case(name: str) -> tuple[hkpipe.SequentialModel, Any]:
-  if name == "gpt":          # tied embedding (stage 0) and head (stage 1)
-    return hkpipe.models.build(GPT), helpers.token_batch(batch=8, seq=8, vocab=32, seed=1)
-  if name == "llama":        # grouped-query attention: 4 query heads, 2 key/value heads
-    return hkpipe.models.build(LLAMA), helpers.token_batch(batch=8, seq=8, vocab=32, seed=2)
-  assert name == "hetero"
-  return helpers.hetero_model(n_mid=2), helpers.token_batch(batch=8, seq=5)
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(name: str) -> dict:
-  """Single-device init, loss, gradients and two AdamW steps (built from the layers alone)."""
-  model, batch = _case(name)
-  pipe = hkpipe.Pipeline(model, _optimizer(), backend="single", num_microbatches=M,
-                         donate=False)
-  state = pipe.init(KEY, batch)
-  out = {"params": jax.device_get(pipe.params(state))}
-  out["loss"], out["grads"] = jax.device_get(pipe.loss_and_grads(state, batch))
-  losses = []
-  for _ in range(2):
-    state, metrics = pipe.train_step(state, batch)
-    losses.append(jax.device_get(metrics["loss"]))
-  out["losses"], out["final"] = losses, jax.device_get(pipe.params(state))
-  return out
+M = helpers.SHARDED_M
+KEY = jax.random.key(helpers.SHARDED_SEED)
+_optimizer = helpers.sharded_optimizer
+_case = helpers.sharded_case
 
 
 def _pipeline(name: str, shape: tuple[int, ...], axes: tuple[str, ...], schedule: str,
@@ -111,21 +77,14 @@ def _check_memory(pipe, state, before: set, z: int, ref_params: dict) -> None:
 
 def _check_equivalence(name, shape, axes, schedule):
   _, batch = _case(name)
-  ref = _reference(name)
+  ref = helpers.sharded_reference(name)   # before the live-array snapshot
   pipe = _pipeline(name, shape, axes, schedule)
   before = {id(a) for a in jax.live_arrays()}
   state = pipe.init(KEY, batch)
   sizes = dict(zip(axes, shape))
-  _check_memory(pipe, state, before, sizes.get("fsdp", 1) * sizes.get("tp", 1), ref["params"])
-  helpers.assert_trees_close(pipe.params(state), ref["params"])
-  loss, grads = pipe.loss_and_grads(state, batch)
-  helpers.assert_trees_close(loss, ref["loss"])
-  helpers.assert_trees_close(grads, ref["grads"])
-  for step in range(2):
-    state, metrics = pipe.train_step(state, batch)
-    helpers.assert_trees_close(metrics["loss"], ref["losses"][step])
-  helpers.assert_trees_close(pipe.params(state), ref["final"])
-  return pipe, state
+  _check_memory(pipe, state, before, sizes.get("fsdp", 1) * sizes.get("tp", 1),
+                ref.init_params)
+  return pipe, helpers.assert_sharded_matches_reference(name, pipe, state, ref)
 
 
 MESHES = {"fsdp2": ((2, 2), ("pp", "fsdp")), "tp2": ((2, 2), ("pp", "tp")),
