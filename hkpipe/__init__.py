@@ -14,7 +14,8 @@ Public API (everything else is private):
   (mesh axes and parameter sharding rules) and :mod:`hkpipe.train`
   (training loop, optimizer, checkpoints; imported on demand since it loads orbax);
   :mod:`hkpipe.report` (a run's loss picture, timeline picture and trace; imported on demand,
-  ``python -m hkpipe.report WORKDIR``).
+  ``python -m hkpipe.report WORKDIR``); :mod:`hkpipe.testing` (assertions for users' test
+  suites: a pipeline against its unpipelined reference, schedule validity).
 """
 
 from hkpipe._src.errors import ConfigError

@@ -41,6 +41,8 @@ DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
     "float16": Tolerance(rtol=5e-3, atol=5e-4),
     "bfloat16": Tolerance(rtol=2e-2, atol=2e-3),
 }
+"""Default tolerance per floating dtype name (narrower floats than bfloat16 use bfloat16's;
+integers and bools compare exactly); a leaf uses the less precise dtype of its two arrays."""
 EXACT = Tolerance(rtol=0.0, atol=0.0)
 _ORDER = ("bfloat16", "float16", "float32", "float64")  # least precise first
 

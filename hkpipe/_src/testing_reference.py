@@ -156,11 +156,13 @@ def assert_pipeline_matches_reference(
       with the same ``rng``), e.g. after inspecting it; default: ``pipeline.init(rng, batch)``.
     reference: a :class:`ReferenceRun` from :func:`reference_run` (to reuse one reference for
       several pipelines); default: run it now.
-    rtol, atol: tolerance of the initial parameters, loss, gradients and step metrics; None:
-      each leaf's dtype default (float32: ``rtol=1e-5, atol=1e-6``; see
+    rtol: relative tolerance of the initial parameters, loss, gradients and step metrics;
+      None: each leaf's dtype default (float32: ``rtol=1e-5, atol=1e-6``; see
       ``hkpipe.testing.DEFAULT_TOLERANCES``).
-    params_rtol, params_atol: tolerance of the parameters after each step (rounding differences
-      grow with the steps and the learning rate); None: ``rtol``/``atol``.
+    atol: absolute tolerance of the same; None: each leaf's dtype default.
+    params_rtol: relative tolerance of the parameters after each step (rounding differences
+      grow with the steps and the learning rate); None: ``rtol``.
+    params_atol: absolute tolerance of the parameters after each step; None: ``atol``.
 
   Returns:
     The pipeline's state after the last step (e.g. for further checks).
