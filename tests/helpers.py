@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import functools
 import os
@@ -146,6 +147,24 @@ def stop_processes(procs: list, logs: list) -> None:
       p.wait()
   for f in logs:
     f.close()
+
+
+@contextlib.contextmanager
+def backend_compiles():
+  """Records the XLA backend compiles inside the block: yields a list that fills with their
+  event names (``jax.monitoring``; independent of any cache the code under test keeps)."""
+  events: list[str] = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event.endswith("backend_compile_duration"):
+      events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def exit_with_stacks_after(seconds: float, where: Any = None) -> None:

@@ -15,6 +15,7 @@ import pytest
 import hkpipe
 import hkpipe.models as M
 from hkpipe._src.models import common
+from tests import helpers
 
 B, T, V, D, L, H = 2, 16, 64, 32, 2, 4
 
@@ -175,22 +176,12 @@ def test_flops_per_token():
 
 def test_summary_traces_without_compiling(fp32_model):
   config, model, params, _ = fp32_model
-  events = []
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    events.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with helpers.backend_compiles() as compiles:
     text = M.summary(model, jax.ShapeDtypeStruct((B, T), jnp.int32))
-    compiled_during_summary = [e for e in events if e.endswith("backend_compile_duration")]
+    compiled_during_summary = list(compiles)
     jax.jit(lambda v: v * 3 + 1)(jnp.arange(7))  # control: a fresh compile is observed
-    compiled_after = [e for e in events if e.endswith("backend_compile_duration")]
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiled_during_summary
-  assert compiled_after
+  assert compiles
   for name in model.layer_names:
     assert name in text
   assert f"({B}, {T}, {V})" in text and f"({B}, {T}, {D})" in text

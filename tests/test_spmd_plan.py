@@ -16,6 +16,7 @@ import pytest
 import hkpipe
 from hkpipe import models
 from hkpipe._src.backends.spmd import _memory
+from tests import helpers
 
 M = 2
 KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
@@ -97,21 +98,11 @@ def test_bad_batch_shape_fails_before_compiling(rows):
   pipe, (tokens, _) = _case()
   batch = (jax.ShapeDtypeStruct((rows[0], 8), np.int32),
            jax.ShapeDtypeStruct((rows[1], 8), np.int32))
-  events = []
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    events.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with helpers.backend_compiles() as compiles:
     match = "multiple of 2 \\* 2 = 4; got 6" if rows[0] == rows[1] else "same leading"
     with pytest.raises(ValueError, match=match):
       pipe.memory_analysis(None, batch)
-    compiled = [e for e in events if e.endswith("backend_compile_duration")]
+    compiled = list(compiles)
     jax.jit(lambda v: v * 3 + 1)(np.arange(tokens.shape[0] + 7))  # control: a compile is seen
-    compiled_after = [e for e in events if e.endswith("backend_compile_duration")]
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiled
-  assert compiled_after
+  assert compiles
