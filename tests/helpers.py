@@ -149,6 +149,25 @@ def stop_processes(procs: list, logs: list) -> None:
     f.close()
 
 
+def run_concurrently(fn: Any, n: int) -> tuple[list, list]:
+  """Calls ``fn()`` from ``n`` threads released together; returns (results, exceptions)."""
+  barrier, results, errors = threading.Barrier(n), [], []
+
+  def run() -> None:
+    barrier.wait()
+    try:
+      results.append(fn())
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=run) for _ in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return results, errors
+
+
 @contextlib.contextmanager
 def backend_compiles():
   """Records the XLA backend compiles inside the block: yields a list that fills with their

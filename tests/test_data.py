@@ -17,6 +17,7 @@ import pytest
 
 from hkpipe import data
 from hkpipe._src.errors import ConfigError
+from tests import helpers
 
 
 def test_encode_decode_round_trip():
@@ -360,21 +361,7 @@ def test_concurrent_prepares_agree(tmp_path, corpus):
   src, out, meta = corpus
   for round_ in range(3):
     folder = tmp_path / f"d{round_}"
-    barrier = threading.Barrier(6)
-    results, errors = [], []
-
-    def run(folder=folder, barrier=barrier, results=results, errors=errors):
-      barrier.wait()
-      try:
-        results.append(data.prepare(folder, src))
-      except Exception as e:  # pylint: disable=broad-except
-        errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(6)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
+    results, errors = helpers.run_concurrently(lambda f=folder: data.prepare(f, src), 6)
     assert not errors and results == [meta] * 6
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     for name in ("train.bin", "val.bin"):

@@ -6,7 +6,6 @@ import json
 import math
 import pathlib
 import sys
-import threading
 
 import jax
 import numpy as np
@@ -19,6 +18,7 @@ from hkpipe import train as train_lib
 from hkpipe._src import sample_run
 from hkpipe._src import trainer
 from hkpipe._src.errors import ConfigError
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -114,20 +114,8 @@ def test_cache_is_reused_and_keyed_by_vocab_and_corpus(corpus, tmp_path):
 
 def test_concurrent_prepares_write_one_folder(corpus, tmp_path):
   src, _, _, folder, meta = corpus
-  barrier, results, errors = threading.Barrier(4), [], []
-
-  def run():
-    barrier.wait()
-    try:
-      results.append(data.prepare_tokens(tmp_path, src, data.TokenizerSpec("bpe", VOCAB)))
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-
-  threads = [threading.Thread(target=run) for _ in range(4)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
+  results, errors = helpers.run_concurrently(
+      lambda: data.prepare_tokens(tmp_path, src, data.TokenizerSpec("bpe", VOCAB)), 4)
   assert not errors and len(results) == 4
   assert all(r == (tmp_path / folder.name, meta) for r in results)
   assert sorted(p.name for p in (tmp_path / folder.name).iterdir()) == sorted(
