@@ -3,8 +3,14 @@ r"""Tiny Recursive Model (TRM) on Sudoku puzzles generated locally (unique solut
 Variants (the part after ``:``):
   (none)    full size for a pod: the paper's Sudoku setup (d=512, 2 layers, MLP-mixer, H=3, L=6,
             16 supervision steps, EMA 0.999), 1000 base puzzles x 1000 augmentations, batch 768.
-  cpu       small: d=64, attention, H=2, L=2, 2 supervision steps, easy puzzles (50 givens),
-            EMA 0.9; cell accuracy rises visibly in a few minutes on 2 CPU cores.
+  cpu       small: d=64, MLP-mixer, H=2, L=2, 2 supervision steps, puzzles with 40 givens,
+            batch 16, lr 1e-2 (warmup 10, cosine to 1e-3), 300 steps, EMA 0.9. Measured on the
+            shared 2-core machine (load average 6.8 at the start, 6.2 at the end), 300 steps in
+            94 s (`Done in`): evaluation (EMA weights, 4 x 16 test rows) blank-cell accuracy
+            0.274 at step 50, 0.665 at 100, 0.857 at 200, 0.865 at 300 (an untrained model:
+            0.117, chance 1/9; copying the givens: 0); cell accuracy 0.632 / 0.831 / 0.928 /
+            0.929 (copying the givens: 40/81 = 0.494); exact-puzzle accuracy 0 up to step 100,
+            0.17 at 200, 0.28 at 300.
   runlocal  tiny smoke test: a few steps, for tests and quick checks.
 
 Commands (from the repo root):
@@ -40,17 +46,21 @@ def get_config(arg: str | None = None):
   c.sample_tokens = 0
   c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 5000
   if variant == "cpu":
-    c.model.update({"d_model": 64, "n_heads": 4, "mixer": "attention", "h_cycles": 2,
+    # MLP-mixer, as the paper uses for Sudoku: its token mixing is a learned linear map over
+    # the 81 positions, so "which digits do my row/column/box peers hold" is one linear layer
+    # away; attention has to discover that structure through learned positions and, in 300
+    # steps, barely moves blank-cell accuracy off chance (1/9).
+    c.model.update({"d_model": 64, "n_heads": 4, "mixer": "mlp", "h_cycles": 2,
                     "l_cycles": 2, "n_supervision": 2, "dtype": "float32"})
-    c.data.sudoku.update({"train_base": 100, "test_base": 20, "augmentations": 30,
-                          "min_givens": 50})
+    c.data.sudoku.update({"train_base": 100, "test_base": 50, "augmentations": 30,
+                          "min_givens": 40})
     c.batch_size = 16
-    c.num_steps = 200
-    c.optim.update({"learning_rate": 3e-3, "warmup_steps": 10, "min_lr_ratio": 0.1,
+    c.num_steps = 300
+    c.optim.update({"learning_rate": 1e-2, "warmup_steps": 10, "min_lr_ratio": 0.1,
                     "weight_decay": 0.1})
     c.ema_decay = 0.9
-    c.log_every, c.eval_every, c.checkpoint_every = 10, 25, 200
-    c.eval_batches = 2
+    c.log_every, c.eval_every, c.checkpoint_every = 25, 50, 300
+    c.eval_batches = 4
   elif variant == "runlocal":
     c.model.update({"d_model": 16, "n_heads": 2, "mixer": "attention", "h_cycles": 2,
                     "l_cycles": 1, "n_supervision": 2, "dtype": "float32"})

@@ -155,6 +155,28 @@ def test_overfits_four_puzzles_to_full_cell_accuracy():
   assert float(metrics["exact_accuracy"]) == 1.0
 
 
+def test_blank_accuracy_counts_only_blank_cells():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(1, 10, (3, 81))
+  inputs = np.where(rng.random((3, 81)) < 0.4, 0, labels)            # givens copy the solution
+  pred = np.where(rng.random((3, 81)) < 0.5, labels, labels % 9 + 1)  # about half right
+  pred = np.where(inputs > 0, labels, pred)                           # every given right
+  logits = np.eye(10, dtype=np.float32)[pred][None]                   # [N=1, B, L, V]
+  outputs = {"logits": jnp.asarray(logits), "active": jnp.ones((1, 3))}
+  got = models.trm_metrics(outputs, jnp.asarray(labels), jnp.asarray(inputs))
+  blanks = [(b, i) for b in range(3) for i in range(81) if inputs[b, i] == 0]
+  want = sum(pred[b, i] == labels[b, i] for b, i in blanks) / len(blanks)
+  assert 0.3 < want < 0.7
+  np.testing.assert_allclose(float(got["blank_accuracy"]), want, rtol=1e-6)
+  np.testing.assert_allclose(float(got["cell_accuracy"]), np.mean(pred == labels), rtol=1e-6)
+  # copying the givens (a blank predicted as 0, never a label) scores 0 on blanks
+  copy = np.eye(10, dtype=np.float32)[inputs][None]
+  zero = models.trm_metrics({**outputs, "logits": jnp.asarray(copy)}, jnp.asarray(labels),
+                            jnp.asarray(inputs))
+  assert float(zero["blank_accuracy"]) == 0.0
+  assert "blank_accuracy" not in models.trm_metrics(outputs, jnp.asarray(labels))
+
+
 @pytest.mark.slow
 def test_data_parallel_pmap_matches_single_device():
   config = dataclasses.replace(TINY, n_supervision=2)

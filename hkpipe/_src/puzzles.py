@@ -3,8 +3,8 @@
 ``hkpipe.train`` uses it when ``config.model.name == "trm"``: the puzzles of
 ``config.data.sudoku`` (a :class:`hkpipe._src.sudoku.SudokuSpec`) are generated into
 ``data.dir`` (default ``workdir/data``) once, then read as memmaps; train batches are random
-training rows, a pure function of ``(seed, step)``; evaluation adds cell and exact-puzzle accuracy
-of the last supervision step.
+training rows, a pure function of ``(seed, step)``; evaluation adds cell, blank-cell and
+exact-puzzle accuracy of the last supervision step.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def accuracy_fn(model: Any) -> Callable[[Any, Callable[[int], Any], int], dict[s
   """``accuracy(params, batch_fn, num_batches)``: the mean :func:`trm_metrics` of
   ``num_batches`` batches with canonical ``params`` on one local device (the model is tiny; the
   batches are this process's rows). Compiled once per returned function."""
-  metrics = jax.jit(lambda p, x, y: trm.trm_metrics(model.apply(p, x, is_training=False), y))
+  metrics = jax.jit(lambda p, x, y: trm.trm_metrics(model.apply(p, x, is_training=False), y, x))
 
   def accuracy(params: Any, batch_fn: Callable[[int], Any], num_batches: int) -> dict:
     params = jax.device_put(jax.device_get(params), jax.local_devices()[0])

@@ -339,13 +339,25 @@ def trm_loss(outputs: dict, labels: jax.Array, *, q_loss_weight: float = 0.5,
   return jnp.sum(per * active) / jnp.maximum(jnp.sum(active), 1.0)
 
 
-def trm_metrics(outputs: dict, labels: jax.Array) -> dict:
-  """Accuracy of the last supervision step: ``cell_accuracy``, ``exact_accuracy``, and
-  ``mean_steps`` (supervision steps each row trained before halting)."""
+def trm_metrics(outputs: dict, labels: jax.Array, inputs: jax.Array | None = None) -> dict:
+  """Accuracy of the last supervision step: ``cell_accuracy`` (all cells), ``exact_accuracy``
+  (whole puzzle right), and ``mean_steps`` (supervision steps each row trained before halting).
+
+  With ``inputs`` (``[B, L]`` puzzle tokens, 0 = blank) it adds ``blank_accuracy``: the fraction
+  of blank cells answered right, pooled over the batch (copying the givens scores 0 on it; a
+  batch without blanks scores 1).
+  """
   terms = trm_terms(outputs, labels)
-  return {"cell_accuracy": jnp.mean(terms["cell"][-1]),
-          "exact_accuracy": jnp.mean(terms["exact"][-1]),
-          "mean_steps": jnp.mean(jnp.sum(outputs["active"], axis=0))}
+  metrics = {"cell_accuracy": jnp.mean(terms["cell"][-1]),
+             "exact_accuracy": jnp.mean(terms["exact"][-1]),
+             "mean_steps": jnp.mean(jnp.sum(outputs["active"], axis=0))}
+  if inputs is not None:
+    blank = inputs == 0                                               # [B, L]
+    right = jnp.argmax(outputs["logits"][-1], axis=-1) == labels      # [B, L]
+    n_blank = jnp.sum(blank)
+    metrics["blank_accuracy"] = jnp.where(
+        n_blank > 0, jnp.sum(right & blank) / jnp.maximum(n_blank, 1), 1.0).astype(jnp.float32)
+  return metrics
 
 
 def make_layers(config: TRMConfig) -> list[model_lib.Layer]:
