@@ -7,6 +7,7 @@ import pytest
 
 import hkpipe
 import hkpipe.models as M
+from tests import helpers
 
 B, T, V = 4, 16, 48
 CONFIG = M.LlamaConfig(vocab_size=V, seq_len=T, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2)
@@ -132,6 +133,14 @@ def test_spmd_decodes_each_stage_on_its_rank(model, monkeypatch, schedule="zbv")
   pipe = hkpipe.Pipeline(model, optax.adam(1e-2), backend="spmd", mesh=mesh, schedule=schedule,
                          num_microbatches=2)
   state = pipe.init(jax.random.key(0), batch())
+  with helpers.backend_compiles() as compiles:     # arguments are checked before any unpacking
+    with pytest.raises(hkpipe.ConfigError, match="num_groups=3"):
+      pipe.generate(state, batch()[0][:, :6], max_new_tokens=2, rng=jax.random.key(0),
+                    num_groups=3)
+    np.testing.assert_array_equal(
+        np.asarray(pipe.generate(state, batch()[0][:, :6], max_new_tokens=0,
+                                 rng=jax.random.key(0))), batch()[0][:, :6])
+  assert not compiles
   params = jax.device_put(pipe.params(state), jax.devices()[0])   # the reference's, gathered
   seen = spy_on_stages(monkeypatch)
   pipe.backend.params = pipe.backend.to_canonical = None          # any gather would fail

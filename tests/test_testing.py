@@ -177,6 +177,10 @@ def test_report_of_shapes_nans_and_structure():
     testing.assert_trees_close(nan, np.array([1.0, 2.0, np.inf], np.float32))
   with pytest.raises(AssertionError):
     testing.assert_trees_close({"a": 1.0}, {"b": 1.0})                    # chex: structures
+  z = np.array([1 + 5j], np.complex64)                                    # imaginary parts count
+  testing.assert_trees_close(z, z.copy())
+  with pytest.raises(AssertionError, match="max abs diff 8"):
+    testing.assert_trees_close(z, np.array([1 - 3j], np.complex64))
 
 
 # -- schedules ---------------------------------------------------------------------------------

@@ -206,3 +206,20 @@ def test_training_on_bpe_tokens_end_to_end(corpus, tmp_path):
   assert summary["sample"] == tok.decode(out[0]) and summary["sample"].startswith("ROMEO:")
   assert isinstance(run_tok, data.BPETokenizer)
   assert run_tok.hf.to_str() == tok.hf.to_str()
+
+
+def test_resume_with_another_tokenizer_is_refused():
+  """A checkpoint trained with one BPE (its cache folder names the corpus key) does not resume
+  with another of the same vocabulary size, nor with bytes; the same BPE in a moved folder does."""
+  from hkpipe._src import resume
+  saved, now = resume.run_meta({"model": {"name": "gpt"}}, 300), resume.run_meta(
+      {"model": {"name": "gpt"}}, 300)
+  saved["data"]["tokenizer_dir"] = "/data/bpe300-aaaa"
+  now["data"]["tokenizer_dir"] = "/data/bpe300-bbbb"
+  with pytest.raises(ConfigError, match="tokenizer: bpe300-aaaa in the checkpoint, bpe300-bbbb now"):
+    resume.check_resume(saved, now, where="ckpt")
+  del now["data"]["tokenizer_dir"]
+  with pytest.raises(ConfigError, match="tokenizer: bpe300-aaaa in the checkpoint, bytes now"):
+    resume.check_resume(saved, now, where="ckpt")
+  now["data"]["tokenizer_dir"] = "/moved/elsewhere/bpe300-aaaa/"
+  assert resume.check_resume(saved, now, where="ckpt") == []

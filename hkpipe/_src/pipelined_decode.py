@@ -95,8 +95,7 @@ def generate(pipe: Any, state: Any, prompt_tokens: Any, *, max_new_tokens: int, 
   settings.check_vocab(getattr(getattr(model, "config", None), "vocab_size", None))
   layers = cached.check_cached(model.layers)
   generate_lib.check_fits(prompt.shape[1], max_new_tokens, window_len)
-  where = pipe.backend.stage_params(state)
-  if where is None:
+  if not pipe.backend.decodes_in_place:
     backend = pipe.options.backend
     if jax.process_count() > 1 and backend in ("mpmd", "spmd"):
       raise errors.ConfigError("Pipeline.generate does not decode across processes yet; run the "
@@ -107,16 +106,18 @@ def generate(pipe: Any, state: Any, prompt_tokens: Any, *, max_new_tokens: int, 
         f"'spmd'; this pipeline uses backend={backend!r}. Restore its checkpoint into such a "
         "pipeline (launch/sample.py --config.backend=mpmd), or decode a small model on one "
         "device with hkpipe.models.generate(model, pipe.params(state), ...).")
-  layout, stage_params = where
-  if layout is None:  # the whole model lives on one device
-    return generate_lib.generate(model, stage_params[0], prompt, max_new_tokens=max_new_tokens,
-                                 rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+  if pipe.backend.layout is None:  # the whole model lives on one device
+    return generate_lib.generate(model, pipe.backend.stage_params(state)[1][0], prompt,
+                                 max_new_tokens=max_new_tokens, rng=rng,
+                                 temperature=temperature, top_k=top_k, top_p=top_p,
                                  end_token=end_token, seq_len=window_len, use_cache=True)
   batch = prompt.shape[0]
   if max_new_tokens == 0:
     return jnp.asarray(prompt)
-  groups = check_groups(default_groups(batch, layout.num_ranks) if num_groups is None
-                        else num_groups, batch)
+  groups = check_groups(default_groups(batch, pipe.backend.layout.num_ranks)
+                        if num_groups is None else num_groups, batch)
+  # Only now, every argument checked: spmd unpacks each rank's parameters (one program per rank).
+  layout, stage_params = pipe.backend.stage_params(state)
   return _decode(layout, layers, stage_params, prompt, max_new_tokens, rng, settings, groups,
                  window_len)
 

@@ -16,6 +16,8 @@ read:
 
 from __future__ import annotations
 
+import os
+
 import json
 from typing import Any, Mapping
 
@@ -84,6 +86,13 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any], *,
   return errors, warns
 
 
+def tokenizer_id(meta: Mapping[str, Any]) -> str:
+  """Which tokenizer a run's metadata names: ``"bytes"``, or its BPE cache folder's name
+  (``bpe<vocab>-<key>``, the key hashing the corpus and ``val_fraction``)."""
+  folder = meta.get("data", {}).get("tokenizer_dir")
+  return os.path.basename(str(folder).rstrip("/")) if folder else "bytes"
+
+
 def check_resume(saved_meta: Mapping[str, Any], current_meta: Mapping[str, Any], *,
                  where: str) -> list[str]:
   """Checks that the run in ``current_meta`` may resume from a checkpoint with ``saved_meta``.
@@ -107,6 +116,10 @@ def check_resume(saved_meta: Mapping[str, Any], current_meta: Mapping[str, Any],
       saved_meta["config"], current_meta["config"],
       saved_vocab=saved_meta.get("data", {}).get("vocab_size"),
       current_vocab=current_meta.get("data", {}).get("vocab_size"))
+  saved_tok, current_tok = (tokenizer_id(m) for m in (saved_meta, current_meta))
+  if saved_tok != current_tok:
+    errors.append(f"tokenizer: {saved_tok} in the checkpoint, {current_tok} now (the token ids "
+                  "mean other text: the corpus, val_fraction or tokenizer changed)")
   if errors:
     raise ConfigError(
         f"Cannot resume from {where}: the model it holds differs from the configured one ("

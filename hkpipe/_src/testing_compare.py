@@ -86,8 +86,8 @@ class LeafDiff:
   max_rel: float
   excess: float
   index: tuple[int, ...] = ()
-  actual_value: float = 0.0
-  expected_value: float = 0.0
+  actual_value: float | complex = 0.0
+  expected_value: float | complex = 0.0
 
   @property
   def ok(self) -> bool:
@@ -120,7 +120,8 @@ def leaf_diff(path: str, actual: Any, expected: Any, rtol: float | None = None,
                 dtype=a.dtype.name, expected_dtype=e.dtype.name, tolerance=tol)
   if not (a.shape == e.shape or not a.shape or not e.shape):
     return LeafDiff(max_abs=float("nan"), max_rel=float("nan"), excess=float("inf"), **common)
-  af, ef = np.broadcast_arrays(a.astype(np.float64), e.astype(np.float64))
+  wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(e) else np.float64
+  af, ef = np.broadcast_arrays(a.astype(wide), e.astype(wide))
   if af.size == 0:
     return LeafDiff(max_abs=0.0, max_rel=0.0, excess=0.0, **common)
   same = (af == ef) | (np.isnan(af) & np.isnan(ef))        # covers equal infinities
@@ -133,7 +134,7 @@ def leaf_diff(path: str, actual: Any, expected: Any, rtol: float | None = None,
   worst = np.unravel_index(int(np.argmax(excess)), excess.shape)
   return LeafDiff(max_abs=float(diff.max()), max_rel=float(rel.max()),
                   excess=float(excess[worst]), index=tuple(int(i) for i in worst),
-                  actual_value=float(af[worst]), expected_value=float(ef[worst]), **common)
+                  actual_value=af[worst].item(), expected_value=ef[worst].item(), **common)
 
 
 def tree_diffs(actual: Any, expected: Any, rtol: float | None = None,
