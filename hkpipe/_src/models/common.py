@@ -80,13 +80,16 @@ def check_divides(config_name: str, field: str, value: int, other_field: str, ot
 
 
 class LlamaDims:
-  """Derived widths of the Llama-style configs (``LlamaConfig``, ``MoEConfig``): a mixin over
-  their ``n_heads``, ``n_kv_heads``, ``d_model`` and ``d_ff`` fields."""
+  """Derived widths and shared checks of the Llama-style configs (``LlamaConfig``,
+  ``MoEConfig``): a mixin over their ``n_heads``, ``n_kv_heads``, ``d_model``, ``d_ff``,
+  ``rope_theta`` and ``norm_eps`` fields."""
 
   n_heads: int
   n_kv_heads: int | None
   d_model: int
   d_ff: int | None
+  rope_theta: float
+  norm_eps: float
 
   @property
   def kv_heads(self) -> int:
@@ -104,6 +107,21 @@ class LlamaDims:
     if self.d_ff is not None:
       return self.d_ff
     return -(-(8 * self.d_model) // 24) * 8
+
+  def check_llama_fields(self) -> None:
+    """Checks the Llama-style fields (``n_kv_heads``, an even RoPE head dim, ``rope_theta``,
+    ``norm_eps``); errors name the config class."""
+    name = type(self).__name__
+    n_kv_heads = self.n_kv_heads
+    if n_kv_heads is not None:
+      check_positive_int(name, "n_kv_heads", n_kv_heads)
+      check_divides(name, "n_kv_heads", n_kv_heads, "n_heads", self.n_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"{name}.d_model={self.d_model} with n_heads={self.n_heads} gives an "
+                       f"odd head dim {self.head_dim}, but RoPE needs an even head dim. Choose "
+                       "d_model and n_heads so that d_model // n_heads is even.")
+    check_real(name, "rope_theta", self.rope_theta, 0.0, None, low_inclusive=False)
+    check_real(name, "norm_eps", self.norm_eps, 0.0, None, low_inclusive=False)
 
 
 def check_common(config: Any) -> None:

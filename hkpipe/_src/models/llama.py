@@ -78,16 +78,7 @@ class LlamaConfig(common.LlamaDims):
 
   def __post_init__(self):
     common.check_common(self)
-    if self.n_kv_heads is not None:
-      common.check_positive_int("LlamaConfig", "n_kv_heads", self.n_kv_heads)
-      common.check_divides("LlamaConfig", "n_kv_heads", self.n_kv_heads, "n_heads", self.n_heads)
-    if self.head_dim % 2:
-      raise ValueError(f"LlamaConfig.d_model={self.d_model} with n_heads={self.n_heads} gives an "
-                       f"odd head dim {self.head_dim}, but RoPE needs an even head dim. Choose "
-                       "d_model and n_heads so that d_model // n_heads is even.")
-    common.check_real("LlamaConfig", "rope_theta", self.rope_theta, 0.0, None,
-                      low_inclusive=False)
-    common.check_real("LlamaConfig", "norm_eps", self.norm_eps, 0.0, None, low_inclusive=False)
+    self.check_llama_fields()
 
 
 class SwiGLU(hk.Module):

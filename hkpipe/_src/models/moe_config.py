@@ -92,13 +92,7 @@ class MoEConfig(common.LlamaDims):
     if self.loss_chunk_size is not None:
       raise ValueError(f"MoEConfig.loss_chunk_size={self.loss_chunk_size!r} is invalid: the MoE "
                        "head returns (logits, aux) and has no chunked loss yet; drop the field.")
-    if self.n_kv_heads is not None:
-      common.check_positive_int(name, "n_kv_heads", self.n_kv_heads)
-      common.check_divides(name, "n_kv_heads", self.n_kv_heads, "n_heads", self.n_heads)
-    if self.head_dim % 2:
-      raise ValueError(f"MoEConfig.d_model={self.d_model} with n_heads={self.n_heads} gives an "
-                       f"odd head dim {self.head_dim}, but RoPE needs an even head dim. Choose "
-                       "d_model and n_heads so that d_model // n_heads is even.")
+    self.check_llama_fields()
     common.check_positive_int(name, "n_experts", self.n_experts)
     common.check_positive_int(name, "experts_per_token", self.experts_per_token)
     if self.experts_per_token > self.n_experts:
@@ -117,8 +111,6 @@ class MoEConfig(common.LlamaDims):
     if self.sliding_window is not None:
       common.check_positive_int(name, "sliding_window", self.sliding_window)
     common.check_bool(name, "attention_sinks", self.attention_sinks)
-    common.check_real(name, "rope_theta", self.rope_theta, 0.0, None, low_inclusive=False)
-    common.check_real(name, "norm_eps", self.norm_eps, 0.0, None, low_inclusive=False)
 
 
   def window_of(self, layer: int) -> int | None:
