@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from hkpipe._src import staged_eval
 from hkpipe._src import sudoku
 from hkpipe._src.models import trm
 
@@ -39,14 +40,20 @@ def batch_fns(config: Any, data_dir: str, shard: dict) -> tuple[Callable, Callab
 
 
 def accuracy_fn(model: Any) -> Callable[[Any, Callable[[int], Any], int], dict[str, float]]:
-  """``accuracy(params, batch_fn, num_batches)``: the mean :func:`trm_metrics` of
-  ``num_batches`` batches with canonical ``params`` on one local device (the model is tiny; the
-  batches are this process's rows). Compiled once per returned function."""
-  metrics = jax.jit(lambda p, x, y: trm.trm_metrics(model.apply(p, x, is_training=False), y, x))
+  """``accuracy(staged, batch_fn, num_batches)``: the mean :func:`trm_metrics` of ``num_batches``
+  batches (this process's rows), the model run stage by stage where ``staged`` (a
+  :class:`hkpipe._src.staged_eval.Stages`, see :func:`hkpipe._src.staged_eval.stages`) holds it.
+  Compiled once per stage per returned function."""
+  stage_fn = staged_eval.apply_fn(model)
+  metrics = jax.jit(lambda outputs, x, y: trm.trm_metrics(outputs, y, x))
 
-  def accuracy(params: Any, batch_fn: Callable[[int], Any], num_batches: int) -> dict:
-    params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
-    rows = [jax.device_get(metrics(params, *batch_fn(i))) for i in range(num_batches)]
+  def accuracy(staged: staged_eval.Stages, batch_fn: Callable[[int], Any],
+               num_batches: int) -> dict:
+    rows = []
+    for i in range(num_batches):
+      x, y = batch_fn(i)
+      outputs, _ = staged_eval.walk(staged, stage_fn, x)
+      rows.append(jax.device_get(metrics(*staged_eval.on_one_device(staged, (outputs, x, y)))))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
   return accuracy

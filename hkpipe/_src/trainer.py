@@ -38,6 +38,7 @@ from hkpipe._src import puzzles
 from hkpipe._src import resume as resume_lib
 from hkpipe._src import run_extras
 from hkpipe._src import run_log
+from hkpipe._src import staged_eval
 from hkpipe._src import step_guard
 from hkpipe._src import tokenizer as tokenizer_lib
 from hkpipe._src import watchdog as watchdog_lib
@@ -309,15 +310,17 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
         scored = (ema_lib.eval_state(pipe, state) if config.get("ema_decay") is not None
                   else state)  # evaluation uses the EMA weights when config.ema_decay is set
         val = eval_loop(pipe, scored, val_batch, config.eval_batches)
-        extra = (accuracy(pipe.params(scored), val_batch, config.eval_batches)
+        # TRM accuracy and MoE expert load run on the stages where they live (no gather) where
+        # the backend can; else on one gathered copy (see staged_eval).
+        extra = (accuracy(staged_eval.stages(pipe, scored), val_batch, config.eval_batches)
                  if accuracy is not None else {})
         progress.end()
         bpb = tokenizer_lib.val_bits_per_byte(data_meta, val)
         extra = {**({} if bpb is None else {"val_bpb": bpb}), **extra}
         writer.write({"step": done, "val_loss": val, **extra})
         if isinstance(mcfg, models.MoEConfig):  # per-block expert load of a validation batch
-          writer.write({"step": done, **moe.load_record(mcfg, pipe.params(state),
-                                                         val_batch(0)[0])})
+          writer.write({"step": done, **moe.load_record(staged_eval.expert_load(
+              mcfg, staged_eval.stages(pipe, state), val_batch(0)[0]))})
         summary["last_val_loss"] = val
         summary.update(extra)
         say(run_log.eval_line(done, config.num_steps, val) + "".join(

@@ -172,6 +172,38 @@ def with_compute_dtype(layer: cached.CachedLayer, dtype: Any) -> cached.CachedLa
                             init_cache=layer.init_cache)
 
 
+def expert_load_of(config: MoEConfig, names: tuple[str, ...], params: Any, x: Any
+                   ) -> tuple[Any, dict[str, jax.Array]]:
+  """Evaluation apply of consecutive layers ``names`` (a pipeline stage, or the whole model) that
+  also returns the routing statistics of the blocks among them.
+
+  Args:
+    config: the model's :class:`MoEConfig`.
+    names: layer names in model order (``embed``, ``block_i``, ``head``); ``head`` is skipped
+      (the statistics do not need the logits).
+    params: canonical float32 parameters holding at least these layers.
+    x: ``[B, T]`` int tokens when ``names`` starts with ``embed``, else ``h [B, T, D]``.
+
+  Returns:
+    ``(h [B, T, D], {"load": [k, E], "dropped": [k]})`` for the ``k`` blocks in ``names`` (see
+    :func:`expert_load`).
+  """
+  loads, dropped = [], []
+  for name in names:
+    if name == "embed":
+      x = hk.transform(functools.partial(llama.embed_fn, is_training=False, config=config)
+                       ).apply(params[name], None, x)                  # [B, T, D]
+    elif name.startswith("block_"):
+      fn = hk.transform(functools.partial(block_load_fn, config=config,
+                                          layer=int(name[len("block_"):])))
+      x, load, drop = fn.apply(params[name], None, x)
+      loads.append(load)
+      dropped.append(drop)
+  return x, {"load": (jnp.stack(loads) if loads
+                      else jnp.zeros((0, config.n_experts), jnp.float32)),
+             "dropped": jnp.stack(dropped) if dropped else jnp.zeros((0,), jnp.float32)}
+
+
 def expert_load(config: MoEConfig, params: Any, tokens: jax.Array) -> dict[str, jax.Array]:
   """Per-block routing statistics of a batch in evaluation mode.
 
@@ -184,15 +216,8 @@ def expert_load(config: MoEConfig, params: Any, tokens: jax.Array) -> dict[str, 
     ``{"load": [n_layers, E] fraction of the token assignments each expert got (rows sum to 1),
     "dropped": [n_layers] fraction of assignments dropped by the capacity limit}``.
   """
-  h = hk.transform(functools.partial(llama.embed_fn, is_training=False, config=config)).apply(
-      params["embed"], None, tokens)
-  loads, dropped = [], []
-  for i in range(config.n_layers):
-    fn = hk.transform(functools.partial(block_load_fn, config=config, layer=i))
-    h, load, drop = fn.apply(params[f"block_{i}"], None, h)
-    loads.append(load)
-    dropped.append(drop)
-  return {"load": jnp.stack(loads), "dropped": jnp.stack(dropped)}
+  names = ("embed", *(f"block_{i}" for i in range(config.n_layers)))
+  return expert_load_of(config, names, params, tokens)[1]
 
 
 def layer_param_counts(config: MoEConfig) -> dict[str, int]:
@@ -214,15 +239,11 @@ def active_params_per_token(config: MoEConfig) -> int:
   return sum(c for name, c in counts.items() if name != "embed") - config.n_layers * inactive
 
 
-_expert_load_jit = jax.jit(expert_load, static_argnums=0)
-
-
-def load_record(config: MoEConfig, params: Any, tokens: Any) -> dict[str, float]:
-  """Flat metrics of :func:`expert_load` for ``metrics.jsonl``: ``moe/block_i/load_e`` (fraction
-  of block i's assignments routed to expert e), ``moe/block_i/dropped`` and ``moe/max_load`` (the
-  largest fraction anywhere; ``1 / E`` when perfectly balanced)."""
-  params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
-  stats = jax.device_get(_expert_load_jit(config, params, jnp.asarray(tokens, jnp.int32)))
+def load_record(stats: dict[str, Any]) -> dict[str, float]:
+  """Flat metrics of :func:`expert_load`'s ``stats`` for ``metrics.jsonl``: ``moe/block_i/load_e``
+  (fraction of block i's assignments routed to expert e), ``moe/block_i/dropped`` and
+  ``moe/max_load`` (the largest fraction anywhere; ``1 / E`` when perfectly balanced)."""
+  stats = jax.device_get(stats)
   record = {"moe/max_load": float(stats["load"].max())}
   for i, (load, dropped) in enumerate(zip(stats["load"], stats["dropped"])):
     record.update({f"moe/block_{i}/load_{e}": float(f) for e, f in enumerate(load)})
