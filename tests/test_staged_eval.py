@@ -6,6 +6,12 @@ alone (one jitted ``trm_metrics(model.apply(...))``, as the trainer computed it 
 them, bit for bit, without gathering anything.
 """
 
+import importlib
+import io
+import json
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +20,13 @@ import pytest
 
 import hkpipe
 from hkpipe import models
+from hkpipe import train as train_lib
 from hkpipe._src import puzzles
 from hkpipe._src import staged_eval
 from hkpipe._src import sudoku
 from hkpipe._src.models import moe
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # experiments/
 
 TRM = models.TRMConfig(d_model=16, n_heads=2, n_layers=1, expansion=2.0, h_cycles=2,
                        l_cycles=1, n_supervision=2, halt_exploration_prob=0.0)
@@ -120,3 +129,38 @@ def test_pmap_gathers_explicitly_and_gives_the_same_metrics(puzzle_batches):
   want = jax.device_get(_reference_metrics(model)(_gathered(pipe, state), x, y))
   got = puzzles.accuracy_fn(model)(staged, lambda i: puzzle_batches[i], 1)
   assert got == {k: float(v) for k, v in want.items()}
+
+
+def _eval_records(workdir):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, filter(None, lines))
+          if "val_loss" in r or "moe/max_load" in r]
+
+
+@pytest.mark.parametrize("experiment,backend", [
+    ("sudoku_trm", "mpmd"), pytest.param("moe_tiny", "spmd", marks=pytest.mark.slow)])
+def test_trainer_logs_the_single_device_metrics_without_gathering(tmp_path, monkeypatch,
+                                                                 experiment, backend):
+  """The trainer's periodic TRM accuracy / MoE expert load on a 2-stage pipeline, with
+  ``Pipeline.params`` failing, equal those of the same run on one device."""
+  def run(backend, workdir):
+    c = importlib.import_module(f"experiments.{experiment}").get_config("runlocal")
+    c.data.dir = str(tmp_path / "data")
+    if experiment != "sudoku_trm":
+      hkpipe.data.prepare(c.data.dir)
+    c.backend, c.num_steps, c.eval_every, c.log_every = backend, 3, 3, 1
+    c.checkpoint_every, c.sample_tokens = 0, 0
+    c.pipeline.num_microbatches = 2
+    if backend != "single":
+      c.pipeline.ranks = 2
+    train_lib.train(c, workdir, log=io.StringIO())
+    return _eval_records(workdir)
+
+  want = run("single", tmp_path / "single")
+  _no_gather(monkeypatch)
+  got = run(backend, tmp_path / backend)
+  metric = "cell_accuracy" if experiment == "sudoku_trm" else "moe/max_load"
+  assert any(metric in r for r in want)
+  assert [set(r) for r in got] == [set(r) for r in want]
+  for g, w in zip(got, want):
+    assert g == pytest.approx(w, rel=1e-6), (g, w)

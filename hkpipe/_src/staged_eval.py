@@ -6,7 +6,9 @@ the model through :func:`walk`. Where the backend hands out its stages where the
 backend's ``stage_params`` hook), stage ``s`` runs on its rank's devices, its activations are
 transferred to the next stage's devices (rows split over the rank's ``dp`` devices when they
 divide), as :mod:`hkpipe._src.pipelined_decode` does for decoding: no device ever holds more
-than its rank's parameters. Where it cannot (``pmap``, whose parameters are replicated on every
+than its rank's parameters. Rows split over ``dp`` devices may change activations in their last
+bits (other matmul shapes); the metrics built on them (argmax accuracy, top-k expert counts)
+equal the gathered model's in the tests. Where it cannot (``pmap``, whose parameters are replicated on every
 device by design; ``mpmd`` and ``spmd`` across processes), :func:`stages` gathers the model
 explicitly with ``Pipeline.params`` (a collective across processes: every process calls it) onto
 this process's first local device, as one stage holding every layer.
@@ -98,8 +100,8 @@ def walk(staged: Stages, stage_fn: StageFn, x: Any) -> tuple[Any, list]:
 
 def on_one_device(staged: Stages, tree: Any) -> Any:
   """``tree`` (e.g. the last stage's outputs and the batch's labels) on the last stage's first
-  device, so that a metric's reductions run in one device's order: the value then equals one
-  computed on the whole gathered model's device, bit for bit."""
+  device, so that a metric's reductions (means of per-row means) run in one device's order, as
+  on the gathered model's device, rather than summed across the rank's ``dp`` devices."""
   return jax.device_put(tree, staged.devices[-1][0])
 
 
