@@ -1,5 +1,5 @@
-"""Mesh axes inside SPMD stages: the ``("pp", "dp", "fsdp", "tp")`` mesh and ZeRO-3 style
-storage of the packed state.
+"""Mesh axes inside SPMD stages: the ``("pp", "dp", "fsdp", "tp")`` mesh and ZeRO-3 over the
+packed state.
 
 The spmd backend keeps each rank's parameters and optimizer state as flat per-dtype buffers
 (``_pack.FlatLayout``), global ``[pp, n]``. With ``fsdp x tp = z > 1`` devices per rank (per
