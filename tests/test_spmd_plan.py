@@ -7,6 +7,7 @@ state, and ``jax.live_arrays()`` before and after planning.
 """
 
 import gc
+import re
 
 import jax
 import numpy as np
@@ -106,3 +107,39 @@ def test_bad_batch_shape_fails_before_compiling(rows):
     jax.jit(lambda v: v * 3 + 1)(np.arange(tokens.shape[0] + 7))  # control: a compile is seen
   assert not compiled
   assert compiles
+
+
+def _all_gather_sizes(hlo: str) -> list[int]:
+  """Elements of every all-gather's result in a compiled program's HLO text."""
+  sizes = []
+  for line in hlo.splitlines():
+    m = re.search(r"= \(?(\w+)\[([\d,]*)\][^ ]* all-gather(-start)?\(", line)
+    if m:
+      sizes.append(int(np.prod([int(d) for d in m.group(2).split(",") if d])))
+  return sizes
+
+
+def test_the_step_gathers_one_stage_or_one_layer_at_a_time_never_a_rank():
+  """ZeRO-3 inside each rank (zbv: two stages per rank, over fsdp2 x tp2): every all-gather the
+  compiler emits for the train step is at most one stage's parameters (a stage call) or one
+  layer's parameters and Adam moments (the update): never a rank's whole parameters, from the
+  compiled program's HLO and the model's own parameter shapes."""
+  model = models.build(models.GPTConfig(vocab_size=64, seq_len=8, d_model=32, n_layers=6,
+                                        n_heads=2))
+  mesh = jax.make_mesh((2, 2, 2), ("pp", "fsdp", "tp"))
+  pipe = hkpipe.Pipeline(model, optax.adamw(1e-2), backend="spmd", mesh=mesh,
+                         num_microbatches=4, schedule="zbv", partition=[2, 4, 6])
+  batch = _abstract((np.zeros((8, 8), np.int32),) * 2)
+  pipe.memory_analysis(None, batch)  # resolves the layout
+  hlo = _memory.lower_train(pipe.backend, _memory.abstract_state(pipe.backend), batch
+                            ).compile().as_text()
+  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8), np.int32))
+  size = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+  stage = [sum(size(shapes[n]) for n in st.layer_names) for st in pipe.layout.stages]
+  rank = [sum(stage[s] for s in pipe.layout.schedule.stages_of_rank(r)) for r in range(2)]
+  layer = max(size(shapes[n]) for n in model.layer_names)
+  gathers = _all_gather_sizes(hlo)
+  assert gathers, "no all-gather found: the HLO pattern is stale"
+  slack = 64 * 8  # per-leaf padding to a multiple of fsdp x tp (at most 3 per leaf)
+  assert max(gathers) <= max(max(stage), 3 * layer) + slack, (sorted(gathers)[-5:], stage)
+  assert max(gathers) < min(rank), (max(gathers), rank)

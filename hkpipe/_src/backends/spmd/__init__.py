@@ -2,7 +2,8 @@
 
 The mesh has axes ``("pp", "dp", "fsdp", "tp")`` (size 1 for those the user's mesh lacks). Rank
 ``r`` of ``pp`` holds only its own stages' parameters (and optimizer state), stored split over its
-``("fsdp", "tp")`` devices and gathered for the step (ZeRO-3 style storage, see ``_zero``); ``dp``
+``("fsdp", "tp")`` devices, a stage's parameters gathered for each stage call and its gradients
+reduce-scattered (ZeRO-3, see ``_columns``); ``dp``
 replicates the pipeline; every microbatch is split evenly over ``("dp", "fsdp")``. The executor reads the schedule IR and runs it tick by tick: a ``lax.scan`` over ticks
 in which every rank selects its action (``F``/``B``/``I``/``W`` of one stage, or idle) from a
 static table with ``lax.switch``, then activations and cotangents move with ``lax.ppermute`` (see

@@ -20,6 +20,7 @@ from hkpipe._src import options as options_lib
 from hkpipe._src import partition as partition_lib
 from hkpipe._src import placement
 from hkpipe._src import pipeline as pipeline_lib
+from hkpipe._src.backends.spmd import _columns as columns
 from hkpipe._src.backends.spmd import _owners as owners
 from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _tables as tables_lib
@@ -192,7 +193,7 @@ class SpmdBackend(_Executor):
 
     def grads(prog, params, rng, step, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._loss_grads_body, prog),
-                           (st, P(), P(), data, data, pp), (P(), pp))
+                           (st, P(), P(), data, data, pp), (P(), st))
       return fn(params, rng, step, *self._microbatches((inputs, targets)), tabs)
 
     def evaluate(prog, params, inputs, targets, tabs):
@@ -488,9 +489,7 @@ class SpmdBackend(_Executor):
 
 
 def _unpack_row(lay: pack.FlatLayout, rows: Mapping[str, np.ndarray], r: int) -> Any:
-  leaves = [rows[k][r, off:off + size].reshape(a.shape)
-            for (k, off, size), a in zip(lay.slots, lay.avals)]
-  return lay.treedef.unflatten(leaves)
+  return columns.unpack(lay, {k: v[r] for k, v in rows.items()})
 
 
 __all__: Sequence[str] = ("SpmdBackend",)

@@ -15,6 +15,7 @@ from hkpipe._src import pipeline as pipeline_lib
 from hkpipe._src import remat as remat_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src import step as step_lib
+from hkpipe._src.backends.spmd import _columns as columns
 from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _zero as zero
 from hkpipe._src.backends.spmd._plan import _Plan, _Program, _Tie
@@ -86,7 +87,9 @@ class _Executor(pipeline_lib.Backend):
 
     if kind is None:
       return None
-    params = lambda: plan.stage_layouts[s].unpack(ctx["params"])
+    # The stage's parameters, gathered whole from the rank's pieces for this call only.
+    cols = columns.Columns.of(plan.stage_layouts[s])
+    params = lambda: cols.gather(ctx["params"])
     strides = prog.stash_strides[plan.rank_of(s)]  # this branch only ever runs on s's rank
 
     def forward(carry, act_in, cot_in, mb, key, a_slot, c_slot, s_slot):
@@ -121,8 +124,8 @@ class _Executor(pipeline_lib.Backend):
             else prog.cot_codecs[s].unpack(index(cot_in, c_slot)))
       cts = pullback(ct)
       out = nothing()
-      if kind in (Kind.B, Kind.W):
-        grads = plan.stage_layouts[s].pack_into(grads, cts[0], add=True)
+      if kind in (Kind.B, Kind.W):  # summed over the rank's devices onto their pieces
+        grads = cols.scatter_add(grads, cts[0])
       if kind in (Kind.B, Kind.I) and s > 0:
         out = prog.cot_codecs[s - 1].pack(cts[1], width)
       return grads, stash, loss, out
@@ -138,7 +141,8 @@ class _Executor(pipeline_lib.Backend):
     branches = [self._branch(prog, kind if train or kind == Kind.F else None, s, train, ctx)
                 for kind, s in tables.branches]
     width = prog.payload_bytes
-    grads = pack.zeros(plan.param_sizes) if train else {}
+    z = self.state_shards
+    grads = pack.zeros({k: n // z for k, n in plan.param_sizes.items()}) if train else {}
     stash = {k: jnp.zeros((n,), k) for k, n in prog.stash_sizes.items()} if train else {}
     act_in = jnp.zeros((tables.num_act + 1, width), jnp.uint8)  # last row: scratch
     cot_in = jnp.zeros((tables.num_cot + 1 if train else 1, width), jnp.uint8)
@@ -167,11 +171,16 @@ class _Executor(pipeline_lib.Backend):
     return loss, grads
 
   def _grads_body(self, prog, params, rng, step, inputs, targets, tabs):
-    """Inside shard_map: mean loss and mean, tied, dp-averaged grads (local buffers)."""
+    """Inside shard_map: mean loss and this device's pieces of the mean, tied grads.
+
+    Each backward call already summed its gradients over the rank's ``fsdp x tp`` devices onto
+    their pieces (``tp`` devices compute the same rows, so the sum counts each ``fsdp`` shard's
+    gradient ``tp`` times): dividing by ``fsdp x tp`` and averaging over ``dp`` gives the mean over
+    the batch shards."""
     m = self.options.num_microbatches
     loss, grads = self._run_pipeline(prog, True, params, rng, step, inputs, targets, tabs)
     loss = jax.lax.pmean(jax.lax.psum(loss, "pp") / m, zero.BATCH_AXES)
-    grads = jax.lax.pmean({k: g / m for k, g in grads.items()}, zero.BATCH_AXES)
+    grads = jax.lax.pmean({k: g / (m * self.state_shards) for k, g in grads.items()}, "dp")
     return loss, self._tie_grads(grads)
 
   def _tie_grads(self, grads: dict) -> dict:
@@ -195,40 +204,46 @@ class _Executor(pipeline_lib.Backend):
             for tie in self.plan.ties for on, off in _sides_here(tie)]
 
   def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict, sq: jax.Array):
-    """Optimizer update of rank ``rank``'s parameters, on its own (unpadded) structure."""
+    """Optimizer update of rank ``rank``'s pieces, one layer at a time: each layer's parameters,
+    gradients and optimizer state are gathered whole (``optimizer.update`` sees real leaves, on
+    the layer's own structure), updated, and each device keeps its own columns. Shared leaves
+    (step counters) are read from the state before the update and written by every layer alike.
+    """
     plan = self.plan
-    stages = plan.rank_stages(rank)
-    p_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(params).items()}
-    g_tree = {n: v for s in stages for n, v in plan.stage_layouts[s].unpack(grads).items()}
-    p_tree, opt_tree = step_lib.apply_update(self.optimizer, self.options.max_grad_norm, g_tree,
-                                             p_tree, plan.opt_layouts[rank].unpack(opt), sq)
-    for s in stages:
-      lay = plan.stage_layouts[s]
-      params = lay.pack_into(params, {n: p_tree[n] for n in plan.layout.stages[s].layer_names})
-    return params, plan.opt_layouts[rank].pack_into(opt, opt_tree)
+    names = plan.rank_names(rank)
+    opt_lay = plan.opt_layouts[rank]
+    new_params, new_opt = params, opt
+    for s in plan.rank_stages(rank):
+      for name in plan.layout.stages[s].layer_names:
+        p_cols = columns.layer_columns(plan.stage_layouts[s], name)
+        o_cols = columns.opt_layer_columns(opt_lay, name, names)
+        p_tree, o_tree = step_lib.apply_update(
+            self.optimizer, self.options.max_grad_norm, p_cols.gather(grads),
+            p_cols.gather(params), o_cols.gather(opt), sq)
+        new_params = p_cols.write_own(new_params, p_tree)
+        new_opt = o_cols.write_own(new_opt, o_tree)
+    return new_params, new_opt
 
   def _train_body(self, prog, params, opt, rng, step, inputs, targets, tabs):
-    z = self.state_shards
-    params, opt = zero.gather(params, z), zero.gather(opt, z)
+    params, opt = _piece(params), _piece(opt)
     loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
                                    _rows(tabs))
-    sq = jax.lax.psum(step_lib.sq_norm_share(grads, self._tied_copies(grads)), "pp")
+    sq = jax.lax.psum(step_lib.sq_norm_share(grads, self._tied_copies(grads)),
+                      ("pp",) + zero.STATE_AXES)
     updates = [functools.partial(self._update_rank, r) for r in range(self.num_ranks)]
     update = lambda s: jax.lax.switch(jax.lax.axis_index("pp"), updates, s[0], grads, s[1], sq)
     # loss and norm are global (psum over pp, pmean over dp): every shard decides alike.
     (params, opt), metrics = step_lib.guarded_update(self.options.skip_nonfinite, loss, sq,
                                                      update, (params, opt))
-    return zero.own_piece(params, z), zero.own_piece(opt, z), metrics
+    return _row(params), _row(opt), metrics
 
   def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
-    params = zero.gather(params, self.state_shards)
-    loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
-                                   _rows(tabs))
-    return loss, {k: v[None] for k, v in grads.items()}
+    loss, grads = self._grads_body(prog, _piece(params), rng, step, _local(inputs),
+                                   _local(targets), _rows(tabs))
+    return loss, _row(grads)
 
   def _eval_body(self, prog, params, inputs, targets, tabs):
-    params = zero.gather(params, self.state_shards)
-    loss, _ = self._run_pipeline(prog, False, params, None, None, _local(inputs),
+    loss, _ = self._run_pipeline(prog, False, _piece(params), None, None, _local(inputs),
                                  _local(targets), _rows(tabs))
     return jax.lax.pmean(jax.lax.psum(loss, "pp") / self.options.num_microbatches,
                          zero.BATCH_AXES)
@@ -262,6 +277,16 @@ def _sides_here(tie: _Tie) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array
   r = jax.lax.axis_index("pp")
   pick = lambda t: jnp.asarray(np.asarray(t))[r]
   return (pick(tie.src_on), pick(tie.src_off)), (pick(tie.tgt_on), pick(tie.tgt_off))
+
+
+def _piece(bufs: Mapping[str, jax.Array]) -> dict:
+  """This device's ``[n / z]`` pieces of its ``[1, n / z]`` state blocks."""
+  return {k: v[0] for k, v in bufs.items()}
+
+
+def _row(bufs: Mapping[str, jax.Array]) -> dict:
+  """Inverse of :func:`_piece`."""
+  return {k: v[None] for k, v in bufs.items()}
 
 
 def _local(tree: Any) -> Any:

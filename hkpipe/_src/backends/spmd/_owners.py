@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from hkpipe._src import canonical as canonical_lib
 from hkpipe._src import model as model_lib
 from hkpipe._src import placement
+from hkpipe._src.backends.spmd import _columns as columns
 from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _zero as zero
 from hkpipe._src.backends.spmd._plan import _Plan
@@ -141,9 +142,9 @@ def pack_rank(plan: _Plan, rank: int, params: Mapping[str, Any], opt_state: Any
   """Rank ``rank``'s canonical params and optimizer state as its ``[1, n]`` rows (traced)."""
   bufs = pack.zeros(plan.param_sizes)
   for s in plan.rank_stages(rank):
-    bufs = plan.stage_layouts[s].pack_into(
-        bufs, {n: params[n] for n in plan.layout.stages[s].layer_names})
-  opt = plan.opt_layouts[rank].pack_into(pack.zeros(plan.opt_sizes), opt_state)
+    bufs = columns.pack_into(plan.stage_layouts[s], bufs,
+                             {n: params[n] for n in plan.layout.stages[s].layer_names})
+  opt = columns.pack_into(plan.opt_layouts[rank], pack.zeros(plan.opt_sizes), opt_state)
   expand = lambda d: {k: v[None] for k, v in d.items()}
   return expand(bufs), expand(opt)
 
@@ -153,7 +154,7 @@ def _unpack_params(plan: _Plan, rank: int, prow: Mapping[str, jax.Array]) -> dic
   prow = {k: v[0] for k, v in prow.items()}
   params = {}
   for s in plan.rank_stages(rank):
-    params.update(plan.stage_layouts[s].unpack(prow))
+    params.update(columns.unpack(plan.stage_layouts[s], prow))
   return params
 
 
@@ -161,7 +162,7 @@ def unpack_rank(plan: _Plan, rank: int, prow: Mapping[str, jax.Array],
                 orow: Mapping[str, jax.Array]) -> tuple[dict, Any]:
   """Inverse of :func:`pack_rank` (traced): ``({layer: params}, optimizer state)``."""
   return (_unpack_params(plan, rank, prow),
-          plan.opt_layouts[rank].unpack({k: v[0] for k, v in orow.items()}))
+          columns.unpack(plan.opt_layouts[rank], {k: v[0] for k, v in orow.items()}))
 
 
 def init_program(model: model_lib.SequentialModel, optimizer: optax.GradientTransformation,
@@ -215,7 +216,8 @@ def shared_program(plan: _Plan, mesh: Mesh, rank0_indices: Sequence[int]) -> Cal
   (tiny: counters), so that every rank and every process holds them."""
 
   def read(obufs):
-    leaves = jax.tree.leaves(plan.opt_layouts[0].unpack({k: v[0] for k, v in obufs.items()}))
+    leaves = jax.tree.leaves(columns.unpack(plan.opt_layouts[0],
+                                            {k: v[0] for k, v in obufs.items()}))
     return [leaves[i] for i in rank0_indices]
 
   return jax.jit(read, out_shardings=NamedSharding(mesh, P()))

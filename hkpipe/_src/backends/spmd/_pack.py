@@ -169,6 +169,8 @@ class FlatLayout:
     slots: per leaf, ``(dtype key, offset, size)``.
     base: per dtype key, the first offset this layout uses.
     ends: per dtype key, one past the last offset this layout uses (``>= base``).
+    align: every slot starts at a multiple of it and takes a multiple of it (its size rounded
+      up): the column layout of ``_columns`` (1: packed back to back).
   """
 
   treedef: Any
@@ -176,10 +178,13 @@ class FlatLayout:
   slots: tuple[tuple[str, int, int], ...]
   base: Mapping[str, int]
   ends: Mapping[str, int]
+  align: int = 1
 
   @classmethod
-  def of(cls, tree: Any, base: Mapping[str, int] | None = None) -> "FlatLayout":
-    """Layout for a pytree of arrays or ``ShapeDtypeStruct``s."""
+  def of(cls, tree: Any, base: Mapping[str, int] | None = None, align: int = 1
+         ) -> "FlatLayout":
+    """Layout for a pytree of arrays or ``ShapeDtypeStruct``s (``align``: see the class; bases
+    must then be multiples of it)."""
     leaves, treedef = jax.tree.flatten(tree)
     avals = tuple(_aval(l) for l in leaves)
     base = dict(base or {})
@@ -191,12 +196,14 @@ class FlatLayout:
       word = _word(a)
       k = dtype_key(word.dtype)
       off = ends.setdefault(k, 0)
+      if off % align:
+        raise ValueError(f"Base offset {off} of {k} is not a multiple of align={align}.")
       size = int(math.prod(word.shape))
       slots.append((k, off, size))
-      ends[k] = off + size
+      ends[k] = off + -(-size // align) * align
     for k in ends:
       base.setdefault(k, 0)
-    return cls(treedef, avals, tuple(slots), base, ends)
+    return cls(treedef, avals, tuple(slots), base, ends, align)
 
   def leaf_index(self, path: Sequence[Any]) -> int:
     """Flattening index of the leaf at ``path`` (a sequence of dict keys / sequence indices)."""
@@ -208,8 +215,13 @@ class FlatLayout:
       raise KeyError(f"No leaf at {want}; leaves are at {paths}.")
     return paths.index(want)
 
+  def _plain(self) -> None:
+    if self.align != 1:
+      raise ValueError("An aligned FlatLayout is read and written through _columns.Columns.")
+
   def _groups(self, tree: Any) -> list[tuple[str, int, jax.Array]]:
     """Per dtype key: (key, first offset, the tree's leaves of that dtype concatenated)."""
+    self._plain()
     leaves = self.treedef.flatten_up_to(tree)
     out = []
     for k in sorted({s[0] for s in self.slots}):
@@ -229,6 +241,7 @@ class FlatLayout:
 
   def unpack(self, bufs: Bufs) -> Any:
     """Reads the tree back from ``bufs``."""
+    self._plain()
     leaves = [_from_word(jax.lax.slice(bufs[k], (off,), (off + size,)).reshape(_word(a).shape), a)
               for (k, off, size), a in zip(self.slots, self.avals)]
     return self.treedef.unflatten(leaves)
@@ -245,6 +258,7 @@ class FlatLayout:
 
   def read_slot(self, bufs: Bufs, slot: jax.Array, strides: Mapping[str, int]) -> Any:
     """Reads the tree back from slot ``slot`` (traced) of :meth:`write_slot`'s buffers."""
+    self._plain()
     slot = slot.astype(jnp.int32)
     leaves = [_from_word(jax.lax.dynamic_slice_in_dim(bufs[k], slot * strides[k] + off, size)
                          .reshape(_word(a).shape), a)

@@ -28,7 +28,8 @@ def _check_schedule(schedule: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Tie:
-  """Where both sides of a tie live: per rank, whether it holds each side and at which offset."""
+  """Where both sides of a tie live: per rank, whether it holds each side and at which column
+  of its devices' pieces; ``size`` is the columns each side spans (``_columns``)."""
 
   dtype: str
   size: int

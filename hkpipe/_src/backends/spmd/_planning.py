@@ -1,6 +1,6 @@
 """Building the spmd ``_Plan``: the layout, where each rank's parameters and optimizer state
-live in its packed buffers (padded to the largest rank and to a multiple of ``fsdp x tp``), the
-ties and the schedule's tick tables. Pure functions of shapes: nothing is compiled."""
+live in its packed buffers (every leaf aligned to ``fsdp x tp`` columns, see ``_columns``;
+padded to the largest rank), the ties and the schedule's tick tables. Pure functions of shapes: nothing is compiled."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def make_plan(model: model_lib.SequentialModel, optimizer: optax.GradientTransfo
     base: dict[str, int] = {}
     for s in schedule.stages_of_rank(r):
       tree = {n: param_avals[n] for n in layout.stages[s].layer_names}
-      lay = pack.FlatLayout.of(tree, base)
+      lay = pack.FlatLayout.of(tree, base, align=state_shards)
       stage_layouts[s] = lay
       base = dict(lay.ends)
       rank_layouts.append(lay)
@@ -61,7 +61,8 @@ def make_plan(model: model_lib.SequentialModel, optimizer: optax.GradientTransfo
   for r in range(p):
     rank_params = {n: param_avals[n] for s in schedule.stages_of_rank(r)
                    for n in layout.stages[s].layer_names}
-    opt_layouts.append(pack.FlatLayout.of(jax.eval_shape(optimizer.init, rank_params)))
+    opt_layouts.append(pack.FlatLayout.of(jax.eval_shape(optimizer.init, rank_params),
+                                          align=state_shards))
   assert all(lay is not None for lay in stage_layouts)
   plan = _Plan(layout=layout, stage_layouts=tuple(stage_layouts),  # type: ignore[arg-type]
                param_sizes=zero.padded(pack.padded_sizes(rank_layouts), state_shards),
@@ -72,16 +73,20 @@ def make_plan(model: model_lib.SequentialModel, optimizer: optax.GradientTransfo
 
 
 def locate_ties(model: model_lib.SequentialModel, plan: _Plan) -> tuple[_Tie, ...]:
-  """Where both sides of every tie live in the packed parameter buffers."""
+  """Where both sides of every tie live in each device's pieces of the parameter buffers: their
+  first column and width (``_columns``); both sides have the same shape, so a device holds the
+  same part of each."""
   trees = [lay.treedef.unflatten(lay.avals) for lay in plan.stage_layouts]
   names = [st.layer_names for st in plan.layout.stages]
   out = []
   for tie in stage_lib.locate_ties(model.ties, trees, names):
     sides = []
     for s, leaf in (tie.source, tie.target):
-      k, off, size = plan.stage_layouts[s].slots[leaf]
+      lay = plan.stage_layouts[s]
+      k, off, size = lay.slots[leaf]
+      col, width = off // lay.align, -(-size // lay.align)
       on = tuple(r == plan.rank_of(s) for r in range(plan.num_ranks))
-      sides.append((k, size, on, tuple(off if o else 0 for o in on)))
+      sides.append((k, width, on, tuple(col if o else 0 for o in on)))
     (k, size, src_on, src_off), (_, _, tgt_on, tgt_off) = sides
     out.append(_Tie(k, size, src_on, src_off, tgt_on, tgt_off))
   return tuple(out)
