@@ -70,6 +70,12 @@ class SpmdBackend(_Executor):
     return int(self._inner[1] * self._inner[2])
 
   @property
+  def step_axes(self) -> zero.StepAxes:
+    """How the step's ``shard_map`` treats ``fsdp``/``tp`` (tensor-parallel compute when
+    ``tp > 1``)."""
+    return zero.StepAxes(fsdp=int(self._inner[1]), tp=int(self._inner[2]))
+
+  @property
   def plan(self) -> _Plan:
     """The resolved placement; available after ``init`` (or ``from_canonical``)."""
     if self._plan is None:
@@ -162,7 +168,7 @@ class SpmdBackend(_Executor):
 
   def _shard_map(self, body, in_specs, out_specs):
     return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)
+                         axis_names=set(self.step_axes.manual), check_vma=False)
 
   def _microbatches(self, tree: Any) -> Any:
     """Inside the jitted step: global ``[B, ...]`` -> ``[m, k, B/(m k), ...]`` sharded over
@@ -184,17 +190,24 @@ class SpmdBackend(_Executor):
   def _jitted(self) -> dict:
     """The three jitted programs; ``prog`` is static (hashable by identity). Batches come in as
     global ``[B, ...]`` arrays (see ``_put_batch``)."""
-    pp, data, st = P("pp"), zero.DATA_SPEC, zero.STATE_SPEC
+    pp, data, st = P("pp"), zero.DATA_SPEC, self.step_axes.state_spec
+    # The state stays split over ("fsdp", "tp") between steps, whatever the compiler chose for
+    # the auto tp axis inside.
+    stored = lambda tree: jax.lax.with_sharding_constraint(
+        tree, NamedSharding(self.mesh, zero.STATE_SPEC))
 
     def train(prog, params, opt, rng, step, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._train_body, prog),
                            (st, st, P(), P(), data, data, pp), (st, st, P()))
-      return fn(params, opt, rng, step, *self._microbatches((inputs, targets)), tabs)
+      params, opt, metrics = fn(params, opt, rng, step,
+                                *self._microbatches((inputs, targets)), tabs)
+      return stored(params), stored(opt), metrics
 
     def grads(prog, params, rng, step, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._loss_grads_body, prog),
                            (st, P(), P(), data, data, pp), (P(), st))
-      return fn(params, rng, step, *self._microbatches((inputs, targets)), tabs)
+      loss, g = fn(params, rng, step, *self._microbatches((inputs, targets)), tabs)
+      return loss, stored(g)
 
     def evaluate(prog, params, inputs, targets, tabs):
       fn = self._shard_map(functools.partial(self._eval_body, prog),

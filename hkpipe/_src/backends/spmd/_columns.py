@@ -15,8 +15,9 @@ With ``z == 1`` the view is ``[1, n]`` and the layout is the plain ``FlatLayout`
 :class:`Columns` selects leaves of a layout and moves them between trees and:
 
 - whole views ``{dtype: [z, n / z]}`` (packing and unpacking a rank's rows: ``read``/``write``);
-- this device's pieces ``{dtype: [n / z]}`` inside ``shard_map`` (``gather``, ``scatter_add``,
-  ``write_own``).
+- a shard's pieces ``{dtype: [r, n / z]}`` inside ``shard_map`` (``gather``, ``scatter_add``,
+  ``write_own``): ``r = 1`` when the step is manual over ``("fsdp", "tp")``, ``r = tp`` when
+  ``tp`` is left to the compiler (tensor-parallel compute).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import jax.numpy as jnp
 
 from hkpipe._src import canonical as canonical_lib
 from hkpipe._src.backends.spmd import _pack as pack
-from hkpipe._src.backends.spmd._zero import STATE_AXES
 
 Bufs = dict[str, jax.Array]
 
@@ -102,8 +102,9 @@ class Columns:
 
   def _cut(self, bufs: Mapping[str, Any], k: str, runs: Sequence[tuple[int, int]]) -> Any:
     """The runs' columns of ``bufs[k]`` (last axis), concatenated."""
-    parts = [jax.lax.slice_in_dim(bufs[k], col, col + w, axis=-1) for col, w in runs]
-    return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    axis = bufs[k].ndim - 1
+    parts = [jax.lax.slice_in_dim(bufs[k], col, col + w, axis=axis) for col, w in runs]
+    return jnp.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
 
   def _paste(self, bufs: Bufs, k: str, runs: Sequence[tuple[int, int]], block: Any,
              add: bool) -> Any:
@@ -134,36 +135,39 @@ class Columns:
     return out
 
   # -- this device's pieces, inside shard_map ------------------------------------------------------
+  # A shard's pieces are ``{dtype: [r, n / z]}``: the view's rows it holds. ``axes`` are the
+  # manual state axes of size > 1 the rows are split over (``r = z / their size``); with ``tp``
+  # left to the compiler (tensor-parallel compute) ``r = tp`` and only ``fsdp`` is manual.
 
-  def gather(self, pieces: Mapping[str, jax.Array]) -> Any:
-    """The selected tree, whole, from every device's ``[n / z]`` pieces (one ``all_gather`` per
-    dtype over ``("fsdp", "tp")``)."""
+  def gather(self, pieces: Mapping[str, jax.Array], axes: tuple[str, ...] = ()) -> Any:
+    """The selected tree, whole, from the shards' ``[r, n / z]`` pieces (one ``all_gather``
+    per dtype over ``axes``)."""
     blocks = {}
     for k, runs, _ in self.groups:
       local = self._cut(pieces, k, runs)
-      blocks[k] = (local[None] if self.z == 1
-                   else jax.lax.all_gather(local, STATE_AXES, axis=0, tiled=False))
+      blocks[k] = jax.lax.all_gather(local, axes, axis=0, tiled=True) if axes else local
     return self._tree(blocks)
 
-  def scatter_add(self, pieces: Bufs, tree: Any) -> Bufs:
-    """Adds the tree's sum over the rank's ``z`` devices into their pieces, each device keeping
-    its own columns (one ``psum_scatter`` per dtype)."""
+  def scatter_add(self, pieces: Bufs, tree: Any, axes: tuple[str, ...] = ()) -> Bufs:
+    """Adds the tree's sum over the shards of ``axes`` into their pieces, each shard keeping its
+    own rows (one ``psum_scatter`` per dtype)."""
     out = dict(pieces)
     for k, block in self._blocks(tree).items():
       runs = next(r for key, r, _ in self.groups if key == k)
-      local = (block[0] if self.z == 1 else
-               jax.lax.psum_scatter(block, STATE_AXES, scatter_dimension=0, tiled=False))
+      local = (jax.lax.psum_scatter(block, axes, scatter_dimension=0, tiled=True) if axes
+               else block)
       out[k] = self._paste(out, k, runs, local, True)
     return out
 
-  def write_own(self, pieces: Bufs, tree: Any) -> Bufs:
-    """Writes this device's share of a tree every device of the rank holds whole."""
+  def write_own(self, pieces: Bufs, tree: Any, axes: tuple[str, ...] = ()) -> Bufs:
+    """Writes this shard's rows of a tree every shard of ``axes`` holds whole."""
     out = dict(pieces)
-    row = 0 if self.z == 1 else jax.lax.axis_index(STATE_AXES)
     for k, block in self._blocks(tree).items():
       runs = next(r for key, r, _ in self.groups if key == k)
-      out[k] = self._paste(out, k, runs,
-                           jax.lax.dynamic_index_in_dim(block, row, 0, keepdims=False), False)
+      if axes:
+        rows = out[k].shape[0]
+        block = jax.lax.dynamic_slice_in_dim(block, jax.lax.axis_index(axes) * rows, rows, 0)
+      out[k] = self._paste(out, k, runs, block, False)
     return out
 
 

@@ -44,6 +44,9 @@ class _Executor(pipeline_lib.Backend):
     @property
     def num_ranks(self) -> int: ...
 
+    @property
+    def step_axes(self) -> zero.StepAxes: ...
+
   # -- per-stage functions ---------------------------------------------------------------------
 
   def _stage_apply(self, s: int, params: Any, x: Any, key: Any, targets: Any,
@@ -87,9 +90,17 @@ class _Executor(pipeline_lib.Backend):
 
     if kind is None:
       return None
-    # The stage's parameters, gathered whole from the rank's pieces for this call only.
+    # The stage's parameters, gathered whole from the rank's pieces for this call only (with
+    # tensor-parallel compute: split over tp by their rules' specs, the compiler does the rest).
+    axes = self.step_axes
     cols = columns.Columns.of(plan.stage_layouts[s])
-    params = lambda: cols.gather(ctx["params"])
+
+    def params():
+      tree = cols.gather(ctx["params"], axes.state)
+      if axes.tp_compute:
+        tree = jax.lax.with_sharding_constraint(tree, plan.stage_tp_specs[s])
+      return tree
+
     strides = prog.stash_strides[plan.rank_of(s)]  # this branch only ever runs on s's rank
 
     def forward(carry, act_in, cot_in, mb, key, a_slot, c_slot, s_slot):
@@ -125,7 +136,7 @@ class _Executor(pipeline_lib.Backend):
       cts = pullback(ct)
       out = nothing()
       if kind in (Kind.B, Kind.W):  # summed over the rank's devices onto their pieces
-        grads = cols.scatter_add(grads, cts[0])
+        grads = cols.scatter_add(grads, cts[0], axes.state)
       if kind in (Kind.B, Kind.I) and s > 0:
         out = prog.cot_codecs[s - 1].pack(cts[1], width)
       return grads, stash, loss, out
@@ -141,8 +152,9 @@ class _Executor(pipeline_lib.Backend):
     branches = [self._branch(prog, kind if train or kind == Kind.F else None, s, train, ctx)
                 for kind, s in tables.branches]
     width = prog.payload_bytes
-    z = self.state_shards
-    grads = pack.zeros({k: n // z for k, n in plan.param_sizes.items()}) if train else {}
+    z, rows = self.state_shards, self.step_axes.rows
+    grads = ({k: jnp.zeros((rows, n // z), k) for k, n in plan.param_sizes.items()} if train
+             else {})
     stash = {k: jnp.zeros((n,), k) for k, n in prog.stash_sizes.items()} if train else {}
     act_in = jnp.zeros((tables.num_act + 1, width), jnp.uint8)  # last row: scratch
     cot_in = jnp.zeros((tables.num_cot + 1 if train else 1, width), jnp.uint8)
@@ -180,27 +192,30 @@ class _Executor(pipeline_lib.Backend):
     m = self.options.num_microbatches
     loss, grads = self._run_pipeline(prog, True, params, rng, step, inputs, targets, tabs)
     loss = jax.lax.pmean(jax.lax.psum(loss, "pp") / m, zero.BATCH_AXES)
-    grads = jax.lax.pmean({k: g / (m * self.state_shards) for k, g in grads.items()}, "dp")
+    copies = m * self.step_axes.sum_copies
+    grads = jax.lax.pmean({k: g / copies for k, g in grads.items()}, "dp")
     return loss, self._tie_grads(grads)
 
   def _tie_grads(self, grads: dict) -> dict:
-    """Replaces both sides of every tie by their sum (a ``psum`` over ``pp`` of each side)."""
+    """Replaces both sides of every tie by their sum (a ``psum`` over ``pp`` of each side), piece
+    by piece: both sides have the same shape, so a shard holds the same part of each."""
     out = dict(grads)
+    cut = lambda g, off, n: jax.lax.dynamic_slice_in_dim(g, off, n, g.ndim - 1)
+    paste = lambda g, v, off: jax.lax.dynamic_update_slice_in_dim(g, v, off, g.ndim - 1)
     for tie in self.plan.ties:
       g = out[tie.dtype]
       (src_on, src_off), (tgt_on, tgt_off) = _sides_here(tie)
-      src = jax.lax.dynamic_slice_in_dim(g, src_off, tie.size)
-      tgt = jax.lax.dynamic_slice_in_dim(g, tgt_off, tie.size)
+      src, tgt = cut(g, src_off, tie.size), cut(g, tgt_off, tie.size)
       total = jax.lax.psum(jnp.where(src_on, src, 0) + jnp.where(tgt_on, tgt, 0), "pp")
-      g = jax.lax.dynamic_update_slice_in_dim(g, jnp.where(src_on, total, src), src_off, 0)
-      tgt = jax.lax.dynamic_slice_in_dim(g, tgt_off, tie.size)
-      out[tie.dtype] = jax.lax.dynamic_update_slice_in_dim(
-          g, jnp.where(tgt_on, total, tgt), tgt_off, 0)
+      g = paste(g, jnp.where(src_on, total, src), src_off)
+      tgt = cut(g, tgt_off, tie.size)
+      out[tie.dtype] = paste(g, jnp.where(tgt_on, total, tgt), tgt_off)
     return out
 
   def _tied_copies(self, grads: dict) -> list:
-    """This rank's copies of tied weights in its gradient buffers (zeros for sides it lacks)."""
-    return [jnp.where(on, jax.lax.dynamic_slice_in_dim(grads[tie.dtype], off, tie.size), 0)
+    """This rank's copies of tied weights in its gradient pieces (zeros for sides it lacks)."""
+    g = lambda tie: grads[tie.dtype]
+    return [jnp.where(on, jax.lax.dynamic_slice_in_dim(g(tie), off, tie.size, g(tie).ndim - 1), 0)
             for tie in self.plan.ties for on, off in _sides_here(tie)]
 
   def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict, sq: jax.Array):
@@ -209,7 +224,7 @@ class _Executor(pipeline_lib.Backend):
     the layer's own structure), updated, and each device keeps its own columns. Shared leaves
     (step counters) are read from the state before the update and written by every layer alike.
     """
-    plan = self.plan
+    plan, axes = self.plan, self.step_axes.state
     names = plan.rank_names(rank)
     opt_lay = plan.opt_layouts[rank]
     new_params, new_opt = params, opt
@@ -218,18 +233,19 @@ class _Executor(pipeline_lib.Backend):
         p_cols = columns.layer_columns(plan.stage_layouts[s], name)
         o_cols = columns.opt_layer_columns(opt_lay, name, names)
         p_tree, o_tree = step_lib.apply_update(
-            self.optimizer, self.options.max_grad_norm, p_cols.gather(grads),
-            p_cols.gather(params), o_cols.gather(opt), sq)
-        new_params = p_cols.write_own(new_params, p_tree)
-        new_opt = o_cols.write_own(new_opt, o_tree)
+            self.optimizer, self.options.max_grad_norm, p_cols.gather(grads, axes),
+            p_cols.gather(params, axes), o_cols.gather(opt, axes), sq)
+        new_params = p_cols.write_own(new_params, p_tree, axes)
+        new_opt = o_cols.write_own(new_opt, o_tree, axes)
     return new_params, new_opt
 
   def _train_body(self, prog, params, opt, rng, step, inputs, targets, tabs):
-    params, opt = _piece(params), _piece(opt)
+    rows = self.step_axes.rows
+    params, opt = _piece(params, rows), _piece(opt, rows)
     loss, grads = self._grads_body(prog, params, rng, step, _local(inputs), _local(targets),
                                    _rows(tabs))
     sq = jax.lax.psum(step_lib.sq_norm_share(grads, self._tied_copies(grads)),
-                      ("pp",) + zero.STATE_AXES)
+                      ("pp",) + self.step_axes.state)
     updates = [functools.partial(self._update_rank, r) for r in range(self.num_ranks)]
     update = lambda s: jax.lax.switch(jax.lax.axis_index("pp"), updates, s[0], grads, s[1], sq)
     # loss and norm are global (psum over pp, pmean over dp): every shard decides alike.
@@ -238,12 +254,14 @@ class _Executor(pipeline_lib.Backend):
     return _row(params), _row(opt), metrics
 
   def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
-    loss, grads = self._grads_body(prog, _piece(params), rng, step, _local(inputs),
+    loss, grads = self._grads_body(prog, _piece(params, self.step_axes.rows), rng, step,
+                                   _local(inputs),
                                    _local(targets), _rows(tabs))
     return loss, _row(grads)
 
   def _eval_body(self, prog, params, inputs, targets, tabs):
-    loss, _ = self._run_pipeline(prog, False, _piece(params), None, None, _local(inputs),
+    loss, _ = self._run_pipeline(prog, False, _piece(params, self.step_axes.rows), None, None,
+                                 _local(inputs),
                                  _local(targets), _rows(tabs))
     return jax.lax.pmean(jax.lax.psum(loss, "pp") / self.options.num_microbatches,
                          zero.BATCH_AXES)
@@ -279,14 +297,15 @@ def _sides_here(tie: _Tie) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array
   return (pick(tie.src_on), pick(tie.src_off)), (pick(tie.tgt_on), pick(tie.tgt_off))
 
 
-def _piece(bufs: Mapping[str, jax.Array]) -> dict:
-  """This device's ``[n / z]`` pieces of its ``[1, n / z]`` state blocks."""
-  return {k: v[0] for k, v in bufs.items()}
+def _piece(bufs: Mapping[str, jax.Array], rows: int) -> dict:
+  """A shard's ``[1, rows * n / z]`` state blocks as its ``[rows, n / z]`` rows of the column
+  view (``_columns``)."""
+  return {k: v.reshape(rows, -1) for k, v in bufs.items()}
 
 
 def _row(bufs: Mapping[str, jax.Array]) -> dict:
   """Inverse of :func:`_piece`."""
-  return {k: v[None] for k, v in bufs.items()}
+  return {k: v.reshape(1, -1) for k, v in bufs.items()}
 
 
 def _local(tree: Any) -> Any:

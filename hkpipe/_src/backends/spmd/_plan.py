@@ -46,6 +46,8 @@ class _Plan:
   Attributes:
     layout: schedule, stages and device grid.
     stage_layouts: per stage, where its ``{layer: params}`` live in its rank's buffers.
+    stage_tp_specs: per stage, ``{layer: params}`` of ``PartitionSpec`` s: the rules' ``tp``
+      entries (tensor-parallel compute when ``tp > 1``).
     param_sizes: per dtype, the padded length of every rank's parameter buffer.
     opt_layouts: per rank, where its optimizer state lives in its buffers.
     opt_sizes: per dtype, the padded length of the optimizer-state buffers.
@@ -55,6 +57,7 @@ class _Plan:
 
   layout: layout_lib.Layout
   stage_layouts: tuple[pack.FlatLayout, ...]
+  stage_tp_specs: tuple[Any, ...]
   param_sizes: Mapping[str, int]
   opt_layouts: tuple[pack.FlatLayout, ...]
   opt_sizes: Mapping[str, int]

@@ -9,10 +9,12 @@ from typing import Any, Mapping
 
 import jax
 import optax
+from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import model as model_lib
 from hkpipe._src import options as options_lib
+from hkpipe._src import sharding as sharding_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends.mpmd import _shard as rules_lib
 from hkpipe._src.backends.spmd import _pack as pack
@@ -40,8 +42,9 @@ def make_plan(model: model_lib.SequentialModel, optimizer: optax.GradientTransfo
       move between backends, although spmd splits every buffer evenly whatever they say).
   """
   layout = layout_lib.resolve(model, options, example_microbatch, inner=True)
-  rules_lib.stage_param_specs(model, options, layout, [
-      tuple(param_avals[n] for n in st.layer_names) for st in layout.stages])
+  specs = sharding_lib.resolve({layer.name: param_avals[layer.name] for layer in model.layers},
+                               rules_lib.rules_of(model, options, layout),
+                               rules_lib.axis_sizes(layout))
   schedule = layout.schedule
   if not isinstance(schedule, _ir.Schedule):
     raise TypeError(f"options.schedule resolved to {type(schedule).__name__}; expected a "
@@ -64,12 +67,20 @@ def make_plan(model: model_lib.SequentialModel, optimizer: optax.GradientTransfo
     opt_layouts.append(pack.FlatLayout.of(jax.eval_shape(optimizer.init, rank_params),
                                           align=state_shards))
   assert all(lay is not None for lay in stage_layouts)
+  tp = jax.tree.map(tp_only, specs, is_leaf=lambda x: isinstance(x, P))
   plan = _Plan(layout=layout, stage_layouts=tuple(stage_layouts),  # type: ignore[arg-type]
+               stage_tp_specs=tuple({n: tp[n] for n in st.layer_names} for st in layout.stages),
                param_sizes=zero.padded(pack.padded_sizes(rank_layouts), state_shards),
                opt_layouts=tuple(opt_layouts),
                opt_sizes=zero.padded(pack.padded_sizes(opt_layouts), state_shards),
                ties=(), tables=tables_lib.build(schedule))
   return dataclasses.replace(plan, ties=locate_ties(model, plan))
+
+
+def tp_only(spec: P) -> P:
+  """A rule's spec with only its ``"tp"`` entries (``fsdp`` is the ZeRO-3 split on spmd)."""
+  keep = lambda e: ("tp" if e == "tp" or (isinstance(e, tuple) and "tp" in e) else None)
+  return P(*(keep(e) for e in spec))
 
 
 def locate_ties(model: model_lib.SequentialModel, plan: _Plan) -> tuple[_Tie, ...]:

@@ -13,6 +13,7 @@ same rows (``tp`` divides the state, not the compute, on this backend).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Sequence
 
 import jax
@@ -35,6 +36,56 @@ def make_mesh(grid: np.ndarray, inner_shape: Sequence[int]) -> Mesh:
   grid = np.asarray(grid, dtype=object)
   devices = grid.reshape((grid.shape[0],) + tuple(int(s) for s in inner_shape))
   return Mesh(devices, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAxes:
+  """How the step's ``shard_map`` treats the inner axes.
+
+  With ``tp == 1`` it is manual over all four axes. With ``tp > 1`` it is manual over
+  ``("pp", "dp", "fsdp")`` and leaves ``tp`` to the compiler (GSPMD): a stage's parameters,
+  gathered over ``fsdp``, are constrained to their rules' ``tp`` specs and the compiler splits
+  the stage's compute over ``tp`` (tensor parallel).
+
+  Attributes:
+    fsdp: the ``fsdp`` size.
+    tp: the ``tp`` size.
+  """
+
+  fsdp: int
+  tp: int
+
+  @property
+  def tp_compute(self) -> bool:
+    """Whether ``tp`` is left to the compiler (``tp > 1``)."""
+    return self.tp > 1
+
+  @property
+  def manual(self) -> frozenset[str]:
+    """The ``shard_map``'s manual axes."""
+    return frozenset(AXES[:3] if self.tp_compute else AXES)
+
+  @property
+  def state(self) -> tuple[str, ...]:
+    """The manual state axes of size > 1 the pieces' rows are split over (collectives)."""
+    axes = ("fsdp",) if self.tp_compute else STATE_AXES
+    return tuple(a for a in axes if getattr(self, a) > 1)
+
+  @property
+  def rows(self) -> int:
+    """Rows of the ``[z, n / z]`` view one shard holds: ``tp`` with tensor-parallel compute."""
+    return self.tp if self.tp_compute else 1
+
+  @property
+  def state_spec(self) -> P:
+    """The ``shard_map`` spec of the ``[pp, n]`` state buffers (manual axes only)."""
+    return P("pp", "fsdp") if self.tp_compute else STATE_SPEC
+
+  @property
+  def sum_copies(self) -> int:
+    """How many shards' gradients a ``psum_scatter`` over :attr:`state` adds per batch shard:
+    ``fsdp`` batch shards, times ``tp`` identical copies when ``tp`` is manual."""
+    return self.fsdp * (1 if self.tp_compute else self.tp)
 
 
 def padded(sizes: Mapping[str, int], z: int) -> dict[str, int]:
