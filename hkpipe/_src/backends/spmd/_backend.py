@@ -318,29 +318,7 @@ class SpmdBackend(_Executor):
       ``per_rank_peak_stash`` (the schedule's own peak) and ``stash_slot_bytes``; and
       ``stash_row_bytes`` (the largest stage's stash) and ``stash_slots`` (the largest peak).
     """
-    self._check_batch(batch)
-    plan = self.plan
-    prog, _ = self._program(self._global_avals(batch), jax.random.key(0) if rng is None else rng)
-    nbytes = lambda avals: sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in avals)
-    sized = lambda sizes: sum(n * jnp.dtype(k).itemsize for k, n in sizes.items())
-    tables = plan.tables
-    return {
-        "param_bytes": [sum(nbytes(plan.stage_layouts[s].avals) for s in plan.rank_stages(r))
-                        for r in range(plan.num_ranks)],
-        "opt_bytes": [nbytes(lay.avals) for lay in plan.opt_layouts],
-        "stash_bytes": [nbytes(b.layout.avals) for b in prog.backward],
-        "boundary_bytes": [c.nbytes for c in prog.act_codecs],
-        "param_buffer_bytes": sized(plan.param_sizes),
-        "opt_buffer_bytes": sized(plan.opt_sizes),
-        "stash_row_bytes": sized(pack.padded_sizes([b.layout for b in prog.backward])),
-        "stash_slot_bytes": [sized(st) for st in prog.stash_strides],
-        "stash_buffer_bytes": sized(prog.stash_sizes),
-        "stash_slots": tables.num_stash,
-        "per_rank_peak_stash": list(tables.stash_peak),
-        "payload_bytes": prog.payload_bytes,
-        "act_slots": tables.num_act,
-        "cot_slots": tables.num_cot,
-    }
+    return memory.layout_report(self, batch, rng)
 
   def memory_analysis(self, state: pipeline_lib.TrainState | None, batch: pipeline_lib.Batch
                       ) -> Any:

@@ -23,11 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import pipeline as pipeline_lib
+from hkpipe._src.backends.spmd import _pack as pack
 from hkpipe._src.backends.spmd import _zero as zero
 from hkpipe._src.backends.spmd._plan import _shape_key
 
@@ -112,3 +114,32 @@ def report(backend: Any, batch: pipeline_lib.Batch) -> dict:
   return {"ranks": ranks, "sub_mesh": {"dp": dp, "fsdp": fsdp, "tp": tp},
           "schedule": getattr(plan.layout.schedule, "name", str(plan.layout.schedule)),
           "num_microbatches": m}
+
+
+def layout_report(backend: Any, batch: pipeline_lib.Batch, rng: jax.Array | None) -> dict:
+  """``SpmdBackend.layout_report``: bytes of the padded layout for this batch shape."""
+  backend._check_batch(batch)  # pylint: disable=protected-access
+  plan = backend.plan
+  prog, _ = backend._program(  # pylint: disable=protected-access
+      backend._global_avals(batch),  # pylint: disable=protected-access
+      jax.random.key(0) if rng is None else rng)
+  nbytes = lambda avals: sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in avals)
+  sized = lambda sizes: sum(n * jnp.dtype(k).itemsize for k, n in sizes.items())
+  tables = plan.tables
+  return {
+      "param_bytes": [sum(nbytes(plan.stage_layouts[s].avals) for s in plan.rank_stages(r))
+                      for r in range(plan.num_ranks)],
+      "opt_bytes": [nbytes(lay.avals) for lay in plan.opt_layouts],
+      "stash_bytes": [nbytes(b.layout.avals) for b in prog.backward],
+      "boundary_bytes": [c.nbytes for c in prog.act_codecs],
+      "param_buffer_bytes": sized(plan.param_sizes),
+      "opt_buffer_bytes": sized(plan.opt_sizes),
+      "stash_row_bytes": sized(pack.padded_sizes([b.layout for b in prog.backward])),
+      "stash_slot_bytes": [sized(st) for st in prog.stash_strides],
+      "stash_buffer_bytes": sized(prog.stash_sizes),
+      "stash_slots": tables.num_stash,
+      "per_rank_peak_stash": list(tables.stash_peak),
+      "payload_bytes": prog.payload_bytes,
+      "act_slots": tables.num_act,
+      "cot_slots": tables.num_cot,
+  }
