@@ -17,6 +17,7 @@ import pytest
 import hkpipe
 from hkpipe import models
 from hkpipe._src.backends.spmd import _memory
+from hkpipe._src.backends.spmd import _zero
 from tests import helpers
 
 M = 2
@@ -110,12 +111,14 @@ def test_bad_batch_shape_fails_before_compiling(rows):
 
 
 def _all_gather_sizes(hlo: str) -> list[int]:
-  """Elements of every all-gather's result in a compiled program's HLO text."""
+  """Per all-gather in a compiled program's HLO text, the elements of its result (summed over a
+  tuple result's shapes)."""
   sizes = []
   for line in hlo.splitlines():
-    m = re.search(r"= \(?(\w+)\[([\d,]*)\][^ ]* all-gather(-start)?\(", line)
-    if m:
-      sizes.append(int(np.prod([int(d) for d in m.group(2).split(",") if d])))
+    m = re.search(r"= (.*?) all-gather(-start)?\(", line)
+    if m:  # every shape of the result (a tuple for combined or async gathers): an upper bound
+      shapes = re.findall(r"\w+\[([\d,]*)\]", m.group(1))
+      sizes.append(sum(int(np.prod([int(d) for d in dims.split(",") if d])) for dims in shapes))
   return sizes
 
 
@@ -161,3 +164,12 @@ def test_tensor_parallel_compute_splits_the_step_memory_over_tp():
 
   alone, split = temp((2,), ("pp",)), temp((2, 2), ("pp", "tp"))
   assert split < 0.7 * alone, (split, alone)
+
+
+def test_pieces_past_int32_offsets_are_refused_for_real_states():
+  """The step's column offsets are int32 (jax without x64): a per-device piece of 2**31 or more
+  elements would wrap silently, so a real state refuses it, naming the buffer and the fix."""
+  with pytest.raises(hkpipe.ConfigError, match=r"float32 would hold 2147483648 elements per "
+                     r"device.*2\*\*31 - 1.*more pipeline ranks"):
+    _zero.check_index_range("optimizer-state", {"float32": 2**32}, 2)
+  _zero.check_index_range("optimizer-state", {"float32": 2**32}, 4)  # 2**30 per device

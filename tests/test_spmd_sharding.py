@@ -143,3 +143,31 @@ def test_bad_axes_and_batch():
   with pytest.raises(ValueError, match=r"dp x fsdp=4 devices.*2 \* 4 = 8; got 6"):
     pipe.init(KEY, (batch[0][:6], batch[1][:6]))
   assert not pipe.backend._inits and not pipe.backend._programs  # pylint: disable=protected-access
+
+
+def test_zbv_two_stages_per_rank_with_global_norm_clipping():
+  """zbv puts GPT's stages 0 and 3 (both sides of the tied embedding) on rank 0: two stages per
+  rank, both tie sides in one rank's pieces, tensor-parallel compute, the update layer by layer,
+  clipped by the global norm of every piece (``max_grad_norm``), pp2 x fsdp2 x tp2."""
+  _, batch = _case("gpt")
+  ref = helpers.sharded_reference("gpt", 0.05)
+  pipe = _pipeline("gpt", *MESHES["fsdp2_tp2"], "zbv", max_grad_norm=0.05)
+  helpers.assert_sharded_matches_reference("gpt", pipe, pipe.init(KEY, batch), ref)
+  assert pipe.backend.step_axes.tp_compute
+  assert len(pipe.layout.schedule.stages_of_rank(0)) == 2
+
+
+def test_bf16_parameters_keep_tp_manual_and_train_like_one_device():
+  """bfloat16 parameters on pp2 x tp2: jax 0.10's CPU compiler aborts on the tensor-parallel
+  backward, so the step keeps ``tp`` manual (storage only) and still trains like one device
+  (bf16 tolerances)."""
+  config = helpers.SHARDED_GPT.replace(dtype="params=bf16,compute=bf16,output=f32")
+  model = hkpipe.models.build(config)
+  _, batch = _case("gpt")
+  mesh = jax.make_mesh((2, 2), ("pp", "tp"), devices=jax.devices()[:4])
+  pipe = hkpipe.Pipeline(model, _optimizer(), backend="spmd", mesh=mesh, num_microbatches=M)
+  # bf16 gradients summed in another order: the float32 grad_norm metric moves by ~3e-4.
+  hkpipe.testing.assert_pipeline_matches_reference(pipe, batch, steps=1, rng=KEY, rtol=1e-2,
+                                                   atol=1e-3)
+  assert not pipe.backend.step_axes.tp_compute
+  assert pipe.backend.state_shards == 2

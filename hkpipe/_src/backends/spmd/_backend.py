@@ -71,9 +71,11 @@ class SpmdBackend(_Executor):
 
   @property
   def step_axes(self) -> zero.StepAxes:
-    """How the step's ``shard_map`` treats ``fsdp``/``tp`` (tensor-parallel compute when
-    ``tp > 1``)."""
-    return zero.StepAxes(fsdp=int(self._inner[1]), tp=int(self._inner[2]))
+    """How the step's ``shard_map`` treats ``fsdp``/``tp`` (after ``init``: tensor-parallel
+    compute needs the parameter dtypes, ``zero.tensor_parallel_compute``)."""
+    tp = int(self._inner[2])
+    return zero.StepAxes(fsdp=int(self._inner[1]), tp=tp,
+                         tp_compute=zero.tensor_parallel_compute(tp, list(self.plan.param_sizes)))
 
   @property
   def plan(self) -> _Plan:
@@ -352,6 +354,12 @@ class SpmdBackend(_Executor):
     in_avals = [x for _, x in partition_lib.layer_io_shapes(self.model, one)]
     return (params_rng, one), state_rng, in_avals
 
+  def _check_real_state(self) -> None:
+    """Refuses layouts a real state cannot use (``zero.check_index_range``)."""
+    z = self.state_shards
+    zero.check_index_range("parameter", self.plan.param_sizes, z)
+    zero.check_index_range("optimizer-state", self.plan.opt_sizes, z)
+
   def _init_programs(self, in_avals: Sequence[Any]) -> list:
     """Every rank's init program for these layer input shapes (built once per shapes)."""
     key = _shape_key(in_avals)
@@ -365,6 +373,7 @@ class SpmdBackend(_Executor):
     packed rows (one jitted program per rank; nothing whole on any device or host). Values
     equal ``model.init`` / ``optimizer.init`` on the whole model."""
     (params_rng, one), state_rng, in_avals = self._init_inputs(rng, batch)
+    self._check_real_state()
     rows = []
     for r, program in enumerate(self._init_programs(in_avals)):
       if not owners.is_here(self.mesh, r):
@@ -468,6 +477,7 @@ class SpmdBackend(_Executor):
         raise ValueError("from_canonical on a fresh spmd pipeline needs its stage layout: call "
                          "init(rng, batch) first, or pass explicit partition=[boundaries].")
       self._ensure_plan(canonical["params"], None)
+    self._check_real_state()
     trees, programs = self._rank_trees(canonical), self._rank_programs["pack"]
     rows = []
     for r, tree in enumerate(trees):

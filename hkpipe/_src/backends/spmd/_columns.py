@@ -84,9 +84,9 @@ class Columns:
     leaves: list[Any] = [None] * len(self.avals)
     for k, _, items in self.groups:
       for i, pos, c, size in items:
-        word = pack._word(self.avals[i])  # pylint: disable=protected-access
+        word = pack.word_aval(self.avals[i])
         flat = blocks[k][:, pos:pos + c].reshape(-1)[:size]
-        leaves[i] = pack._from_word(flat.reshape(word.shape), self.avals[i])  # pylint: disable=protected-access
+        leaves[i] = pack.from_word(flat.reshape(word.shape), self.avals[i])
     return self.treedef.unflatten(leaves)
 
   def _blocks(self, tree: Any) -> dict[str, jax.Array]:
@@ -95,7 +95,7 @@ class Columns:
     for k, _, items in self.groups:
       parts = []
       for i, _, c, size in items:
-        flat = jnp.reshape(pack._to_word(leaves[i]), (-1,)).astype(k)  # pylint: disable=protected-access
+        flat = jnp.reshape(pack.to_word(leaves[i]), (-1,)).astype(k)
         parts.append(jnp.pad(flat, (0, self.z * c - size)).reshape(self.z, c))
       out[k] = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     return out
@@ -191,16 +191,19 @@ def pack_into(lay: pack.FlatLayout, rows: Bufs, tree: Any) -> Bufs:
   return unview(Columns.of(lay).write(view(rows, lay.align), tree))
 
 
-def layer_columns(lay: pack.FlatLayout, name: str) -> Columns:
-  """The leaves of layer ``name`` in a stage's ``{layer: params}`` layout, as ``{name: ...}``."""
-  marks = {name: lay.treedef.unflatten(list(range(len(lay.avals))))[name]}
+def layer_columns(lay: pack.FlatLayout, names: Sequence[str]) -> Columns:
+  """The leaves of layers ``names`` in a stage's ``{layer: params}`` layout, as
+  ``{name: ...}``."""
+  marks = lay.treedef.unflatten(list(range(len(lay.avals))))
+  marks = {name: marks[name] for name in names}
   return Columns.of(lay, jax.tree.leaves(marks), jax.tree.structure(marks))
 
 
-def opt_layer_columns(lay: pack.FlatLayout, name: str, names: Sequence[str]) -> Columns:
-  """The optimizer-state leaves of layer ``name`` (and the leaves every layer shares, e.g. step
-  counters) in a rank's optimizer layout over layers ``names``, as the state ``optimizer.init``
-  gives for ``{name: params}`` (``canonical.restrict``)."""
-  marks = canonical_lib.restrict(lay.treedef.unflatten(list(range(len(lay.avals)))), [name],
-                                 names)
+def opt_layer_columns(lay: pack.FlatLayout, names: Sequence[str], all_names: Sequence[str]
+                      ) -> Columns:
+  """The optimizer-state leaves of layers ``names`` (and the leaves every layer shares, e.g. step
+  counters) in a rank's optimizer layout over layers ``all_names``, as the state
+  ``optimizer.init`` gives for ``{name: params}`` (``canonical.restrict``)."""
+  marks = canonical_lib.restrict(lay.treedef.unflatten(list(range(len(lay.avals)))), names,
+                                 all_names)
   return Columns.of(lay, jax.tree.leaves(marks), jax.tree.structure(marks))

@@ -185,10 +185,10 @@ class _Executor(pipeline_lib.Backend):
   def _grads_body(self, prog, params, rng, step, inputs, targets, tabs):
     """Inside shard_map: mean loss and this device's pieces of the mean, tied grads.
 
-    Each backward call already summed its gradients over the rank's ``fsdp x tp`` devices onto
-    their pieces (``tp`` devices compute the same rows, so the sum counts each ``fsdp`` shard's
-    gradient ``tp`` times): dividing by ``fsdp x tp`` and averaging over ``dp`` gives the mean over
-    the batch shards."""
+    Each backward call already summed its gradients over the manual state axes onto their pieces
+    (``StepAxes.sum_copies`` per batch shard: the ``fsdp`` shards, times ``tp`` identical copies
+    when ``tp`` is manual): dividing by that and averaging over ``dp`` gives the mean over the
+    batch shards."""
     m = self.options.num_microbatches
     loss, grads = self._run_pipeline(prog, True, params, rng, step, inputs, targets, tabs)
     loss = jax.lax.pmean(jax.lax.psum(loss, "pp") / m, zero.BATCH_AXES)
@@ -219,24 +219,35 @@ class _Executor(pipeline_lib.Backend):
             for tie in self.plan.ties for on, off in _sides_here(tie)]
 
   def _update_rank(self, rank: int, params: dict, grads: dict, opt: dict, sq: jax.Array):
-    """Optimizer update of rank ``rank``'s pieces, one layer at a time: each layer's parameters,
-    gradients and optimizer state are gathered whole (``optimizer.update`` sees real leaves, on
-    the layer's own structure), updated, and each device keeps its own columns. Shared leaves
-    (step counters) are read from the state before the update and written by every layer alike.
+    """Optimizer update of rank ``rank``'s pieces.
+
+    With the state split (``fsdp x tp > 1``) it runs one layer at a time: each layer's
+    parameters, gradients and optimizer state are gathered whole, ``optimizer.update`` runs on
+    the layer's own tree and each shard keeps its own rows, so no more than one layer is ever
+    whole. A transformation that looks across leaves (a ``clip_by_global_norm`` inside the
+    optimizer) then sees one layer; the pipeline's ``max_grad_norm`` clips by the global norm.
+    Otherwise (nothing to gather) the rank's layers are updated together, as on one device.
+    Shared leaves (step counters) are read from the state before the update and written by
+    every group alike.
     """
     plan, axes = self.plan, self.step_axes.state
     names = plan.rank_names(rank)
-    opt_lay = plan.opt_layouts[rank]
+    groups = [names] if self.state_shards == 1 else [(name,) for name in names]
     new_params, new_opt = params, opt
-    for s in plan.rank_stages(rank):
-      for name in plan.layout.stages[s].layer_names:
-        p_cols = columns.layer_columns(plan.stage_layouts[s], name)
-        o_cols = columns.opt_layer_columns(opt_lay, name, names)
-        p_tree, o_tree = step_lib.apply_update(
-            self.optimizer, self.options.max_grad_norm, p_cols.gather(grads, axes),
-            p_cols.gather(params, axes), o_cols.gather(opt, axes), sq)
-        new_params = p_cols.write_own(new_params, p_tree, axes)
-        new_opt = o_cols.write_own(new_opt, o_tree, axes)
+    for group in groups:
+      p_cols = [columns.layer_columns(plan.stage_layouts[s],
+                                      [n for n in plan.layout.stages[s].layer_names if n in group])
+                for s in plan.rank_stages(rank)
+                if set(plan.layout.stages[s].layer_names) & set(group)]
+      o_cols = columns.opt_layer_columns(plan.opt_layouts[rank], group, names)
+      gather = lambda bufs: {n: v for c in p_cols for n, v in c.gather(bufs, axes).items()}
+      p_tree, o_tree = step_lib.apply_update(
+          self.optimizer, self.options.max_grad_norm, gather(grads), gather(params),
+          o_cols.gather(opt, axes), sq)
+      for c in p_cols:
+        part = {n: p_tree[n] for n in c.treedef.unflatten([0] * len(c.avals))}
+        new_params = c.write_own(new_params, part, axes)
+      new_opt = o_cols.write_own(new_opt, o_tree, axes)
     return new_params, new_opt
 
   def _train_body(self, prog, params, opt, rng, step, inputs, targets, tabs):

@@ -45,7 +45,7 @@ def cotangent_aval(aval: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(aval.shape, jax.dtypes.float0)
 
 
-def _word(aval: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+def word_aval(aval: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
   """The plain array a leaf is stored as: key data for PRNG keys, uint8 for bools."""
   if _is_key(aval.dtype):
     return jax.eval_shape(jax.random.key_data, aval)
@@ -54,13 +54,13 @@ def _word(aval: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
   return aval
 
 
-def _to_word(x: jax.Array) -> jax.Array:
+def to_word(x: jax.Array) -> jax.Array:
   if _is_key(x.dtype):
     return jax.random.key_data(x)
   return x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x
 
 
-def _from_word(w: jax.Array, aval: jax.ShapeDtypeStruct) -> jax.Array:
+def from_word(w: jax.Array, aval: jax.ShapeDtypeStruct) -> jax.Array:
   if _is_key(aval.dtype):
     return jax.random.wrap_key_data(w, dtype=aval.dtype)
   return w != 0 if aval.dtype == jnp.bool_ else w
@@ -106,11 +106,11 @@ class ByteCodec:
     by_dtype: dict[str, list[int]] = {}
     for i, a in enumerate(avals):
       if not _is_float0(a.dtype) and math.prod(a.shape):
-        by_dtype.setdefault(jnp.dtype(_word(a).dtype).name, []).append(i)
+        by_dtype.setdefault(jnp.dtype(word_aval(a).dtype).name, []).append(i)
     groups, total = [], 0
     for name in sorted(by_dtype):
       idx = tuple(by_dtype[name])
-      count = sum(int(math.prod(_word(avals[i]).shape)) for i in idx)
+      count = sum(int(math.prod(word_aval(avals[i]).shape)) for i in idx)
       groups.append((name, total, count, idx))
       total += count * jnp.dtype(name).itemsize
     return cls(treedef, avals, tuple(groups), total)
@@ -122,7 +122,7 @@ class ByteCodec:
     leaves = self.treedef.flatten_up_to(tree)
     parts = []
     for _, _, _, idx in self.groups:
-      words = [jnp.reshape(_to_word(leaves[i]), (-1,)) for i in idx]
+      words = [jnp.reshape(to_word(leaves[i]), (-1,)) for i in idx]
       parts.append(_vector_to_bytes(jnp.concatenate(words) if len(words) > 1 else words[0]))
     if size > self.nbytes:
       parts.append(jnp.zeros((size - self.nbytes,), jnp.uint8))
@@ -138,16 +138,16 @@ class ByteCodec:
       vec = _bytes_to_vector(jax.lax.slice(buf, (off,), (off + nbytes,)), jnp.dtype(name))
       pos = 0
       for i in idx:
-        word = _word(self.avals[i])
+        word = word_aval(self.avals[i])
         n = int(math.prod(word.shape))
-        leaves[i] = _from_word(jax.lax.slice(vec, (pos,), (pos + n,)).reshape(word.shape),
+        leaves[i] = from_word(jax.lax.slice(vec, (pos,), (pos + n,)).reshape(word.shape),
                                self.avals[i])
         pos += n
     for i, a in enumerate(self.avals):
       if leaves[i] is None:  # float0 or empty leaves
-        word = _word(a)
+        word = word_aval(a)
         leaves[i] = (np.zeros(a.shape, jax.dtypes.float0) if _is_float0(a.dtype)
-                     else _from_word(jnp.zeros(word.shape, word.dtype), a))
+                     else from_word(jnp.zeros(word.shape, word.dtype), a))
     return self.treedef.unflatten(leaves)
 
 
@@ -193,7 +193,7 @@ class FlatLayout:
     for a in avals:
       if _is_float0(a.dtype):
         raise ValueError(f"FlatLayout cannot hold leaves of dtype {a.dtype}.")
-      word = _word(a)
+      word = word_aval(a)
       k = dtype_key(word.dtype)
       off = ends.setdefault(k, 0)
       if off % align:
@@ -226,7 +226,7 @@ class FlatLayout:
     out = []
     for k in sorted({s[0] for s in self.slots}):
       idx = [i for i, s in enumerate(self.slots) if s[0] == k]
-      parts = [jnp.reshape(_to_word(leaves[i]), (-1,)).astype(k) for i in idx]
+      parts = [jnp.reshape(to_word(leaves[i]), (-1,)).astype(k) for i in idx]
       out.append((k, self.slots[idx[0]][1], jnp.concatenate(parts)))
     return out
 
@@ -242,7 +242,8 @@ class FlatLayout:
   def unpack(self, bufs: Bufs) -> Any:
     """Reads the tree back from ``bufs``."""
     self._plain()
-    leaves = [_from_word(jax.lax.slice(bufs[k], (off,), (off + size,)).reshape(_word(a).shape), a)
+    leaves = [from_word(jax.lax.slice(bufs[k], (off,), (off + size,))
+                        .reshape(word_aval(a).shape), a)
               for (k, off, size), a in zip(self.slots, self.avals)]
     return self.treedef.unflatten(leaves)
 
@@ -260,8 +261,8 @@ class FlatLayout:
     """Reads the tree back from slot ``slot`` (traced) of :meth:`write_slot`'s buffers."""
     self._plain()
     slot = slot.astype(jnp.int32)
-    leaves = [_from_word(jax.lax.dynamic_slice_in_dim(bufs[k], slot * strides[k] + off, size)
-                         .reshape(_word(a).shape), a)
+    leaves = [from_word(jax.lax.dynamic_slice_in_dim(bufs[k], slot * strides[k] + off, size)
+                         .reshape(word_aval(a).shape), a)
               for (k, off, size), a in zip(self.slots, self.avals)]
     return self.treedef.unflatten(leaves)
 

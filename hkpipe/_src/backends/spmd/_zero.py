@@ -5,10 +5,10 @@ The spmd backend keeps each rank's parameters and optimizer state as flat per-dt
 (``_pack.FlatLayout``), global ``[pp, n]``. With ``fsdp x tp = z > 1`` devices per rank (per
 ``dp`` replica), each buffer is split along ``n`` over ``("fsdp", "tp")`` so that every device
 holds ``1/z`` of *every leaf* (the column layout of ``_columns``). Inside the step (a
-``shard_map`` manual over all four axes) a stage's parameters are all-gathered for each stage
-call only, its gradients are reduce-scattered back onto the pieces, and the optimizer update
-gathers one layer at a time (ZeRO-3). ``fsdp`` also splits the batch; ``tp`` devices compute the
-same rows (``tp`` divides the state, not the compute, on this backend).
+``shard_map``, see :class:`StepAxes`) a stage's parameters are all-gathered for each stage call
+only, its gradients are reduce-scattered back onto the pieces, and the optimizer update gathers
+one layer at a time (ZeRO-3). ``fsdp`` also splits the batch; ``tp`` splits the stage compute
+(left to the compiler) when the parameters are float32, else only the stored state.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+
+from hkpipe._src import errors
 
 AXES: tuple[str, ...] = ("pp", "dp", "fsdp", "tp")
 STATE_AXES: tuple[str, ...] = ("fsdp", "tp")  # what a rank's state is split over
@@ -42,23 +44,22 @@ def make_mesh(grid: np.ndarray, inner_shape: Sequence[int]) -> Mesh:
 class StepAxes:
   """How the step's ``shard_map`` treats the inner axes.
 
-  With ``tp == 1`` it is manual over all four axes. With ``tp > 1`` it is manual over
-  ``("pp", "dp", "fsdp")`` and leaves ``tp`` to the compiler (GSPMD): a stage's parameters,
-  gathered over ``fsdp``, are constrained to their rules' ``tp`` specs and the compiler splits
-  the stage's compute over ``tp`` (tensor parallel).
+  With tensor-parallel compute (``tp > 1`` and float32 parameters: see
+  :func:`tensor_parallel_compute`) it is manual over ``("pp", "dp", "fsdp")`` and leaves ``tp``
+  to the compiler (GSPMD): a stage's parameters, gathered over ``fsdp``, are constrained to their
+  rules' ``tp`` specs and the compiler splits the stage's compute over ``tp``. Otherwise it is
+  manual over all four axes and ``tp`` only divides the stored state (its devices compute the
+  same rows).
 
   Attributes:
     fsdp: the ``fsdp`` size.
     tp: the ``tp`` size.
+    tp_compute: whether ``tp`` is left to the compiler.
   """
 
   fsdp: int
   tp: int
-
-  @property
-  def tp_compute(self) -> bool:
-    """Whether ``tp`` is left to the compiler (``tp > 1``)."""
-    return self.tp > 1
+  tp_compute: bool
 
   @property
   def manual(self) -> frozenset[str]:
@@ -86,6 +87,34 @@ class StepAxes:
     """How many shards' gradients a ``psum_scatter`` over :attr:`state` adds per batch shard:
     ``fsdp`` batch shards, times ``tp`` identical copies when ``tp`` is manual."""
     return self.fsdp * (1 if self.tp_compute else self.tp)
+
+
+def tensor_parallel_compute(tp: int, param_dtypes: Sequence[str]) -> bool:
+  """Whether the step leaves ``tp`` to the compiler: ``tp > 1`` and every parameter float32.
+
+  With bfloat16 (or other non-float32) parameters the CPU compiler of jax 0.10 aborts the process
+  while compiling the tensor-parallel backward (``Invalid binary instruction opcode copy``), so
+  those keep ``tp`` manual (storage only).
+  """
+  return tp > 1 and all(d == "float32" for d in param_dtypes)
+
+
+INDEX_LIMIT = 2**31 - 1  # jax indexes with int32 (x64 off): larger offsets wrap silently
+
+
+def check_index_range(kind: str, sizes: Mapping[str, int], z: int) -> None:
+  """Refuses per-device pieces of ``2**31`` or more elements before a real state is built: the
+  step's column offsets into them are int32 and would wrap around (memory planning is allowed).
+
+  Raises:
+    ConfigError: naming the buffer, its length per device and the fix.
+  """
+  for k, n in sizes.items():
+    if n // z > INDEX_LIMIT:
+      raise errors.ConfigError(
+          f"The spmd {kind} buffer of dtype {k} would hold {n // z} elements per device "
+          f"({n} per rank over fsdp x tp = {z}), more than 2**31 - 1: its int32 offsets would "
+          "wrap. Use more pipeline ranks or a larger fsdp/tp, or backend='mpmd'.")
 
 
 def padded(sizes: Mapping[str, int], z: int) -> dict[str, int]:
