@@ -15,11 +15,11 @@ variant with the same layout run in one process).
 
 Cases:
   spmd_dp_across   spmd, mesh pp=2 x dp=2 with dp across processes (each rank on both).
-  spmd_pp_across   spmd, pp=2 with one rank per process; the checkpoint is also restored into a
-                   pmap pipeline over all 4 devices (another layout), and a hand-made canonical
-                   tree with arrays on one process's devices only is saved and restored.
-  spmd_pp_across_tp  spmd, pp=2 x tp=2: one rank per process, tensor parallel over its 2
-                   devices (the default Megatron rules; tp left to the compiler).
+  spmd_pp_across   spmd, pp=2 x tp=2 with one rank per process, tensor parallel over the
+                   process's 2 devices (the default Megatron rules; tp left to the compiler);
+                   the checkpoint is also restored into a pmap pipeline over all 4 devices
+                   (another layout), and a hand-made canonical tree with arrays on one
+                   process's devices only is saved and restored.
   pmap_dp4         pmap over the 4 devices of both processes.
 """
 
@@ -32,7 +32,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-CASES = ("spmd_dp_across", "spmd_pp_across", "spmd_pp_across_tp", "pmap_dp4")
+CASES = ("spmd_dp_across", "spmd_pp_across", "pmap_dp4")
 BATCH, SEQ, VOCAB, M, LR, STEPS = 8, 8, 32, 2, 0.5, 2
 DROPOUT = 0.3  # the dropout variant: its masks depend on which rows form which microbatch
 
@@ -77,14 +77,10 @@ def _pipeline(case: str, model, optimizer):
     grid = np.asarray([[local[0][r], local[1][r]] for r in range(2)], dtype=object)
     return hkpipe.Pipeline(model, optimizer, backend="spmd", schedule="1f1b",
                            mesh=jax.sharding.Mesh(grid, ("pp", "dp")), **kw)
-  if case == "spmd_pp_across_tp":  # rank p = process p's two devices, split over tp
+  if case == "spmd_pp_across":  # rank p = process p's two devices, split over tp
     grid = np.asarray([local[0][:2], local[1][:2]], dtype=object)
     return hkpipe.Pipeline(model, optimizer, backend="spmd", schedule="1f1b",
                            mesh=jax.sharding.Mesh(grid, ("pp", "tp")), **kw)
-  if case == "spmd_pp_across":  # rank p = process p's first device
-    grid = np.asarray([[local[0][0]], [local[1][0]]], dtype=object)
-    return hkpipe.Pipeline(model, optimizer, backend="spmd", schedule="1f1b",
-                           mesh=jax.sharding.Mesh(grid, ("pp", "dp")), **kw)
   return hkpipe.Pipeline(model, optimizer, backend="pmap", **kw)  # all devices of all processes
 
 

@@ -78,7 +78,7 @@ def dropout_reference():
       model = models.build(worker.gpt_config(worker.DROPOUT))
       kw = dict(num_microbatches=worker.M, donate=False)
       devices = jax.devices()[:4]
-      if case in ("spmd_pp_across", "spmd_pp_across_tp"):  # dp=1: the reference's own masks
+      if case == "spmd_pp_across":  # dp=1 (tp splits no rows): the reference's own masks
         pipe = hkpipe.Pipeline(model, optax.sgd(worker.LR), **kw)
       elif case == "spmd_dp_across":
         mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 2), ("pp", "dp"))

@@ -153,7 +153,7 @@ def test_tensor_parallel_compute_splits_the_step_memory_over_tp():
   state: at the same rows per device, the compiler's temp of the train step at pp2 x tp2 is well
   under that of pp2 (attention-heavy GPT, remat: the stash is the stage inputs). A storage-only
   ``tp`` gave 1.01x here."""
-  model = models.build(models.GPTConfig(vocab_size=128, seq_len=128, d_model=64, n_layers=4,
+  model = models.build(models.GPTConfig(vocab_size=128, seq_len=128, d_model=64, n_layers=2,
                                         n_heads=8))
   batch = _abstract((np.zeros((8, 128), np.int32),) * 2)
 
