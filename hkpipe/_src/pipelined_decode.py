@@ -51,7 +51,7 @@ def _sample(logits: jax.Array, index: jax.Array, rng: jax.Array, step: jax.Array
                        s["end_token"])
 
 
-def _stage_sharding(params: Any, devices: Sequence[Any], rows: int) -> NamedSharding:
+def stage_sharding(params: Any, devices: Sequence[Any], rows: int) -> NamedSharding:
   """Where a stage's activations and caches of ``rows`` sequences live: the mesh its parameters
   live on (its rank's devices), rows split over its ``dp`` axis when they divide, else
   replicated."""
@@ -130,7 +130,7 @@ def _decode(layout: Any, layers: Sequence[cached.CachedLayer], stage_params: Seq
   size = batch // groups
   stages = layout.stages
   stage_layers = [tuple(layers[spec.start:spec.stop]) for spec in stages]
-  shard = [_stage_sharding(stage_params[s], layout.stage_devices(s), size)
+  shard = [stage_sharding(stage_params[s], layout.stage_devices(s), size)
            for s in range(len(stages))]
   last = NamedSharding(shard[-1].mesh, P())  # the sampler's scalars and [Bg] vectors
   s_arrays = jax.device_put(settings.arrays(), last)

@@ -48,8 +48,7 @@ class Stages:
 
   def sharding(self, stage: int, rows: int) -> jax.sharding.Sharding:
     """Where stage ``stage``'s activations of ``rows`` rows live (see ``pipelined_decode``)."""
-    return pipelined_decode._stage_sharding(  # pylint: disable=protected-access
-        self.params[stage], self.devices[stage], rows)
+    return pipelined_decode.stage_sharding(self.params[stage], self.devices[stage], rows)
 
 
 def _leaf_devices(params: Any) -> tuple[Any, ...]:

@@ -52,9 +52,20 @@ def stage_param_specs(model: Any, options: Any, layout: layout_lib.Layout,
   """
   names = [spec.layer_names for spec in layout.stages]
   canonical = {n: tree for ns, trees in zip(names, stage_params) for n, tree in zip(ns, trees)}
-  canonical = {layer.name: canonical[layer.name] for layer in model.layers}
-  specs = sharding_lib.resolve(canonical, rules_of(model, options, layout), axis_sizes(layout))
+  specs = canonical_specs(model, options, layout, canonical)
   return [tuple(jax.tree.leaves(tuple(specs[n] for n in ns), is_leaf=_is_spec)) for ns in names]
+
+
+def canonical_specs(model: Any, options: Any, layout: layout_lib.Layout,
+                    param_shapes: Any) -> dict:
+  """``{layer: tree of PartitionSpec}`` of the pipeline's rules for canonical parameter shapes
+  (``{layer: params}``; model order).
+
+  Raises:
+    ConfigError: from ``sharding.resolve`` (bad rules for these shapes and this mesh).
+  """
+  canonical = {layer.name: param_shapes[layer.name] for layer in model.layers}
+  return sharding_lib.resolve(canonical, rules_of(model, options, layout), axis_sizes(layout))
 
 
 def named(mesh: jax.sharding.Mesh, specs: Sequence[P]) -> list[NamedSharding]:

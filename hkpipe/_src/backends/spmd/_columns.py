@@ -89,15 +89,16 @@ class Columns:
         leaves[i] = pack.from_word(flat.reshape(word.shape), self.avals[i])
     return self.treedef.unflatten(leaves)
 
-  def _blocks(self, tree: Any) -> dict[str, jax.Array]:
+  def _blocks(self, tree: Any) -> list[tuple[str, tuple[tuple[int, int], ...], jax.Array]]:
+    """Per dtype group ``(key, runs, [z, width] block of the tree's leaves)``."""
     leaves = self.treedef.flatten_up_to(tree)
-    out = {}
-    for k, _, items in self.groups:
+    out = []
+    for k, runs, items in self.groups:
       parts = []
       for i, _, c, size in items:
         flat = jnp.reshape(pack.to_word(leaves[i]), (-1,)).astype(k)
         parts.append(jnp.pad(flat, (0, self.z * c - size)).reshape(self.z, c))
-      out[k] = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+      out.append((k, runs, jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]))
     return out
 
   def _cut(self, bufs: Mapping[str, Any], k: str, runs: Sequence[tuple[int, int]]) -> Any:
@@ -129,8 +130,7 @@ class Columns:
   def write(self, view: Bufs, tree: Any, *, add: bool = False) -> Bufs:
     """Whole views with the tree written (or, with ``add``, accumulated) into its columns."""
     out = dict(view)
-    for k, block in self._blocks(tree).items():
-      runs = next(r for key, r, _ in self.groups if key == k)
+    for k, runs, block in self._blocks(tree):
       out[k] = self._paste(out, k, runs, block, add)
     return out
 
@@ -152,8 +152,7 @@ class Columns:
     """Adds the tree's sum over the shards of ``axes`` into their pieces, each shard keeping its
     own rows (one ``psum_scatter`` per dtype)."""
     out = dict(pieces)
-    for k, block in self._blocks(tree).items():
-      runs = next(r for key, r, _ in self.groups if key == k)
+    for k, runs, block in self._blocks(tree):
       local = (jax.lax.psum_scatter(block, axes, scatter_dimension=0, tiled=True) if axes
                else block)
       out[k] = self._paste(out, k, runs, local, True)
@@ -162,8 +161,7 @@ class Columns:
   def write_own(self, pieces: Bufs, tree: Any, axes: tuple[str, ...] = ()) -> Bufs:
     """Writes this shard's rows of a tree every shard of ``axes`` holds whole."""
     out = dict(pieces)
-    for k, block in self._blocks(tree).items():
-      runs = next(r for key, r, _ in self.groups if key == k)
+    for k, runs, block in self._blocks(tree):
       if axes:
         rows = out[k].shape[0]
         block = jax.lax.dynamic_slice_in_dim(block, jax.lax.axis_index(axes) * rows, rows, 0)

@@ -235,18 +235,17 @@ class _Executor(pipeline_lib.Backend):
     groups = [names] if self.state_shards == 1 else [(name,) for name in names]
     new_params, new_opt = params, opt
     for group in groups:
-      p_cols = [columns.layer_columns(plan.stage_layouts[s],
-                                      [n for n in plan.layout.stages[s].layer_names if n in group])
-                for s in plan.rank_stages(rank)
-                if set(plan.layout.stages[s].layer_names) & set(group)]
+      # Per stage of the rank holding some of the group's layers: (those layers, their columns).
+      parts = [(mine, columns.layer_columns(plan.stage_layouts[s], mine))
+               for s in plan.rank_stages(rank)
+               for mine in [[n for n in plan.layout.stages[s].layer_names if n in group]] if mine]
       o_cols = columns.opt_layer_columns(plan.opt_layouts[rank], group, names)
-      gather = lambda bufs: {n: v for c in p_cols for n, v in c.gather(bufs, axes).items()}
+      gather = lambda bufs: {n: v for _, c in parts for n, v in c.gather(bufs, axes).items()}
       p_tree, o_tree = step_lib.apply_update(
           self.optimizer, self.options.max_grad_norm, gather(grads), gather(params),
           o_cols.gather(opt, axes), sq)
-      for c in p_cols:
-        part = {n: p_tree[n] for n in c.treedef.unflatten([0] * len(c.avals))}
-        new_params = c.write_own(new_params, part, axes)
+      for mine, c in parts:
+        new_params = c.write_own(new_params, {n: p_tree[n] for n in mine}, axes)
       new_opt = o_cols.write_own(new_opt, o_tree, axes)
     return new_params, new_opt
 
@@ -266,14 +265,12 @@ class _Executor(pipeline_lib.Backend):
 
   def _loss_grads_body(self, prog, params, rng, step, inputs, targets, tabs):
     loss, grads = self._grads_body(prog, _piece(params, self.step_axes.rows), rng, step,
-                                   _local(inputs),
-                                   _local(targets), _rows(tabs))
+                                   _local(inputs), _local(targets), _rows(tabs))
     return loss, _row(grads)
 
   def _eval_body(self, prog, params, inputs, targets, tabs):
     loss, _ = self._run_pipeline(prog, False, _piece(params, self.step_axes.rows), None, None,
-                                 _local(inputs),
-                                 _local(targets), _rows(tabs))
+                                 _local(inputs), _local(targets), _rows(tabs))
     return jax.lax.pmean(jax.lax.psum(loss, "pp") / self.options.num_microbatches,
                          zero.BATCH_AXES)
 

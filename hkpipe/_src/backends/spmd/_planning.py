@@ -1,6 +1,7 @@
 """Building the spmd ``_Plan``: the layout, where each rank's parameters and optimizer state
 live in its packed buffers (every leaf aligned to ``fsdp x tp`` columns, see ``_columns``;
-padded to the largest rank), the ties and the schedule's tick tables. Pure functions of shapes: nothing is compiled."""
+padded to the largest rank), the ties and the schedule's tick tables. Pure functions of shapes:
+nothing is compiled."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from jax.sharding import PartitionSpec as P
 from hkpipe._src import layout as layout_lib
 from hkpipe._src import model as model_lib
 from hkpipe._src import options as options_lib
-from hkpipe._src import sharding as sharding_lib
 from hkpipe._src import stage as stage_lib
 from hkpipe._src.backends.mpmd import _shard as rules_lib
 from hkpipe._src.backends.spmd import _pack as pack
@@ -42,9 +42,7 @@ def make_plan(model: model_lib.SequentialModel, optimizer: optax.GradientTransfo
       move between backends, although spmd splits every buffer evenly whatever they say).
   """
   layout = layout_lib.resolve(model, options, example_microbatch, inner=True)
-  specs = sharding_lib.resolve({layer.name: param_avals[layer.name] for layer in model.layers},
-                               rules_lib.rules_of(model, options, layout),
-                               rules_lib.axis_sizes(layout))
+  specs = rules_lib.canonical_specs(model, options, layout, param_avals)
   schedule = layout.schedule
   if not isinstance(schedule, _ir.Schedule):
     raise TypeError(f"options.schedule resolved to {type(schedule).__name__}; expected a "
