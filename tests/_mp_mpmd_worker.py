@@ -6,8 +6,9 @@ Usage (flags as ``launch/local.py`` passes them, plus the test's own):
 
 Modes:
   pp2:   GPT (tied embedding/head) on 2 ranks, one per process; for schedules 1f1b and zbv:
-         loss_and_grads, 2 SGD steps with clipping, eval, params; then an orbax checkpoint of the
-         1f1b state saved from both processes and restored into a fresh pipeline.
+         loss_and_grads, 2 SGD steps with clipping, eval, params, ``Pipeline.generate`` (no
+         gather: stages decode on their owners); then an orbax checkpoint of the 1f1b state saved
+         from both processes and restored into a fresh pipeline.
   pp2dp2: the same model on a (pp=2, dp=2) mesh, each rank's 2 devices on one process (1f1b).
   pp2fsdp2: the same on a (pp=2, fsdp=2) mesh: parameters and optimizer state sharded over each
          process's 2 devices (1f1b).
@@ -114,7 +115,25 @@ def run_pipeline(pipe: hkpipe.Pipeline) -> tuple[dict, hkpipe.TrainState]:
   res["losses"], res["norms"] = np.asarray(losses), np.asarray(norms)
   res["eval"] = np.asarray(float(pipe.eval_step(state, batch(5))["loss"]))
   res.update(flat(pipe.params(state), "params"))
+  res["generated"] = generate(pipe, state)
   return res, state
+
+
+PROMPT = np.asarray([[3, 1, 4], [1, 5, 9]], np.int32)
+
+
+def generate(pipe: hkpipe.Pipeline, state: hkpipe.TrainState) -> np.ndarray:
+  """``pipe.generate`` of PROMPT (KV cache, sampled), with every gather made to fail: across
+  processes each stage decodes on its owner and activations and tokens cross by transfer."""
+  def no_gather(*args, **kwargs):
+    raise AssertionError("decoding gathered the model")
+
+  pipe.backend.params = pipe.backend.to_canonical = no_gather
+  try:
+    return np.asarray(pipe.generate(state, PROMPT, max_new_tokens=4, rng=jax.random.key(5),
+                                    temperature=1.0, top_k=8, num_groups=2))
+  finally:
+    del pipe.backend.params, pipe.backend.to_canonical
 
 
 def assert_compiled_only_own_stages(pipe: hkpipe.Pipeline) -> None:

@@ -8,7 +8,9 @@ Run through the local launcher, which adds the distributed flags:
 Every process builds the same tiny tied GPT pipeline on a global mesh, feeds its own rows of each
 global batch (``hkpipe.data.sample_batch(..., process_index, process_count)``), and writes what
 it observes to ``DIR/p<process>.npz``: loss and canonical grads of ``loss_and_grads``, the metrics
-of 2 SGD steps, the params after them (``pipe.params``), an eval loss, the params restored from an
+of 2 SGD steps, the params after them (``pipe.params``), an eval loss, the tokens of
+``Pipeline.generate`` (decoded on the stages' owners, where each rank lies in one process), the
+params restored from an
 orbax checkpoint saved by all processes, and loss and grads of a dropout variant. The test
 compares every process's file with the single-process single-device reference (and the dropout
 variant with the same layout run in one process).
@@ -129,6 +131,38 @@ def _partial_checkpoint(directory: str) -> dict:
   return out
 
 
+PROMPT = ((3, 1, 4), (1, 5, 9))
+SAMPLING = dict(max_new_tokens=4, temperature=1.0, top_k=8)  # with rng=jax.random.key(5)
+
+
+def generate(pipe, state):
+  """``(tokens, 1)`` of ``pipe.generate`` of PROMPT with every gather made to fail, where each
+  rank lies in one process (stages decode on their owners, values cross by transfer); else
+  ``(tokens of the gathered model, 0)`` after checking that ``pipe.generate`` refuses."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import hkpipe  # pylint: disable=g-import-not-at-top
+  from hkpipe import models  # pylint: disable=g-import-not-at-top
+  prompt, rng = np.asarray(PROMPT, np.int32), jax.random.key(5)
+  if not pipe.decodes_in_place:
+    try:
+      pipe.generate(state, prompt, rng=rng, **SAMPLING)
+      raise AssertionError("generate decoded a pipeline whose ranks span processes")
+    except hkpipe.ConfigError as e:
+      assert "Pipeline.generate" in str(e), e
+    return np.asarray(models.generate(pipe.model, pipe.params(state), prompt, rng=rng,
+                                      use_cache=True, **SAMPLING)), np.asarray(0)
+
+  def no_gather(*args, **kwargs):
+    raise AssertionError("decoding gathered the model")
+
+  pipe.backend.params = pipe.backend.to_canonical = no_gather
+  try:
+    return np.asarray(pipe.generate(state, prompt, rng=rng, **SAMPLING)), np.asarray(1)
+  finally:
+    del pipe.backend.params, pipe.backend.to_canonical
+
+
 def run(case: str, out_dir: str) -> None:
   """Runs ``case`` on this process and writes ``out_dir/p<process>.npz``."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -153,6 +187,7 @@ def run(case: str, out_dir: str) -> None:
   out["metrics"] = np.asarray(metrics)
   out["eval"] = np.asarray(float(pipe.eval_step(state, local(5))["loss"]))
   out.update(flat("params", pipe.params(state)))
+  out["generated"], out["generate_in_place"] = generate(pipe, state)
 
   ckpt = train_lib.Checkpointer(os.path.join(out_dir, "ckpt"))
   ckpt.save(STEPS, pipe.to_canonical(state), {"step": STEPS})

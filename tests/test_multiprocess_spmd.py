@@ -64,6 +64,9 @@ def reference():
   out["metrics"] = np.asarray(metrics)
   out["eval"] = np.asarray(float(pipe.eval_step(state, worker.batch(5))["loss"]))
   out.update(worker.flat("params", pipe.params(state)))
+  out["generated"] = np.asarray(models.generate(  # the KV-cache decoding of one device
+      model, pipe.params(state), np.asarray(worker.PROMPT, np.int32), rng=jax.random.key(5),
+      use_cache=True, **worker.SAMPLING))
   return out
 
 
@@ -128,6 +131,8 @@ def test_two_processes_match_single_device(tmp_path, reference, dropout_referenc
       np.testing.assert_array_equal(got["restored" + key[len("params"):]], got[key], err_msg=key)
     np.testing.assert_array_equal(got["restored_rng"], got["rng"])
     assert got["restored_eval"] == got["eval"]
+    # Decoded in place on the stages' owners where each rank lies in one process (pp across).
+    assert int(got["generate_in_place"]) == (case == "spmd_pp_across"), case
     if case == "spmd_pp_across":
       _check_other_layout_and_partial_arrays(got, process)
 

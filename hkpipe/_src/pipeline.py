@@ -248,8 +248,16 @@ class Backend(abc.ABC):
   def stage_params(self, state: TrainState) -> tuple[layout_lib.Layout | None, list] | None:
     """Each stage's parameters where they live, for decoding without a gather:
     ``(layout, [params of stage s])``, layout None for one whole model on one device; None when
-    this backend cannot (``Pipeline.generate`` then refuses, naming the ones that can)."""
+    this backend cannot (``Pipeline.generate`` then refuses, naming the ones that can). Across
+    processes, the stages of other processes are given as trees of ``jax.ShapeDtypeStruct``
+    (their shapes and dtypes: what a process needs to receive their outputs)."""
     del state
+    return None
+
+  def stage_channel(self) -> Any:
+    """The message ids of one decoding or evaluation walk across processes
+    (``stage_link.Channel``; every process calls this once per walk, in the same order); None
+    in one process."""
     return None
 
   def _lacks(self, what: str, *where: str) -> errors.ConfigError:

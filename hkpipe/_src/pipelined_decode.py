@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import errors
+from hkpipe._src import stage_link
 from hkpipe._src.models import cached
 from hkpipe._src.models import generate as generate_lib
 from hkpipe._src.models import sampling
@@ -97,10 +98,12 @@ def generate(pipe: Any, state: Any, prompt_tokens: Any, *, max_new_tokens: int, 
   generate_lib.check_fits(prompt.shape[1], max_new_tokens, window_len)
   if not pipe.backend.decodes_in_place:
     backend = pipe.options.backend
-    if jax.process_count() > 1 and backend in ("mpmd", "spmd"):
-      raise errors.ConfigError("Pipeline.generate does not decode across processes yet; run the "
-                               "sampling in one process (launch/sample.py without "
-                               "--num_processes).")
+    if jax.process_count() > 1 and backend == "spmd":
+      raise errors.ConfigError("Pipeline.generate decodes across processes when every pipeline "
+                               "rank's devices belong to one process; this spmd mesh puts a "
+                               "rank on several. Order the mesh's devices so that 'pp' runs "
+                               "across processes and the inner axes within one, or use "
+                               "backend='mpmd'.")
     raise errors.ConfigError(
         f"Pipeline.generate decodes where the stages live, on backend='single', 'mpmd' or "
         f"'spmd'; this pipeline uses backend={backend!r}. Restore its checkpoint into such a "
@@ -118,58 +121,95 @@ def generate(pipe: Any, state: Any, prompt_tokens: Any, *, max_new_tokens: int, 
                         if num_groups is None else num_groups, batch)
   # Only now, every argument checked: spmd unpacks each rank's parameters (one program per rank).
   layout, stage_params = pipe.backend.stage_params(state)
-  return _decode(layout, layers, stage_params, prompt, max_new_tokens, rng, settings, groups,
-                 window_len)
+  link = stage_link.Link(tuple(tuple(layout.stage_devices(s)) for s in range(len(layout.stages))),
+                         jax.process_index(), pipe.backend.stage_channel())
+  return _decode(layout, link, layers, stage_params, prompt, max_new_tokens, rng, settings,
+                 groups, window_len)
 
 
-def _decode(layout: Any, layers: Sequence[cached.CachedLayer], stage_params: Sequence[Any],
-            prompt: np.ndarray, max_new_tokens: int, rng: jax.Array,
-            settings: sampling.Sampling, groups: int, max_len: int) -> jax.Array:
-  """The host loop: prefill every group, then one token per group per step."""
+def _input_avals(layers: Sequence[Sequence[cached.CachedLayer]], params: Sequence[Any],
+                 x: jax.ShapeDtypeStruct, size: int, max_len: int) -> list:
+  """Per stage, the shapes and dtypes of its input when the first stage reads ``x``, then the
+  last stage's output (traced abstractly: what a process receiving them must know)."""
+  out = [x]
+  pos = jax.ShapeDtypeStruct((), np.int32)
+  for stage_layers, stage_params in zip(layers, params):
+    caches = jax.eval_shape(functools.partial(cached.init_caches, stage_layers, size, max_len))
+    out.append(jax.eval_shape(functools.partial(cached.apply_range, stage_layers),
+                              stage_link.abstract(stage_params), out[-1], caches, pos)[0])
+  return out
+
+
+def _decode(layout: Any, link: stage_link.Link, layers: Sequence[cached.CachedLayer],
+            stage_params: Sequence[Any], prompt: np.ndarray, max_new_tokens: int,
+            rng: jax.Array, settings: sampling.Sampling, groups: int, max_len: int
+            ) -> jax.Array:
+  """The host loop: prefill every group, then one token per group per step. Every process
+  runs it and skips the stages it does not own (``link``)."""
   batch, plen = prompt.shape
   size = batch // groups
   stages = layout.stages
+  n = len(stages)
+  mine = [link.owns(s) for s in range(n)]
   stage_layers = [tuple(layers[spec.start:spec.stop]) for spec in stages]
-  shard = [stage_sharding(stage_params[s], layout.stage_devices(s), size)
-           for s in range(len(stages))]
-  last = NamedSharding(shard[-1].mesh, P())  # the sampler's scalars and [Bg] vectors
-  s_arrays = jax.device_put(settings.arrays(), last)
-  rng = jax.device_put(rng, last)
-  rows = [jax.device_put(np.arange(g * size, (g + 1) * size, dtype=np.int32), last)
-          for g in range(groups)]
-  # Caches: per group, per stage, created on the stage's devices (one zeros program per stage).
+  shard = [stage_sharding(stage_params[s], layout.stage_devices(s), size) if mine[s] else None
+           for s in range(n)]
+  # The stages' input shapes (prefill window, then one token), for values pulled from a peer.
+  avals = {t: _input_avals(stage_layers, stage_params, jax.ShapeDtypeStruct((size, t), np.int32),
+                           size, max_len) if link.across else [None] * (n + 1)
+           for t in (max_len, 1)}
+  tokens: list[list] = [[] for _ in range(groups)]
+  if mine[-1]:  # the sampler's scalars and [Bg] vectors, on the last stage's devices
+    last = NamedSharding(shard[-1].mesh, P())
+    s_arrays = jax.device_put(settings.arrays(), last)
+    rng = jax.device_put(rng, last)
+    rows = [jax.device_put(np.arange(g * size, (g + 1) * size, dtype=np.int32), last)
+            for g in range(groups)]
+    done = [jax.device_put(np.zeros((size,), bool), last) for _ in range(groups)]
+  # Caches: per group, per own stage, created on the stage's devices (one zeros program each).
   makers = [jax.jit(functools.partial(cached.init_caches, stage_layers[s], size, max_len),
-                    out_shardings=shard[s]) for s in range(len(stages))]
-  caches = [[make() for make in makers] for _ in range(groups)]
+                    out_shardings=shard[s]) if mine[s] else None for s in range(n)]
+  caches = [[make() if make else None for make in makers] for _ in range(groups)]
 
-  def walk(g: int, x: Any, pos: int) -> Any:
-    """Runs group ``g``'s new positions through every stage; returns the logits (last rank)."""
-    for s in range(len(stages)):
-      x = jax.device_put(x, shard[s])
-      x, caches[g][s] = _stage(stage_layers[s], stage_params[s], x, caches[g][s], np.int32(pos))
+  def walk(g: int, x: Any, i: int) -> Any:
+    """Runs group ``g``'s positions of token ``i`` through every stage: ``x`` is the window
+    (host, ``i == 0``) or the last stage's token; returns the logits (None off the last stage's
+    process)."""
+    ins = avals[max_len if i == 0 else 1]
+    pos = np.int32(0 if i == 0 else plen + i - 1)
+    for s in range(n):
+      if s == 0 and i == 0:
+        x = jax.device_put(x, shard[0]) if mine[0] else None
+      else:
+        x = link.move(("x", g, i, s), x, (s or n) - 1, s, shard[s], ins[s])
+      if mine[s]:
+        x, caches[g][s] = _stage(stage_layers[s], stage_params[s], x, caches[g][s], pos)
     return x
+
+  def sample(g: int, logits: Any, i: int) -> None:
+    """Token ``i`` of group ``g`` from its logits (on the last stage's process)."""
+    if mine[-1]:
+      tok, done[g] = _sample(logits, np.int32(plen - 1 if i == 0 else 0), rng, np.int32(i),
+                             rows[g], done[g], s_arrays)
+      tokens[g].append(tok)
 
   window = np.zeros((batch, max_len), np.int32)
   window[:, :plen] = prompt
-  done = [jax.device_put(np.zeros((size,), bool), last) for _ in range(groups)]
-  tokens: list[list] = [[] for _ in range(groups)]
   for g in range(groups):  # prefill: the padded window in one pass per stage
-    logits = walk(g, window[g * size:(g + 1) * size], 0)
-    tok, done[g] = _sample(logits, np.int32(plen - 1), rng, np.int32(0), rows[g], done[g],
-                           s_arrays)
-    tokens[g].append(tok)
+    sample(g, walk(g, window[g * size:(g + 1) * size], 0), 0)
   for i in range(1, max_new_tokens):
-    if settings.end_token is not None and i % 8 == 0 and all(bool(jnp.all(d)) for d in done):
+    # Across processes only the last stage's owner knows which rows stopped: decode all.
+    if (settings.end_token is not None and not link.across and i % 8 == 0
+        and all(bool(jnp.all(d)) for d in done)):
       break  # every sequence has stopped
     for g in range(groups):
-      logits = walk(g, tokens[g][-1][:, None], plen + i - 1)
-      tok, done[g] = _sample(logits, np.int32(0), rng, np.int32(i), rows[g], done[g], s_arrays)
-      tokens[g].append(tok)
+      sample(g, walk(g, tokens[g][-1][:, None] if mine[-1] else None, i), i)
   new = np.zeros((batch, max_new_tokens), np.int32)
-  for g in range(groups):
-    got = np.stack([np.asarray(t) for t in tokens[g]], axis=1)      # [size, <= N]
-    new[g * size:(g + 1) * size, :got.shape[1]] = got
-    if got.shape[1] < max_new_tokens:  # stopped early: the rest repeats the end token
-      new[g * size:(g + 1) * size, got.shape[1]:] = settings.end_token
+  if mine[-1]:
+    for g in range(groups):
+      got = np.stack([np.asarray(t) for t in tokens[g]], axis=1)      # [size, <= N]
+      new[g * size:(g + 1) * size, :got.shape[1]] = got
+      if got.shape[1] < max_new_tokens:  # stopped early: the rest repeats the end token
+        new[g * size:(g + 1) * size, got.shape[1]:] = settings.end_token
+  new = np.asarray(link.share(("tokens",), new, n - 1, jax.ShapeDtypeStruct(new.shape, np.int32)))
   return jnp.asarray(np.concatenate([prompt, new], axis=1))
-

@@ -9,7 +9,7 @@ function of (seed, step)), so a resumed run reproduces an uninterrupted one.
 Multi-process runs (``jax.distributed`` initialised, every process calling ``train`` with the same
 config) feed each process its rows of the global batch or the full batch, as the backend's
 ``batch_is_process_local`` says; only process 0 writes ``config.json``, ``metrics.jsonl`` and
-``samples.txt`` and prints; every process takes part in checkpoints and in ``pipe.params``.
+``samples.txt`` and prints; every process takes part in checkpoints and in the sample.
 """
 
 from __future__ import annotations
@@ -103,11 +103,10 @@ def sample_text(model: Any, params: Any, prompt: str, *, num_tokens: int, seed: 
 
 
 def decodes_in_place(pipe: pipeline_lib.Pipeline, total_tokens: int, context: int) -> bool:
-  """Whether ``pipe.generate`` can sample where the stages live (no gather): on ``single``, and
-  on ``mpmd`` and ``spmd`` in one process (``Pipeline.decodes_in_place``), when prompt + new
-  tokens fit the context (the KV cache). Otherwise the parameters are gathered first and decoded
-  with a sliding window (``pmap`` holds a full replica anyway; decoding across processes is not
-  built yet)."""
+  """Whether ``pipe.generate`` can sample where the stages live (no gather): on ``single``,
+  ``mpmd`` and ``spmd`` (``Pipeline.decodes_in_place``; across processes every process takes
+  part), when prompt + new tokens fit the context (the KV cache). Otherwise the parameters are
+  gathered first and decoded with a sliding window (``pmap`` holds a full replica anyway)."""
   return pipe.decodes_in_place and total_tokens <= context
 
 
@@ -370,13 +369,18 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
     sampling["tokenizer"] = tokenizer
     in_place = decodes_in_place(pipe, len(tokenizer.encode(config.sample_prompt)) + sample_tokens,
                                 seq_len)
-    # Every process takes part in a gather; decoding in place happens in one process only.
-    params = None if in_place else pipe.params(state)
+    # Every process takes part: in the in-place decoding (stages on several processes) or in
+    # the gather; the gathered model is then decoded by the lead process alone.
+    if in_place:
+      progress.enter(watchdog_lib.SAMPLE)
+      text = sample_in_place(pipe, state, config.sample_prompt, **sampling)
+    else:
+      params = pipe.params(state)
     if dog is not None:
       dog.stop()                 # the rest is local to this process
     if lead:
-      text = (sample_in_place(pipe, state, config.sample_prompt, **sampling) if in_place
-              else sample_text(model, params, config.sample_prompt, **sampling))
+      if not in_place:
+        text = sample_text(model, params, config.sample_prompt, **sampling)
       (work / "samples.txt").write_text(text)
       writer.text("sample", f"```\n{text}\n```", state.step)
       say("---- sample ----\n" + text + "\n----------------")

@@ -43,6 +43,7 @@ TRAIN = "train step"
 EVAL = "eval"
 CHECKPOINT = "checkpoint save"
 FINISH = "final save and parameter gather"
+SAMPLE = "end-of-run sample"         # decoding on the stages (across processes: all of them)
 
 _KEEP = 32                         # durations remembered per phase
 

@@ -25,6 +25,7 @@ from hkpipe._src import canonical as canonical_lib
 from hkpipe._src import placement
 from hkpipe._src import sharding as sharding_lib
 from hkpipe._src import pipeline as pipeline_lib
+from hkpipe._src import stage_link
 from hkpipe._src.backends import _mpmd_compile
 from hkpipe._src.backends import _mpmd_transfer as xfer_lib
 from hkpipe._src.backends.mpmd import _check
@@ -385,12 +386,22 @@ class MpmdBackend(pipeline_lib.Backend):
 
   @property
   def decodes_in_place(self) -> bool:
-    """In one process: each stage decodes on its rank (across processes: not built yet)."""
-    return not self.multi_process
+    """Each stage decodes on its rank's devices (across processes too: a rank never spans
+    processes)."""
+    return True
 
   def stage_params(self, state):
-    """``state.params`` as they are (stage ``s`` on its rank's devices); None across processes."""
-    return (self.layout, list(state.params)) if self.decodes_in_place else None
+    """``state.params`` as they are (stage ``s`` on its rank's devices); across processes, the
+    stages of other processes as their shapes and dtypes."""
+    me = jax.process_index()
+    return self.layout, [p if self.layout.stage_devices(s)[0].process_index == me
+                         else stage_link.abstract(p) for s, p in enumerate(state.params)]
+
+  def stage_channel(self):
+    """Across processes: this backend's namespace and the next call number."""
+    if self.transport is None:
+      return None
+    return stage_link.Channel(self.transport, self.namespace, self._next_call())
 
   def to_canonical(self, state):
     names = [spec.layer_names for spec in self.layout.stages]

@@ -50,6 +50,7 @@ class SpmdBackend(_Executor):
     self._plan: _Plan | None = None
     self._programs: dict[Any, tuple[_Program, dict]] = {}
     self._inits: dict[Any, list] = {}  # per layer input shapes: every rank's init program
+    self._link: Any = None  # stage_channel's namespace and last call number (across processes)
 
   @property
   def num_ranks(self) -> int:
@@ -420,19 +421,25 @@ class SpmdBackend(_Executor):
 
   @property
   def decodes_in_place(self) -> bool:
-    """In one process: each stage decodes on its rank's devices (across processes: not built)."""
-    return jax.process_count() == 1
+    """Each stage decodes on its rank's devices, when every rank lies within one process."""
+    return owners.ranks_within_processes(self.mesh, self.num_ranks)
 
   def stage_params(self, state):
     """Each stage's parameters unpacked on its rank's devices (replicated there; no optimizer
-    state, nothing on another rank); None across processes."""
+    state); across processes, other processes' stages as their shapes. None where a rank spans
+    processes."""
     if not self.decodes_in_place:
       return None
     params: dict = {}
     for r, program in enumerate(self._rank_programs["params"]):
-      params.update(program(owners.split_rows(state.params, self.mesh, r)))
+      params.update(owners.rank_decode_params(program, state.params, self.mesh, r))
     stages = self.layout.stages
     return self.layout, [{name: params[name] for name in spec.layer_names} for spec in stages]
+
+  def stage_channel(self):
+    """Across processes: a namespace of this backend's own and the next call number."""
+    self._link = owners.next_channel(self._link)
+    return self._link
 
   def to_canonical(self, state):
     """Canonical state where it lives: each layer's parameters and optimizer state as arrays on

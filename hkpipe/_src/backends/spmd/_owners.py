@@ -19,6 +19,7 @@ others' arrays with shard-less global arrays of the right shape and sharding.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from typing import Any, Callable, Mapping, Sequence
@@ -32,7 +33,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hkpipe._src import canonical as canonical_lib
+from hkpipe._src import stage_link
 from hkpipe._src import model as model_lib
+from hkpipe._src.backends import _mpmd_transfer as xfer_lib
 from hkpipe._src import placement
 from hkpipe._src.backends.spmd import _columns as columns
 from hkpipe._src.backends.spmd import _pack as pack
@@ -90,6 +93,35 @@ def split_rows(bufs: Mapping[str, jax.Array], mesh: Mesh, rank: int) -> dict[str
     out[k] = jax.make_array_from_single_device_arrays((1,) + tuple(buf.shape[1:]), sharding,
                                                       shards)
   return out
+
+
+def ranks_within_processes(mesh: Mesh, num_ranks: int) -> bool:
+  """Whether every rank's devices belong to one process (each can then run on its own)."""
+  return all(len({d.process_index for d in row_sharding(mesh, r).device_set}) == 1
+             for r in range(num_ranks))
+
+
+def rank_decode_params(program: Callable, bufs: Mapping[str, jax.Array], mesh: Mesh, rank: int) -> dict:
+  """``{layer: params}`` of rank ``rank`` by its ``unpack_params_program``: on its devices where
+  this process owns them, else their shapes and dtypes (``jax.ShapeDtypeStruct`` s)."""
+  sharding = row_sharding(mesh, rank)
+  if all(d.process_index == jax.process_index() for d in sharding.device_set):
+    return program(split_rows(bufs, mesh, rank))
+  rows = {k: jax.ShapeDtypeStruct((1,) + tuple(b.shape[1:]), b.dtype, sharding=sharding)
+          for k, b in bufs.items()}
+  return stage_link.abstract(jax.eval_shape(program, rows))
+
+
+def next_channel(last: stage_link.Channel | None) -> stage_link.Channel | None:
+  """The channel of a backend's next walk across processes: ``last``'s namespace and call + 1;
+  a new namespace of this process's transport at the first (every process reaches its spmd
+  pipelines' first walks in the same order); None in one process."""
+  if jax.process_count() == 1:
+    return None
+  if last is None:
+    transport = xfer_lib.transport()
+    last = stage_link.Channel(transport, transport.new_namespace(), 0)
+  return dataclasses.replace(last, call=last.call + 1)
 
 
 def join_rows(rows: Sequence[Mapping[str, jax.Array] | None], mesh: Mesh,
