@@ -6,8 +6,8 @@ Usage (flags as ``launch/local.py`` passes them, plus the test's own):
 
 Modes:
   pp2:   GPT (tied embedding/head) on 2 ranks, one per process; for schedules 1f1b and zbv:
-         loss_and_grads, 2 SGD steps with clipping, eval, params, ``Pipeline.generate`` (no
-         gather: stages decode on their owners); then an orbax checkpoint of the 1f1b state saved
+         loss_and_grads, 2 SGD steps with clipping, eval, params, ``Pipeline.generate`` and the
+         trainer's stage-by-stage evaluation (no gather: stages run on their owners); then an orbax checkpoint of the 1f1b state saved
          from both processes and restored into a fresh pipeline.
   pp2dp2: the same model on a (pp=2, dp=2) mesh, each rank's 2 devices on one process (1f1b).
   pp2fsdp2: the same on a (pp=2, fsdp=2) mesh: parameters and optimizer state sharded over each
@@ -32,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -39,6 +40,7 @@ import hkpipe  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hkpipe import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hkpipe._src import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hkpipe._src import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hkpipe._src import staged_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -116,7 +118,37 @@ def run_pipeline(pipe: hkpipe.Pipeline) -> tuple[dict, hkpipe.TrainState]:
   res["eval"] = np.asarray(float(pipe.eval_step(state, batch(5))["loss"]))
   res.update(flat(pipe.params(state), "params"))
   res["generated"] = generate(pipe, state)
+  res["staged_loss"] = staged_loss(pipe, state)
   return res, state
+
+
+def staged_loss(pipe: hkpipe.Pipeline, state: hkpipe.TrainState) -> np.ndarray:
+  """The loss of batch(5) by the trainer's stage-by-stage evaluation (``staged_eval``: each stage
+  runs on its owner, activations and extra outputs cross by transfer), with every gather made to
+  fail. Checks here that each stage's extra output (its outputs' mean) reached this process and
+  that the last one equals the mean of the walk's outputs."""
+  def no_gather(*args, **kwargs):
+    raise AssertionError("the staged evaluation gathered the model")
+
+  apply = staged_eval.apply_fn(pipe.model)
+
+  def stage(names, params, x):
+    y, _ = apply(names, params, x)
+    return y, jnp.mean(y)
+
+  x, y = batch(5)
+  pipe.backend.params = pipe.backend.to_canonical = no_gather
+  try:
+    staged = staged_eval.stages(pipe, state)
+    outputs, extras = staged_eval.walk(staged, stage, x)
+    loss = staged_eval.on_last(staged, jax.jit(lambda o, x, y: pipe.model.loss_fn(o, y)), outputs,
+                               (x, y))
+    mean = staged_eval.on_last(staged, jax.jit(lambda o, x, y: jnp.mean(o)), outputs, (x, y))
+  finally:
+    del pipe.backend.params, pipe.backend.to_canonical
+  assert len(extras) == len(staged.layer_names), extras
+  np.testing.assert_allclose(np.asarray(extras[-1]), mean, rtol=1e-6)
+  return np.asarray(loss)
 
 
 PROMPT = np.asarray([[3, 1, 4], [1, 5, 9]], np.int32)

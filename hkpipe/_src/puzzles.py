@@ -52,8 +52,8 @@ def accuracy_fn(model: Any) -> Callable[[Any, Callable[[int], Any], int], dict[s
     rows = []
     for i in range(num_batches):
       x, y = batch_fn(i)
-      outputs, _ = staged_eval.walk(staged, stage_fn, x)
-      rows.append(jax.device_get(metrics(*staged_eval.on_one_device(staged, (outputs, x, y)))))
+      outputs, _ = staged_eval.walk(staged, stage_fn, x, (i,))
+      rows.append(staged_eval.on_last(staged, metrics, outputs, (x, y), (i,)))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
   return accuracy

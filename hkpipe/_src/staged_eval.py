@@ -2,16 +2,20 @@
 
 The trainer's periodic metrics that need more than the loss (TRM accuracy, MoE expert load) run
 the model through :func:`walk`. Where the backend hands out its stages where they live
-(``Pipeline.decodes_in_place``: ``single``, and ``mpmd`` and ``spmd`` in one process, through the
-backend's ``stage_params`` hook), stage ``s`` runs on its rank's devices, its activations are
-transferred to the next stage's devices (rows split over the rank's ``dp`` devices when they
-divide), as :mod:`hkpipe._src.pipelined_decode` does for decoding: no device ever holds more
-than its rank's parameters. Rows split over ``dp`` devices may change activations in their last
-bits (other matmul shapes); the metrics built on them (argmax accuracy, top-k expert counts)
-equal the gathered model's in the tests. Where it cannot (``pmap``, whose parameters are replicated on every
-device by design; ``mpmd`` and ``spmd`` across processes), :func:`stages` gathers the model
-explicitly with ``Pipeline.params`` (a collective across processes: every process calls it) onto
-this process's first local device, as one stage holding every layer.
+(``Pipeline.decodes_in_place``: ``single``, ``mpmd``, and ``spmd`` when every rank lies in one
+process, through the backend's ``stage_params`` hook), stage ``s`` runs on its rank's devices and
+its activations are transferred to the next stage's devices (rows split over the rank's ``dp``
+devices when they divide), as :mod:`hkpipe._src.pipelined_decode` does for decoding: no device
+ever holds more than its rank's parameters. Across processes the values move through the
+transfer servers (:mod:`hkpipe._src.stage_link`): every process walks the same stages, runs the
+ones it owns, the first stage's owner feeds its batch, and the extra outputs and the metric
+(:func:`on_last`) are sent to every process. Rows split over ``dp`` devices may change
+activations in their last bits (other matmul shapes); the metrics built on them (argmax
+accuracy, top-k expert counts) equal the gathered model's in the tests. Where it cannot
+(``pmap``, whose parameters are replicated on every device by design; an ``spmd`` mesh with a
+rank on several processes), :func:`stages` gathers the model explicitly with
+``Pipeline.params`` (a collective across processes: every process calls it) onto this process's
+first local device, as one stage holding every layer.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import numpy as np
 
 from hkpipe._src import pipelined_decode
+from hkpipe._src import stage_link
 from hkpipe._src.models import moe
 
 # stage_fn(layer_names, stage_params, x) -> (x for the next stage, this stage's extra outputs)
@@ -36,15 +41,18 @@ class Stages:
 
   Attributes:
     layer_names: per stage, its layers' names in model order.
-    params: per stage, ``{layer_name: params}`` on the stage's devices.
+    params: per stage, ``{layer_name: params}`` on the stage's devices (across processes: the
+      stages of other processes as their shapes, ``jax.ShapeDtypeStruct`` s).
     devices: per stage, the devices it runs on (its rank's devices).
     in_place: False where the model was gathered onto one device (one stage).
+    link: how values move between stages (across processes: through the transfer servers).
   """
 
   layer_names: tuple[tuple[str, ...], ...]
   params: tuple[Any, ...]
   devices: tuple[tuple[Any, ...], ...]
   in_place: bool
+  link: stage_link.Link
 
   def sharding(self, stage: int, rows: int) -> jax.sharding.Sharding:
     """Where stage ``stage``'s activations of ``rows`` rows live (see ``pipelined_decode``)."""
@@ -60,48 +68,81 @@ def _leaf_devices(params: Any) -> tuple[Any, ...]:
 def stages(pipe: Any, state: Any) -> Stages:
   """``state``'s parameters per stage where they live, or gathered where the backend cannot.
 
-  Every process calls it (across processes the fallback's ``Pipeline.params`` is a collective).
+  Every process calls it (across processes the walks that follow are collective, and the
+  fallback's ``Pipeline.params`` is a collective).
   """
   names = tuple(layer.name for layer in pipe.model.layers)
   if pipe.decodes_in_place:
     layout, per_stage = pipe.backend.stage_params(state)
     if layout is None:  # the whole model on one device (backend="single")
-      return Stages((names,), (per_stage[0],), (_leaf_devices(per_stage[0]),), True)
+      devices = (_leaf_devices(per_stage[0]),)
+      return Stages((names,), (per_stage[0],), devices, True, stage_link.local(devices))
+    devices = tuple(tuple(layout.stage_devices(s)) for s in range(len(layout.stages)))
+    link = stage_link.Link(devices, jax.process_index(), pipe.backend.stage_channel())
     return Stages(tuple(tuple(spec.layer_names) for spec in layout.stages), tuple(per_stage),
-                  tuple(tuple(layout.stage_devices(s)) for s in range(len(layout.stages))),
-                  True)
-  # Explicit gather: pmap (replicated by design) and multi-process mpmd / spmd.
+                  devices, True, link)
+  # Explicit gather: pmap (replicated by design) and spmd meshes with a rank on several
+  # processes.
   device = jax.local_devices()[0]
   params = jax.device_put(jax.device_get(pipe.params(state)), device)
-  return Stages((names,), (params,), ((device,),), False)
+  return Stages((names,), (params,), ((device,),), False, stage_link.local(((device,),)))
 
 
 def _rows(x: Any) -> int:
   return int(np.shape(jax.tree.leaves(x)[0])[0])
 
 
-def walk(staged: Stages, stage_fn: StageFn, x: Any) -> tuple[Any, list]:
-  """Runs ``x`` (``[B, ...]`` rows first) through every stage in model order.
+def walk(staged: Stages, stage_fn: StageFn, x: Any, tag: tuple = ()) -> tuple[Any, list]:
+  """Runs ``x`` (``[B, ...]`` rows first, on the host) through every stage in model order.
 
   Stage ``s`` calls ``stage_fn(layer_names[s], params[s], x)`` (a jitted function: it runs on
-  the stage's devices, where its parameters and the transferred ``x`` live).
+  the stage's devices, where its parameters and the transferred ``x`` live). Across processes
+  every process calls this (``tag``: a name unique within the ``Stages``' walks, e.g. the
+  batch's index); the first stage's owner feeds its own ``x``, each process runs the stages it
+  owns, and every stage's extra outputs are sent to every process.
 
   Returns:
-    ``(outputs of the last stage, [each stage's extra outputs])``.
+    ``(outputs of the last stage, [each stage's extra outputs])``; the outputs are their
+    shapes (``jax.ShapeDtypeStruct`` s) on processes that do not own the last stage.
   """
-  rows, extras = _rows(x), []
+  link, rows, extras = staged.link, _rows(x), []
+  aval = stage_link.abstract(x)
   for s, names in enumerate(staged.layer_names):
-    x = jax.device_put(x, staged.sharding(s, rows))
-    x, extra = stage_fn(names, staged.params[s], x)
+    mine = link.owns(s)
+    where = staged.sharding(s, rows) if mine else None
+    if s == 0:
+      x = jax.device_put(x, where) if mine else None
+    else:
+      x = link.move(("eval",) + tag + (s,), x, s - 1, s, where, aval)
+    if link.across:  # what a process receiving this stage's outputs must expect
+      aval, extra_aval = jax.eval_shape(functools.partial(stage_fn, names),
+                                        stage_link.abstract(staged.params[s]), aval)
+    x, extra = stage_fn(names, staged.params[s], x) if mine else (None, None)
+    if link.across and jax.tree.leaves(extra_aval):
+      extra = link.share(("extra",) + tag + (s,), extra, s, extra_aval)
     extras.append(extra)
-  return x, extras
+  return (x if link.owns(len(staged.layer_names) - 1) else aval), extras
 
 
-def on_one_device(staged: Stages, tree: Any) -> Any:
-  """``tree`` (e.g. the last stage's outputs and the batch's labels) on the last stage's first
-  device, so that a metric's reductions (means of per-row means) run in one device's order, as
-  on the gathered model's device, rather than summed across the rank's ``dp`` devices."""
-  return jax.device_put(tree, staged.devices[-1][0])
+def on_last(staged: Stages, fn: Callable[..., Any], outputs: Any, inputs: tuple,
+            tag: tuple = ()) -> Any:
+  """``fn(outputs, *inputs)`` on the last stage's first device, as host values on every process.
+
+  ``outputs``: :func:`walk`'s; ``inputs``: host values of the batch (e.g. its inputs and
+  labels), the first stage's owner's (the rows the walk ran). On one device the metric's
+  reductions (means of per-row means) run in one device's order, as on the gathered model's
+  device, rather than summed across the rank's ``dp`` devices.
+  """
+  link, last = staged.link, len(staged.layer_names) - 1
+  device = staged.devices[last][0]
+  if link.across:
+    in_avals = stage_link.abstract(tuple(inputs))
+    aval = jax.eval_shape(fn, stage_link.abstract(outputs), *in_avals)
+    inputs = link.move(("inputs",) + tag, tuple(inputs), 0, last, device, in_avals)
+  result = (fn(*jax.device_put((outputs, *inputs), device)) if link.owns(last) else None)
+  if link.across:
+    result = link.share(("result",) + tag, result, last, aval)
+  return jax.device_get(result)
 
 
 def apply_fn(model: Any) -> StageFn:
@@ -129,5 +170,5 @@ def expert_load(config: moe.MoEConfig, staged: Stages, tokens: Any) -> dict[str,
     return _expert_load_of(config, tuple(names), params, x)
 
   _, extras = walk(staged, stage, np.asarray(tokens, np.int32))
-  per_stage = jax.device_get(extras)
+  per_stage = jax.device_get(extras)  # across processes: sent to every process by walk
   return {k: np.concatenate([e[k] for e in per_stage], axis=0) for k in ("load", "dropped")}
