@@ -356,8 +356,10 @@ class Pipeline(pipeline_info.Introspection):
 
   def generate(self, state: TrainState, prompt_tokens: Any, **kwargs: Any) -> jax.Array:
     """KV-cache decoding of ``[B, P]`` prompts with this pipeline's own layout, no gather:
-    ``mpmd`` and ``spmd`` (in one process) decode each stage on its rank, ``num_groups``
-    sequence groups interleaved across the ranks; ``single`` on its device. ``kwargs``:
+    ``mpmd`` and ``spmd`` decode each stage on its rank, ``num_groups`` sequence groups
+    interleaved across the ranks (across processes every process calls it with the same
+    arguments and gets the tokens; ``spmd`` needs each rank within one process); ``single`` on
+    its device. ``kwargs``:
     ``max_new_tokens``, ``rng`` and the sampling options of :func:`hkpipe.models.generate`,
     ``num_groups``. Returns ``[B, P + max_new_tokens]`` int32 tokens; a ``ConfigError`` before
     compiling for bad arguments or another backend. See ``docs/generation.md``."""

@@ -178,7 +178,8 @@ class Introspection:
   @property
   def decodes_in_place(self) -> bool:
     """Whether :meth:`generate` decodes where the stages live, without gathering them:
-    ``single``, and ``mpmd`` and ``spmd`` in one process."""
+    ``single``, ``mpmd``, and ``spmd`` when each rank's devices lie in one process (across
+    processes too)."""
     return self.backend.decodes_in_place
 
   def memory_analysis(self, state: TrainState | None, batch: Batch) -> Any:
