@@ -159,7 +159,7 @@ def _decode(layout: Any, link: stage_link.Link, layers: Sequence[cached.CachedLa
                            size, max_len) if link.across else [None] * (n + 1)
            for t in (max_len, 1)}
   tokens: list[list] = [[] for _ in range(groups)]
-  if mine[-1]:  # the sampler's scalars and [Bg] vectors, on the last stage's devices
+  if shard[-1] is not None:  # the sampler's scalars and [Bg] vectors, on the last stage's devices
     last = NamedSharding(shard[-1].mesh, P())
     s_arrays = jax.device_put(settings.arrays(), last)
     rng = jax.device_put(rng, last)
@@ -210,6 +210,6 @@ def _decode(layout: Any, link: stage_link.Link, layers: Sequence[cached.CachedLa
       got = np.stack([np.asarray(t) for t in tokens[g]], axis=1)      # [size, <= N]
       new[g * size:(g + 1) * size, :got.shape[1]] = got
       if got.shape[1] < max_new_tokens:  # stopped early: the rest repeats the end token
-        new[g * size:(g + 1) * size, got.shape[1]:] = settings.end_token
+        new[g * size:(g + 1) * size, got.shape[1]:] = int(settings.end_token or 0)
   new = np.asarray(link.share(("tokens",), new, n - 1, jax.ShapeDtypeStruct(new.shape, np.int32)))
   return jnp.asarray(np.concatenate([prompt, new], axis=1))

@@ -75,8 +75,8 @@ def stages(pipe: Any, state: Any) -> Stages:
   if pipe.decodes_in_place:
     layout, per_stage = pipe.backend.stage_params(state)
     if layout is None:  # the whole model on one device (backend="single")
-      devices = (_leaf_devices(per_stage[0]),)
-      return Stages((names,), (per_stage[0],), devices, True, stage_link.local(devices))
+      one = (_leaf_devices(per_stage[0]),)
+      return Stages((names,), (per_stage[0],), one, True, stage_link.local(one))
     devices = tuple(tuple(layout.stage_devices(s)) for s in range(len(layout.stages)))
     link = stage_link.Link(devices, jax.process_index(), pipe.backend.stage_channel())
     return Stages(tuple(tuple(spec.layer_names) for spec in layout.stages), tuple(per_stage),
