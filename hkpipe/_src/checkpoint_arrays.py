@@ -41,10 +41,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers as _type_handlers
 from orbax.checkpoint._src.serialization import jax_array_handlers as _orbax_arrays
 from orbax.checkpoint._src.serialization import limits as _orbax_limits
-
-_type_handlers = ocp.type_handlers
 
 
 def _is_key(x: Any) -> bool:
@@ -68,7 +67,8 @@ def fitted_limit(inflight_bytes: int, leaves: Sequence[Any]) -> int:
 
 def writer(x: jax.Array) -> int:
   """The process that creates ``x``'s metadata in a checkpoint: the lowest one holding a shard."""
-  return min(d.process_index for d in x.sharding.device_set)
+  # jaxlib has no Device stubs: process_index is unknown to mypy
+  return min(d.process_index for d in x.sharding.device_set)  # type: ignore[attr-defined]
 
 
 class OwnersArrayHandler(_type_handlers.ArrayHandler):
@@ -161,16 +161,16 @@ def read(directory: str | pathlib.Path, targets: Any, inflight_bytes: int) -> An
     inflight_bytes: at most about this many bytes are being read at a time on this process
       (raised to twice the largest shard read here).
   """
-  leaves, treedef = jax.tree.flatten(targets)
+  leaves, treedef = jax.tree.flatten(targets)  # jaxlib has no PyTreeDef stubs: ignores below
   pairs = [_request(leaf) for leaf in leaves]
   handler = ocp.PyTreeCheckpointHandler(handler_impl=ocp.BasePyTreeCheckpointHandler(
       restore_concurrent_bytes=fitted_limit(inflight_bytes, leaves)))
   try:
     got = handler.restore(pathlib.Path(directory), args=ocp.args.PyTreeRestore(
-        item=treedef.unflatten([p[0] for p in pairs]),
-        restore_args=treedef.unflatten([p[1] for p in pairs])))
+        item=treedef.unflatten([p[0] for p in pairs]),  # type: ignore[attr-defined]
+        restore_args=treedef.unflatten([p[1] for p in pairs])))  # type: ignore[attr-defined]
   finally:
     handler.close()
-  values = treedef.flatten_up_to(got)
-  return treedef.unflatten([_absent(leaf) if value is ocp.PLACEHOLDER else value
+  values = treedef.flatten_up_to(got)  # type: ignore[attr-defined]
+  return treedef.unflatten([_absent(leaf) if value is ocp.PLACEHOLDER else value  # type: ignore[attr-defined]
                             for value, leaf in zip(values, leaves)])

@@ -234,7 +234,7 @@ class Backend(abc.ABC):
     del batch, rng
     raise self._lacks("layout_report", "spmd")
 
-  def memory_analysis(self, state: TrainState, batch: Batch) -> Any:
+  def memory_analysis(self, state: TrainState | None, batch: Batch) -> Any:
     """XLA's memory analysis of the train step (see ``Pipeline.memory_analysis``)."""
     del state, batch
     raise self._lacks("memory_analysis", "spmd", "mpmd")

@@ -136,5 +136,6 @@ def apply_to_layer(layer: model_lib.Layer, policy: Policy, *, last: bool) -> mod
                             cache, pos)
     return out(y), cache
 
-  return dataclasses.replace(layer, transformed=transformed,
+  # layer has a decode field here (a CachedLayer, found by duck typing; mypy sees a Layer)
+  return dataclasses.replace(layer, transformed=transformed,  # type: ignore[call-arg]
                              decode=hk.Transformed(decode.init, apply_decode))

@@ -15,7 +15,7 @@ timeline); the loop calls :meth:`RunExtras.before_step`, :meth:`RunExtras.after_
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import jax
 
@@ -64,11 +64,12 @@ class RunExtras:
     """Called after train step ``done`` was issued (``metrics`` are its outputs)."""
     if self.record:
       self._timeline = (done, self.pipe.last_timeline, self.pipe.last_timeline_origin)
-    if self._profiling and done == self.window[1]:
+    if self._profiling and done == cast(tuple[int, int], self.window)[1]:  # set when profiling
       jax.block_until_ready(metrics)
       self._stop_profile()
 
   def _stop_profile(self) -> None:
+    assert self.window is not None  # only called while profiling, which needs a window
     jax.profiler.stop_trace()
     self._profiling = False
     self.say(f"Profile of steps {self.window[0]}-{self.window[1]} in {self.work / PROFILE_DIR}")

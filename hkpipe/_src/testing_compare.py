@@ -116,8 +116,8 @@ def leaf_diff(path: str, actual: Any, expected: Any, rtol: float | None = None,
   """Compares one pair of arrays (see the module docstring for the rule)."""
   a, e = np.asarray(jax.device_get(actual)), np.asarray(jax.device_get(expected))
   tol = resolve((a.dtype, e.dtype), rtol, atol)
-  common = dict(path=path, shape=tuple(a.shape), expected_shape=tuple(e.shape),
-                dtype=a.dtype.name, expected_dtype=e.dtype.name, tolerance=tol)
+  common: dict[str, Any] = dict(path=path, shape=tuple(a.shape), expected_shape=tuple(e.shape),
+                                dtype=a.dtype.name, expected_dtype=e.dtype.name, tolerance=tol)
   if not (a.shape == e.shape or not a.shape or not e.shape):
     return LeafDiff(max_abs=float("nan"), max_rel=float("nan"), excess=float("inf"), **common)
   wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(e) else np.float64

@@ -37,8 +37,13 @@ _KEY_VERSION = b"hkpipe-bpe-1"  # changes when the BPE recipe below changes
 class Tokenizer(Protocol):
   """What the trainer and the sampler need from a tokenizer."""
 
-  name: str
-  vocab_size: int
+  @property
+  def name(self) -> str:
+    """Short name of the tokenizer (``"bytes"``, ``"bpe"``)."""
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of token ids."""
 
   def encode(self, text: str) -> np.ndarray:
     """Token ids of ``text``: ``[N]`` unsigned ints."""

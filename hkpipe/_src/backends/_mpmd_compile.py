@@ -40,8 +40,9 @@ from jax._src.lib import xla_client
 
 def persistent_cache_on() -> bool:
   """Whether compiles go through JAX's persistent compilation cache."""
-  return bool(jax.config.jax_compilation_cache_dir) and bool(
-      jax.config.jax_enable_compilation_cache)
+  # jax.config's stub does not declare its flags as attributes: ignores below
+  return bool(jax.config.jax_compilation_cache_dir) and bool(  # type: ignore[attr-defined]
+      jax.config.jax_enable_compilation_cache)  # type: ignore[attr-defined]
 
 
 @dataclasses.dataclass

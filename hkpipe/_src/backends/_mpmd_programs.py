@@ -97,7 +97,7 @@ def pack_stash(residuals: stage_lib.Residuals, stash: Sequence[Any],
     if i not in whole:
       groups.setdefault(jnp.dtype(a.dtype), []).append(i)
   slots: list = [None] * len(stash)
-  arrays = []
+  arrays: list[Any] = []
   for i in whole:
     slots[i] = (len(arrays), None, tuple(stash[i].shape))
     arrays.append(stash[i])

@@ -49,7 +49,8 @@ def check_available(impl: str, platform: str | None = None) -> None:
 
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
   """Causal grouped-query attention ``[B, T, H, hd] x [B, T, K, hd] -> [B, T, H, hd]``."""
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+  # impl is one of IMPLS (a str here, the stub wants Literal['xla', 'cudnn'])
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)  # type: ignore[call-overload]
 
 
 def over_cache(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array) -> jax.Array:

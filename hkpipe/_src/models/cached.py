@@ -95,7 +95,7 @@ def init_caches(layers: Sequence[CachedLayer], batch: int, max_len: int) -> list
 
 
 def apply_range(layers: Sequence[CachedLayer], params: Any, x: Any, caches: Sequence[Cache],
-                pos: jax.Array) -> tuple[Any, list]:
+                pos: jax.Array | int) -> tuple[Any, list]:
   """Runs ``layers`` in order on new positions ``pos..``: ``(outputs, updated caches)``.
 
   Args:

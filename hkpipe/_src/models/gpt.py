@@ -104,7 +104,7 @@ class GeluMLP(hk.Module):
     return common.dropout(y, c.dropout, is_training)
 
 
-def _embed(tokens: jax.Array, pos: jax.Array, config: GPTConfig) -> jax.Array:
+def _embed(tokens: jax.Array, pos: jax.Array | int, config: GPTConfig) -> jax.Array:
   common.check_tokens(tokens, config.seq_len)
   tok = common.TokenEmbedding(config.vocab_size, config.d_model, stddev=INIT_STDDEV,
                               name="wte")(tokens)                       # [B, T, D]

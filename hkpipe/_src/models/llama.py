@@ -13,7 +13,7 @@ Layers (canonical parameter layout)::
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import chex
 import haiku as hk
@@ -24,6 +24,9 @@ from hkpipe._src import precision
 from hkpipe._src.models import cached
 from hkpipe._src.models import common
 from hkpipe._src.models import gpt
+
+if TYPE_CHECKING:  # the MoE model reuses the embed, head and KV cache below
+  from hkpipe._src.models.moe_config import MoEConfig
 
 INIT_STDDEV = 0.02
 
@@ -98,7 +101,8 @@ class SwiGLU(hk.Module):
     return common.dropout(y, c.dropout, is_training)
 
 
-def embed_fn(tokens: jax.Array, is_training: bool, *, config: LlamaConfig) -> jax.Array:
+def embed_fn(tokens: jax.Array, is_training: bool, *,
+             config: LlamaConfig | MoEConfig) -> jax.Array:
   """Token embedding (no positions: RoPE adds them in attention): ``[B, T]`` -> ``[B, T, D]``."""
   common.check_tokens(tokens, config.seq_len)
   x = common.TokenEmbedding(config.vocab_size, config.d_model, stddev=INIT_STDDEV,
@@ -143,13 +147,13 @@ def block_decode_fn(x: jax.Array, cache: dict, pos: jax.Array, *,
   return x + SwiGLU(c, name="mlp")(h, False), cache                     # [B, T, D]
 
 
-def block_cache(batch: int, max_len: int, *, config: LlamaConfig) -> dict:
+def block_cache(batch: int, max_len: int, *, config: LlamaConfig | MoEConfig) -> dict:
   """Empty KV cache of one block: ``{"k", "v": [batch, max_len, kv_heads, head_dim]}`` (GQA)."""
   return common.empty_cache(batch, max_len, config.kv_heads, config.head_dim,
                             precision.get_policy(config.dtype).compute_dtype)
 
 
-def head_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig,
+def head_fn(x: jax.Array, is_training: bool, *, config: LlamaConfig | MoEConfig,
             chunked: bool | None = None) -> Any:
   """Final RMSNorm and untied output projection: ``[B, T, D] -> [B, T, V]`` float32 logits."""
   del is_training  # with ``loss_chunk_size``: a HeadOutput instead of logits (see the config)
