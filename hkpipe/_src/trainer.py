@@ -167,9 +167,13 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   data_dir = config.data.dir or str(work / "data")
   mcfg = model_config(config)
   is_trm = isinstance(mcfg, models.TRMConfig)
+  tokenizer: tokenizer_lib.Tokenizer | None
+  folder: pathlib.Path | None
+  data_meta: dict[str, Any]
   tokenizer, folder, data_meta = None, None, {}
   if is_trm:  # generated puzzles instead of text
-    tokens = data_lib.TokenData(train=None, val=None, vocab_size=puzzles.VOCAB_SIZE)
+    # no token arrays: TRM's batches come from puzzles.batch_fns, tokens.train/val are not read
+    tokens = data_lib.TokenData(train=None, val=None, vocab_size=puzzles.VOCAB_SIZE)  # type: ignore[arg-type]
   else:  # bytes: data_dir itself; bpe: a subfolder keyed by vocab_size and corpus
     folder, data_meta = tokenizer_lib.prepare_tokens(
         data_dir, config.data.source or None, tokenizer_lib.spec(config),
@@ -220,6 +224,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   ckpt = ckpt_lib.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
   meta = resume_lib.run_meta(json.loads(config.to_json_best_effort()), tokens.vocab_size)
   if tokenizer is not None and tokenizer.name != "bytes":  # sampling decodes with it
+    assert folder is not None  # a tokenizer comes from a data folder
     meta["data"]["tokenizer_dir"] = str(pathlib.Path(folder).resolve())
   said: set[str] = set()
 
@@ -364,6 +369,7 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   summary["steps"] = state.step
 
   if sample_tokens:
+    assert tokenizer is not None  # sample_tokens was set to 0 above without one
     sampling = dict(num_tokens=sample_tokens, seed=config.seed,
                     temperature=config.sample_temperature, top_k=config.get("sample_top_k"))
     sampling["tokenizer"] = tokenizer

@@ -120,6 +120,7 @@ class PmapBackend(pipeline_lib.Backend):
     self._grads = pmap(self._grads_impl)
     self._eval = pmap(self._eval_impl)
     n, m = self.num_devices, options.num_microbatches
+    assert m is not None  # Options.__post_init__ sets it (1 when unset)
     # Global [B, ...] -> [n, m, B/(n m), ...] on the devices, in one program: across processes
     # the rows a device needs are spread over the whole global batch.
     self._arrange = jax.jit(lambda tree: jax.tree.map(lambda x: shard_batch_layout(x, n, m), tree),
@@ -154,6 +155,7 @@ class PmapBackend(pipeline_lib.Backend):
   def _check_batch(self, batch: pipeline_lib.Batch) -> int:
     size = self.global_batch_size(batch)
     n, m = self.num_devices, self.options.num_microbatches
+    assert m is not None  # Options.__post_init__ sets it (1 when unset)
     if size % (n * m):
       raise ValueError(f"The pmap backend splits every one of the num_microbatches={m} "
                        f"microbatches across {n} devices, so the batch size must be a multiple of "

@@ -233,7 +233,9 @@ class _TrainLowering:
 
   def _send(self, src_rank: int, a: schedules.Action, buf: int) -> None:
     """Hands what ``a`` produced for another stage (buffer ``buf``) to that stage's rank."""
-    key, dst = sent_by(a, self.f.num_stages)
+    sent = sent_by(a, self.f.num_stages)
+    assert sent is not None  # callers send only what a hands to another stage
+    key, dst = sent
     out = self.b.deliver(src_rank, buf, key, self.f.rank_of[dst], _value_name(key, dst, a.mb))
     if out is not None:
       self.inbox[key] = out
@@ -480,6 +482,7 @@ def lower_eval(facts: Facts) -> ir.Program:
         y = b.buf(f"y{s}.{mb}", r)
         b.instrs.append(ir.Run(r, s, "F", mb, "eval", (inp[("p", s)], x, inp[("lidx", s)]),
                                (y,)))
+        assert sent is not None  # a forward before the last stage hands on its activation
         key, dst = sent
         out = b.deliver(r, y, key, f.rank_of[dst], _value_name(key, dst, mb))
         if out is not None:

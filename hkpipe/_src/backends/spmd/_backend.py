@@ -4,7 +4,7 @@ canonical conversion (the executor bodies are in ``_executor``)."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,7 @@ class SpmdBackend(_Executor):
   def _check_batch(self, batch: pipeline_lib.Batch) -> int:
     size = self.global_batch_size(batch)
     m, dp = self.options.num_microbatches, self.batch_shards
+    assert m is not None  # Options.__post_init__ sets it (1 when unset)
     if size % (m * dp):
       raise ValueError(f"The spmd backend splits each of the num_microbatches={m} microbatches "
                        f"across dp x fsdp={dp} devices, so the batch size must be a multiple of "
@@ -112,7 +113,7 @@ class SpmdBackend(_Executor):
   # -- programs (per batch shape) --------------------------------------------------------------
 
   def _local_microbatch(self, tree: Any) -> Any:
-    div = self.options.num_microbatches * self.batch_shards
+    div = cast(int, self.options.num_microbatches) * self.batch_shards  # set by Options
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // div,) + tuple(x.shape[1:]),
                                                        x.dtype), tree)
 
@@ -349,7 +350,8 @@ class SpmdBackend(_Executor):
     """``(params rng, state rng, per-layer input shapes)``; resolves (and validates) the layout
     from shapes alone, so errors come before any compile."""
     size = self._check_batch(batch)
-    one = placement.example_microbatch(batch[0], size, self.options.num_microbatches)
+    one = placement.example_microbatch(batch[0], size,
+                                       cast(int, self.options.num_microbatches))  # set by Options
     params_rng, state_rng = jax.random.split(rng)
     self._ensure_plan(jax.eval_shape(self.model.init, params_rng, one), one)
     in_avals = [x for _, x in partition_lib.layer_io_shapes(self.model, one)]
@@ -486,7 +488,7 @@ class SpmdBackend(_Executor):
       self._ensure_plan(canonical["params"], None)
     self._check_real_state()
     trees, programs = self._rank_trees(canonical), self._rank_programs["pack"]
-    rows = []
+    rows: list[Any] = []
     for r, tree in enumerate(trees):
       if not owners.is_here(self.mesh, r):
         rows.append(None)

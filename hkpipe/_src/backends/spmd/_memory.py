@@ -63,7 +63,8 @@ def abstract_state(backend: Any) -> pipeline_lib.TrainState:
   key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0))[1])
   return pipeline_lib.TrainState(step=0, params=bufs(plan.param_sizes),
                                  opt_state=bufs(plan.opt_sizes),
-                                 rng=_abstract(key, NamedSharding(mesh, P())))
+                                 # abstract on purpose: a ShapeDtypeStruct stands for the key
+                                 rng=_abstract(key, NamedSharding(mesh, P())))  # type: ignore[arg-type]
 
 
 def lower_train(backend: Any, state: pipeline_lib.TrainState, batch: pipeline_lib.Batch) -> Any:

@@ -87,7 +87,7 @@ def split_rows(bufs: Mapping[str, jax.Array], mesh: Mesh, rank: int) -> dict[str
   """Rank ``rank``'s rows ``[1, n]`` of global ``[pp, n]`` buffers (no copy; rank here)."""
   sharding = row_sharding(mesh, rank)
   devices = set(sharding.device_set)
-  out = {}
+  out: dict[str, jax.Array] = {}
   for k, buf in bufs.items():
     shards = [s.data for s in buf.addressable_shards if s.device in devices]
     out[k] = jax.make_array_from_single_device_arrays((1,) + tuple(buf.shape[1:]), sharding,
@@ -97,7 +97,8 @@ def split_rows(bufs: Mapping[str, jax.Array], mesh: Mesh, rank: int) -> dict[str
 
 def ranks_within_processes(mesh: Mesh, num_ranks: int) -> bool:
   """Whether every rank's devices belong to one process (each can then run on its own)."""
-  return all(len({d.process_index for d in row_sharding(mesh, r).device_set}) == 1
+  # jaxlib has no Device stubs: process_index is unknown to mypy
+  return all(len({d.process_index for d in row_sharding(mesh, r).device_set}) == 1  # type: ignore[attr-defined]
              for r in range(num_ranks))
 
 
@@ -105,7 +106,8 @@ def rank_decode_params(program: Callable, bufs: Mapping[str, jax.Array], mesh: M
   """``{layer: params}`` of rank ``rank`` by its ``unpack_params_program``: on its devices where
   this process owns them, else their shapes and dtypes (``jax.ShapeDtypeStruct`` s)."""
   sharding = row_sharding(mesh, rank)
-  if all(d.process_index == jax.process_index() for d in sharding.device_set):
+  # jaxlib has no Device stubs: process_index is unknown to mypy
+  if all(d.process_index == jax.process_index() for d in sharding.device_set):  # type: ignore[attr-defined]
     return program(split_rows(bufs, mesh, rank))
   rows = {k: jax.ShapeDtypeStruct((1,) + tuple(b.shape[1:]), b.dtype, sharding=sharding)
           for k, b in bufs.items()}
@@ -129,7 +131,7 @@ def join_rows(rows: Sequence[Mapping[str, jax.Array] | None], mesh: Mesh,
   """Global ``[pp, n]`` buffers sharded ``zero.STATE_SPEC`` from every rank's ``[1, n]`` rows
   (None for ranks of other processes), without copying."""
   sharding = NamedSharding(mesh, zero.STATE_SPEC)
-  out = {}
+  out: dict[str, jax.Array] = {}
   for k, n in sizes.items():
     shards = [s.data for r in rows if r is not None for s in r[k].addressable_shards]
     out[k] = jax.make_array_from_single_device_arrays((len(rows), n), sharding, shards,
