@@ -243,9 +243,15 @@ def test_issue_order_reports_deadlock():
 # -- the equivalence matrix ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("model_name", ["hetero", "uneven", "gpt", "llama"])
-@pytest.mark.parametrize("schedule", SCHEDULES)
+# Every schedule x model on 2 ranks; on 4 ranks the tied GPT (ties across 4 ranks) and the
+# uneven model (stages of different sizes) only (suite time: the hetero model and GQA Llama
+# change what a stage computes, not how the ranks exchange it, and run every schedule on 2 ranks).
+MATRIX = [(s, m, r) for s in SCHEDULES for m in ("hetero", "uneven", "gpt", "llama")
+          for r in (2, 4) if r == 2 or m in ("uneven", "gpt")]
+
+
+@pytest.mark.parametrize("schedule,model_name,ranks", [
+    c if c[2] == 2 else pytest.param(*c, marks=pytest.mark.slow) for c in MATRIX])
 def test_matches_single_device(schedule, model_name, ranks, cache):
   """Loss, every gradient leaf and K SGD steps equal the single device; the executed per-rank
   order equals the schedule; the driver's peak stash per rank equals the simulator's."""

@@ -74,8 +74,15 @@ def trained():
   return {}
 
 
-@pytest.mark.parametrize("pp", [2, pytest.param(4, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name,v", SCHEDULES)
+# pp=4 for the schedules whose rank programs differ most with more ranks (virtual stages,
+# split backward); gpipe, 1f1b and dualpipev (zbv's order with another warm-up) run on pp=2
+# here and on 4 ranks in tests/test_mpmd.py's matrix (suite time).
+PP4 = ("interleaved_1f1b", "zb_h1", "zbv")
+CASES = [(name, v, pp) for name, v in SCHEDULES for pp in (2, 4) if pp == 2 or name in PP4]
+
+
+@pytest.mark.parametrize("name,v,pp", [c if c[2] == 2 else pytest.param(*c, marks=pytest.mark.slow)
+                                       for c in CASES])
 def test_schedule_matches_reference(model, batch, reference, trained, name, v, pp):
   pipe = hkpipe.Pipeline(model, optax.sgd(LR), backend="spmd", num_microbatches=M,
                          schedule=name, virtual_stages=v, devices=jax.devices()[:pp],
