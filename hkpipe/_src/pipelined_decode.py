@@ -13,6 +13,10 @@ rank ``r`` works on group ``g`` while rank ``r + 1`` works on group ``g - 1``: t
 interleaved across ranks the way microbatches are in training, and ``G >= ranks`` keeps every
 rank busy.
 
+Across processes every process runs the same host loop and only the stages it owns; values
+that cross processes go through :mod:`hkpipe._src.stage_link` (the transfer servers), and the
+last stage's owner sends the tokens to every process.
+
 Every group samples with the per-row keys of :mod:`hkpipe._src.models.sampling` (its rows'
 indices in the whole batch), so the tokens equal single-device decoding's for any grouping.
 """
