@@ -31,7 +31,6 @@ from hkpipe._src import checkpoint as ckpt_lib
 from hkpipe._src import data as data_lib
 from hkpipe._src import ema as ema_lib
 from hkpipe._src import errors
-from hkpipe._src import interrupt
 from hkpipe._src.models import moe
 from hkpipe._src import optim
 from hkpipe._src import pipeline as pipeline_lib
@@ -137,18 +136,15 @@ def train(config: Any, workdir: str | os.PathLike, *, log: TextIO = sys.stdout) 
   dog = (watchdog_lib.Watchdog(progress, wd_config).start()
          if wd_config.enabled(jax.process_count()) else None)
   try:
-    with interrupt.Interrupts() as interrupts:  # Ctrl-C stops the loop between steps
-      return _train(config, workdir, log, progress, dog, interrupts)
+    return _train(config, workdir, log, progress, dog)
   finally:
     if dog is not None:
       dog.stop()
 
 
 def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
-           progress: watchdog_lib.Progress, dog: watchdog_lib.Watchdog | None,
-           interrupts: interrupt.Interrupts) -> dict:
-  """The body of :func:`train`; reports its position to ``progress``; a SIGINT
-  (``interrupts``) ends the loop between steps with ``KeyboardInterrupt``."""
+           progress: watchdog_lib.Progress, dog: watchdog_lib.Watchdog | None) -> dict:
+  """The body of :func:`train`; reports its position to ``progress``."""
   t_start = time.time()
   pipe_options = pipeline_options(config)  # checks the sizes against the devices
   lead = jax.process_index() == 0  # writes metrics, config, samples and prints
@@ -281,7 +277,6 @@ def _train(config: Any, workdir: str | os.PathLike, log: TextIO,
   stop: step_guard.NonFiniteStepsError | None = None
   try:
     while state.step < config.num_steps:
-      interrupts.check()
       step = state.step
       t0 = time.time()
       progress.begin_step(step + 1)
