@@ -125,8 +125,7 @@ def generate(pipe: Any, state: Any, prompt_tokens: Any, *, max_new_tokens: int, 
                         if num_groups is None else num_groups, batch)
   # Only now, every argument checked: spmd unpacks each rank's parameters (one program per rank).
   layout, stage_params = pipe.backend.stage_params(state)
-  link = stage_link.Link(tuple(tuple(layout.stage_devices(s)) for s in range(len(layout.stages))),
-                         jax.process_index(), pipe.backend.stage_channel())
+  link = stage_link.of_layout(layout, pipe.backend.stage_channel())
   return _decode(layout, link, layers, stage_params, prompt, max_new_tokens, rng, settings,
                  groups, window_len)
 

@@ -133,6 +133,13 @@ class Link:
     return jax.tree.unflatten(treedef, got)
 
 
+def of_layout(layout: Any, channel: Channel | None) -> Link:
+  """The link of a pipeline ``layout``'s stages (their rank's devices), with the backend's
+  ``stage_channel()`` (None in one process)."""
+  devices = tuple(tuple(layout.stage_devices(s)) for s in range(len(layout.stages)))
+  return Link(devices, jax.process_index(), channel)
+
+
 def local(stage_devices: Sequence[Sequence[Any]]) -> Link:
   """The link of stages that all live in this process."""
   return Link(tuple(tuple(d) for d in stage_devices), jax.process_index(), None)

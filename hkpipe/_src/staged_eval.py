@@ -43,16 +43,20 @@ class Stages:
     layer_names: per stage, its layers' names in model order.
     params: per stage, ``{layer_name: params}`` on the stage's devices (across processes: the
       stages of other processes as their shapes, ``jax.ShapeDtypeStruct`` s).
-    devices: per stage, the devices it runs on (its rank's devices).
     in_place: False where the model was gathered onto one device (one stage).
-    link: how values move between stages (across processes: through the transfer servers).
+    link: each stage's devices, and how values move between stages (across processes: through
+      the transfer servers).
   """
 
   layer_names: tuple[tuple[str, ...], ...]
   params: tuple[Any, ...]
-  devices: tuple[tuple[Any, ...], ...]
   in_place: bool
   link: stage_link.Link
+
+  @property
+  def devices(self) -> tuple[tuple[Any, ...], ...]:
+    """Per stage, the devices it runs on (its rank's devices)."""
+    return self.link.stage_devices
 
   def sharding(self, stage: int, rows: int) -> jax.sharding.Sharding:
     """Where stage ``stage``'s activations of ``rows`` rows live (see ``pipelined_decode``)."""
@@ -75,17 +79,15 @@ def stages(pipe: Any, state: Any) -> Stages:
   if pipe.decodes_in_place:
     layout, per_stage = pipe.backend.stage_params(state)
     if layout is None:  # the whole model on one device (backend="single")
-      one = (_leaf_devices(per_stage[0]),)
-      return Stages((names,), (per_stage[0],), one, True, stage_link.local(one))
-    devices = tuple(tuple(layout.stage_devices(s)) for s in range(len(layout.stages)))
-    link = stage_link.Link(devices, jax.process_index(), pipe.backend.stage_channel())
+      return Stages((names,), (per_stage[0],), True,
+                    stage_link.local((_leaf_devices(per_stage[0]),)))
     return Stages(tuple(tuple(spec.layer_names) for spec in layout.stages), tuple(per_stage),
-                  devices, True, link)
+                  True, stage_link.of_layout(layout, pipe.backend.stage_channel()))
   # Explicit gather: pmap (replicated by design) and spmd meshes with a rank on several
   # processes.
   device = jax.local_devices()[0]
   params = jax.device_put(jax.device_get(pipe.params(state)), device)
-  return Stages((names,), (params,), ((device,),), False, stage_link.local(((device,),)))
+  return Stages((names,), (params,), False, stage_link.local(((device,),)))
 
 
 def _rows(x: Any) -> int:
